@@ -1,0 +1,87 @@
+"""Token issuance and bearer verification figures over real HTTP.
+
+    .venv/bin/python bench/bench_token.py [--requests 200]
+
+Starts a throw-away redis-server and the token function (functions-framework, gunicorn) on free
+ports, creates a key, then prints p50/p99 of POST /token.json (scrypt included), of
+GET /session.json (bearer verification), the scrypt parameters, and the Redis round trips that
+one bearer verification costs (counted with Redis's own command statistics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from shared import auth as auth_lib  # noqa: E402
+from shared import config, local_redis, store  # noqa: E402
+from tests.conftest import free_port, wait_http  # noqa: E402
+
+
+def pct(values: list[float], q: float) -> float:
+    return sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=200)
+    args = parser.parse_args()
+    redis_port, port = free_port(), free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        server = local_redis.start_server(redis_port, Path(tmp), persist=False)
+        env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "PYTHONPATH": str(ROOT),
+               "AUTH_MAX_FAILURES": "1000000", "WORKERS": "1", "THREADS": "4"}
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "functions-framework"), "--target",
+                                 "handle", "--source", str(ROOT / "functions/token/main.py"),
+                                 "--port", str(port)], env=env)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_http(base + "/healthz", proc)
+            settings = config.Settings.from_env(env)
+            pair = auth_lib.AuthStore(settings, store.connect(settings)).create_key()
+            http = requests.Session()
+            body = {"public_key": pair.public_key, "secret_key": pair.secret_key}
+            issue, verify = [], []
+            for _ in range(args.requests):
+                t = time.perf_counter()
+                token = http.post(base + "/token.json", json=body).json()["token"]
+                issue.append(time.perf_counter() - t)
+            headers = {"Authorization": f"Bearer {token}"}
+            client = redis.Redis(port=redis_port)
+            client.config_resetstat()
+            for _ in range(args.requests):
+                t = time.perf_counter()
+                assert http.get(base + "/session.json", headers=headers).status_code == 200
+                verify.append(time.perf_counter() - t)
+            calls = sum(v["calls"] for k, v in client.info("commandstats").items() if k != "cmdstat_config")
+            t = time.perf_counter()
+            for _ in range(50):
+                auth_lib.check_secret(pair.secret_key, auth_lib.hash_secret(pair.secret_key))
+            scrypt_ms = (time.perf_counter() - t) / 100 * 1000
+        finally:
+            proc.terminate()
+            proc.wait()
+            server.terminate()
+    print(f"scrypt N=2^{auth_lib.SCRYPT_N.bit_length() - 1} r={auth_lib.SCRYPT_R} p={auth_lib.SCRYPT_P}: "
+          f"{scrypt_ms:.1f} ms per hash (one core)")
+    print(f"POST /token.json   p50 {pct(issue, .5):6.1f} ms  p99 {pct(issue, .99):6.1f} ms  "
+          f"(n={len(issue)}, sequential, scrypt included)")
+    print(f"GET /session.json  p50 {pct(verify, .5):6.1f} ms  p99 {pct(verify, .99):6.1f} ms  "
+          f"mean {statistics.mean(verify) * 1000:.1f} ms")
+    print(f"Redis commands per bearer verification: {calls / len(verify):.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""One error hierarchy; each class knows its HTTP status and extra headers.
+
+Handlers raise these; :mod:`shared.http` turns them into ``{"error": message}`` responses.
+"""
+
+from __future__ import annotations
+
+
+class ThalamusError(Exception):
+    """Base of every error a client may see."""
+
+    status = 500
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class BadRequest(ThalamusError):
+    status = 400
+
+
+class Unauthorized(ThalamusError):
+    status = 401
+
+    def __init__(self, message: str = "invalid or expired token") -> None:
+        super().__init__(message, {"WWW-Authenticate": 'Bearer realm="thalamus"'})
+
+
+class InvalidCredentials(ThalamusError):
+    """Wrong, unknown or revoked keypair: one message for all, so keys cannot be probed."""
+
+    status = 401
+
+    def __init__(self) -> None:
+        super().__init__("invalid public_key or secret_key")
+
+
+class Forbidden(ThalamusError):
+    status = 403
+
+
+class NotFound(ThalamusError):
+    status = 404
+
+
+class MethodNotAllowed(ThalamusError):
+    status = 405
+
+    def __init__(self, allowed: list[str]) -> None:
+        super().__init__(
+            f"method not allowed; use {', '.join(allowed)}", {"Allow": ", ".join(allowed)}
+        )
+
+
+class PayloadTooLarge(ThalamusError):
+    status = 413
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body too large (limit {limit} bytes)")
+
+
+class UnsupportedMediaType(ThalamusError):
+    status = 415
+
+
+class TooManyRequests(ThalamusError):
+    status = 429
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(
+            f"too many failed attempts; retry in {retry_after} s",
+            {"Retry-After": str(retry_after)},
+        )
+
+
+class ServiceUnavailable(ThalamusError):
+    status = 503
+
+    def __init__(self, message: str, retry_after: int = 2) -> None:
+        super().__init__(message, {"Retry-After": str(retry_after)})
+
+
+class UnknownKey(NotFound):
+    """The key store has no such public key (revoking twice, a typo)."""

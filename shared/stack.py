@@ -1,0 +1,212 @@
+"""``./start.sh``: run the whole stack locally and supervise it.
+
+Starts (or finds) Redis, one functions-framework process for the token function and one per
+model bundle in ``models/``, each on its own port as Knative would give each its own URL, and
+the gateway on ``--port`` (default 8000). Ctrl-C or SIGTERM stops everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared import config, local_redis
+
+ROOT = config.PROJECT_ROOT
+PID_FILE = ROOT / ".thalamus" / "stack.pid"
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Child:
+    name: str
+    url: str
+    model: str
+    proc: subprocess.Popen | None = None
+
+
+def _die_with_parent() -> None:
+    # Linux: the child gets SIGTERM if this supervisor dies, even by SIGKILL — no orphans.
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def discover_models(models_dir: Path) -> list[str]:
+    """Names of the bundles in ``models_dir`` (folders holding model.json and model.tflite)."""
+    if not models_dir.is_dir():
+        return []
+    return sorted(p.name for p in models_dir.iterdir()
+                  if (p / "model.json").is_file() and (p / "model.tflite").is_file())
+
+
+def running_stack() -> str | None:
+    """The gateway URL of a stack already running from this folder, if any."""
+    try:
+        pid, url = PID_FILE.read_text().split()
+        os.kill(int(pid), 0)
+    except (OSError, ValueError):
+        return None
+    return url
+
+
+def wait_ready(child: Child, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if child.proc and child.proc.poll() is not None:
+            return False
+        try:
+            with urllib.request.urlopen(child.url + "/healthz", timeout=1):  # noqa: S310 (local)
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
+class Stack:
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.children: list[Child] = []
+        self.redis: subprocess.Popen | None = None
+        self.stopping = False
+
+    def plan(self, models: list[str]) -> None:
+        show = "localhost" if self.host in ("127.0.0.1", "0.0.0.0") else self.host  # noqa: S104
+        url = lambda p: f"http://{show}:{p}"  # noqa: E731
+        self.children = [Child("gateway", url(self.port), "-"), Child("token", url(self.port + 1), "-")]
+        self.children += [Child(f"predict-{m}", url(self.port + 2 + i), m) for i, m in enumerate(models)]
+
+    def ports(self) -> list[int]:
+        return [int(child.url.rsplit(":", 1)[1]) for child in self.children]
+
+    def spawn(self, child: Child, settings: config.Settings) -> None:
+        port = child.url.rsplit(":", 1)[1]
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "WORKERS": "1", "THREADS": "4",
+               "REDIS_URL": settings.redis_url}
+        if child.name == "gateway":
+            args = [sys.executable, "-m", "shared.gateway", "--host", self.host, "--port", port,
+                    "--token", self.children[1].url.replace("localhost", "127.0.0.1")]
+            args += [f"--model={c.model}={c.url.replace('localhost', '127.0.0.1')}"
+                     for c in self.children[2:]]
+        else:
+            function = "token" if child.name == "token" else "predict"
+            args = [str(BIN / "functions-framework"), "--target", "handle", "--host", self.host,
+                    "--port", port, "--source", str(ROOT / "functions" / function / "main.py")]
+            if child.model != "-":
+                env["MODEL_NAME"] = child.model
+                env["MODEL_DIR"] = str(ROOT / "models" / child.model)
+        child.proc = subprocess.Popen(args, env=env, cwd=ROOT, stdin=subprocess.DEVNULL,
+                                      start_new_session=True, preexec_fn=_die_with_parent)  # noqa: PLW1509
+
+    def stop(self, *_: object) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        procs = [c.proc for c in reversed(self.children) if c.proc and c.proc.poll() is None]
+        if self.redis:
+            procs.append(self.redis)
+        for proc in procs:
+            proc.terminate()
+        deadline = time.monotonic() + 15
+        for proc in procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        PID_FILE.unlink(missing_ok=True)
+
+    def print_table(self, settings: config.Settings) -> None:
+        gateway = self.children[0].url
+        print(f"\nThalamus is up (Redis: {settings.redis_url}):\n")
+        print(f"  {'function':<18} {'url':<26} model")
+        for child in self.children:
+            print(f"  {child.name:<18} {child.url:<26} {child.model}")
+        model = self.children[2].model if len(self.children) > 2 else "MODEL"
+        print(f"""
+Next steps (docs: {gateway}/docs):
+  ./keys.py -g client.json
+  TOKEN=$(curl -s -X POST {gateway}/token.json -H 'Content-Type: application/json' \\
+          -d @client.json | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+  curl -H "Authorization: Bearer $TOKEN" -F file=@photo.jpg {gateway}/models/{model}/predict.json
+
+Ctrl-C stops everything.""", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="start.sh", description="Run Thalamus locally.")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")),
+                        help="gateway port; functions take the next ones (default $PORT or 8000)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    args = parser.parse_args(argv)
+
+    if url := running_stack():
+        print(f"start.sh: the stack is already up at {url} (stop it with Ctrl-C there)", file=sys.stderr)
+        return 1
+    try:
+        settings = config.Settings.from_env({k: v for k, v in os.environ.items() if k != "PORT"})
+    except config.ConfigError as exc:
+        print(f"start.sh: {exc}", file=sys.stderr)
+        return 1
+    stack = Stack(args.host, args.port)
+    stack.plan(discover_models(ROOT / "models"))
+    busy = [p for p in stack.ports() if not port_free(args.host, p)]
+    if busy:
+        print(f"start.sh: port {busy[0]} on {args.host} is already in use "
+              f"(the stack needs ports {args.port}-{args.port + len(stack.children) - 1}; try --port)",
+              file=sys.stderr)
+        return 1
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
+    try:
+        try:
+            stack.redis = local_redis.ensure(settings)
+        except local_redis.LocalRedisError as exc:
+            print(f"start.sh: {exc}", file=sys.stderr)
+            return 1
+        if stack.redis:
+            print(f"start.sh: started local Redis on 127.0.0.1:6379 (data in {local_redis.DATA_DIR})")
+        PID_FILE.parent.mkdir(parents=True, exist_ok=True)
+        PID_FILE.write_text(f"{os.getpid()} {stack.children[0].url}\n")
+        for child in stack.children[1:] + stack.children[:1]:
+            stack.spawn(child, settings)
+        for child in stack.children:
+            if not wait_ready(child):
+                print(f"start.sh: {child.name} failed to start (see its output above)", file=sys.stderr)
+                return 1
+        stack.print_table(settings)
+        reported: set[str] = set()
+        while True:
+            time.sleep(0.5)
+            for child in stack.children:
+                if child.proc and child.proc.poll() is not None and child.name not in reported:
+                    reported.add(child.name)
+                    print(f"start.sh: {child.name} ({child.url}) exited with code "
+                          f"{child.proc.returncode}; the rest keeps running, Ctrl-C to stop",
+                          file=sys.stderr, flush=True)
+    finally:
+        stack.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

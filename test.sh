@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Runs the whole Thalamus test suite on a fresh machine: installs what the tests need
+# (.venv with requirements-dev.txt, Debian's chromium for the /docs browser test, podman for
+# the container tests) and runs pytest. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+if [[ ! -x .venv/bin/python ]]; then
+  python3 -m venv .venv
+fi
+stamp=.venv/.requirements-dev.sha
+want=$(cat requirements*.txt functions/*/requirements.txt 2>/dev/null | sha256sum | cut -d' ' -f1)
+if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -r requirements-dev.txt
+  echo "$want" > "$stamp"
+fi
+
+# System packages some tests need (root on Debian; elsewhere those tests skip with a reason).
+if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+  if ! command -v chromium >/dev/null; then
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  fi
+  if [[ -x ../shared/tools/container-setup ]] && ! podman image exists docker.io/library/python:3.11-slim 2>/dev/null; then
+    ../shared/tools/container-setup
+  fi
+fi
+
+exec .venv/bin/python -m pytest "$@"

@@ -1,0 +1,172 @@
+"""keys.py, run as admins run it: a subprocess, every flag and exit path."""
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import redis
+
+from shared import local_redis
+from tests.conftest import ROOT, free_port, subprocess_env
+
+
+def keys(*args, env=None, python=sys.executable, cwd=ROOT, script=ROOT / "keys.py"):
+    return subprocess.run([python, str(script), *args], capture_output=True, text=True,
+                          env=env or subprocess_env(), cwd=cwd, timeout=60)
+
+
+@pytest.fixture
+def run(env):
+    return lambda *args: keys(*args, env=subprocess_env(**env))
+
+
+def test_generate_writes_private_file_and_prints_only_public_key(run, tmp_path, auth):
+    path = tmp_path / "client.json"
+    result = run("-g", str(path), "--label", "ci")
+    assert result.returncode == 0, result.stderr
+    pair = json.loads(path.read_text())
+    assert result.stdout.strip() == pair["public_key"]
+    assert pair["secret_key"] not in result.stdout + result.stderr
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert auth.issue_token(pair["public_key"], pair["secret_key"], "t").token
+
+
+def test_generate_with_models_scopes_the_key(run, tmp_path, auth):
+    path = tmp_path / "k.json"
+    assert run("-g", str(path), "--models", "shapes,arrows").returncode == 0
+    pair = json.loads(path.read_text())
+    issued = auth.issue_token(pair["public_key"], pair["secret_key"], "t")
+    assert issued.session.scopes == ["arrows", "shapes"]
+
+
+def test_generate_refuses_to_overwrite(run, tmp_path):
+    path = tmp_path / "k.json"
+    path.write_text("precious")
+    result = run("-g", str(path))
+    assert result.returncode != 0
+    assert "exists" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert path.read_text() == "precious"
+
+
+def test_generate_bad_models_leaves_no_file(run, tmp_path, auth):
+    path = tmp_path / "k.json"
+    result = run("-g", str(path), "--models", "Not Valid")
+    assert result.returncode != 0 and "invalid model name" in result.stderr
+    assert not path.exists() and auth.list_keys() == []
+
+
+def test_list_shows_keys_without_secrets(run, tmp_path):
+    path = tmp_path / "k.json"
+    run("-g", str(path), "--label", "team-a", "--models", "shapes")
+    pair = json.loads(path.read_text())
+    result = run("-l")
+    assert result.returncode == 0
+    assert pair["public_key"] in result.stdout and "team-a" in result.stdout and "shapes" in result.stdout
+    assert pair["secret_key"] not in result.stdout and "scrypt" not in result.stdout
+
+
+def test_revoke_then_revoke_again(run, keypair, auth):
+    auth.issue_token(keypair.public_key, keypair.secret_key, "t")
+    result = run("-r", keypair.public_key)
+    assert result.returncode == 0 and "1 live token" in result.stdout
+    again = run("-r", keypair.public_key)
+    assert again.returncode != 0 and "no such key" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+
+
+def test_purge_keeps_foreign_data(run, keypair, raw_redis):
+    raw_redis.set("someone-else:data", "1")
+    try:
+        result = run("-p")
+        assert result.returncode == 0 and "purged" in result.stdout
+        assert run("-l").stdout == ""
+        assert raw_redis.get("someone-else:data") == "1"
+    finally:
+        raw_redis.delete("someone-else:data")
+
+
+def test_unreachable_redis_names_the_url(tmp_path):
+    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
+    result = keys("-l", env=subprocess_env(REDIS_URL=url))
+    assert result.returncode != 0
+    assert "unreachable" in result.stderr and "127.0.0.1" in result.stderr
+    assert "hunter2" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args", [[], ["-g"], ["-l", "-p"], ["--models", "a", "-l"]])
+def test_usage_errors(args):
+    result = keys(*args)
+    assert result.returncode == 2 and "usage" in result.stderr
+
+
+def test_help():
+    result = keys("-h")
+    assert result.returncode == 0 and "-g FILE" in result.stdout
+
+
+def test_runs_with_a_python_that_lacks_the_packages(tmp_path):
+    base_python = Path(sys.base_prefix) / "bin" / "python3"
+    probe = subprocess.run([base_python, "-c", "import redis, scrypt"], capture_output=True)
+    if probe.returncode == 0:
+        pytest.skip(f"{base_python} has redis and scrypt; nothing to re-exec")
+    result = keys("-h", python=str(base_python), env={"PATH": os.environ["PATH"]})
+    assert result.returncode == 0 and "-g FILE" in result.stdout
+
+
+@pytest.fixture
+def project_copy(tmp_path):
+    """keys.py and shared/ in a fresh folder, so .thalamus/ lands there."""
+    if local_redis.probe("127.0.0.1", 6379) != "none":
+        pytest.skip("127.0.0.1:6379 is in use; the local-Redis start cannot be observed")
+    copy = tmp_path / "project"
+    copy.mkdir()
+    shutil.copy(ROOT / "keys.py", copy)
+    shutil.copytree(ROOT / "shared", copy / "shared", ignore=shutil.ignore_patterns("__pycache__"))
+    return copy
+
+
+def local_env():
+    return {k: v for k, v in subprocess_env().items() if k not in ("REDIS_URL", "PYTHONPATH")}
+
+
+def test_starts_local_redis_and_keys_survive_restart(project_copy):
+    try:
+        gen = keys("-g", "k.json", env=local_env(), cwd=project_copy, script=project_copy / "keys.py")
+        assert gen.returncode == 0, gen.stderr
+        assert (project_copy / ".thalamus" / "redis" / "appendonly.aof").exists() or \
+            (project_copy / ".thalamus" / "redis" / "appendonlydir").exists()
+        redis.Redis(port=6379).shutdown(nosave=True)  # stop everything
+        listed = keys("-l", env=local_env(), cwd=project_copy, script=project_copy / "keys.py")
+        assert gen.stdout.strip() in listed.stdout
+    finally:
+        with contextlib.suppress(redis.ConnectionError):
+            redis.Redis(port=6379).shutdown(nosave=True)
+
+
+def test_port_6379_taken_by_something_else(project_copy):
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 6379))
+    server.listen()
+
+    def answer():
+        conn, _ = server.accept()
+        conn.recv(64)
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+        conn.close()
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        result = keys("-l", env=local_env(), cwd=project_copy, script=project_copy / "keys.py")
+    finally:
+        server.close()
+    assert result.returncode != 0 and "not Redis" in result.stderr

@@ -1,0 +1,167 @@
+"""The token function through functions-framework's test client, one test per status."""
+
+import base64
+import time
+
+import pytest
+
+from tests.conftest import function_client
+
+WRONG_SK = "sk_" + "x" * 43
+
+
+def post_json(client, body, **kw):
+    return client.post("/token.json", json=body, **kw)
+
+
+def test_json_keypair_gets_token_and_session(token_client, keypair):
+    reply = post_json(token_client, {"public_key": keypair.public_key, "secret_key": keypair.secret_key})
+    assert reply.status_code == 200
+    body = reply.get_json()
+    assert body["ttl"] == 3600 and len(body["token"]) == 43
+    session = token_client.get("/session.json", headers={"Authorization": f"Bearer {body['token']}"})
+    assert session.status_code == 200
+    assert session.get_json()["public_key"] == keypair.public_key
+    assert session.get_json()["scopes"] is None
+    assert 3590 <= session.get_json()["expires_in"] <= 3600
+
+
+def test_oauth2_client_credentials_in_form(token_client, keypair):
+    reply = token_client.post("/token.json", data={
+        "grant_type": "client_credentials", "client_id": keypair.public_key,
+        "client_secret": keypair.secret_key})
+    assert reply.status_code == 200
+    body = reply.get_json()
+    assert body["token_type"] == "Bearer" and body["expires_in"] == 3600
+    assert token_client.get("/session.json", headers={
+        "Authorization": f"Bearer {body['access_token']}"}).status_code == 200
+
+
+def test_oauth2_client_credentials_with_basic(token_client, keypair):
+    basic = base64.b64encode(f"{keypair.public_key}:{keypair.secret_key}".encode()).decode()
+    reply = token_client.post("/token.json", data={"grant_type": "client_credentials"},
+                              headers={"Authorization": f"Basic {basic}"})
+    assert reply.status_code == 200 and "access_token" in reply.get_json()
+
+
+@pytest.mark.parametrize("kwargs, status, words", [
+    ({"data": "{nope", "content_type": "application/json"}, 400, "not valid JSON"),
+    ({"json": ["a list"]}, 400, "JSON object"),
+    ({"json": {"public_key": "pk_x"}}, 400, "secret_key"),
+    ({"json": {"public_key": 5, "secret_key": "sk_x"}}, 400, "public_key"),
+    ({"json": {"public_key": "pk_short", "secret_key": "sk_short"}}, 400, "43 characters"),
+    ({"data": {"grant_type": "password"}}, 400, "grant_type"),
+    ({"data": {"grant_type": "client_credentials"}}, 400, "client_id"),
+    ({"data": "hello", "content_type": "text/plain"}, 415, "Content-Type"),
+    ({"headers": {"Authorization": "Basic !!!"}, "data": {"grant_type": "client_credentials"}}, 400, "Basic"),
+])
+def test_bad_input_gets_clear_json_error(token_client, kwargs, status, words):
+    reply = token_client.post("/token.json", **kwargs)
+    assert reply.status_code == status
+    assert words in reply.get_json()["error"]
+
+
+def test_wrong_unknown_and_revoked_keys_get_identical_401(token_client, auth, keypair):
+    revoked = auth.create_key()
+    auth.revoke_key(revoked.public_key)
+    replies = [
+        post_json(token_client, {"public_key": keypair.public_key, "secret_key": WRONG_SK}),
+        post_json(token_client, {"public_key": "pk_" + "u" * 43, "secret_key": WRONG_SK}),
+        post_json(token_client, {"public_key": revoked.public_key, "secret_key": revoked.secret_key}),
+    ]
+    assert {r.status_code for r in replies} == {401}
+    assert len({r.get_data() for r in replies}) == 1
+
+
+def test_body_over_limit_is_413(token_client):
+    reply = token_client.post("/token.json", data=b"{" + b" " * (10 * 1024 * 1024 + 1),
+                              content_type="application/json")
+    assert reply.status_code == 413
+    assert "too large" in reply.get_json()["error"]
+
+
+def test_wrong_method_is_405_and_unknown_path_404(token_client):
+    reply = token_client.get("/token.json")
+    assert reply.status_code == 405 and reply.headers["Allow"] == "POST"
+    assert token_client.delete("/session.json").status_code == 405
+    missing = token_client.get("/nope.json")
+    assert missing.status_code == 404 and "error" in missing.get_json()
+
+
+@pytest.mark.parametrize("header", [None, "Bearer", "Bearer " + "x" * 43, "Basic abc", "Bearer bad token!"])
+def test_session_needs_a_valid_bearer(token_client, header):
+    headers = {"Authorization": header} if header else {}
+    reply = token_client.get("/session.json", headers=headers)
+    assert reply.status_code == 401
+    assert reply.headers["WWW-Authenticate"].startswith("Bearer")
+    assert "error" in reply.get_json()
+
+
+def test_revoked_key_token_gets_401(token_client, auth, keypair):
+    token = post_json(token_client, {"public_key": keypair.public_key,
+                                     "secret_key": keypair.secret_key}).get_json()["token"]
+    auth.revoke_key(keypair.public_key)
+    assert token_client.get("/session.json", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+
+
+def test_brute_force_per_key_gets_429(token_client, keypair):
+    body = {"public_key": keypair.public_key, "secret_key": WRONG_SK}
+    for i in range(10):
+        reply = post_json(token_client, body, environ_base={"REMOTE_ADDR": f"10.0.0.{i}"})
+        assert reply.status_code == 401
+    # Even the right secret waits out the window: the key is under attack.
+    reply = post_json(token_client, {**body, "secret_key": keypair.secret_key})
+    assert reply.status_code == 429
+    assert 1 <= int(reply.headers["Retry-After"]) <= 60
+
+
+def test_brute_force_per_address_gets_429(token_client, auth):
+    for _ in range(10):
+        pk = auth.create_key().public_key
+        assert post_json(token_client, {"public_key": pk, "secret_key": WRONG_SK}).status_code == 401
+    fresh = auth.create_key()
+    reply = post_json(token_client, {"public_key": fresh.public_key, "secret_key": fresh.secret_key})
+    assert reply.status_code == 429 and "Retry-After" in reply.headers
+    other_addr = post_json(token_client, {"public_key": fresh.public_key, "secret_key": fresh.secret_key},
+                           environ_base={"REMOTE_ADDR": "192.0.2.7"})
+    assert other_addr.status_code == 200
+
+
+def test_limits_are_configurable(env, monkeypatch, auth, keypair):
+    monkeypatch.setenv("AUTH_MAX_FAILURES", "2")
+    client = function_client("token")
+    body = {"public_key": keypair.public_key, "secret_key": WRONG_SK}
+    assert [post_json(client, body).status_code for _ in range(3)] == [401, 401, 429]
+
+
+def test_health_and_readiness(token_client):
+    assert token_client.get("/healthz").get_json() == {"status": "ok"}
+    assert token_client.get("/readyz").get_json() == {"status": "ready"}
+
+
+def test_redis_down_gives_503_fast_then_recovers(own_redis, monkeypatch, env):
+    monkeypatch.setenv("REDIS_URL", own_redis.url)
+    client = function_client("token")
+    from shared import config, store
+    from shared.auth import AuthStore
+    settings = config.load()
+    pair = AuthStore(settings, store.connect(settings)).create_key()
+    body = {"public_key": pair.public_key, "secret_key": pair.secret_key}
+    assert post_json(client, body).status_code == 200
+
+    own_redis.stop()
+    for call in (lambda: post_json(client, body),
+                 lambda: client.get("/session.json", headers={"Authorization": "Bearer " + "t" * 43}),
+                 lambda: client.get("/readyz")):
+        started = time.monotonic()
+        reply = call()
+        assert reply.status_code == 503, reply.get_data()
+        assert "Redis unreachable" in reply.get_json()["error"]
+        assert int(reply.headers["Retry-After"]) > 0
+        assert time.monotonic() - started < 5  # no hang
+    assert client.get("/healthz").status_code == 200
+
+    own_redis.start()
+    assert client.get("/readyz").status_code == 200
+    # no data survives this throw-away server, so the key is gone: 401, not 503
+    assert post_json(client, body).status_code == 401
