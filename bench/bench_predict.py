@@ -1,0 +1,182 @@
+"""Prediction figures for each demo model, on this machine, next to the monolith baseline.
+
+    .venv/bin/python bench/bench_predict.py [--runs 5] [--requests 200] [--no-baseline]
+
+For each model in models/ (default: the demo models):
+- cold start: spawn of the production command (functions-framework, gunicorn) to the first
+  authenticated 200 on predict, median of --runs runs;
+- warm latency p50/p99 over real HTTP for a 640x480 JPEG, sequential requests;
+- the floor: in-process decode + preprocess + model call for the same image, and the ratio;
+- resident memory (RSS) of the serving processes after warm-up (gunicorn master + worker);
+- the same for the baseline (bench/baseline_app.py: FastAPI + Keras model.predict, TensorFlow),
+  built with the same network architecture (weights are not trained: speed and memory do not
+  depend on their values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "functions" / "predict"))
+
+import runtime  # noqa: E402
+
+from shared import config, imaging, local_redis, store  # noqa: E402
+from shared.auth import AuthStore  # noqa: E402
+from tests.conftest import demo_image, free_port  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def pct(values: list[float], q: float) -> float:
+    return sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1000
+
+
+def photo_jpeg(model: str) -> bytes:
+    image = demo_image(model, demo_label(model), 4242).resize((640, 480))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def demo_label(model: str) -> str:
+    return json.loads((ROOT / "models" / model / "model.json").read_text())["labels"][0]
+
+
+def rss_mb(pid: int) -> float:
+    proc = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
+
+
+def spawn_until_200(args: list[str], env: dict, url: str, files: dict, headers: dict,
+                    timeout: float = 120) -> tuple[subprocess.Popen, float]:
+    http = requests.Session()
+    started = time.perf_counter()
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while time.perf_counter() - started < timeout:
+        try:
+            if http.post(url, files=files, headers=headers, timeout=30).status_code == 200:
+                return proc, time.perf_counter() - started
+        except requests.ConnectionError:
+            time.sleep(0.005)
+    proc.kill()
+    raise TimeoutError(f"{args[0]} never answered 200 at {url}")
+
+
+def measure(args: list[str], env: dict, url: str, photo: bytes, headers: dict, runs: int,
+            requests_n: int) -> dict:
+    files = {"file": ("photo.jpg", photo, "image/jpeg")}
+    colds = []
+    for run in range(runs):
+        proc, cold = spawn_until_200(args, env, url, files, headers)
+        colds.append(cold)
+        if run < runs - 1:
+            proc.terminate()
+            proc.wait()
+    try:
+        http = requests.Session()
+        for _ in range(20):
+            http.post(url, files=files, headers=headers)
+        warm = []
+        for _ in range(requests_n):
+            t = time.perf_counter()
+            assert http.post(url, files=files, headers=headers).status_code == 200
+            warm.append(time.perf_counter() - t)
+        memory = rss_mb(proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait()
+    return {"cold": statistics.median(colds) * 1000, "p50": pct(warm, .5), "p99": pct(warm, .99),
+            "rss": memory}
+
+
+def floor_ms(model: str, photo: bytes, n: int) -> float:
+    bundle = runtime.Model(ROOT / "models" / model)
+    spec, prep = bundle.meta["input"], bundle.meta["preprocessing"]
+    times = []
+    for _ in range(n + 20):
+        t = time.perf_counter()
+        image = imaging.decode(photo, 40_000_000, (spec["width"], spec["height"]))
+        bundle.predict(imaging.to_array(image, spec, prep)[None])
+        times.append(time.perf_counter() - t)
+    return pct(times[20:], .5)
+
+
+def baseline_model(model: str, tmp: Path) -> tuple[Path, str]:
+    meta = json.loads((ROOT / "models" / model / "model.json").read_text())
+    spec = meta["input"]
+    path = tmp / f"{model}.keras"
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import tensorflow as tf, train; "
+              f"train.build_model(tf, {spec!r}, {len(meta['labels'])}).save({str(path)!r})")
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+    return path, f"{spec['height']}x{spec['width']}x{spec['channels']}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--models", default="shapes,arrows")
+    parser.add_argument("--no-baseline", action="store_true")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        redis_port = free_port()
+        server = local_redis.start_server(redis_port, tmp / "redis", persist=False)
+        env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "PYTHONPATH": str(ROOT),
+               "WORKERS": "1", "THREADS": "4", "TF_CPP_MIN_LOG_LEVEL": "3"}
+        settings = config.Settings.from_env(env)
+        auth = AuthStore(settings, store.connect(settings))
+        pair = auth.create_key()
+        headers = {"Authorization": f"Bearer {auth.issue_token(pair.public_key, pair.secret_key, 'b').token}"}
+        try:
+            for model in args.models.split(","):
+                photo = photo_jpeg(model)
+                port = free_port()
+                thalamus = measure(
+                    [str(BIN / "functions-framework"), "--target", "handle", "--port", str(port),
+                     "--source", str(ROOT / "functions/predict/main.py")],
+                    {**env, "MODEL_NAME": model}, f"http://127.0.0.1:{port}/models/{model}/predict.json",
+                    photo, headers, args.runs, args.requests)
+                thalamus["floor"] = floor_ms(model, photo, args.requests)
+                rows.append((model, "thalamus (functions-framework + LiteRT)", thalamus))
+                if not args.no_baseline:
+                    path, size = baseline_model(model, tmp)
+                    port = free_port()
+                    baseline = measure(
+                        [str(BIN / "uvicorn"), "bench.baseline_app:app", "--port", str(port),
+                         "--log-level", "error"],
+                        {**env, "BASELINE_MODEL": str(path), "BASELINE_SIZE": size},
+                        f"http://127.0.0.1:{port}/predict", photo, {}, max(1, args.runs // 2), args.requests)
+                    rows.append((model, "baseline (FastAPI + Keras, TensorFlow)", baseline))
+        finally:
+            auth.purge()
+            server.terminate()
+    print(f"\n{'model':<8} {'server':<40} {'cold start':>10} {'warm p50':>9} {'warm p99':>9} "
+          f"{'floor':>7} {'p50/floor':>9} {'RSS':>8}")
+    for model, name, r in rows:
+        floor = f"{r['floor']:6.2f}" if "floor" in r else "     -"
+        ratio = f"{r['p50'] / r['floor']:8.2f}x" if "floor" in r else "        -"
+        print(f"{model:<8} {name:<40} {r['cold']:8.0f}ms {r['p50']:7.2f}ms {r['p99']:7.2f}ms "
+              f"{floor}ms {ratio} {r['rss']:6.0f}MB")
+    print(f"\n{args.requests} sequential warm requests of a 640x480 JPEG, cold start median of {args.runs} "
+          f"runs (baseline: {max(1, args.runs // 2)}), on {os.cpu_count()} CPUs.")
+
+
+if __name__ == "__main__":
+    main()

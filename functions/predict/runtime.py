@@ -1,0 +1,111 @@
+"""A model bundle (``model.tflite`` + ``model.json``) served with the LiteRT interpreter.
+
+LiteRT interpreters are not thread-safe, so each request borrows one from a pool: gunicorn's
+threads never share an interpreter, and no thread waits for another's model call.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+
+REQUIRED = ("name", "version", "labels", "input", "preprocessing")
+
+
+class BundleError(Exception):
+    """The bundle is missing or broken; the message says what is wrong."""
+
+
+def read_metadata(bundle: Path) -> dict[str, Any]:
+    """``model.json`` of ``bundle``, checked for the fields serving relies on."""
+    path = bundle / "model.json"
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{path} not found") from None
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path} is not valid JSON ({exc})") from None
+    missing = [key for key in REQUIRED if key not in meta]
+    if missing:
+        raise BundleError(f"{path} lacks {', '.join(missing)}")
+    spec = meta["input"]
+    if not all(isinstance(spec.get(k), int) and spec[k] > 0 for k in ("height", "width", "channels")):
+        raise BundleError(f"{path}: input needs positive integer height, width, channels")
+    if spec["channels"] not in (1, 3):
+        raise BundleError(f"{path}: input channels must be 1 or 3")
+    if not meta["labels"] or not all(isinstance(label, str) for label in meta["labels"]):
+        raise BundleError(f"{path}: labels must be a non-empty list of strings")
+    return meta
+
+
+class Model:
+    """One loaded bundle: metadata plus a pool of LiteRT interpreters."""
+
+    def __init__(self, bundle: Path) -> None:
+        self.meta = read_metadata(bundle)
+        self.name: str = self.meta["name"]
+        self.labels: list[str] = self.meta["labels"]
+        self._path = bundle / "model.tflite"
+        if not self._path.is_file():
+            raise BundleError(f"{self._path} not found")
+        self._model_bytes = self._path.read_bytes()
+        # Grows to the number of threads that ever called at once (gunicorn's THREADS).
+        self._pool: queue.LifoQueue[Interpreter] = queue.LifoQueue()
+        first = self._new_interpreter()  # fails here, at start, if the model is broken
+        self._check_shapes(first)
+        self._pool.put(first)
+
+    def _new_interpreter(self) -> Interpreter:
+        try:
+            interpreter = Interpreter(model_content=self._model_bytes, num_threads=1)
+            interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as exc:
+            raise BundleError(f"{self._path} is not a usable TFLite model ({exc})") from None
+        return interpreter
+
+    def _check_shapes(self, interpreter: Interpreter) -> None:
+        spec = self.meta["input"]
+        (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
+        want = [spec["height"], spec["width"], spec["channels"]]
+        if list(inp["shape"][1:]) != want:
+            raise BundleError(f"model input {list(inp['shape'])} does not match model.json {want}")
+        if out["shape"][-1] != len(self.labels):
+            raise BundleError(f"model has {out['shape'][-1]} outputs but {len(self.labels)} labels")
+        self.batchable = bool(inp["shape_signature"][0] == -1)
+
+    @contextmanager
+    def _interpreter(self):
+        try:
+            interpreter = self._pool.get_nowait()
+        except queue.Empty:
+            interpreter = self._new_interpreter()  # a new thread's first request
+        try:
+            yield interpreter
+        finally:
+            self._pool.put(interpreter)
+
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """Class probabilities, one row per input (batch of shape (n, h, w, c), float32)."""
+        if not self.batchable and len(batch) > 1:
+            return np.concatenate([self.predict(batch[i : i + 1]) for i in range(len(batch))])
+        with self._interpreter() as interpreter:
+            inp = interpreter.get_input_details()[0]
+            if inp["shape"][0] != len(batch):
+                interpreter.resize_tensor_input(inp["index"], list(batch.shape))
+                interpreter.allocate_tensors()
+            interpreter.set_tensor(inp["index"], batch.astype(inp["dtype"], copy=False))
+            interpreter.invoke()
+            return interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).copy()
+
+    def describe(self, probabilities: np.ndarray, top_k: int = 5) -> dict[str, Any]:
+        """One image's answer: prediction, confidence (0..100) and the top labels."""
+        order = np.argsort(probabilities)[::-1][: min(top_k, len(self.labels))]
+        top = [{"label": self.labels[i], "confidence": round(float(probabilities[i]) * 100, 2)}
+               for i in order]
+        return {"prediction": top[0]["label"], "confidence": top[0]["confidence"], "top": top}

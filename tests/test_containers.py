@@ -1,0 +1,99 @@
+"""The images, built and run as Knative runs them: podman here (docker elsewhere)."""
+
+import subprocess
+import threading
+import time
+import uuid
+
+import pytest
+import requests
+
+from tests import containers
+from tests.conftest import demo_image, encode, free_port
+
+pytestmark = pytest.mark.slow
+TOOL = containers.engine()
+if TOOL is None:
+    pytest.skip("no podman/docker able to build FROM python:3.11-slim here "
+                "(on these machines run ../shared/tools/container-setup, as ./test.sh does)",
+                allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def images():
+    tags = {name: f"localhost/thalamus-{name}:test" for name in containers.IMAGES}
+    for name, tag in tags.items():
+        containers.build(TOOL, name, tag)
+    return tags
+
+
+@pytest.fixture
+def stack(images, redis_url, env):
+    started = []
+
+    def start(name, service):
+        port = free_port()
+        container = containers.run(TOOL, images[name], port, {"REDIS_URL": redis_url,
+                                   "THALAMUS_PREFIX": env["THALAMUS_PREFIX"]}, service)
+        started.append(container)
+        base = f"http://127.0.0.1:{port}"
+        containers.wait_ready(base + "/readyz", container, TOOL)
+        return container, base
+
+    yield start
+    for container in started:
+        containers.remove(TOOL, container)
+
+
+def test_token_and_prediction_through_containers(stack, auth):
+    token_container, token_base = stack("token", "thalamus-token")
+    predict_container, predict_base = stack("shapes", "thalamus-shapes")
+    pair = auth.create_key(["shapes"])
+    token = requests.post(f"{token_base}/token.json", timeout=10,
+                          json={"public_key": pair.public_key, "secret_key": pair.secret_key}).json()["token"]
+    headers = {"Authorization": f"Bearer {token}"}
+    for i, label in enumerate(["circle", "square", "triangle"]):
+        reply = requests.post(f"{predict_base}/models/shapes/predict.json", headers=headers, timeout=30,
+                              files={"file": ("x.jpg", encode(demo_image("shapes", label, 300 + i), "JPEG"))})
+        assert reply.status_code == 200 and reply.json()["prediction"] == label
+    for container in (token_container, predict_container):
+        uid = subprocess.run([TOOL, "exec", container, "id", "-u"], capture_output=True, text=True).stdout
+        assert uid.strip() not in ("", "0")
+        tf = subprocess.run([TOOL, "exec", container, "python", "-c", "import tensorflow"], capture_output=True)
+        assert tf.returncode != 0  # the predict image has no TensorFlow at all
+
+
+def test_sigterm_finishes_the_in_flight_request_then_exits(stack, auth):
+    container, base = stack("shapes", "thalamus-shapes-term")
+    pair = auth.create_key()
+    token = auth.issue_token(pair.public_key, pair.secret_key, "t").token
+    image = encode(demo_image("shapes", "square", 77))
+    boundary = uuid.uuid4().hex
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"s.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
+    sent_half = threading.Event()
+
+    def slow_body():
+        yield body[: len(body) // 2]
+        sent_half.set()
+        time.sleep(2)  # SIGTERM arrives while this request is in flight
+        yield body[len(body) // 2 :]
+
+    result = {}
+
+    def call():
+        result["reply"] = requests.post(
+            f"{base}/models/shapes/predict.json", data=slow_body(), timeout=30,
+            headers={"Authorization": f"Bearer {token}",
+                     "Content-Type": f"multipart/form-data; boundary={boundary}"})
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert sent_half.wait(10)
+    time.sleep(0.3)
+    signalled = time.monotonic()
+    subprocess.run([TOOL, "kill", "--signal", "TERM", container], check=True, capture_output=True)
+    caller.join(30)
+    assert result["reply"].status_code == 200 and result["reply"].json()["prediction"] == "square"
+    subprocess.run([TOOL, "wait", container], capture_output=True, timeout=30)
+    assert time.monotonic() - signalled < 10

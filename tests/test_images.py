@@ -1,0 +1,153 @@
+"""Uploads as careful users and careless ones send them: formats, modes, orientation, bad data."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import demo_image, encode, predict_client
+from tests.test_predict import upload
+
+
+def circle():
+    return demo_image("shapes", "circle", 5)
+
+
+def to_mode(image, mode):
+    if mode == "I;16":
+        grey = np.asarray(image.convert("L"), dtype=np.uint16) * 257
+        image16 = Image.fromarray(grey)
+        assert image16.mode == "I;16"
+        return image16
+    return image.convert(mode)
+
+
+@pytest.mark.parametrize("fmt, mode, save", [
+    ("JPEG", "RGB", {"quality": 85}),
+    ("JPEG", "L", {}),
+    ("JPEG", "CMYK", {}),
+    ("PNG", "RGBA", {}),
+    ("PNG", "LA", {}),
+    ("PNG", "P", {}),
+    ("PNG", "I;16", {}),
+    ("PNG", "1", {}),
+    ("WEBP", "RGB", {"quality": 90}),
+    ("BMP", "RGB", {}),
+    ("GIF", "P", {}),
+])
+def test_formats_and_modes_are_understood(shapes_client, bearer, fmt, mode, save):
+    image = to_mode(circle(), mode)
+    reply = upload(shapes_client, bearer, (f"c.{fmt.lower()}", encode(image, fmt, **save)))
+    assert reply.status_code == 200, reply.get_json()
+    if mode != "1":  # a 1-bit dither may lose the shape; it must still be read
+        assert reply.get_json()["prediction"] == "circle"
+
+
+def test_transparent_png_is_composited_not_black(shapes_client, bearer):
+    # A black triangle on a fully transparent black background: dropping alpha instead of
+    # compositing would leave an all-black image with no shape at all.
+    from PIL import ImageDraw
+
+    image = Image.new("RGBA", (120, 100), (0, 0, 0, 0))
+    ImageDraw.Draw(image).polygon([(60, 10), (105, 88), (15, 88)], fill=(0, 0, 0, 255))
+    reply = upload(shapes_client, bearer, ("t.png", encode(image)))
+    assert reply.status_code == 200 and reply.get_json()["prediction"] == "triangle"
+
+
+def test_animated_gif_uses_first_frame(shapes_client, bearer):
+    frames = [demo_image("shapes", "square", 8), demo_image("shapes", "circle", 9)]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+    assert upload(shapes_client, bearer, ("a.gif", data)).get_json()["prediction"] == "square"
+
+
+def test_exif_orientation_is_applied(env, monkeypatch, bearer):
+    client = predict_client(monkeypatch, "arrows")
+    stored = demo_image("arrows", "left", 11)  # pixels point left...
+    exif = Image.Exif()
+    exif[0x0112] = 6  # ...and the camera says: rotate 90° clockwise to view → it points up
+    data = encode(stored, "JPEG", exif=exif.tobytes(), quality=92)
+    reply = upload(client, bearer, ("photo.jpg", data), name="arrows")
+    assert reply.status_code == 200 and reply.get_json()["prediction"] == "up"
+
+
+def test_large_photo_and_tiny_icon(shapes_client, bearer):
+    photo = Image.new("RGB", (640, 480), (30, 90, 200))
+    from PIL import ImageDraw
+    ImageDraw.Draw(photo).rectangle([220, 140, 420, 340], fill=(250, 240, 20))
+    icon = photo.resize((32, 24))
+    reply = upload(shapes_client, bearer, ("p.jpg", encode(photo, "JPEG")), ("i.png", encode(icon)))
+    assert [r["prediction"] for r in reply.get_json()["results"]] == ["square", "square"]
+
+
+def png_header_only(width, height):
+    """A valid-looking PNG that claims width x height pixels (a decompression bomb's header)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def real_bomb():
+    """A real 1-bit PNG of 12000x12000 white pixels: 18 KB on the wire, 432 MB as RGB."""
+    return encode(Image.new("1", (12000, 12000), 1), "PNG", optimize=True)
+
+
+@pytest.mark.parametrize("files, words", [
+    ([("empty.png", b"")], "empty"),
+    ([("notes.txt", b"just some text, not pixels")], "not an image"),
+    ([("doc.pdf", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n")], "not an image"),
+    ([("cut.jpg", encode(circle(), "JPEG")[:1500])], "truncated"),
+    ([("cut.png", encode(circle(), "PNG")[:-200])], "truncated"),
+    ([("bomb.png", png_header_only(60000, 60000))], "too large"),
+    ([("bomb.png", real_bomb())], "too large"),
+    ([("ok.png", encode(circle())), ("bad.txt", b"nope")], "'bad.txt'"),
+])
+def test_bad_images_get_400_naming_the_problem(shapes_client, bearer, files, words):
+    reply = upload(shapes_client, bearer, *files)
+    assert reply.status_code == 400
+    assert words in reply.get_json()["error"]
+
+
+def test_pixel_limit_is_configurable(env, monkeypatch, bearer):
+    client = predict_client(monkeypatch, "shapes", MAX_IMAGE_PIXELS="10000")
+    assert upload(client, bearer, ("big.png", encode(Image.new("RGB", (101, 100))))).status_code == 400
+    assert upload(client, bearer, ("ok.png", encode(Image.new("RGB", (100, 100))))).status_code == 200
+
+
+def test_missing_file_field_and_wrong_content_type(shapes_client, bearer):
+    no_file = shapes_client.post("/models/shapes/predict.json", data={"other": "x"}, headers=bearer,
+                                 content_type="multipart/form-data")
+    assert no_file.status_code == 400 and "'file'" in no_file.get_json()["error"]
+    raw = shapes_client.post("/models/shapes/predict.json", data=encode(circle()), headers=bearer,
+                             content_type="image/png")
+    assert raw.status_code == 415
+
+
+def test_too_many_files(shapes_client, bearer):
+    small = encode(Image.new("RGB", (8, 8)))
+    reply = upload(shapes_client, bearer, *[(f"{i}.png", small) for i in range(33)])
+    assert reply.status_code == 400 and "too many files" in reply.get_json()["error"]
+
+
+def test_body_over_limit_is_413(env, monkeypatch, bearer):
+    client = predict_client(monkeypatch, "shapes", MAX_UPLOAD_BYTES="50000")
+    reply = upload(client, bearer, ("big.bmp", encode(Image.new("RGB", (200, 200)), "BMP")))
+    assert reply.status_code == 413
+
+
+def test_bad_input_does_not_break_the_next_request(shapes_client, bearer):
+    assert upload(shapes_client, bearer, ("b.png", real_bomb())).status_code == 400
+    assert upload(shapes_client, bearer, ("c.png", encode(circle()))).get_json()["prediction"] == "circle"
+
+
+def test_decoder_checks_header_before_pixels():
+    from shared import imaging
+    from shared.errors import BadRequest
+
+    with pytest.raises(BadRequest, match="too large"):
+        imaging.decode(png_header_only(100000, 100000), 40_000_000)
+    image = imaging.decode(encode(Image.new("RGB", (10, 10))), 100)
+    assert image.mode == "RGB" and io

@@ -1,0 +1,147 @@
+"""The predict function through the test client: auth, scopes, answers, statuses."""
+
+import io
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from tests.conftest import ROOT, demo_image, encode, predict_client, subprocess_env
+
+
+def upload(client, headers, *files, name="shapes"):
+    data = {"file": [(io.BytesIO(content), filename) for filename, content in files]}
+    return client.post(f"/models/{name}/predict.json", data=data, headers=headers,
+                       content_type="multipart/form-data")
+
+
+@pytest.fixture
+def circle_png():
+    return encode(demo_image("shapes", "circle", 1))
+
+
+def test_one_file_gets_prediction_confidence_top(shapes_client, bearer):
+    image = encode(demo_image("shapes", "triangle", 2), "JPEG", quality=90)
+    reply = upload(shapes_client, bearer, ("t.jpg", image))
+    assert reply.status_code == 200, reply.get_json()
+    body = reply.get_json()
+    assert body["prediction"] == "triangle"
+    assert 0 <= body["confidence"] <= 100
+    assert [t["label"] for t in body["top"]][0] == "triangle"
+    assert sorted(t["label"] for t in body["top"]) == ["circle", "square", "triangle"]
+    assert abs(sum(t["confidence"] for t in body["top"]) - 100) < 0.1
+
+
+def test_several_files_answer_in_order(shapes_client, bearer):
+    labels = ["square", "circle", "triangle", "circle"]
+    files = [(f"{i}.png", encode(demo_image("shapes", label, 20 + i))) for i, label in enumerate(labels)]
+    reply = upload(shapes_client, bearer, *files)
+    assert reply.status_code == 200
+    results = reply.get_json()["results"]
+    assert [r["file"] for r in results] == [f for f, _ in files]
+    assert [r["prediction"] for r in results] == labels
+
+
+def test_metadata(shapes_client, bearer):
+    reply = shapes_client.get("/models/shapes.json", headers=bearer)
+    assert reply.status_code == 200
+    meta = reply.get_json()
+    assert meta["labels"] == ["circle", "square", "triangle"]
+    assert meta["input"]["height"] == 64 and meta["metrics"]["holdout_accuracy"] >= 0.95
+
+
+def test_token_required(shapes_client, circle_png):
+    assert upload(shapes_client, {}, ("c.png", circle_png)).status_code == 401
+    assert upload(shapes_client, {"Authorization": "Bearer " + "z" * 43}, ("c.png", circle_png)).status_code == 401
+    assert shapes_client.get("/models/shapes.json").status_code == 401
+
+
+def test_key_scopes_are_enforced(shapes_client, auth, circle_png):
+    pair = auth.create_key(["arrows"])
+    token = auth.issue_token(pair.public_key, pair.secret_key, "t").token
+    reply = upload(shapes_client, {"Authorization": f"Bearer {token}"}, ("c.png", circle_png))
+    assert reply.status_code == 403 and "shapes" in reply.get_json()["error"]
+    allowed = auth.create_key(["shapes"])
+    token = auth.issue_token(allowed.public_key, allowed.secret_key, "t").token
+    assert upload(shapes_client, {"Authorization": f"Bearer {token}"}, ("c.png", circle_png)).status_code == 200
+
+
+def test_other_model_is_404_and_wrong_method_405(shapes_client, bearer, circle_png):
+    reply = upload(shapes_client, bearer, ("c.png", circle_png), name="arrows")
+    assert reply.status_code == 404 and "arrows" in reply.get_json()["error"]
+    assert shapes_client.get("/models/arrows.json", headers=bearer).status_code == 404
+    wrong = shapes_client.get("/models/shapes/predict.json", headers=bearer)
+    assert wrong.status_code == 405 and wrong.headers["Allow"] == "POST"
+    assert shapes_client.post("/models/shapes.json", headers=bearer).status_code == 405
+    assert shapes_client.get("/nothing", headers=bearer).status_code == 404
+
+
+def test_health_ready_and_docs(shapes_client):
+    assert shapes_client.get("/healthz").status_code == 200
+    assert shapes_client.get("/readyz").get_json() == {"status": "ready"}
+    spec = shapes_client.get("/openapi.json").get_json()
+    assert "/models/{name}/predict.json" in spec["paths"]
+    assert shapes_client.get("/docs").status_code == 200
+
+
+def test_scopes_checked_against_the_right_model(env, monkeypatch, auth):
+    client = predict_client(monkeypatch, "arrows")
+    pair = auth.create_key(["shapes"])
+    token = auth.issue_token(pair.public_key, pair.secret_key, "t").token
+    image = encode(demo_image("arrows", "up", 3))
+    reply = upload(client, {"Authorization": f"Bearer {token}"}, ("a.png", image), name="arrows")
+    assert reply.status_code == 403
+
+
+def test_serving_never_imports_tensorflow():
+    script = """
+import io, sys
+import functions_framework
+from PIL import Image
+from tests.conftest import demo_image, encode
+app = functions_framework.create_app(target="handle", source="functions/predict/main.py")
+client = app.test_client()
+client.post("/models/shapes/predict.json", data={"file": (io.BytesIO(encode(demo_image("shapes", "circle"))), "c.png")})
+client.get("/readyz")
+client.get("/openapi.json")
+print("tensorflow" in sys.modules, "ai_edge_litert" in sys.modules)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
+                            env=subprocess_env(MODEL_NAME="shapes", REDIS_URL="redis://127.0.0.1:1/0"),
+                            timeout=60)
+    assert result.stdout.split() == ["False", "True"], result.stderr
+
+
+@pytest.mark.parametrize("setup, reason", [
+    ({"MODEL_NAME": ""}, "MODEL_NAME is required"),
+    ({"MODEL_NAME": "nope"}, "model.json not found"),
+    ({"MODEL_NAME": "shapes", "MODEL_DIR": str(ROOT / "models" / "arrows")}, "holds model 'arrows'"),
+])
+def test_broken_configuration_stops_at_start_with_one_line(setup, reason, serve_function):
+    result = subprocess.run(
+        [str(ROOT / ".venv/bin/functions-framework"), "--target", "handle",
+         "--source", str(ROOT / "functions/predict/main.py"), "--port", "0"],
+        capture_output=True, text=True, env=subprocess_env(**setup), timeout=60)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("predict:")
+    assert reason in result.stderr
+
+
+def test_broken_bundle_stops_at_start(tmp_path):
+    bundle = tmp_path / "broken"
+    bundle.mkdir()
+    (bundle / "model.json").write_text((ROOT / "models/shapes/model.json").read_text().replace(
+        '"name": "shapes"', '"name": "broken"'))
+    (bundle / "model.tflite").write_bytes(b"not a flatbuffer at all")
+    result = subprocess.run(
+        [str(ROOT / ".venv/bin/functions-framework"), "--target", "handle",
+         "--source", str(ROOT / "functions/predict/main.py"), "--port", "0"],
+        capture_output=True, text=True, env=subprocess_env(MODEL_NAME="broken", MODEL_DIR=str(bundle)),
+        timeout=60)
+    assert result.returncode != 0
+    assert "not a usable TFLite model" in result.stderr.strip().splitlines()[-1]
+
+
+def test_image_fixture_sanity():
+    assert Image.open(io.BytesIO(encode(demo_image("shapes", "circle")))).size[0] > 0

@@ -1,0 +1,109 @@
+"""./start.sh end to end: the whole stack from a copy of the project, over real HTTP."""
+
+import json
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import (
+    DEMO_MODELS,
+    copy_project,
+    demo_image,
+    encode,
+    free_port_range,
+    processes_under,
+    start_stack,
+    stop_stack,
+    subprocess_env,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def stack_env(redis_url, env):
+    values = subprocess_env(**env)
+    values.pop("PYTHONPATH")
+    return values
+
+
+def test_keys_token_predict_docs_then_sigterm_leaves_nothing(tmp_path, stack_env):
+    folder = copy_project(tmp_path / "thalamus")
+    port = free_port_range(2 + len(DEMO_MODELS))
+    stack = start_stack(folder, port, stack_env)
+    try:
+        table = "".join(stack.output)
+        for name in ("gateway", "token", *(f"predict-{m}" for m in DEMO_MODELS)):
+            assert name in table
+        assert f"http://localhost:{port}" in table and "./keys.py -g" in table
+
+        generated = stack.keys("-g", "client.json")
+        assert generated.returncode == 0, generated.stderr
+        pair = json.loads((folder / "client.json").read_text())
+        reply = requests.post(f"http://localhost:{port}/token.json", json=pair, timeout=10)
+        assert reply.status_code == 200
+        headers = {"Authorization": f"Bearer {reply.json()['token']}"}
+        for model in DEMO_MODELS:
+            label = json.loads((folder / "models" / model / "model.json").read_text())["labels"][0]
+            answer = requests.post(f"{stack.gateway}/models/{model}/predict.json", headers=headers, timeout=30,
+                                   files={"file": ("x.png", encode(demo_image(model, label, 5)))})
+            assert answer.status_code == 200 and answer.json()["prediction"] == label
+            assert requests.get(f"{stack.gateway}/models/{model}.json", headers=headers,
+                                timeout=10).json()["name"] == model
+        missing = requests.get(f"{stack.gateway}/models/nope.json", headers=headers, timeout=10)
+        assert missing.status_code == 404 and "nope" in missing.json()["error"]
+        assert requests.get(f"{stack.gateway}/session.json", headers=headers, timeout=10).status_code == 200
+        docs = requests.get(f"{stack.gateway}/docs", timeout=10)
+        assert docs.status_code == 200 and "swagger-ui-bundle.js" in docs.text
+        for name in ("token", *DEMO_MODELS):
+            spec = requests.get(f"{stack.gateway}/openapi/{name}.json", timeout=10)
+            assert spec.status_code == 200 and spec.json()["openapi"].startswith("3.")
+        assert requests.get(f"{stack.gateway}/readyz", timeout=10).status_code == 200
+
+        again = start_stack(folder, port + 10, stack_env, wait=False)
+        assert again.proc.wait(60) != 0
+        assert "already up" in "".join(again.output)
+    finally:
+        stop_stack(stack)
+    assert stack.proc.returncode == 0
+    time.sleep(0.5)
+    assert processes_under(folder) == []
+
+
+def test_port_in_use_is_named_and_nothing_is_left(tmp_path, stack_env):
+    folder = copy_project(tmp_path / "thalamus")
+    port = free_port_range(2 + len(DEMO_MODELS))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port + 1))
+        busy.listen()
+        stack = start_stack(folder, port, stack_env, wait=False)
+        assert stack.proc.wait(60) == 1
+    text = "".join(stack.output)
+    assert f"port {port + 1}" in text and "in use" in text
+    assert processes_under(folder) == []
+
+
+def test_a_dying_function_is_reported(tmp_path, stack_env):
+    folder = copy_project(tmp_path / "thalamus")
+    port = free_port_range(2 + len(DEMO_MODELS))
+    stack = start_stack(folder, port, stack_env)
+    try:
+        first_model = [p for p in processes_under(folder)
+                       if f"--port {port + 2} " in Path(f"/proc/{p}/cmdline").read_text().replace("\0", " ")]
+        os.kill(min(first_model), signal.SIGKILL)  # the functions-framework master
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "exited" not in "".join(stack.output):
+            time.sleep(0.1)
+        report = [line for line in stack.output if "exited with code" in line]
+        assert report and report[0].startswith(f"start.sh: predict-{sorted(DEMO_MODELS)[0]} ")
+        assert stack.proc.poll() is None  # the rest keeps running
+        assert requests.get(f"{stack.gateway}/healthz", timeout=5).status_code == 200
+    finally:
+        stop_stack(stack)
+    time.sleep(0.5)
+    assert processes_under(folder) == []

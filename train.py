@@ -1,0 +1,302 @@
+#!/usr/bin/env python3
+"""Train or import an image classifier into a Thalamus model bundle (needs TensorFlow).
+
+    ./train.py DATASET_DIR --name NAME [--epochs N --batch-size N --image-size HxW
+                                        --validation-split F --grayscale --force]
+    ./train.py --demo shapes|arrows [--force]         # generate images, train, evaluate
+    ./train.py --import MODEL --name NAME --labels a,b,c [--scale F --offset F --force]
+
+DATASET_DIR holds one subfolder per class with images inside. The bundle is written to
+models/NAME/ (model.tflite + model.json) only after the TFLite model and the TensorFlow model
+agree on sample inputs (max abs difference of outputs <= 1e-4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+import demo_data  # noqa: E402
+from shared import imaging  # noqa: E402
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
+TOLERANCE = 1e-4
+# The demo models: image size, colour, training set size, epochs; held-out set size.
+DEMO_SETTINGS = {
+    "shapes": {"size": (64, 64), "channels": 3, "per_class": 2000, "epochs": 18, "holdout_per_class": 400},
+    "arrows": {"size": (48, 48), "channels": 1, "per_class": 1500, "epochs": 15, "holdout_per_class": 300},
+}
+
+
+class TrainError(Exception):
+    """A one-line reason to stop."""
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dataset", nargs="?", type=Path, help="folder with one subfolder per class")
+    parser.add_argument("--demo", choices=sorted(DEMO_SETTINGS), help="train a demo model on generated images")
+    parser.add_argument("--import", dest="import_path", type=Path, metavar="MODEL",
+                        help="a Keras file (.keras, .h5) or SavedModel folder to bundle")
+    parser.add_argument("--name", help="bundle name (models/NAME)")
+    parser.add_argument("--labels", help="with --import: comma-separated labels, in output order")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--image-size", default="64x64", help="HxW (default 64x64)")
+    parser.add_argument("--grayscale", action="store_true", help="train on one channel")
+    parser.add_argument("--validation-split", type=float, default=0.2)
+    parser.add_argument("--scale", type=float, default=1.0, help="with --import: pixel * scale + offset")
+    parser.add_argument("--offset", type=float, default=0.0)
+    parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--force", action="store_true", help="replace an existing bundle")
+    args = parser.parse_args(argv)
+    modes = sum(x is not None for x in (args.dataset, args.demo, args.import_path))
+    if modes != 1:
+        parser.error("give exactly one of DATASET_DIR, --demo NAME, --import MODEL")
+    if args.demo:
+        args.name = args.name or args.demo
+    if not args.name:
+        parser.error("--name is required")
+    if args.import_path and not args.labels:
+        parser.error("--import needs --labels")
+    if not 0 < args.validation_split < 1:
+        parser.error("--validation-split must be between 0 and 1")
+    try:
+        h, w = (int(v) for v in args.image_size.lower().split("x"))
+        assert h > 0 and w > 0
+    except (ValueError, AssertionError):
+        parser.error(f"--image-size must look like 64x64, got {args.image_size!r}")
+    args.size = (h, w)
+    return args
+
+
+def load_folder(root: Path, spec: dict, grey_note: str = "") -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Images under root/<class>/ decoded and preprocessed exactly as serving does."""
+    if not root.is_dir():
+        raise TrainError(f"{root} is not a folder")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise TrainError(f"empty dataset: {root} has no class subfolders")
+    xs, ys, skipped = [], [], 0
+    for index, label in enumerate(classes):
+        files = sorted(p for p in (root / label).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise TrainError(f"class {label!r} has no images in {root / label}")
+        before = len(xs)
+        for path in files:
+            try:
+                image = imaging.decode(path.read_bytes(), 10**9)
+            except Exception:  # noqa: BLE001  (any unreadable file is skipped and counted)
+                skipped += 1
+                continue
+            xs.append(imaging.to_array(image, spec, {}).astype(np.uint8))
+            ys.append(index)
+        if len(xs) == before:
+            raise TrainError(f"class {label!r} has no readable images")
+    if skipped:
+        print(f"skipped {skipped} unreadable image(s)")
+    print(f"loaded {len(xs)} images in {len(classes)} classes: {', '.join(classes)}")
+    return np.stack(xs), np.array(ys), classes
+
+
+def build_model(tf, spec: dict, classes: int):
+    """A small CNN: four conv blocks with batch norm (folded into the convs by the converter)."""
+    layers = tf.keras.layers
+
+    def block(filters: int) -> list:
+        return [layers.Conv2D(filters, 3, padding="same", use_bias=False), layers.BatchNormalization(),
+                layers.ReLU(), layers.MaxPooling2D()]
+
+    return tf.keras.Sequential([
+        layers.Input((spec["height"], spec["width"], spec["channels"])),
+        layers.Rescaling(1 / 127.5, offset=-1),  # the bundle takes raw 0..255 pixels
+        *block(16), *block(32), *block(64), *block(64),
+        layers.Flatten(),
+        layers.Dropout(0.3),
+        layers.Dense(64, activation="relu"),
+        layers.Dense(classes, activation="softmax"),
+    ])
+
+
+def train(tf, x: np.ndarray, y: np.ndarray, classes: list[str], spec: dict, args) -> tuple[object, float]:
+    order = np.random.default_rng(args.seed).permutation(len(x))
+    x, y = x[order], y[order]
+    n_val = max(1, int(len(x) * args.validation_split))
+    model = build_model(tf, spec, len(classes))
+    steps = args.epochs * -(-(len(x) - n_val) // args.batch_size)
+    # Cosine decay ends training at a small learning rate, so the last epoch is a stable one.
+    schedule = tf.keras.optimizers.schedules.CosineDecay(2e-3, steps, alpha=0.02)
+    model.compile(optimizer=tf.keras.optimizers.Adam(schedule), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    model.fit(x[n_val:].astype(np.float32), y[n_val:], batch_size=args.batch_size, epochs=args.epochs,
+              validation_data=(x[:n_val].astype(np.float32), y[:n_val]),
+              verbose=1 if sys.stdout.isatty() else 2)
+    _, val_accuracy = model.evaluate(x[:n_val].astype(np.float32), y[:n_val], verbose=0)
+    return model, float(val_accuracy)
+
+
+def convert_and_check(tf, keras_like, samples: np.ndarray, reference) -> tuple[bytes, float]:
+    """TFLite bytes, and the max abs difference from ``reference`` on ``samples`` (refuses > 1e-4)."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    converter = (tf.lite.TFLiteConverter.from_saved_model(str(keras_like)) if isinstance(keras_like, Path)
+                 else tf.lite.TFLiteConverter.from_keras_model(keras_like))
+    tflite = converter.convert()
+    interpreter = Interpreter(model_content=tflite)
+    inp = interpreter.get_input_details()[0]
+    interpreter.resize_tensor_input(inp["index"], list(samples.shape))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(inp["index"], samples)
+    interpreter.invoke()
+    lite_out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    diff = float(np.max(np.abs(lite_out - np.asarray(reference(samples)))))
+    if diff > TOLERANCE:
+        raise TrainError(f"TFLite and TensorFlow disagree (max abs diff {diff:.2e} > {TOLERANCE}); "
+                         "bundle not written")
+    return tflite, diff
+
+
+def tflite_accuracy(tflite: bytes, x: np.ndarray, y: np.ndarray) -> float:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=tflite)
+    inp = interpreter.get_input_details()[0]
+    interpreter.resize_tensor_input(inp["index"], list(x.shape))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(inp["index"], x.astype(np.float32))
+    interpreter.invoke()
+    predicted = interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).argmax(1)
+    return float((predicted == y).mean())
+
+
+def write_bundle(target: Path, tflite: bytes, meta: dict, force: bool) -> None:
+    """Write model.tflite + model.json atomically (a half-written bundle is never served)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    (staging / "model.tflite").write_bytes(tflite)
+    (staging / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    staging.chmod(0o755)
+    if target.exists():
+        if not force:
+            shutil.rmtree(staging)
+            raise TrainError(f"{target} exists; use --force to replace it")
+        shutil.rmtree(target)
+    staging.rename(target)
+
+
+def metadata(name: str, labels: list[str], spec: dict, preprocessing: dict, metrics: dict) -> dict:
+    return {
+        "name": name,
+        "version": datetime.datetime.now(datetime.UTC).strftime("%Y%m%d%H%M%S"),
+        "labels": labels,
+        "input": {**spec, "dtype": "float32"},
+        "preprocessing": {"resize": "stretch", "interpolation": "bilinear",
+                          "color_mode": "grayscale" if spec["channels"] == 1 else "rgb", **preprocessing},
+        "metrics": metrics,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def run(args) -> Path:
+    target = args.models_dir / args.name
+    if target.exists() and not args.force:
+        raise TrainError(f"{target} exists; use --force to replace it")
+    started = time.monotonic()
+    if args.import_path:
+        import tensorflow as tf
+
+        tf.keras.utils.set_random_seed(args.seed)
+        return import_model(tf, args, target)
+    holdout = None
+    if args.demo:
+        demo = DEMO_SETTINGS[args.demo]
+        args.size, args.grayscale, args.epochs = demo["size"], demo["channels"] == 1, demo["epochs"]
+        tmp = Path(tempfile.mkdtemp(prefix="thalamus-demo-"))
+        print(f"generating {args.demo} images in {tmp}")
+        args.dataset = demo_data.write_dataset(args.demo, tmp / "train", demo["per_class"], args.seed)
+        holdout = demo_data.write_dataset(args.demo, tmp / "holdout", demo["holdout_per_class"], args.seed + 1000)
+    spec = {"height": args.size[0], "width": args.size[1], "channels": 1 if args.grayscale else 3}
+    x, y, classes = load_folder(args.dataset, spec)  # dataset errors before the slow TF import
+    import tensorflow as tf
+
+    tf.keras.utils.set_random_seed(args.seed)
+    model, val_accuracy = train(tf, x, y, classes, spec, args)
+    samples = x[: min(64, len(x))].astype(np.float32)
+    tflite, diff = convert_and_check(tf, model, samples, lambda s: model(s, training=False))
+    metrics = {"val_accuracy": round(val_accuracy, 4), "train_images": int(len(x)),
+               "tflite_max_abs_diff": diff, "train_seconds": round(time.monotonic() - started, 1)}
+    if holdout is not None:
+        hx, hy, _ = load_folder(holdout, spec)
+        metrics["holdout_accuracy"] = round(tflite_accuracy(tflite, hx, hy), 4)
+        metrics["holdout_images"] = int(len(hx))
+        shutil.rmtree(holdout.parent)
+    write_bundle(target, tflite, metadata(args.name, classes, spec, {"scale": 1.0, "offset": 0.0}, metrics),
+                 args.force)
+    print(f"wrote {target} ({len(tflite) / 1024:.0f} KiB): " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
+    return target
+
+
+def import_model(tf, args, target: Path) -> Path:
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    path = args.import_path
+    if not path.exists():
+        raise TrainError(f"{path} not found")
+    if path.is_dir():
+        loaded = tf.saved_model.load(str(path))
+        fn = loaded.signatures["serving_default"]
+        (shape,) = [s.shape for s in fn.structured_input_signature[1].values()]
+        reference = lambda s: next(iter(fn(tf.constant(s)).values())).numpy()  # noqa: E731
+        source = path
+    else:
+        try:
+            model = tf.keras.models.load_model(path)
+        except (OSError, ValueError) as exc:
+            raise TrainError(f"cannot load {path} as a Keras model ({exc})") from None
+        shape = model.inputs[0].shape
+        reference = lambda s: model(s, training=False)  # noqa: E731
+        source = model
+    if len(shape) != 4 or shape[3] not in (1, 3):
+        raise TrainError(f"model input {tuple(shape)} is not (batch, height, width, 1 or 3)")
+    spec = {"height": int(shape[1]), "width": int(shape[2]), "channels": int(shape[3])}
+    rng = np.random.default_rng(args.seed)
+    samples = (rng.uniform(0, 255, (8, *shape[1:])) * args.scale + args.offset).astype(np.float32)
+    tflite, diff = convert_and_check(tf, source, samples, reference)
+    outputs = np.asarray(reference(samples[:1])).shape[-1]
+    if outputs != len(labels):
+        raise TrainError(f"model has {outputs} outputs but {len(labels)} labels were given")
+    meta = metadata(args.name, labels, spec, {"scale": args.scale, "offset": args.offset},
+                    {"tflite_max_abs_diff": diff, "imported_from": path.name})
+    write_bundle(target, tflite, meta, args.force)
+    print(f"wrote {target} ({len(tflite) / 1024:.0f} KiB) from {path}")
+    return target
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except TrainError as exc:
+        print(f"train.py: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    random.seed(0)
+    sys.exit(main(sys.argv[1:]))
