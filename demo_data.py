@@ -80,10 +80,8 @@ def _finish(rng: random.Random, image: Image.Image) -> Image.Image:
 
 def shape_image(rng: random.Random, label: str) -> Image.Image:
     """One ``shapes`` image of class ``label`` (circle, square or triangle)."""
-    size = _canvas_size(rng)
-    image, bg = _background(rng, size)
-    draw = ImageDraw.Draw(image)
-    w, h = size
+    image, bg = _background(rng, _canvas_size(rng))
+    draw, (w, h) = ImageDraw.Draw(image), image.size
     r = rng.uniform(0.18, 0.42) * min(w, h)
     cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
     fill = _contrasting(rng, bg)
@@ -105,10 +103,8 @@ ARROW_ANGLES = {"right": 0.0, "down": math.pi / 2, "left": math.pi, "up": -math.
 
 def arrow_image(rng: random.Random, label: str) -> Image.Image:
     """One ``arrows`` image of class ``label`` (up, down, left or right)."""
-    size = _canvas_size(rng)
-    image, bg = _background(rng, size)
-    draw = ImageDraw.Draw(image)
-    w, h = size
+    image, bg = _background(rng, _canvas_size(rng))
+    draw, (w, h) = ImageDraw.Draw(image), image.size
     length = rng.uniform(0.45, 0.8) * min(w, h)
     half, shaft = length / 2, length * rng.uniform(0.08, 0.16)
     head_w, head_l = length * rng.uniform(0.25, 0.4), length * rng.uniform(0.3, 0.45)

@@ -113,6 +113,7 @@ def _buffer_chunked_body(request: flask.Request, limit: int) -> None:
     environ["wsgi.input"] = io.BytesIO(b"".join(chunks))
     environ["CONTENT_LENGTH"] = str(size)
     del environ["wsgi.input_terminated"]
+    environ.pop("HTTP_TRANSFER_ENCODING", None)  # werkzeug ignores Content-Length while this says chunked
 
 
 class Service:

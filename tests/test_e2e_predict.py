@@ -60,3 +60,19 @@ def test_concurrent_requests_get_their_own_answers(serve_function, token):
     assert all(status == 200 for _, status, _ in results)
     # Shared interpreters would mix up tensors: every answer must equal the one-at-a-time answer.
     assert [p for _, _, p in results] == [sequential[data] for _, data in cases * 3]
+
+
+def test_chunked_upload_is_read_like_any_other(serve_function, token):
+    base = serve_function("predict", MODEL_NAME="shapes")
+    image = encode(demo_image("shapes", "triangle", 55))
+    body = (b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"t.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + image + b"\r\n--XyZ--\r\n")
+
+    def chunks():  # a generator body: requests sends it with Transfer-Encoding: chunked
+        for start in range(0, len(body), 1000):
+            yield body[start:start + 1000]
+
+    reply = requests.post(f"{base}/models/shapes/predict.json", data=chunks(), timeout=30,
+                          headers={"Authorization": f"Bearer {token}",
+                                   "Content-Type": "multipart/form-data; boundary=XyZ"})
+    assert reply.status_code == 200 and reply.json()["prediction"] == "triangle"

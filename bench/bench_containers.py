@@ -1,0 +1,89 @@
+"""Container figures: image size of each image, and cold start of each container from
+``podman run`` to the first authenticated 200.
+
+    .venv/bin/python bench/bench_containers.py [--runs 3] [--no-build]
+
+Builds the token image and the shapes predict image (as tests/test_containers.py does), starts a
+throw-away redis-server, and runs each container with the env Knative gives it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from shared import config, local_redis, store  # noqa: E402
+from shared.auth import AuthStore  # noqa: E402
+from tests import containers  # noqa: E402
+from tests.conftest import demo_image, encode, free_port  # noqa: E402
+
+
+def first_200(tool: str, tag: str, env: dict, service: str, request) -> float:
+    port = free_port()
+    started = time.perf_counter()
+    container = containers.run(tool, tag, port, env, service)
+    try:
+        while time.perf_counter() - started < 120:
+            try:
+                if request(f"http://127.0.0.1:{port}").status_code == 200:
+                    return time.perf_counter() - started
+            except requests.ConnectionError:
+                time.sleep(0.01)
+        raise TimeoutError(tag)
+    finally:
+        containers.remove(tool, container)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--no-build", action="store_true")
+    args = parser.parse_args()
+    tool = containers.engine()
+    if tool is None:
+        raise SystemExit("no podman/docker here (run ../shared/tools/container-setup first)")
+    tags = {name: f"localhost/thalamus-{name}:test" for name in containers.IMAGES}
+    if not args.no_build:
+        for name, tag in tags.items():
+            containers.build(tool, name, tag)
+    with tempfile.TemporaryDirectory() as tmp:
+        redis_port = free_port()
+        server = local_redis.start_server(redis_port, Path(tmp), persist=False)
+        env = {"REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}
+        auth = AuthStore(config.Settings.from_env(env), store.connect(config.Settings.from_env(env)))
+        pair = auth.create_key()
+        token = auth.issue_token(pair.public_key, pair.secret_key, "bench").token
+        photo = encode(demo_image("shapes", "circle", 1), "JPEG")
+        requests_by_image = {
+            "token": lambda base: requests.post(f"{base}/token.json", timeout=10, json={
+                "public_key": pair.public_key, "secret_key": pair.secret_key}),
+            "shapes": lambda base: requests.post(f"{base}/models/shapes/predict.json", timeout=10,
+                                                 headers={"Authorization": f"Bearer {token}"},
+                                                 files={"file": ("p.jpg", photo)}),
+        }
+        try:
+            print(f"{'image':<32} {'size':>8} {'cold start (podman run → first authenticated 200)':>52}")
+            for name, tag in tags.items():
+                size = subprocess.run([tool, "image", "inspect", "--format", "{{.Size}}", tag],
+                                      capture_output=True, text=True, check=True).stdout.strip()
+                colds = [first_200(tool, tag, env, f"thalamus-{name}", requests_by_image[name])
+                         for _ in range(args.runs)]
+                print(f"{tag:<32} {int(size) / 1e6:6.0f}MB {statistics.median(colds) * 1000:>44.0f} ms "
+                      f"(median of {args.runs})")
+        finally:
+            auth.purge()
+            server.terminate()
+
+
+if __name__ == "__main__":
+    main()
