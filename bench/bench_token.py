@@ -5,7 +5,8 @@
 Starts a throw-away redis-server and the token function (functions-framework, gunicorn) on free
 ports, creates a key, then prints p50/p99 of POST /token.json (scrypt included), of
 GET /session.json (bearer verification), the scrypt parameters, and the Redis round trips that
-one bearer verification costs (counted with Redis's own command statistics).
+one bearer verification costs (counted with Redis's own command statistics), and the function's
+resident memory.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import redis
 import requests
 
@@ -66,6 +68,8 @@ def main() -> None:
                 assert http.get(base + "/session.json", headers=headers).status_code == 200
                 verify.append(time.perf_counter() - t)
             calls = sum(v["calls"] for k, v in client.info("commandstats").items() if k != "cmdstat_config")
+            serving = psutil.Process(proc.pid)
+            rss = sum(p.memory_info().rss for p in [serving, *serving.children(recursive=True)]) / 2**20
             t = time.perf_counter()
             for _ in range(50):
                 auth_lib.check_secret(pair.secret_key, auth_lib.hash_secret(pair.secret_key))
@@ -81,6 +85,7 @@ def main() -> None:
     print(f"GET /session.json  p50 {pct(verify, .5):6.1f} ms  p99 {pct(verify, .99):6.1f} ms  "
           f"mean {statistics.mean(verify) * 1000:.1f} ms")
     print(f"Redis commands per bearer verification: {calls / len(verify):.2f}")
+    print(f"token function RSS after the run (gunicorn master + worker): {rss:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Issuing and revoking run as Lua scripts, so a token can never outlive a concurre
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -78,8 +79,11 @@ def check_secret(secret: str, encoded: str) -> bool:
     return scheme == "scrypt" and hmac.compare_digest(actual, expected)
 
 
-# Verified against when the public key is unknown, so that answer takes as long as a wrong secret.
-_DUMMY_HASH = hash_secret(secrets.token_urlsafe(32))
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when the public key is unknown, so that answer takes as long as a wrong
+    secret. Made on first use: computing it at import would add a scrypt run to every cold start."""
+    return hash_secret(secrets.token_urlsafe(32))
 
 
 def token_digest(token: str) -> str:
@@ -221,7 +225,7 @@ class AuthStore:
         counters = [self._k("fail", "key", public_key), self._k("fail", "addr", client_addr)]
         self._refuse_when_limited(counters)
         stored = self.redis.hget(self._k("key", public_key), "secret")
-        if not check_secret(secret_key, stored or _DUMMY_HASH) or stored is None:
+        if not check_secret(secret_key, stored or _dummy_hash()) or stored is None:
             self._record_failure(counters)
             raise InvalidCredentials()
         token = secrets.token_urlsafe(32)
