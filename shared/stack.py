@@ -55,8 +55,8 @@ def discover_models(models_dir: Path) -> list[str]:
     """Names of the bundles in ``models_dir`` (folders holding model.json and model.tflite)."""
     if not models_dir.is_dir():
         return []
-    return sorted(p.name for p in models_dir.iterdir()
-                  if (p / "model.json").is_file() and (p / "model.tflite").is_file())
+    return sorted(p.name for p in models_dir.iterdir() if not p.name.startswith(".")  # train.py staging
+                  and (p / "model.json").is_file() and (p / "model.tflite").is_file())
 
 
 def running_stack() -> str | None:

@@ -66,7 +66,6 @@ def metadata(request: flask.Request, name: str) -> dict:
 
 
 service = Service(
-    f"predict-{model.name}",
     settings,
     [
         Route("/models/<name>/predict.json", ("POST",), predict),

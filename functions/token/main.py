@@ -71,7 +71,6 @@ def session(request: flask.Request) -> dict:
 
 
 service = Service(
-    "token",
     settings,
     [
         Route("/token.json", ("POST",), issue_token),
