@@ -21,8 +21,8 @@ if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
   if ! command -v chromium >/dev/null; then
     apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
   fi
-  if [[ -x ../shared/tools/container-setup ]] && ! podman image exists docker.io/library/python:3.11-slim 2>/dev/null; then
-    ../shared/tools/container-setup
+  if [[ -f ../shared/tools/container-setup ]] && ! podman image exists docker.io/library/python:3.11-slim 2>/dev/null; then
+    bash ../shared/tools/container-setup
   fi
 fi
 

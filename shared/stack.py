@@ -100,8 +100,9 @@ class Stack:
 
     def spawn(self, child: Child, settings: config.Settings) -> None:
         port = child.url.rsplit(":", 1)[1]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "WORKERS": "1", "THREADS": "4",
-               "REDIS_URL": settings.redis_url}
+        # The gateway appends the caller to X-Forwarded-For, as the cluster's ingress does.
+        env = {"TRUSTED_PROXY_HOPS": "1", **os.environ, "PYTHONPATH": str(ROOT), "WORKERS": "1",
+               "THREADS": "4", "REDIS_URL": settings.redis_url}
         if child.name == "gateway":
             args = [sys.executable, "-m", "shared.gateway", "--host", self.host, "--port", port,
                     "--token", self.children[1].url.replace("localhost", "127.0.0.1")]
