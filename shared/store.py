@@ -31,7 +31,8 @@ def connect(settings: Settings) -> redis.Redis:
         socket_timeout=settings.redis_timeout,
         # One retry on a fresh connection covers a pooled socket that died with a Redis restart.
         retry=Retry(NoBackoff(), 1),
-        health_check_interval=15,
+        # No health_check_interval: its PING before a command doubles the wait on a hung server,
+        # and the retry above already replaces a dead pooled connection.
         decode_responses=True,
     )
 

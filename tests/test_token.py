@@ -165,3 +165,29 @@ def test_redis_down_gives_503_fast_then_recovers(own_redis, monkeypatch, env):
     assert client.get("/readyz").status_code == 200
     # no data survives this throw-away server, so the key is gone: 401, not 503
     assert post_json(client, body).status_code == 401
+
+
+def test_redis_that_never_answers_gives_503_not_a_hang(env, monkeypatch):
+    """A Redis that accepts connections and then says nothing (a hung server, a black hole)."""
+    import socket
+    import threading
+
+    from tests.conftest import free_port
+
+    port = free_port()
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", port))
+    silent.listen(16)
+    held = []
+    threading.Thread(target=lambda: [held.append(silent.accept()) for _ in range(8)], daemon=True).start()
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{port}/0")
+    client = function_client("token")
+    try:
+        for call in (lambda: post_json(client, {"public_key": "pk_" + "a" * 43, "secret_key": WRONG_SK}),
+                     lambda: client.get("/session.json", headers={"Authorization": "Bearer " + "t" * 43})):
+            started = time.monotonic()
+            reply = call()
+            assert reply.status_code == 503 and reply.headers["Retry-After"]
+            assert time.monotonic() - started < 2.5  # about two seconds at most, never a hang
+    finally:
+        silent.close()
