@@ -8,7 +8,7 @@ For each model in models/ (default: the demo models):
 - warm latency p50/p99 over real HTTP for a 640x480 JPEG, sequential requests on one keep-alive
   connection from a lean client (http.client, body encoded once);
 - the floor: in-process decode + preprocess + model call for the same image, and the ratio;
-- resident memory (RSS) of the serving processes after warm-up (gunicorn master + worker);
+- memory of the serving processes after warm-up (gunicorn master + worker): RSS and PSS;
 - the same for the baseline (bench/baseline_app.py: FastAPI + Keras model.predict, TensorFlow),
   built with the same network architecture (weights are not trained: speed and memory do not
   depend on their values).
@@ -67,9 +67,12 @@ def encode_multipart(photo: bytes) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def rss_mb(pid: int) -> float:
-    proc = psutil.Process(pid)
-    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
+def memory_mb(pid: int) -> tuple[float, float]:
+    """RSS and PSS of ``pid`` and its children, in MB. RSS counts pages a forked worker shares
+    with its gunicorn master twice; PSS splits them, so it sums to what the processes really use."""
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    infos = [p.memory_full_info() for p in procs]
+    return sum(i.rss for i in infos) / 2**20, sum(i.pss for i in infos) / 2**20
 
 
 def spawn_until_200(args: list[str], env: dict, url: str, files: dict, headers: dict,
@@ -114,12 +117,12 @@ def measure(args: list[str], env: dict, url: str, photo: bytes, headers: dict, r
             if i >= 20:
                 warm.append(time.perf_counter() - t)
         conn.close()
-        memory = rss_mb(proc.pid)
+        rss, pss = memory_mb(proc.pid)
     finally:
         proc.terminate()
         proc.wait()
     return {"cold": statistics.median(colds) * 1000, "p50": pct(warm, .5), "p99": pct(warm, .99),
-            "rss": memory}
+            "rss": rss, "pss": pss}
 
 
 def floor_ms(model: str, photo: bytes, n: int) -> float:
@@ -186,12 +189,12 @@ def main() -> None:
             auth.purge()
             server.terminate()
     print(f"\n{'model':<8} {'server':<40} {'cold start':>10} {'warm p50':>9} {'warm p99':>9} "
-          f"{'floor':>7} {'p50/floor':>9} {'RSS':>8}")
+          f"{'floor':>7} {'p50/floor':>9} {'RSS':>8} {'PSS':>8}")
     for model, name, r in rows:
         floor = f"{r['floor']:6.2f}" if "floor" in r else "     -"
         ratio = f"{r['p50'] / r['floor']:8.2f}x" if "floor" in r else "        -"
         print(f"{model:<8} {name:<40} {r['cold']:8.0f}ms {r['p50']:7.2f}ms {r['p99']:7.2f}ms "
-              f"{floor}ms {ratio} {r['rss']:6.0f}MB")
+              f"{floor}ms {ratio} {r['rss']:6.0f}MB {r['pss']:6.0f}MB")
     print(f"\n{args.requests} sequential warm requests of a 640x480 JPEG, cold start median of {args.runs} "
           f"runs (baseline: {max(1, args.runs // 2)}), on {os.cpu_count()} CPUs.")
 
