@@ -6,6 +6,7 @@ receives a :class:`Settings` instance.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -32,6 +33,17 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     return value
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def _networks(env: Mapping[str, str], name: str) -> tuple[IPNetwork, ...]:
+    try:
+        return tuple(ipaddress.ip_network(part.strip(), strict=False)
+                     for part in env.get(name, "").split(",") if part.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{name} must be comma-separated networks like 10.0.0.0/8: {exc}") from None
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every tunable of Thalamus; see the README's configuration table."""
@@ -49,9 +61,9 @@ class Settings:
     # client address.
     auth_max_failures: int = 10
     auth_failure_window: int = 60
-    # How many proxies in front of us append to X-Forwarded-For (Knative: 1 for the
-    # queue-proxy). 0 means the socket peer is the client.
-    trusted_proxy_hops: int = 0
+    # Networks of the proxies in front of us (gateway, ingress, activator, queue-proxy). Their
+    # X-Forwarded-For entries are believed; empty means the socket peer is the client.
+    trusted_proxies: tuple[IPNetwork, ...] = ()
     # Seconds a Redis connect/read may take before the request fails with 503.
     redis_timeout: float = 0.8
 
@@ -77,7 +89,7 @@ class Settings:
             port=_int(env, "PORT", 8080, minimum=1),
             auth_max_failures=_int(env, "AUTH_MAX_FAILURES", 10, minimum=1),
             auth_failure_window=_int(env, "AUTH_FAILURE_WINDOW", 60, minimum=1),
-            trusted_proxy_hops=_int(env, "TRUSTED_PROXY_HOPS", 0),
+            trusted_proxies=_networks(env, "TRUSTED_PROXIES"),
         )
 
 

@@ -9,6 +9,7 @@ to JSON responses, and enforces ``MAX_UPLOAD_BYTES`` before anything reads the b
 from __future__ import annotations
 
 import io
+import ipaddress
 import json
 import logging
 from collections.abc import Callable, Iterable
@@ -20,7 +21,7 @@ from werkzeug import exceptions as wz
 from werkzeug.routing import Map, Rule
 
 from shared import docs
-from shared.config import Settings
+from shared.config import IPNetwork, Settings
 from shared.errors import (
     BadRequest,
     MethodNotAllowed,
@@ -88,14 +89,29 @@ def bearer_token(request: flask.Request) -> str:
     return token.strip()
 
 
-def client_address(request: flask.Request, trusted_hops: int) -> str:
-    """The caller's address: the socket peer, or the entry ``trusted_hops`` from the right of
-    X-Forwarded-For when that many proxies we trust stand in front of us."""
-    if trusted_hops:
-        forwarded = [a.strip() for a in request.headers.get("X-Forwarded-For", "").split(",") if a.strip()]
-        if len(forwarded) >= trusted_hops:
-            return forwarded[-trusted_hops]
-    return request.remote_addr or "unknown"
+def client_address(request: flask.Request, trusted: tuple[IPNetwork, ...]) -> str:
+    """The caller's address, for per-address limits.
+
+    The socket peer, unless it is one of the ``trusted`` proxy networks: then the right-most
+    X-Forwarded-For entry that is not a trusted proxy (each proxy appends the address it saw, so
+    entries a client forges stay on the left). However many proxies there are in between.
+    """
+    peer = request.remote_addr or "unknown"
+    if not _is_trusted(peer, trusted):
+        return peer
+    forwarded = [a.strip() for a in request.headers.get("X-Forwarded-For", "").split(",") if a.strip()]
+    for address in reversed(forwarded):
+        if not _is_trusted(address, trusted):
+            return address[:64]
+    return forwarded[0][:64] if forwarded else peer
+
+
+def _is_trusted(address: str, trusted: tuple[IPNetwork, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in trusted)
 
 
 def _buffer_chunked_body(request: flask.Request, limit: int) -> None:

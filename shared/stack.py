@@ -100,8 +100,8 @@ class Stack:
 
     def spawn(self, child: Child, settings: config.Settings) -> None:
         port = child.url.rsplit(":", 1)[1]
-        # The gateway appends the caller to X-Forwarded-For, as the cluster's ingress does.
-        env = {"TRUSTED_PROXY_HOPS": "1", **os.environ, "PYTHONPATH": str(ROOT), "WORKERS": "1",
+        # The gateway (on this machine) appends the caller to X-Forwarded-For, as an ingress does.
+        env = {"TRUSTED_PROXIES": "127.0.0.0/8,::1/128", **os.environ, "PYTHONPATH": str(ROOT), "WORKERS": "1",
                "THREADS": "4", "REDIS_URL": settings.redis_url}
         if child.name == "gateway":
             args = [sys.executable, "-m", "shared.gateway", "--host", self.host, "--port", port,

@@ -3,18 +3,29 @@
 import flask
 import pytest
 
+from shared.config import ConfigError, Settings
 from shared.http import client_address
 
+CLUSTER = Settings.from_env({"TRUSTED_PROXIES": "127.0.0.0/8, 10.0.0.0/8"}).trusted_proxies
 
-@pytest.mark.parametrize("hops, forwarded, expected", [
-    (0, "203.0.113.9", "10.0.0.1"),                      # no trusted proxy: the socket peer
-    (1, "203.0.113.9", "203.0.113.9"),                   # one proxy appended the client
-    (1, "6.6.6.6, 203.0.113.9", "203.0.113.9"),          # a spoofed entry on the left is ignored
-    (2, "6.6.6.6, 203.0.113.9, 10.1.1.1", "203.0.113.9"),
-    (2, "203.0.113.9", "10.0.0.1"),                      # fewer entries than hops: the peer
+
+@pytest.mark.parametrize("trusted, peer, forwarded, expected", [
+    ((), "10.0.0.1", "203.0.113.9", "10.0.0.1"),                          # nothing trusted: the peer
+    (CLUSTER, "198.51.100.7", "203.0.113.9", "198.51.100.7"),              # untrusted peer: its XFF is ignored
+    (CLUSTER, "127.0.0.1", "203.0.113.9, 10.2.0.5", "203.0.113.9"),        # queue-proxy ← ingress ← client
+    (CLUSTER, "127.0.0.1", "203.0.113.9, 10.2.0.5, 10.3.0.8", "203.0.113.9"),  # + activator: same client
+    (CLUSTER, "127.0.0.1", "6.6.6.6, 203.0.113.9, 10.2.0.5", "203.0.113.9"),   # a forged entry stays left
+    (CLUSTER, "127.0.0.1", "10.9.9.9, 10.2.0.5", "10.9.9.9"),              # all internal: the first hop
+    (CLUSTER, "127.0.0.1", "", "127.0.0.1"),
+    (CLUSTER, "127.0.0.1", "not-an-ip, 10.2.0.5", "not-an-ip"),
 ])
-def test_client_address(hops, forwarded, expected):
+def test_client_address(trusted, peer, forwarded, expected):
     app = flask.Flask("t")
-    with app.test_request_context(headers={"X-Forwarded-For": forwarded},
-                                  environ_base={"REMOTE_ADDR": "10.0.0.1"}):
-        assert client_address(flask.request, hops) == expected
+    headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+    with app.test_request_context(headers=headers, environ_base={"REMOTE_ADDR": peer}):
+        assert client_address(flask.request, trusted) == expected
+
+
+def test_bad_trusted_proxies_is_a_config_error():
+    with pytest.raises(ConfigError, match="TRUSTED_PROXIES"):
+        Settings.from_env({"TRUSTED_PROXIES": "10.0.0.0/8,nonsense"})

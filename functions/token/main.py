@@ -47,7 +47,7 @@ def issue_token(request: flask.Request) -> dict:
             raise BadRequest("unsupported grant_type; use grant_type=client_credentials")
         public_key, secret_key = basic or (
             _string_field(form, "client_id"), _string_field(form, "client_secret"))
-        addr = client_address(request, settings.trusted_proxy_hops)
+        addr = client_address(request, settings.trusted_proxies)
         issued = auth.issue_token(public_key, secret_key, addr)
         return {"access_token": issued.token, "token_type": "Bearer", "expires_in": issued.ttl}
     if request.mimetype != "application/json":
@@ -57,7 +57,7 @@ def issue_token(request: flask.Request) -> dict:
     body = read_json(request)
     issued = auth.issue_token(
         _string_field(body, "public_key"), _string_field(body, "secret_key"),
-        client_address(request, settings.trusted_proxy_hops),
+        client_address(request, settings.trusted_proxies),
     )
     return {"token": issued.token, "ttl": issued.ttl, "token_type": "Bearer",
             "scopes": issued.session.scopes}
