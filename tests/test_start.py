@@ -111,6 +111,13 @@ def test_a_dying_function_is_reported(tmp_path, stack_env):
         assert report and report[0].startswith(f"start.sh: predict-{sorted(DEMO_MODELS)[0]} ")
         assert stack.proc.poll() is None  # the rest keeps running
         assert requests.get(f"{stack.gateway}/healthz", timeout=5).status_code == 200
+        # Its gunicorn worker notices the master is gone within about a second and exits too.
+        deadline = time.monotonic() + 10
+        while (dead := requests.get(f"{stack.gateway}/models/{sorted(DEMO_MODELS)[0]}.json",
+                                    timeout=10)).status_code != 502 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert dead.status_code == 502 and "not answering" in dead.json()["error"]
+        assert requests.get(f"{stack.gateway}/readyz", timeout=10).status_code == 503
     finally:
         stop_stack(stack)
     time.sleep(0.5)
