@@ -78,7 +78,9 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     try:
         settings = config.load()
-        local_redis.ensure(settings)
+        if local_redis.ensure(settings):
+            print(f"keys.py: started the local Redis on 127.0.0.1:6379 in the background "
+                  f"(data in {local_redis.DATA_DIR}; ./start.sh uses it too)", file=sys.stderr)
     except (config.ConfigError, local_redis.LocalRedisError) as exc:
         raise SystemExit(f"keys.py: {exc}") from None
     auth = AuthStore(settings, store.connect(settings))

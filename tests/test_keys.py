@@ -142,6 +142,7 @@ def test_starts_local_redis_and_keys_survive_restart(project_copy):
     try:
         gen = keys("-g", "k.json", env=local_env(), cwd=project_copy, script=project_copy / "keys.py")
         assert gen.returncode == 0, gen.stderr
+        assert "started the local Redis" in gen.stderr and gen.stdout.startswith("pk_")
         assert (project_copy / ".thalamus" / "redis" / "appendonly.aof").exists() or \
             (project_copy / ".thalamus" / "redis" / "appendonlydir").exists()
         redis.Redis(port=6379).shutdown(nosave=True)  # stop everything
