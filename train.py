@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import random
 import shutil
 import sys
 import tempfile
@@ -86,7 +85,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def load_folder(root: Path, spec: dict, grey_note: str = "") -> tuple[np.ndarray, np.ndarray, list[str]]:
+def load_folder(root: Path, spec: dict) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Images under root/<class>/ decoded and preprocessed exactly as serving does."""
     if not root.is_dir():
         raise TrainError(f"{root} is not a folder")
@@ -151,21 +150,25 @@ def train(tf, x: np.ndarray, y: np.ndarray, classes: list[str], spec: dict, args
     return model, float(val_accuracy)
 
 
-def convert_and_check(tf, keras_like, samples: np.ndarray, reference) -> tuple[bytes, float]:
-    """TFLite bytes, and the max abs difference from ``reference`` on ``samples`` (refuses > 1e-4)."""
+def run_tflite(tflite: bytes, batch: np.ndarray) -> np.ndarray:
+    """Outputs of the TFLite model for ``batch`` (float32), in one call, with the serving runtime."""
     from ai_edge_litert.interpreter import Interpreter
 
+    interpreter = Interpreter(model_content=tflite)
+    inp = interpreter.get_input_details()[0]
+    interpreter.resize_tensor_input(inp["index"], list(batch.shape))
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(inp["index"], batch.astype(np.float32))
+    interpreter.invoke()
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+
+def convert_and_check(tf, keras_like, samples: np.ndarray, reference) -> tuple[bytes, float]:
+    """TFLite bytes, and the max abs difference from ``reference`` on ``samples`` (refuses > 1e-4)."""
     converter = (tf.lite.TFLiteConverter.from_saved_model(str(keras_like)) if isinstance(keras_like, Path)
                  else tf.lite.TFLiteConverter.from_keras_model(keras_like))
     tflite = converter.convert()
-    interpreter = Interpreter(model_content=tflite)
-    inp = interpreter.get_input_details()[0]
-    interpreter.resize_tensor_input(inp["index"], list(samples.shape))
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(inp["index"], samples)
-    interpreter.invoke()
-    lite_out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
-    diff = float(np.max(np.abs(lite_out - np.asarray(reference(samples)))))
+    diff = float(np.max(np.abs(run_tflite(tflite, samples) - np.asarray(reference(samples)))))
     if diff > TOLERANCE:
         raise TrainError(f"TFLite and TensorFlow disagree (max abs diff {diff:.2e} > {TOLERANCE}); "
                          "bundle not written")
@@ -173,16 +176,7 @@ def convert_and_check(tf, keras_like, samples: np.ndarray, reference) -> tuple[b
 
 
 def tflite_accuracy(tflite: bytes, x: np.ndarray, y: np.ndarray) -> float:
-    from ai_edge_litert.interpreter import Interpreter
-
-    interpreter = Interpreter(model_content=tflite)
-    inp = interpreter.get_input_details()[0]
-    interpreter.resize_tensor_input(inp["index"], list(x.shape))
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(inp["index"], x.astype(np.float32))
-    interpreter.invoke()
-    predicted = interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).argmax(1)
-    return float((predicted == y).mean())
+    return float((run_tflite(tflite, x).argmax(1) == y).mean())
 
 
 def write_bundle(target: Path, tflite: bytes, meta: dict, force: bool) -> None:
@@ -298,5 +292,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    random.seed(0)
     sys.exit(main(sys.argv[1:]))

@@ -35,9 +35,9 @@ def decode(data: bytes, max_pixels: int, size_hint: tuple[int, int] | None = Non
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(data), formats=FORMATS)
-        except (UnidentifiedImageError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
-            if isinstance(exc, UnidentifiedImageError):
-                raise BadRequest("not an image; send JPEG, PNG, WebP, GIF or BMP") from None
+        except UnidentifiedImageError:
+            raise BadRequest("not an image; send JPEG, PNG, WebP, GIF or BMP") from None
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError):
             raise BadRequest(f"image too large (limit {max_pixels} pixels)") from None
         except (OSError, SyntaxError, ValueError) as exc:
             raise BadRequest(f"image header is corrupt ({exc})") from None

@@ -41,13 +41,13 @@ def _string_field(body: dict, name: str) -> str:
 def issue_token(request: flask.Request) -> dict:
     """JSON keypair → {token, ttl}; OAuth2 client credentials → RFC 6749 token response."""
     basic = _basic_credentials(request)
+    addr = client_address(request, settings.trusted_proxies)
     if request.mimetype == "application/x-www-form-urlencoded" or basic:
         form = request.form
         if form.get("grant_type") != "client_credentials":
             raise BadRequest("unsupported grant_type; use grant_type=client_credentials")
         public_key, secret_key = basic or (
             _string_field(form, "client_id"), _string_field(form, "client_secret"))
-        addr = client_address(request, settings.trusted_proxies)
         issued = auth.issue_token(public_key, secret_key, addr)
         return {"access_token": issued.token, "token_type": "Bearer", "expires_in": issued.ttl}
     if request.mimetype != "application/json":
@@ -55,10 +55,7 @@ def issue_token(request: flask.Request) -> dict:
             "Content-Type must be application/json (keypair) or "
             "application/x-www-form-urlencoded (OAuth2 client credentials)")
     body = read_json(request)
-    issued = auth.issue_token(
-        _string_field(body, "public_key"), _string_field(body, "secret_key"),
-        client_address(request, settings.trusted_proxies),
-    )
+    issued = auth.issue_token(_string_field(body, "public_key"), _string_field(body, "secret_key"), addr)
     return {"token": issued.token, "ttl": issued.ttl, "token_type": "Bearer",
             "scopes": issued.session.scopes}
 
