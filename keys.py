@@ -15,24 +15,18 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
-
 try:
-    import redis  # noqa: F401
-    import scrypt  # noqa: F401
+    from local import redis_server
+    from shared import config
+    from shared.auth import AuthStore, parse_scopes
+    from shared.errors import ThalamusError
 except ImportError:
     # Run by a python without the project's packages: use the project's .venv when it exists.
-    if VENV_PYTHON.exists() and Path(sys.prefix).resolve() != VENV_PYTHON.parent.parent.resolve():
-        os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), __file__, *sys.argv[1:]])
+    venv_python = Path(__file__).resolve().parent / ".venv" / "bin" / "python"
+    if venv_python.exists() and Path(sys.prefix).resolve() != venv_python.parent.parent.resolve():
+        os.execv(str(venv_python), [str(venv_python), __file__, *sys.argv[1:]])
     sys.exit("keys.py: dependencies missing; run ./start.sh once (it creates .venv), "
-             "or: python3 -m venv .venv && .venv/bin/pip install -r requirements.txt")
-
-sys.path.insert(0, str(ROOT))
-
-from shared import config, local_redis, store  # noqa: E402
-from shared.auth import AuthStore, parse_scopes  # noqa: E402
-from shared.errors import ThalamusError  # noqa: E402
+             "or: python3 -m venv .venv && .venv/bin/pip install -r requirements.txt -e .")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -77,13 +71,13 @@ def generate(auth: AuthStore, path: Path, models: str | None, label: str) -> Non
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     try:
-        settings = config.load()
-        if local_redis.ensure(settings):
+        settings = config.Settings.from_env()
+        if redis_server.ensure(settings):
             print(f"keys.py: started the local Redis on 127.0.0.1:6379 in the background "
-                  f"(data in {local_redis.DATA_DIR}; ./start.sh uses it too)", file=sys.stderr)
-    except (config.ConfigError, local_redis.LocalRedisError) as exc:
+                  f"(data in {redis_server.DATA_DIR}; ./start.sh uses it too)", file=sys.stderr)
+    except (config.ConfigError, redis_server.LocalRedisError) as exc:
         raise SystemExit(f"keys.py: {exc}") from None
-    auth = AuthStore(settings, store.connect(settings))
+    auth = AuthStore(settings)
     try:
         if args.generate:
             generate(auth, Path(args.generate), args.models, args.label)
@@ -96,8 +90,6 @@ def main(argv: list[str]) -> int:
             for key in auth.list_keys():
                 scopes = ",".join(key.scopes) if key.scopes else "*"
                 print(f"{key.public_key}  models={scopes}  tokens={key.live_tokens}  label={key.label!r}")
-    except store.REDIS_DOWN:
-        raise SystemExit(f"keys.py: Redis unreachable at {store.describe(settings.redis_url)}") from None
     except ThalamusError as exc:
         raise SystemExit(f"keys.py: {exc.message}") from None
     return 0

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs Thalamus locally: creates .venv with the serving requirements when missing, then hands
-# over to the stack supervisor (shared/stack.py), which ensures Redis and starts the functions.
+# over to the stack supervisor (local/stack.py), which ensures Redis and starts the functions.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -16,5 +16,9 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   .venv/bin/pip install -q -r requirements.txt
   echo "$want" > "$stamp"
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-exec .venv/bin/python -m shared.stack "$@"
+# The project itself, editable (pip install -e .), so shared/, local/ and functions/ import from
+# anywhere; -P asks the installed packages only, not this folder.
+if ! .venv/bin/python -P -c "import local" 2>/dev/null; then
+  .venv/bin/pip install -q -e .
+fi
+exec .venv/bin/python -m local.stack "$@"

@@ -16,6 +16,12 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$want" ]]; then
   echo "$want" > "$stamp"
 fi
 
+# The project itself, editable (pip install -e .), so shared/, local/ and functions/ import from
+# anywhere; -P asks the installed packages only, not this folder.
+if ! .venv/bin/python -P -c "import local" 2>/dev/null; then
+  .venv/bin/pip install -q -e .
+fi
+
 # System packages some tests need (root on Debian; elsewhere those tests skip with a reason).
 if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
   if ! command -v chromium >/dev/null; then

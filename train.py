@@ -23,14 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
+import demo_data
+from shared import imaging
+
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import numpy as np  # noqa: E402
-
-import demo_data  # noqa: E402
-from shared import imaging  # noqa: E402
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # read when TensorFlow is imported, below
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
 TOLERANCE = 1e-4

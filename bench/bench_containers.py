@@ -12,26 +12,22 @@ from __future__ import annotations
 import argparse
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from shared import config, local_redis, store  # noqa: E402
-from shared.auth import AuthStore  # noqa: E402
-from tests import containers  # noqa: E402
-from tests.conftest import demo_image, encode, free_port  # noqa: E402
+from local import helpers
+from local.helpers import RedisServer, demo_image, encode, free_port
+from shared.auth import AuthStore
+from shared.config import Settings
 
 
 def first_200(tool: str, tag: str, env: dict, service: str, request) -> float:
     port = free_port()
     started = time.perf_counter()
-    container = containers.run(tool, tag, port, env, service)
+    container = helpers.run_container(tool, tag, port, env, service)
     try:
         while time.perf_counter() - started < 120:
             try:
@@ -41,7 +37,7 @@ def first_200(tool: str, tag: str, env: dict, service: str, request) -> float:
                 time.sleep(0.01)
         raise TimeoutError(tag)
     finally:
-        containers.remove(tool, container)
+        helpers.remove_container(tool, container)
 
 
 def runtime_only(tool: str, tag: str) -> float:
@@ -57,18 +53,18 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-build", action="store_true")
     args = parser.parse_args()
-    tool = containers.engine()
+    tool = helpers.container_engine()
     if tool is None:
         raise SystemExit("no podman/docker here (run ../shared/tools/container-setup first)")
-    tags = {name: f"localhost/thalamus-{name}:test" for name in containers.IMAGES}
+    tags = {name: f"localhost/thalamus-{name}:test" for name in helpers.IMAGES}
     if not args.no_build:
         for name, tag in tags.items():
-            containers.build(tool, name, tag)
+            helpers.build_image(tool, name, tag)
     with tempfile.TemporaryDirectory() as tmp:
         redis_port = free_port()
-        server = local_redis.start_server(redis_port, Path(tmp), persist=False)
-        env = {"REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}
-        auth = AuthStore(config.Settings.from_env(env), store.connect(config.Settings.from_env(env)))
+        server = RedisServer(redis_port, Path(tmp)).start()
+        env = {"REDIS_URL": server.url}
+        auth = AuthStore(Settings(redis_url=server.url))
         pair = auth.create_key()
         token = auth.issue_token(pair.public_key, pair.secret_key, "bench").token
         photo = encode(demo_image("shapes", "circle", 1), "JPEG")
@@ -94,7 +90,7 @@ def main() -> None:
                   "of creating and starting a container of that image, with no Python at all)")
         finally:
             auth.purge()
-            server.terminate()
+            server.stop()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import io
 import json
 import os
 import statistics
@@ -32,32 +31,14 @@ from urllib.parse import urlsplit
 import psutil
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "functions" / "predict"))
-
-import runtime  # noqa: E402
-
-from shared import config, imaging, local_redis, store  # noqa: E402
-from shared.auth import AuthStore  # noqa: E402
-from tests.conftest import demo_image, free_port  # noqa: E402
+from functions.predict import pipeline
+from functions.predict.model import load_model
+from local import ROOT
+from local.helpers import RedisServer, free_port, function_command, percentile_ms, photo_jpeg
+from shared.auth import AuthStore
+from shared.config import Settings
 
 BIN = Path(sys.executable).parent
-
-
-def pct(values: list[float], q: float) -> float:
-    return sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1000
-
-
-def photo_jpeg(model: str) -> bytes:
-    image = demo_image(model, demo_label(model), 4242).resize((640, 480))
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
-
-
-def demo_label(model: str) -> str:
-    return json.loads((ROOT / "models" / model / "model.json").read_text())["labels"][0]
 
 
 def encode_multipart(photo: bytes) -> tuple[bytes, str]:
@@ -121,29 +102,29 @@ def measure(args: list[str], env: dict, url: str, photo: bytes, headers: dict, r
     finally:
         proc.terminate()
         proc.wait()
-    return {"cold": statistics.median(colds) * 1000, "p50": pct(warm, .5), "p99": pct(warm, .99),
+    return {"cold": statistics.median(colds) * 1000, "p50": percentile_ms(warm, .5), "p99": percentile_ms(warm, .99),
             "rss": rss, "pss": pss}
 
 
 def floor_ms(model: str, photo: bytes, n: int) -> float:
-    bundle = runtime.Model(ROOT / "models" / model)
-    spec, prep = bundle.meta["input"], bundle.meta["preprocessing"]
+    """In-process decode + preprocess + one model call: what no server can go below."""
+    bundle = load_model(Settings(model_name=model))
+    upload = [pipeline.Upload(photo)]
     times = []
     for _ in range(n + 20):
         t = time.perf_counter()
-        image = imaging.decode(photo, 40_000_000, (spec["width"], spec["height"]))
-        bundle.predict(imaging.to_array(image, spec, prep)[None])
+        pipeline.infer(bundle, pipeline.decode(bundle, upload, 40_000_000))
         times.append(time.perf_counter() - t)
-    return pct(times[20:], .5)
+    return percentile_ms(times[20:], 0.5)
 
 
 def baseline_model(model: str, tmp: Path) -> tuple[Path, str]:
     meta = json.loads((ROOT / "models" / model / "model.json").read_text())
     spec = meta["input"]
     path = tmp / f"{model}.keras"
-    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import tensorflow as tf, train; "
+    script = (f"import tensorflow as tf, train; "
               f"train.build_model(tf, {spec!r}, {len(meta['labels'])}).save({str(path)!r})")
-    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, cwd=ROOT)
     return path, f"{spec['height']}x{spec['width']}x{spec['channels']}"
 
 
@@ -157,12 +138,9 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        redis_port = free_port()
-        server = local_redis.start_server(redis_port, tmp / "redis", persist=False)
-        env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "PYTHONPATH": str(ROOT),
-               "WORKERS": "1", "THREADS": "4", "TF_CPP_MIN_LOG_LEVEL": "3"}
-        settings = config.Settings.from_env(env)
-        auth = AuthStore(settings, store.connect(settings))
+        server = RedisServer(free_port(), tmp / "redis").start()
+        env = {**os.environ, "REDIS_URL": server.url, "WORKERS": "1", "THREADS": "4", "TF_CPP_MIN_LOG_LEVEL": "3"}
+        auth = AuthStore(Settings(redis_url=server.url))
         pair = auth.create_key()
         headers = {"Authorization": f"Bearer {auth.issue_token(pair.public_key, pair.secret_key, 'b').token}"}
         try:
@@ -170,8 +148,7 @@ def main() -> None:
                 photo = photo_jpeg(model)
                 port = free_port()
                 thalamus = measure(
-                    [str(BIN / "functions-framework"), "--target", "handle", "--port", str(port),
-                     "--source", str(ROOT / "functions/predict/main.py")],
+                    function_command("predict", port),
                     {**env, "MODEL_NAME": model}, f"http://127.0.0.1:{port}/models/{model}/predict.json",
                     photo, headers, args.runs, args.requests)
                 thalamus["floor"] = floor_ms(model, photo, args.requests)
@@ -187,7 +164,7 @@ def main() -> None:
                     rows.append((model, "baseline (FastAPI + Keras, TensorFlow)", baseline))
         finally:
             auth.purge()
-            server.terminate()
+            server.stop()
     print(f"\n{'model':<8} {'server':<40} {'cold start':>10} {'warm p50':>9} {'warm p99':>9} "
           f"{'floor':>7} {'p50/floor':>9} {'RSS':>8} {'PSS':>8}")
     for model, name, r in rows:

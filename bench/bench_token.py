@@ -15,7 +15,6 @@ import argparse
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,16 +23,9 @@ import psutil
 import redis
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from shared import auth as auth_lib  # noqa: E402
-from shared import config, local_redis, store  # noqa: E402
-from tests.conftest import free_port, wait_http  # noqa: E402
-
-
-def pct(values: list[float], q: float) -> float:
-    return sorted(values)[min(len(values) - 1, int(q * len(values)))] * 1000
+from local.helpers import RedisServer, free_port, function_command, percentile_ms, wait_http
+from shared import auth as auth_lib
+from shared import config
 
 
 def main() -> None:
@@ -42,17 +34,14 @@ def main() -> None:
     args = parser.parse_args()
     redis_port, port = free_port(), free_port()
     with tempfile.TemporaryDirectory() as tmp:
-        server = local_redis.start_server(redis_port, Path(tmp), persist=False)
-        env = {**os.environ, "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "PYTHONPATH": str(ROOT),
-               "AUTH_MAX_FAILURES": "1000000", "WORKERS": "1", "THREADS": "4"}
-        proc = subprocess.Popen([str(Path(sys.executable).parent / "functions-framework"), "--target",
-                                 "handle", "--source", str(ROOT / "functions/token/main.py"),
-                                 "--port", str(port)], env=env)
+        server = RedisServer(redis_port, Path(tmp)).start()
+        env = {**os.environ, "REDIS_URL": server.url, "AUTH_MAX_FAILURES": "1000000", "WORKERS": "1", "THREADS": "4"}
+        proc = subprocess.Popen(function_command("token", port), env=env)
         try:
             base = f"http://127.0.0.1:{port}"
             wait_http(base + "/healthz", proc)
             settings = config.Settings.from_env(env)
-            pair = auth_lib.AuthStore(settings, store.connect(settings)).create_key()
+            pair = auth_lib.AuthStore(settings).create_key()
             http = requests.Session()
             body = {"public_key": pair.public_key, "secret_key": pair.secret_key}
             issue, verify = [], []
@@ -77,12 +66,12 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait()
-            server.terminate()
+            server.stop()
     print(f"scrypt N=2^{auth_lib.SCRYPT_N.bit_length() - 1} r={auth_lib.SCRYPT_R} p={auth_lib.SCRYPT_P}: "
           f"{scrypt_ms:.1f} ms per hash (one core)")
-    print(f"POST /token.json   p50 {pct(issue, .5):6.1f} ms  p99 {pct(issue, .99):6.1f} ms  "
+    print(f"POST /token.json   p50 {percentile_ms(issue, .5):6.1f} ms  p99 {percentile_ms(issue, .99):6.1f} ms  "
           f"(n={len(issue)}, sequential, scrypt included)")
-    print(f"GET /session.json  p50 {pct(verify, .5):6.1f} ms  p99 {pct(verify, .99):6.1f} ms  "
+    print(f"GET /session.json  p50 {percentile_ms(verify, .5):6.1f} ms  p99 {percentile_ms(verify, .99):6.1f} ms  "
           f"mean {statistics.mean(verify) * 1000:.1f} ms")
     print(f"Redis commands per bearer verification: {calls / len(verify):.2f}")
     print(f"token function RSS after the run (gunicorn master + worker): {rss:.0f} MB")

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Keep knative/ in step with the models: one command to add a model, routing rendered from
-the same table the local gateway uses (shared/routes.py).
+the same table the local gateway uses (local/routes.py).
 
     knative/manage.py add-model NAME [--image IMAGE]   # base/models/NAME.yaml + kustomization + routing
     knative/manage.py routing                          # re-render routing/virtualservice.yaml
@@ -9,17 +9,21 @@ the same table the local gateway uses (shared/routes.py).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
 
+try:
+    from local import routes
+except ImportError:
+    # Run by a python without the project installed: use the project's .venv when it exists.
+    venv_python = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "python"
+    if venv_python.exists() and Path(sys.prefix).resolve() != venv_python.parent.parent.resolve():
+        os.execv(str(venv_python), [str(venv_python), __file__, *sys.argv[1:]])
+    sys.exit("manage.py: run ./start.sh once (it creates .venv), or: pip install -e .")
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from shared import routes  # noqa: E402
-
-NAMESPACE = "thalamus"
-HOST = "thalamus.example.com"
 
 
 def models() -> list[str]:
@@ -31,28 +35,6 @@ def render_model(name: str, image: str) -> str:
     template = (HERE / "model-template.yaml").read_text().split("\n", 1)[1]  # drop the comment line
     return f"# Predict function for model {name} (rendered by knative/manage.py add-model).\n" + \
         template.replace("IMAGE", image).replace("MODEL", name)
-
-
-def render_routing(names: list[str]) -> str:
-    def route(paths: list[str], service: str, kind: str = "prefix") -> str:
-        matches = "".join(f"        - uri:\n            {kind}: {p}\n" for p in paths)
-        return (f"    - match:\n{matches}"
-                f"      rewrite:\n        authority: {service}.{NAMESPACE}.svc.cluster.local\n"
-                f"      route:\n        - destination:\n"
-                f"            host: knative-local-gateway.istio-system.svc.cluster.local\n"
-                f"          weight: 100\n")
-
-    http = route(list(routes.TOKEN_PATHS), "thalamus-token", "exact")
-    for name in names:
-        http += route([p.format(model=name) for p in routes.MODEL_PREFIXES], f"thalamus-{name}")
-    return (
-        "# Single-host routing (optional): rendered by knative/manage.py from shared/routes.py,\n"
-        "# the table the local gateway uses. Apply with: kubectl apply -k knative/routing\n"
-        "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\n"
-        f"metadata:\n  name: thalamus\n  namespace: {NAMESPACE}\n"
-        f"spec:\n  gateways:\n    - knative-serving/knative-ingress-gateway\n  hosts:\n    - {HOST}\n"
-        f"  http:\n{http}"
-    )
 
 
 def add_model(name: str, image: str | None) -> None:
@@ -73,7 +55,7 @@ def add_model(name: str, image: str | None) -> None:
 
 
 def write_routing() -> None:
-    (HERE / "routing" / "virtualservice.yaml").write_text(render_routing(models()))
+    (HERE / "routing" / "virtualservice.yaml").write_text(routes.render_virtualservice(models()))
 
 
 def main() -> None:

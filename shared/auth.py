@@ -23,12 +23,14 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 import redis
 import scrypt
 
+from shared import store
 from shared.config import Settings
-from shared.errors import BadRequest, InvalidCredentials, TooManyRequests, Unauthorized, UnknownKey
+from shared.errors import BadRequest, Forbidden, InvalidCredentials, TooManyRequests, Unauthorized, UnknownKey
 
 PUBLIC_KEY_RE = re.compile(r"^pk_[A-Za-z0-9_-]{43}$")
 SECRET_KEY_RE = re.compile(r"^sk_[A-Za-z0-9_-]{43}$")
@@ -138,19 +140,23 @@ class IssuedToken:
 
 
 class AuthStore:
-    """Keys, tokens and failure counters in one Redis, under one prefix."""
+    """Keys, tokens and failure counters in one Redis, under one prefix.
 
-    def __init__(self, settings: Settings, client: redis.Redis) -> None:
+    Every method that talks to Redis raises ServiceUnavailable when Redis is unreachable.
+    """
+
+    def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
         self.settings = settings
-        self.redis = client
-        self._issue = client.register_script(_ISSUE)
-        self._revoke = client.register_script(_REVOKE)
+        self.redis = client or store.connect(settings)
+        self._issue = self.redis.register_script(_ISSUE)
+        self._revoke = self.redis.register_script(_REVOKE)
 
     def _k(self, *parts: str) -> str:
         return self.settings.prefix + ":".join(parts)
 
     # -- keys ------------------------------------------------------------------------------
 
+    @store.unavailable_when_down
     def create_key(self, scopes: list[str] | None = None, label: str = "") -> Keypair:
         """Create and store a new keypair; the secret is returned once and stored only hashed."""
         pair = Keypair("pk_" + secrets.token_urlsafe(32), "sk_" + secrets.token_urlsafe(32))
@@ -165,6 +171,7 @@ class AuthStore:
         )
         return pair
 
+    @store.unavailable_when_down
     def revoke_key(self, public_key: str) -> int:
         """Delete the key and every live token issued for it; return how many tokens died.
 
@@ -178,6 +185,7 @@ class AuthStore:
             raise UnknownKey(f"no such key: {public_key}")
         return int(killed)
 
+    @store.unavailable_when_down
     def list_keys(self) -> list[KeyInfo]:
         """Every key under the prefix, oldest first (never secrets)."""
         names = sorted(self.redis.scan_iter(match=self._glob("key:*"), count=500))
@@ -195,6 +203,7 @@ class AuthStore:
             )
         return sorted(keys, key=lambda k: (k.created, k.public_key))
 
+    @store.unavailable_when_down
     def purge(self) -> int:
         """Delete every key, token and counter under the prefix, and nothing else."""
         deleted = 0
@@ -214,6 +223,7 @@ class AuthStore:
 
     # -- tokens ----------------------------------------------------------------------------
 
+    @store.unavailable_when_down
     def issue_token(self, public_key: str, secret_key: str, client_addr: str) -> IssuedToken:
         """Exchange a keypair for a bearer token.
 
@@ -224,7 +234,7 @@ class AuthStore:
             raise BadRequest("public_key must be pk_ + 43 characters, secret_key sk_ + 43 characters")
         counters = [self._k("fail", "key", public_key), self._k("fail", "addr", client_addr)]
         self._refuse_when_limited(counters)
-        stored = self.redis.hget(self._k("key", public_key), "secret")
+        stored = cast("str | None", self.redis.hget(self._k("key", public_key), "secret"))
         if not check_secret(secret_key, stored or _dummy_hash()) or stored is None:
             self._record_failure(counters)
             raise InvalidCredentials()
@@ -240,11 +250,24 @@ class AuthStore:
             raise InvalidCredentials()
         return IssuedToken(token, ttl, Session(public_key, json.loads(scopes) if scopes else None, ttl))
 
+    def authenticate(self, authorization: str | None, model: str | None = None) -> Session:
+        """The session of an ``Authorization: Bearer <token>`` header value, allowed to call
+        ``model`` when one is named: Unauthorized (missing, malformed, unknown or expired token)
+        or Forbidden (the key's scopes exclude ``model``) otherwise."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("missing bearer token; send Authorization: Bearer <token>")
+        session = self.verify_token(token.strip())
+        if model is not None and not session.allows(model):
+            raise Forbidden(f"this key may not call model {model}")
+        return session
+
+    @store.unavailable_when_down
     def verify_token(self, token: str) -> Session:
         """The session a bearer token stands for, in one Redis round trip; else Unauthorized."""
         if not TOKEN_RE.match(token):
             raise Unauthorized()
-        record = self.redis.hgetall(self._k("token", token_digest(token)))
+        record = cast("dict[str, str]", self.redis.hgetall(self._k("token", token_digest(token))))
         expires_in = int(record.get("exp", 0)) - int(time.time())
         if not record or expires_in <= 0:
             raise Unauthorized()
@@ -272,6 +295,7 @@ class AuthStore:
             pipe.incr(name)
         pipe.execute()
 
+    @store.unavailable_when_down
     def ping(self) -> None:
-        """Raise a redis error when Redis is unreachable."""
+        """Raise ServiceUnavailable when Redis is unreachable."""
         self.redis.ping()

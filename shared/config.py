@@ -1,64 +1,47 @@
 """Typed settings, read from the environment once per process.
 
-This is the only module that reads ``os.environ`` for Thalamus settings; everything else
-receives a :class:`Settings` instance.
+This is the only module that reads ``os.environ`` for Thalamus settings: a function's
+``main.py`` calls :meth:`Settings.from_env` once and hands the result to its factory; tests
+build :class:`Settings` directly. Each default is written once, on the dataclass field.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from shared.errors import StartupError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
-
-
-class ConfigError(ValueError):
-    """An environment variable holds a value Thalamus cannot use."""
-
-
-def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
-    if value < minimum:
-        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
-    return value
-
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def _networks(env: Mapping[str, str], name: str) -> tuple[IPNetwork, ...]:
-    try:
-        return tuple(ipaddress.ip_network(part.strip(), strict=False)
-                     for part in env.get(name, "").split(",") if part.strip())
-    except ValueError as exc:
-        raise ConfigError(f"{name} must be comma-separated networks like 10.0.0.0/8: {exc}") from None
+class ConfigError(StartupError):
+    """An environment variable holds a value Thalamus cannot use."""
 
 
 @dataclass(frozen=True)
 class Settings:
     """Every tunable of Thalamus; see the README's configuration table."""
 
-    redis_url: str = DEFAULT_REDIS_URL
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    # True when REDIS_URL was not set: keys.py and start.sh may then start a local Redis.
     redis_url_is_default: bool = True
     prefix: str = "thalamus:"
     token_ttl: int = 3600
     model_name: str = ""
-    model_dir: Path = PROJECT_ROOT / "models"
+    # None: models/<model_name> in the project.
+    model_dir: Path | None = None
     max_upload_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
-    port: int = 8080
-    # Brute-force protection for POST /token.json: failures allowed per window, per key and per
-    # client address.
+    # Brute-force protection for POST /token.json: failures allowed per window.
     auth_max_failures: int = 10
     auth_failure_window: int = 60
     # Networks of the proxies in front of us (gateway, ingress, activator, queue-proxy). Their
@@ -66,33 +49,82 @@ class Settings:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     # Seconds a Redis connect/read may take before the request fails with 503.
     redis_timeout: float = 0.8
+    # The server (shared/server.py): port, gunicorn worker processes and threads per worker.
+    port: int = 8080
+    workers: int = 1
+    threads: int = 4
+
+    @property
+    def bundle_dir(self) -> Path:
+        """Folder of the model bundle a predict function serves."""
+        return self.model_dir or PROJECT_ROOT / "models" / self.model_name
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
-        """Build settings from ``env`` (default: ``os.environ``); raise ConfigError on bad values."""
+        """Settings from ``env`` (default: ``os.environ``); unset variables keep the defaults.
+
+        Raises ConfigError naming the variable when a value is unusable.
+        """
         env = os.environ if env is None else env
-        model_name = env.get("MODEL_NAME", "").strip()
-        model_dir = env.get("MODEL_DIR", "").strip()
-        redis_url = env.get("REDIS_URL", "").strip()
-        prefix = env.get("THALAMUS_PREFIX", "thalamus:")
-        if not prefix:
+        values: dict[str, Any] = {}
+        for variable, (field, parse) in _VARIABLES.items():
+            raw = env.get(variable, "").strip()
+            if raw:
+                values[field] = parse(variable, raw)
+        if "THALAMUS_PREFIX" in env and not env["THALAMUS_PREFIX"]:
             raise ConfigError("THALAMUS_PREFIX must not be empty (purge would touch every key)")
-        return cls(
-            redis_url=redis_url or DEFAULT_REDIS_URL,
-            redis_url_is_default=not redis_url,
-            prefix=prefix,
-            token_ttl=_int(env, "TOKEN_TTL", 3600, minimum=1),
-            model_name=model_name,
-            model_dir=Path(model_dir) if model_dir else PROJECT_ROOT / "models" / model_name,
-            max_upload_bytes=_int(env, "MAX_UPLOAD_BYTES", 10 * 1024 * 1024, minimum=1),
-            max_image_pixels=_int(env, "MAX_IMAGE_PIXELS", 40_000_000, minimum=1),
-            port=_int(env, "PORT", 8080, minimum=1),
-            auth_max_failures=_int(env, "AUTH_MAX_FAILURES", 10, minimum=1),
-            auth_failure_window=_int(env, "AUTH_FAILURE_WINDOW", 60, minimum=1),
-            trusted_proxies=_networks(env, "TRUSTED_PROXIES"),
-        )
+        values["redis_url_is_default"] = "redis_url" not in values
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with ``changes`` applied (for tests and the local stack)."""
+        return dataclasses.replace(self, **changes)
 
 
+@functools.cache
 def load() -> Settings:
-    """Settings of this process, from ``os.environ``."""
+    """This process's settings: the environment, read once and kept."""
     return Settings.from_env()
+
+
+def _text(variable: str, raw: str) -> str:
+    return raw
+
+
+def _path(variable: str, raw: str) -> Path:
+    return Path(raw)
+
+
+def _positive_int(variable: str, raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{variable} must be an integer, got {raw!r}") from None
+    if value < 1:
+        raise ConfigError(f"{variable} must be at least 1, got {value}")
+    return value
+
+
+def _networks(variable: str, raw: str) -> tuple[IPNetwork, ...]:
+    try:
+        return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in raw.split(",") if part.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{variable} must be comma-separated networks like 10.0.0.0/8: {exc}") from None
+
+
+# Environment variable → (Settings field, parser). The defaults live on the fields above.
+_VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
+    "REDIS_URL": ("redis_url", _text),
+    "THALAMUS_PREFIX": ("prefix", _text),
+    "TOKEN_TTL": ("token_ttl", _positive_int),
+    "MODEL_NAME": ("model_name", _text),
+    "MODEL_DIR": ("model_dir", _path),
+    "MAX_UPLOAD_BYTES": ("max_upload_bytes", _positive_int),
+    "MAX_IMAGE_PIXELS": ("max_image_pixels", _positive_int),
+    "AUTH_MAX_FAILURES": ("auth_max_failures", _positive_int),
+    "AUTH_FAILURE_WINDOW": ("auth_failure_window", _positive_int),
+    "TRUSTED_PROXIES": ("trusted_proxies", _networks),
+    "PORT": ("port", _positive_int),
+    "WORKERS": ("workers", _positive_int),
+    "THREADS": ("threads", _positive_int),
+}

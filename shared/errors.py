@@ -6,6 +6,11 @@ Handlers raise these; :mod:`shared.http` turns them into ``{"error": message}`` 
 from __future__ import annotations
 
 
+class StartupError(Exception):
+    """A function cannot start (bad setting, missing or broken model bundle): the message is the
+    one line the launcher prints before exiting."""
+
+
 class ThalamusError(Exception):
     """Base of every error a client may see."""
 

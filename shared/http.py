@@ -1,9 +1,10 @@
-"""The HTTP side every function shares: a routing table, JSON helpers, error mapping.
+"""The HTTP side every function shares: a routing table, auth per route, JSON answers.
 
-A function builds one :class:`Service` from its routes and calls it from its
-``@functions_framework.http`` entry point. The service adds ``/healthz``, ``/readyz``,
-``/openapi.json`` and ``/docs``, maps :class:`~shared.errors.ThalamusError` (and Redis outages)
-to JSON responses, and enforces ``MAX_UPLOAD_BYTES`` before anything reads the body.
+A function's factory builds one :class:`Service` from its :class:`Route` table; its ``main.py``
+hands the service to :func:`entry_point`, which functions-framework serves. The service adds
+``/healthz``, ``/readyz``, ``/openapi.json`` and ``/docs``, authenticates the routes that ask for
+it before their body is read, enforces ``MAX_UPLOAD_BYTES``, and maps every
+:class:`~shared.errors.ThalamusError` to a JSON answer.
 """
 
 from __future__ import annotations
@@ -14,58 +15,64 @@ import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import flask
+import functions_framework
 from werkzeug import exceptions as wz
 from werkzeug.routing import Map, Rule
 
 from shared import docs
+from shared.auth import AuthStore, Session
 from shared.config import IPNetwork, Settings
 from shared.errors import (
     BadRequest,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
-    ServiceUnavailable,
     ThalamusError,
-    Unauthorized,
     UnsupportedMediaType,
 )
-from shared.store import REDIS_DOWN, describe
 
 log = logging.getLogger("thalamus")
-Handler = Callable[..., flask.Response | tuple[Any, int] | dict | list]
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request as a handler sees it."""
+
+    request: flask.Request
+    # Values of the route's path variables, e.g. {"name": "shapes"}.
+    args: dict[str, str]
+    # The caller's session on routes with ``auth=True``; None elsewhere.
+    session: Session | None = None
+
+
+Reply = flask.Response | dict[str, Any] | list[Any]
+Handler = Callable[[Call], Reply]
 
 
 @dataclass(frozen=True)
 class Route:
-    """One row of a function's routing table: path rule, methods, handler."""
+    """One row of a function's routing table."""
 
-    rule: str
+    rule: str  # a werkzeug rule: "/models/<name>/predict.json"
     methods: tuple[str, ...]
     handler: Handler
+    # A bearer token is required; when the rule has a <name>, the key must be allowed that model.
+    auth: bool = False
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> flask.Response:
     """``body`` as compact JSON with ``status``."""
-    response = flask.Response(
-        json.dumps(body, separators=(",", ":")), status=status, mimetype="application/json"
-    )
+    response = flask.Response(json.dumps(body, separators=(",", ":")), status=status, mimetype="application/json")
     response.headers.update(headers or {})
     return response
 
 
 def error_response(error: ThalamusError) -> flask.Response:
     """The JSON form of ``error``: ``{"error": message}``, its status and headers."""
-    response = json_response({"error": error.message}, error.status, error.headers)
-    if error.status == 413:
-        # functions-framework reads the whole body after non-streamed responses; a streamed
-        # body and Connection: close keep an oversized upload out of memory.
-        body = response.get_data()
-        response.response = iter([body])
-        response.headers["Connection"] = "close"
-    return response
+    return json_response({"error": error.message}, error.status, error.headers)
 
 
 def read_json(request: flask.Request) -> dict[str, Any]:
@@ -79,14 +86,6 @@ def read_json(request: flask.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
     return body
-
-
-def bearer_token(request: flask.Request) -> str:
-    """The token of an ``Authorization: Bearer <token>`` header, or Unauthorized."""
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthorized("missing bearer token; send Authorization: Bearer <token>")
-    return token.strip()
 
 
 def client_address(request: flask.Request, trusted: tuple[IPNetwork, ...]) -> str:
@@ -114,22 +113,31 @@ def _is_trusted(address: str, trusted: tuple[IPNetwork, ...]) -> bool:
     return any(ip in network for network in trusted)
 
 
-def _buffer_chunked_body(request: flask.Request, limit: int) -> None:
-    """Read a body sent without Content-Length (chunked) up to ``limit`` bytes, then let the rest
-    of the request see it as an ordinary body of known length; more than ``limit`` → 413."""
+def _read_body(request: flask.Request, limit: int) -> None:
+    """Read the request body into memory, at most ``limit`` bytes (more → PayloadTooLarge), and
+    let the rest of the request see it as an ordinary body of known length.
+
+    Reading it here, after authentication, means an unauthenticated caller's body is never read,
+    and a chunked body (no Content-Length) is bounded like any other.
+    """
     environ = request.environ
-    if not environ.get("wsgi.input_terminated"):
+    length = request.content_length
+    if length is None and not environ.get("wsgi.input_terminated"):
         return  # the server does not delimit bodies without a length: there is no body to read
     stream, chunks, size = environ["wsgi.input"], [], 0
-    while chunk := stream.read(min(65536, limit + 1 - size)):
+    want = limit + 1 if length is None else length
+    while size < want and (chunk := stream.read(min(65536, want - size))):
         chunks.append(chunk)
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(limit)
+    if length is not None and size < length:
+        raise BadRequest("request body ended early")
     environ["wsgi.input"] = io.BytesIO(b"".join(chunks))
     environ["CONTENT_LENGTH"] = str(size)
-    del environ["wsgi.input_terminated"]
+    environ.pop("wsgi.input_terminated", None)
     environ.pop("HTTP_TRANSFER_ENCODING", None)  # werkzeug ignores Content-Length while this says chunked
+    environ["thalamus.body_read"] = True
 
 
 class Service:
@@ -140,55 +148,70 @@ class Service:
         settings: Settings,
         routes: Iterable[Route],
         *,
-        ready: Callable[[], None],
         openapi: dict[str, Any],
+        auth: AuthStore | None = None,
+        model: str | None = None,
+        ready: Callable[[], None] = lambda: None,
     ) -> None:
+        """``auth`` checks tokens on ``auth=True`` routes; ``model`` is the one model this
+        function serves (a path naming another is 404); ``ready`` raises when it cannot serve."""
         self.settings = settings
-        self._ready = ready
         self.openapi = openapi
+        self._auth = auth
+        self._model = model
+        self._ready = ready
         table = [
             *routes,
-            Route("/healthz", ("GET",), lambda request: {"status": "ok"}),
+            Route("/healthz", ("GET",), lambda call: {"status": "ok"}),
             Route("/readyz", ("GET",), self._readyz),
-            Route("/openapi.json", ("GET",), lambda request: self.openapi),
-            Route("/docs", ("GET",), lambda request: docs.page(["/openapi.json"])),
-            Route("/docs/<asset>", ("GET",), lambda request, asset: docs.asset(asset)),
+            Route("/openapi.json", ("GET",), lambda call: self.openapi),
+            Route("/docs", ("GET",), lambda call: docs.page(["/openapi.json"])),
+            Route("/docs/<asset>", ("GET",), lambda call: docs.asset(call.args["asset"])),
         ]
-        self._handlers = {route.rule: route.handler for route in table}
+        if any(route.auth for route in table) and auth is None:
+            raise ValueError("routes with auth=True need an AuthStore")
+        self._routes = {route.rule: route for route in table}
         self._map = Map(
             [Rule(route.rule, methods=list(route.methods), endpoint=route.rule) for route in table],
             strict_slashes=False,
+            merge_slashes=False,
         )
 
-    def _readyz(self, request: flask.Request) -> dict:
-        self._ready()  # Redis down → 503 through the mapping in __call__
+    def _readyz(self, call: Call) -> dict[str, str]:
+        self._ready()
         return {"status": "ready"}
 
     def __call__(self, request: flask.Request) -> flask.Response:
         """Route ``request`` and answer; never lets an exception escape as an HTML 500."""
         try:
-            if (request.content_length or 0) > self.settings.max_upload_bytes:
-                raise PayloadTooLarge(self.settings.max_upload_bytes)
-            if request.content_length is None:
-                _buffer_chunked_body(request, self.settings.max_upload_bytes)
-            endpoint, args = self._match(request)
-            result = self._handlers[endpoint](request, **args)
-            return result if isinstance(result, flask.Response) else json_response(result)
+            response = self._dispatch(request)
         except ThalamusError as error:
-            return error_response(error)
-        except wz.RequestEntityTooLarge:
-            return error_response(PayloadTooLarge(self.settings.max_upload_bytes))
+            response = error_response(error)
         except wz.ClientDisconnected:
-            return error_response(BadRequest("request body ended early"))
-        except REDIS_DOWN:
-            return error_response(
-                ServiceUnavailable(f"Redis unreachable at {describe(self.settings.redis_url)}")
-            )
+            response = error_response(BadRequest("request body ended early"))
         except Exception:  # a bug: log it with its traceback, answer without one
             log.exception("unhandled error on %s %s", request.method, request.path)
-            return json_response({"error": "internal error"}, 500)
+            response = json_response({"error": "internal error"}, 500)
+        if not request.environ.get("thalamus.body_read") and _has_body(request):
+            _leave_body_unread(response)
+        return response
 
-    def _match(self, request: flask.Request) -> tuple[str, dict[str, str]]:
+    def _dispatch(self, request: flask.Request) -> flask.Response:
+        if (request.content_length or 0) > self.settings.max_upload_bytes:
+            raise PayloadTooLarge(self.settings.max_upload_bytes)
+        route, args = self._match(request)
+        if "name" in args and self._model is not None and args["name"] != self._model:
+            raise NotFound(f"no such model here: {args['name']} (this function serves {self._model})")
+        session = None
+        if route.auth:
+            assert self._auth is not None  # checked in __init__
+            session = self._auth.authenticate(request.headers.get("Authorization"), args.get("name"))
+        if _has_body(request):
+            _read_body(request, self.settings.max_upload_bytes)
+        result = route.handler(Call(request, args, session))
+        return result if isinstance(result, flask.Response) else json_response(result)
+
+    def _match(self, request: flask.Request) -> tuple[Route, dict[str, str]]:
         adapter = self._map.bind("localhost")
         try:
             endpoint, args = adapter.match(request.path, method=request.method)
@@ -196,4 +219,42 @@ class Service:
             raise MethodNotAllowed(sorted(exc.valid_methods or [])) from None
         except wz.NotFound:
             raise NotFound(f"no such path: {request.path}") from None
-        return endpoint, args
+        return self._routes[str(endpoint)], dict(args)
+
+
+def _has_body(request: flask.Request) -> bool:
+    return bool(request.content_length) or bool(request.environ.get("wsgi.input_terminated"))
+
+
+def _leave_body_unread(response: flask.Response) -> None:
+    """Answer without reading the request body: functions-framework reads the rest of the body
+    after a non-streamed response, and a kept-alive connection would too; a streamed response
+    with Connection: close does neither, so an unwanted upload never reaches memory."""
+    body = response.get_data()
+    response.response = iter([body])
+    response.headers["Connection"] = "close"
+
+
+def entry_point(service: Service) -> Callable[[flask.Request], flask.Response]:
+    """The ``handle`` function that functions-framework serves for ``service``.
+
+    Called while functions-framework loads ``main.py`` (inside ``create_app``), it also makes the
+    framework's own answers JSON: its fixed 404s (``/robots.txt``, ``/favicon.ico``) and routing
+    errors get ``{"error": ...}``, and paths with doubled slashes reach the service instead of
+    being redirected.
+    """
+    if flask.has_app_context():
+        app = flask.current_app
+        app.url_map.merge_slashes = False
+        app.register_error_handler(wz.HTTPException, _framework_error)
+
+    def handle(request: flask.Request) -> flask.Response:
+        return service(request)
+
+    return cast(Callable[[flask.Request], flask.Response], functions_framework.http(handle))
+
+
+def _framework_error(exc: wz.HTTPException) -> flask.Response:
+    if exc.code == 404:
+        return error_response(NotFound(f"no such path: {flask.request.path}"))
+    return json_response({"error": exc.description or exc.name}, exc.code or 500)

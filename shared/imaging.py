@@ -52,9 +52,10 @@ def decode(data: bytes, max_pixels: int, size_hint: tuple[int, int] | None = Non
     except (OSError, SyntaxError, ValueError, EOFError):
         raise BadRequest("image data is truncated or corrupt") from None
     # A broken EXIF block is not worth refusing the image for: it stays as stored.
+    upright: Image.Image = image
     with contextlib.suppress(OSError, ValueError, SyntaxError, KeyError, TypeError):
-        image = ImageOps.exif_transpose(image)
-    return _normalise_mode(image)
+        upright = ImageOps.exif_transpose(image)
+    return _normalise_mode(upright)
 
 
 def _normalise_mode(image: Image.Image) -> Image.Image:

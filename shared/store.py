@@ -1,4 +1,4 @@
-"""The Redis connection every function and the CLI share.
+"""The Redis connection every function and the CLI share, and what a Redis outage looks like.
 
 Timeouts are short and retries few on purpose: when Redis is down a request must fail with
 503 within about two seconds, and the pool reconnects by itself once Redis is back.
@@ -6,8 +6,10 @@ Timeouts are short and retries few on purpose: when Redis is down a request must
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import functools
+from collections.abc import Callable
+from typing import Concatenate, ParamSpec, Protocol, TypeVar, cast
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -39,16 +41,30 @@ def connect(settings: Settings) -> redis.Redis:
 
 def describe(url: str) -> str:
     """``url`` with any password masked, safe to print or log."""
-    parsed = redis.connection.parse_url(url)
-    if not parsed.get("password"):
+    password = urlsplit(url).password
+    if not password:
         return url
-    return url.replace(parsed["password"], "***", 1)
+    return url.replace(password, "***", 1)
 
 
-@contextmanager
-def unavailable_as_503(settings: Settings) -> Iterator[None]:
-    """Turn Redis connection failures inside the block into :class:`ServiceUnavailable`."""
-    try:
-        yield
-    except REDIS_DOWN:
-        raise ServiceUnavailable(f"Redis unreachable at {describe(settings.redis_url)}") from None
+class _UsesRedis(Protocol):
+    settings: Settings
+
+
+S = TypeVar("S", bound=_UsesRedis)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def unavailable_when_down(method: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P], R]:
+    """Decorate a method that talks to Redis: an outage becomes :class:`ServiceUnavailable`
+    naming the server (password masked), which every caller answers as 503 or one CLI line."""
+
+    @functools.wraps(method)
+    def guarded(self: S, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(self, *args, **kwargs)
+        except REDIS_DOWN:
+            raise ServiceUnavailable(f"Redis unreachable at {describe(self.settings.redis_url)}") from None
+
+    return cast(Callable[Concatenate[S, P], R], guarded)

@@ -1,146 +1,158 @@
-"""Fixtures: a real redis-server, per-test isolation, a test client per function, real HTTP."""
+"""Fixtures: a real redis-server, per-test isolation, a client per function built from explicit
+Settings, the functions over real HTTP, and the whole stack as ./start.sh runs it."""
 
 from __future__ import annotations
 
+import functools
 import os
-import socket
+import shutil
+import signal
 import subprocess
-import sys
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import functions_framework
 import pytest
 import redis
-import requests
+from flask.testing import FlaskClient
 
-from shared import config, local_redis, store
-from shared.auth import AuthStore
+from functions.predict.model import Model, load_model
+from functions.predict.service import create_service as create_predict_service
+from functions.token.service import create_service as create_token_service
+from local import ROOT
+from local.helpers import DEMO_MODELS, RedisServer, free_port, free_port_range, function_command, wait_http
+from shared.auth import AuthStore, Keypair
+from shared.config import Settings
+from shared.http import Service
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class RedisServer:
-    """A redis-server process the tests own: they may stop and restart it."""
-
-    port: int
-    data_dir: Path
-    proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.proc = local_redis.start_server(self.port, self.data_dir, persist=False)
-
-    def stop(self) -> None:
-        if self.proc:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
+# -- Redis and settings ------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory) -> Iterator[str]:
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """REDIS_URL when set, else a throw-away redis-server on a free port."""
     if os.environ.get("REDIS_URL"):
         yield os.environ["REDIS_URL"]
         return
-    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis"))
-    server.start()
+    server = RedisServer(free_port(), tmp_path_factory.mktemp("redis")).start()
     yield server.url
     server.stop()
 
 
 @pytest.fixture
-def own_redis(tmp_path) -> Iterator[RedisServer]:
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A redis-server for this test alone (for stopping it mid-test)."""
-    server = RedisServer(free_port(), tmp_path / "redis")
-    server.start()
+    server = RedisServer(free_port(), tmp_path / "redis").start()
     yield server
     server.stop()
 
 
 @pytest.fixture
-def env(redis_url, monkeypatch) -> dict[str, str]:
-    """Environment of this test: the test Redis and a prefix no other test uses."""
-    values = {"REDIS_URL": redis_url, "THALAMUS_PREFIX": f"test-{uuid.uuid4().hex[:12]}:"}
-    for name, value in values.items():
-        monkeypatch.setenv(name, value)
-    return values
+def settings(redis_url: str) -> Settings:
+    """Settings of this test: the test Redis and a prefix no other test uses."""
+    return Settings(redis_url=redis_url, redis_url_is_default=False, prefix=f"test-{uuid.uuid4().hex[:12]}:")
 
 
 @pytest.fixture
-def auth(env) -> Iterator[AuthStore]:
-    """The auth store of this test's prefix; purged afterwards."""
-    settings = config.load()
-    store_ = AuthStore(settings, store.connect(settings))
-    yield store_
-    store_.purge()
-
-
-@pytest.fixture
-def raw_redis(redis_url) -> redis.Redis:
-    return redis.Redis.from_url(redis_url, decode_responses=True)
-
-
-def function_client(name: str):
-    """A test client of ``functions/<name>/main.py`` built by functions-framework."""
-    app = functions_framework.create_app(target="handle", source=str(ROOT / "functions" / name / "main.py"))
-    return app.test_client()
-
-
-@pytest.fixture
-def token_client(env):
-    return function_client("token")
-
-
-@pytest.fixture
-def keypair(auth):
-    return auth.create_key()
+def env(settings: Settings) -> dict[str, str]:
+    """The same settings as environment variables, for processes the test starts."""
+    return {"REDIS_URL": settings.redis_url, "THALAMUS_PREFIX": settings.prefix}
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    """os.environ with the project importable, plus ``extra``."""
-    return {**os.environ, "PYTHONPATH": str(ROOT), **extra}
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
-        try:
-            requests.get(url, timeout=1)
-            return
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    raise TimeoutError(url)
+    """This process's environment plus ``extra``."""
+    return {**os.environ, **extra}
 
 
 @pytest.fixture
-def serve_function(env):
-    """Start ``functions-framework`` for a function over real HTTP; returns its base URL."""
-    procs: list[subprocess.Popen] = []
+def auth(settings: Settings) -> Iterator[AuthStore]:
+    """The auth store of this test's prefix; purged afterwards."""
+    store = AuthStore(settings)
+    yield store
+    store.purge()
+
+
+@pytest.fixture
+def raw_redis(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url, decode_responses=True)
+
+
+@pytest.fixture
+def keypair(auth: AuthStore) -> Keypair:
+    return auth.create_key()
+
+
+@pytest.fixture
+def bearer(auth: AuthStore) -> dict[str, str]:
+    """Authorization headers for a fresh key allowed every model."""
+    pair = auth.create_key()
+    token = auth.issue_token(pair.public_key, pair.secret_key, "test").token
+    return {"Authorization": f"Bearer {token}"}
+
+
+# -- functions through functions-framework's test client ---------------------------------------
+
+_LOADING: list[Service] = []
+
+
+def function_client(service: Service) -> FlaskClient:
+    """A test client of functions-framework's own app (``create_app``) serving ``service``.
+
+    ``create_app`` loads a source file, not an object: the service is handed to
+    ``tests/function_source.py`` through :func:`service_being_loaded` while it loads.
+    """
+    _LOADING.append(service)
+    try:
+        source = Path(__file__).with_name("function_source.py")
+        app = functions_framework.create_app(target="handle", source=str(source))
+    finally:
+        _LOADING.pop()
+    return app.test_client()
+
+
+def service_being_loaded() -> Service:
+    """The service :func:`function_client` is wrapping right now."""
+    return _LOADING[-1]
+
+
+@functools.cache
+def demo_model(name: str, models_dir: Path = ROOT / "models") -> Model:
+    """A bundle loaded once for the whole run, as a predict function loads it once per process."""
+    return load_model(Settings(model_name=name, model_dir=models_dir / name))
+
+
+def predict_client(settings: Settings, model: str, models_dir: Path = ROOT / "models", **changes: object):
+    """A test client of the predict function serving ``model``, with ``changes`` to ``settings``."""
+    settings = settings.replace(model_name=model, model_dir=models_dir / model, **changes)
+    return function_client(create_predict_service(settings, demo_model(model, models_dir)))
+
+
+@pytest.fixture
+def token_client(settings: Settings) -> FlaskClient:
+    return function_client(create_token_service(settings))
+
+
+@pytest.fixture
+def shapes_client(settings: Settings) -> FlaskClient:
+    return predict_client(settings, "shapes")
+
+
+# -- functions over real HTTP ------------------------------------------------------------------
+
+
+@pytest.fixture
+def serve_function(env: dict[str, str]) -> Iterator[Callable[..., str]]:
+    """Start a function as the images do (``python -m shared.server``); returns its base URL."""
+    procs: list[subprocess.Popen[bytes]] = []
 
     def start(name: str, **extra: str) -> str:
         port = free_port()
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "functions-framework"), "--target", "handle",
-             "--source", str(ROOT / "functions" / name / "main.py"), "--port", str(port)],
-            env=subprocess_env(**env, **extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )
+        proc = subprocess.Popen(function_command(name, port), env=subprocess_env(**env, **extra),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         procs.append(proc)
         base = f"http://127.0.0.1:{port}"
         wait_http(base + "/healthz", proc)
@@ -152,59 +164,14 @@ def serve_function(env):
         proc.wait(10)
 
 
-# -- models and images --------------------------------------------------------------------
+# -- the whole stack, as ./start.sh runs it ----------------------------------------------------
 
-DEMO_MODELS = ("shapes", "arrows")
-
-
-def predict_client(monkeypatch, model: str, models_dir: Path = ROOT / "models", **extra: str):
-    """A test client of the predict function serving ``model``."""
-    monkeypatch.setenv("MODEL_NAME", model)
-    monkeypatch.setenv("MODEL_DIR", str(models_dir / model))
-    for name, value in extra.items():
-        monkeypatch.setenv(name, value)
-    return function_client("predict")
-
-
-@pytest.fixture
-def shapes_client(env, monkeypatch):
-    return predict_client(monkeypatch, "shapes")
-
-
-@pytest.fixture
-def bearer(auth):
-    """Authorization headers for a fresh key allowed every model."""
-    pair = auth.create_key()
-    token = auth.issue_token(pair.public_key, pair.secret_key, "test").token
-    return {"Authorization": f"Bearer {token}"}
-
-
-def encode(image, fmt: str = "PNG", **save) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **save)
-    return buffer.getvalue()
-
-
-def demo_image(model: str, label: str, seed: int = 0):
-    """A freshly generated demo image of ``label`` (never seen in training: other seeds)."""
-    import random
-
-    import demo_data
-
-    return demo_data.DEMOS[model][1](random.Random(10_000 + seed), label)
-
-
-# -- the whole stack, as ./start.sh runs it ------------------------------------------------
-
-STACK_FILES = ("start.sh", "keys.py", "shared", "functions", "models", "requirements.txt")
+STACK_FILES = ("start.sh", "keys.py", "pyproject.toml", "demo_data.py", "shared", "local", "functions", "models",
+               "requirements.txt")
 
 
 def copy_project(target: Path) -> Path:
     """The files start.sh needs, in ``target``, sharing this checkout's .venv."""
-    import shutil
-
     target.mkdir(parents=True)
     for name in STACK_FILES:
         source = ROOT / name
@@ -214,25 +181,6 @@ def copy_project(target: Path) -> Path:
             shutil.copy2(source, target / name)
     (target / ".venv").symlink_to(ROOT / ".venv")
     return target
-
-
-def free_port_range(count: int) -> int:
-    """A first port such that it and the next ``count - 1`` are free."""
-    import random
-
-    for _ in range(200):
-        first = random.randint(20000, 45000)
-        ports = []
-        for port in range(first, first + count):
-            with socket.socket() as sock:
-                try:
-                    sock.bind(("127.0.0.1", port))
-                except OSError:
-                    break
-            ports.append(port)
-        if len(ports) == count:
-            return first
-    raise RuntimeError("no free port range")
 
 
 def processes_under(folder: Path) -> list[int]:
@@ -254,25 +202,24 @@ def processes_under(folder: Path) -> list[int]:
 @dataclass
 class RunningStack:
     folder: Path
-    proc: subprocess.Popen
+    proc: subprocess.Popen[str]
     gateway: str
     env: dict[str, str]
     output: list[str]
 
-    def keys(self, *args: str) -> subprocess.CompletedProcess:
+    def keys(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([str(self.folder / "keys.py"), *args], capture_output=True, text=True,
                               env=self.env, cwd=self.folder, timeout=60)
 
 
 def start_stack(folder: Path, port: int, env: dict[str, str], wait: bool = True) -> RunningStack:
-    import threading
-
     proc = subprocess.Popen([str(folder / "start.sh"), "--port", str(port)], cwd=folder, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output: list[str] = []
     up = threading.Event()
 
-    def pump():
+    def pump() -> None:
+        assert proc.stdout is not None
         for line in proc.stdout:
             output.append(line)
             if "Ctrl-C stops everything" in line:
@@ -289,19 +236,16 @@ def start_stack(folder: Path, port: int, env: dict[str, str], wait: bool = True)
 
 
 def stop_stack(stack: RunningStack) -> None:
-    import signal
-
     if stack.proc.poll() is None:
         stack.proc.send_signal(signal.SIGTERM)
         stack.proc.wait(30)
 
 
 @pytest.fixture(scope="session")
-def running_stack(tmp_path_factory, redis_url) -> Iterator[RunningStack]:
+def running_stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[RunningStack]:
     """./start.sh in a temporary copy of the project, on free ports, against the test Redis."""
     folder = copy_project(tmp_path_factory.mktemp("stack") / "thalamus")
     env = subprocess_env(REDIS_URL=redis_url, THALAMUS_PREFIX=f"test-{uuid.uuid4().hex[:12]}:")
-    env.pop("PYTHONPATH")
     stack = start_stack(folder, free_port_range(2 + len(DEMO_MODELS)), env)
     yield stack
     stop_stack(stack)

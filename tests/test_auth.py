@@ -4,7 +4,6 @@ import time
 
 import pytest
 
-from shared import config, store
 from shared.auth import AuthStore, check_secret, hash_secret, parse_scopes, token_digest
 from shared.errors import BadRequest, InvalidCredentials, TooManyRequests, Unauthorized, UnknownKey
 
@@ -79,10 +78,8 @@ def test_revoke_kills_every_live_token(auth, keypair):
         auth.revoke_key(keypair.public_key)
 
 
-def test_expired_token_is_refused(env, monkeypatch):
-    monkeypatch.setenv("TOKEN_TTL", "1")
-    settings = config.load()
-    short = AuthStore(settings, store.connect(settings))
+def test_expired_token_is_refused(settings):
+    short = AuthStore(settings.replace(token_ttl=1))
     pair = short.create_key()
     token = short.issue_token(pair.public_key, pair.secret_key, "a").token
     assert short.verify_token(token).expires_in <= 1
@@ -105,11 +102,8 @@ def test_purge_removes_only_the_prefix(auth, keypair, raw_redis, env):
         raw_redis.delete("foreign:key", env["THALAMUS_PREFIX"].rstrip(":") + "x")
 
 
-def test_prefix_with_glob_characters_purges_only_itself(redis_url, raw_redis, monkeypatch):
-    monkeypatch.setenv("REDIS_URL", redis_url)
-    monkeypatch.setenv("THALAMUS_PREFIX", "glob[*]:")
-    settings = config.load()
-    globby = AuthStore(settings, store.connect(settings))
+def test_prefix_with_glob_characters_purges_only_itself(settings, raw_redis):
+    globby = AuthStore(settings.replace(prefix="glob[*]:"))
     globby.create_key()
     raw_redis.set("globa:x", "keep")
     try:

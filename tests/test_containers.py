@@ -8,11 +8,12 @@ import uuid
 import pytest
 import requests
 
-from tests import containers
-from tests.conftest import demo_image, encode, free_port
+from local import ROOT, helpers
+from local.helpers import demo_image, encode, free_port
+from tests.test_layout import shared_closure
 
 pytestmark = pytest.mark.slow
-TOOL = containers.engine()
+TOOL = helpers.container_engine()
 if TOOL is None:
     pytest.skip("no podman/docker able to build FROM python:3.11-slim here "
                 "(on these machines run ../shared/tools/container-setup, as ./test.sh does)",
@@ -21,10 +22,20 @@ if TOOL is None:
 
 @pytest.fixture(scope="module")
 def images():
-    tags = {name: f"localhost/thalamus-{name}:test" for name in containers.IMAGES}
+    tags = {name: f"localhost/thalamus-{name}:test" for name in helpers.IMAGES}
     for name, tag in tags.items():
-        containers.build(TOOL, name, tag)
+        helpers.build_image(TOOL, name, tag)
     return tags
+
+
+@pytest.mark.parametrize("name, function", [("token", "token"), ("shapes", "predict")])
+def test_an_image_holds_its_function_and_the_shared_modules_it_imports_only(images, name, function):
+    listing = subprocess.run([TOOL, "run", "--rm", "--entrypoint", "find", images[name], "/app", "-name", "*.py"],
+                             capture_output=True, text=True, check=True).stdout.split()
+    inside = {path.removeprefix("/app/") for path in listing}
+    own = {f"functions/{function}/{path.name}" for path in (ROOT / "functions" / function).glob("*.py")}
+    assert inside == {"functions/__init__.py", *own, *shared_closure(function)}
+    assert not [path for path in inside if path.startswith("local/")]
 
 
 @pytest.fixture
@@ -33,16 +44,16 @@ def stack(images, redis_url, env):
 
     def start(name, service):
         port = free_port()
-        container = containers.run(TOOL, images[name], port, {"REDIS_URL": redis_url,
+        container = helpers.run_container(TOOL, images[name], port, {"REDIS_URL": redis_url,
                                    "THALAMUS_PREFIX": env["THALAMUS_PREFIX"]}, service)
         started.append(container)
         base = f"http://127.0.0.1:{port}"
-        containers.wait_ready(base + "/readyz", container, TOOL)
+        helpers.wait_container_ready(base + "/readyz", container, TOOL)
         return container, base
 
     yield start
     for container in started:
-        containers.remove(TOOL, container)
+        helpers.remove_container(TOOL, container)
 
 
 def test_token_and_prediction_through_containers(stack, auth):

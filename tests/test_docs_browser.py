@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tests.conftest import demo_image
+from local.helpers import demo_image
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium")

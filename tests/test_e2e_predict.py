@@ -8,7 +8,7 @@ import pytest
 import requests
 
 import demo_data
-from tests.conftest import DEMO_MODELS, demo_image, encode
+from local.helpers import DEMO_MODELS, demo_image, encode
 
 
 @pytest.fixture

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared import local_redis
-from tests.conftest import ROOT, free_port, subprocess_env
+from local import ROOT, redis_server
+from local.helpers import free_port
+from tests.conftest import subprocess_env
 
 
 def keys(*args, env=None, python=sys.executable, cwd=ROOT, script=ROOT / "keys.py"):
@@ -124,18 +125,19 @@ def test_runs_with_a_python_that_lacks_the_packages(tmp_path):
 
 @pytest.fixture
 def project_copy(tmp_path):
-    """keys.py and shared/ in a fresh folder, so .thalamus/ lands there."""
-    if local_redis.probe("127.0.0.1", 6379) != "none":
+    """keys.py with the packages it imports in a fresh folder, so .thalamus/ lands there."""
+    if redis_server.probe("127.0.0.1", 6379) != "none":
         pytest.skip("127.0.0.1:6379 is in use; the local-Redis start cannot be observed")
     copy = tmp_path / "project"
     copy.mkdir()
     shutil.copy(ROOT / "keys.py", copy)
-    shutil.copytree(ROOT / "shared", copy / "shared", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("shared", "local"):
+        shutil.copytree(ROOT / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
     return copy
 
 
 def local_env():
-    return {k: v for k, v in subprocess_env().items() if k not in ("REDIS_URL", "PYTHONPATH")}
+    return {k: v for k, v in subprocess_env().items() if k != "REDIS_URL"}
 
 
 def test_starts_local_redis_and_keys_survive_restart(project_copy):

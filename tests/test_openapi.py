@@ -7,7 +7,8 @@ import pytest
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate
 
-from tests.conftest import DEMO_MODELS, demo_image, encode, predict_client
+from local.helpers import DEMO_MODELS, demo_image, encode
+from tests.conftest import predict_client
 
 
 def resolve(node, spec):
@@ -53,8 +54,8 @@ def test_token_document_is_valid_openapi(token_spec):
 
 
 @pytest.mark.parametrize("model", DEMO_MODELS)
-def test_predict_documents_are_valid_openapi(env, monkeypatch, model):
-    spec = predict_client(monkeypatch, model).get("/openapi.json").get_json()
+def test_predict_documents_are_valid_openapi(settings, model):
+    spec = predict_client(settings, model).get("/openapi.json").get_json()
     validate(spec)
     assert f"Thalamus model {model}" == spec["info"]["title"]
 

@@ -5,9 +5,10 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image
 
-from tests.conftest import ROOT, demo_image, encode, predict_client, subprocess_env
+from local import ROOT
+from local.helpers import demo_image, encode, free_port
+from tests.conftest import predict_client, subprocess_env
 
 
 def upload(client, headers, *files, name="shapes"):
@@ -85,8 +86,8 @@ def test_health_ready_and_docs(shapes_client):
     assert shapes_client.get("/docs").status_code == 200
 
 
-def test_scopes_checked_against_the_right_model(env, monkeypatch, auth):
-    client = predict_client(monkeypatch, "arrows")
+def test_scopes_checked_against_the_right_model(settings, auth):
+    client = predict_client(settings, "arrows")
     pair = auth.create_key(["shapes"])
     token = auth.issue_token(pair.public_key, pair.secret_key, "t").token
     image = encode(demo_image("arrows", "up", 3))
@@ -94,38 +95,47 @@ def test_scopes_checked_against_the_right_model(env, monkeypatch, auth):
     assert reply.status_code == 403
 
 
-def test_serving_never_imports_tensorflow():
+def test_serving_never_imports_tensorflow(env):
+    """A whole authenticated prediction (decode, inference, answer) in a fresh process, as the
+    image serves it: LiteRT is loaded, TensorFlow never is."""
     script = """
-import io, sys
+import io, json, sys
 import functions_framework
-from PIL import Image
-from tests.conftest import demo_image, encode
+from local.helpers import demo_image, encode
+from shared import config
+from shared.auth import AuthStore
+auth = AuthStore(config.load())
+pair = auth.create_key()
+token = auth.issue_token(pair.public_key, pair.secret_key, "t").token
 app = functions_framework.create_app(target="handle", source="functions/predict/main.py")
-client = app.test_client()
-client.post("/models/shapes/predict.json", data={"file": (io.BytesIO(encode(demo_image("shapes", "circle"))), "c.png")})
-client.get("/readyz")
-client.get("/openapi.json")
-print("tensorflow" in sys.modules, "ai_edge_litert" in sys.modules)
+reply = app.test_client().post("/models/shapes/predict.json", headers={"Authorization": "Bearer " + token},
+    data={"file": (io.BytesIO(encode(demo_image("shapes", "circle"))), "c.png")})
+auth.revoke_key(pair.public_key)
+print(reply.status_code, reply.get_json()["prediction"], "tensorflow" in sys.modules, "ai_edge_litert" in sys.modules)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
-                            env=subprocess_env(MODEL_NAME="shapes", REDIS_URL="redis://127.0.0.1:1/0"),
-                            timeout=60)
-    assert result.stdout.split() == ["False", "True"], result.stderr
+                            env=subprocess_env(MODEL_NAME="shapes", **env), timeout=60)
+    assert result.stdout.split() == ["200", "circle", "False", "True"], result.stderr
+
+
+def start_predict(**setup):
+    """``python -m shared.server`` for the predict function, as the image runs it, until it exits."""
+    command = [sys.executable, "-m", "shared.server", str(ROOT / "functions/predict/main.py"),
+               "--port", str(free_port())]
+    return subprocess.run(command, capture_output=True, text=True, env=subprocess_env(**setup), timeout=60)
 
 
 @pytest.mark.parametrize("setup, reason", [
     ({"MODEL_NAME": ""}, "MODEL_NAME is required"),
     ({"MODEL_NAME": "nope"}, "model.json not found"),
     ({"MODEL_NAME": "shapes", "MODEL_DIR": str(ROOT / "models" / "arrows")}, "holds model 'arrows'"),
+    ({"MODEL_NAME": "shapes", "MAX_IMAGE_PIXELS": "lots"}, "MAX_IMAGE_PIXELS must be an integer"),
 ])
-def test_broken_configuration_stops_at_start_with_one_line(setup, reason, serve_function):
-    result = subprocess.run(
-        [str(ROOT / ".venv/bin/functions-framework"), "--target", "handle",
-         "--source", str(ROOT / "functions/predict/main.py"), "--port", "0"],
-        capture_output=True, text=True, env=subprocess_env(**setup), timeout=60)
-    assert result.returncode != 0
-    assert result.stderr.strip().splitlines()[-1].startswith("predict:")
-    assert reason in result.stderr
+def test_broken_configuration_stops_at_start_with_one_line(setup, reason):
+    result = start_predict(**setup)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # exactly one line
+    assert result.stderr.startswith("predict: ") and reason in result.stderr
 
 
 def test_broken_bundle_stops_at_start(tmp_path):
@@ -134,14 +144,7 @@ def test_broken_bundle_stops_at_start(tmp_path):
     (bundle / "model.json").write_text((ROOT / "models/shapes/model.json").read_text().replace(
         '"name": "shapes"', '"name": "broken"'))
     (bundle / "model.tflite").write_bytes(b"not a flatbuffer at all")
-    result = subprocess.run(
-        [str(ROOT / ".venv/bin/functions-framework"), "--target", "handle",
-         "--source", str(ROOT / "functions/predict/main.py"), "--port", "0"],
-        capture_output=True, text=True, env=subprocess_env(MODEL_NAME="broken", MODEL_DIR=str(bundle)),
-        timeout=60)
-    assert result.returncode != 0
-    assert "not a usable TFLite model" in result.stderr.strip().splitlines()[-1]
-
-
-def test_image_fixture_sanity():
-    assert Image.open(io.BytesIO(encode(demo_image("shapes", "circle")))).size[0] > 0
+    result = start_predict(MODEL_NAME="broken", MODEL_DIR=str(bundle))
+    assert result.returncode == 1
+    assert result.stderr.startswith("predict: ") and "not a usable TFLite model" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -10,26 +10,15 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import (
-    DEMO_MODELS,
-    copy_project,
-    demo_image,
-    encode,
-    free_port_range,
-    processes_under,
-    start_stack,
-    stop_stack,
-    subprocess_env,
-)
+from local.helpers import DEMO_MODELS, demo_image, encode, free_port_range
+from tests.conftest import copy_project, processes_under, start_stack, stop_stack, subprocess_env
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def stack_env(redis_url, env):
-    values = subprocess_env(**env)
-    values.pop("PYTHONPATH")
-    return values
+def stack_env(env):
+    return subprocess_env(**env)
 
 
 def test_keys_token_predict_docs_then_sigterm_leaves_nothing(tmp_path, stack_env):

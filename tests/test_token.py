@@ -5,6 +5,9 @@ import time
 
 import pytest
 
+from functions.token.service import create_service
+from local.helpers import free_port
+from shared.auth import AuthStore
 from tests.conftest import function_client
 
 WRONG_SK = "sk_" + "x" * 43
@@ -127,9 +130,8 @@ def test_brute_force_per_address_gets_429(token_client, auth):
     assert other_addr.status_code == 200
 
 
-def test_limits_are_configurable(env, monkeypatch, auth, keypair):
-    monkeypatch.setenv("AUTH_MAX_FAILURES", "2")
-    client = function_client("token")
+def test_limits_are_configurable(settings, auth, keypair):
+    client = function_client(create_service(settings.replace(auth_max_failures=2)))
     body = {"public_key": keypair.public_key, "secret_key": WRONG_SK}
     assert [post_json(client, body).status_code for _ in range(3)] == [401, 401, 429]
 
@@ -139,13 +141,10 @@ def test_health_and_readiness(token_client):
     assert token_client.get("/readyz").get_json() == {"status": "ready"}
 
 
-def test_redis_down_gives_503_fast_then_recovers(own_redis, monkeypatch, env):
-    monkeypatch.setenv("REDIS_URL", own_redis.url)
-    client = function_client("token")
-    from shared import config, store
-    from shared.auth import AuthStore
-    settings = config.load()
-    pair = AuthStore(settings, store.connect(settings)).create_key()
+def test_redis_down_gives_503_fast_then_recovers(own_redis, settings):
+    settings = settings.replace(redis_url=own_redis.url)
+    client = function_client(create_service(settings))
+    pair = AuthStore(settings).create_key()
     body = {"public_key": pair.public_key, "secret_key": pair.secret_key}
     assert post_json(client, body).status_code == 200
 
@@ -167,12 +166,10 @@ def test_redis_down_gives_503_fast_then_recovers(own_redis, monkeypatch, env):
     assert post_json(client, body).status_code == 401
 
 
-def test_redis_that_never_answers_gives_503_not_a_hang(env, monkeypatch):
+def test_redis_that_never_answers_gives_503_not_a_hang(settings):
     """A Redis that accepts connections and then says nothing (a hung server, a black hole)."""
     import socket
     import threading
-
-    from tests.conftest import free_port
 
     port = free_port()
     silent = socket.socket()
@@ -180,8 +177,7 @@ def test_redis_that_never_answers_gives_503_not_a_hang(env, monkeypatch):
     silent.listen(16)
     held = []
     threading.Thread(target=lambda: [held.append(silent.accept()) for _ in range(8)], daemon=True).start()
-    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{port}/0")
-    client = function_client("token")
+    client = function_client(create_service(settings.replace(redis_url=f"redis://127.0.0.1:{port}/0")))
     try:
         for call in (lambda: post_json(client, {"public_key": "pk_" + "a" * 43, "secret_key": WRONG_SK}),
                      lambda: client.get("/session.json", headers={"Authorization": "Bearer " + "t" * 43})):

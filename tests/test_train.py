@@ -8,7 +8,9 @@ import pytest
 from PIL import Image
 
 import demo_data
-from tests.conftest import ROOT, demo_image, encode, predict_client
+from local import ROOT
+from local.helpers import demo_image, encode
+from tests.conftest import predict_client
 from tests.test_predict import upload
 
 pytestmark = pytest.mark.slow
@@ -31,7 +33,7 @@ def tiny_bundle(tmp_path_factory):
     return root / "models" / "tiny", result
 
 
-def test_training_writes_a_bundle_the_predict_function_serves(tiny_bundle, env, monkeypatch, bearer):
+def test_training_writes_a_bundle_the_predict_function_serves(tiny_bundle, settings, bearer):
     bundle, result = tiny_bundle
     assert "skipped 1 unreadable image" in result.stdout
     assert "Epoch 2/2" in result.stdout  # a progress line per epoch
@@ -41,7 +43,7 @@ def test_training_writes_a_bundle_the_predict_function_serves(tiny_bundle, env, 
     assert 0 <= meta["metrics"]["val_accuracy"] <= 1
     assert meta["metrics"]["tflite_max_abs_diff"] <= 1e-4
     assert meta["version"] and meta["created"]
-    client = predict_client(monkeypatch, "tiny", bundle.parent)
+    client = predict_client(settings, "tiny", bundle.parent)
     reply = upload(client, bearer, ("c.png", encode(demo_image("shapes", "circle"))), name="tiny")
     assert reply.status_code == 200
     assert reply.get_json()["prediction"] in meta["labels"]
@@ -55,7 +57,7 @@ def test_existing_bundle_needs_force(tiny_bundle):
     assert (bundle / "model.tflite").read_bytes() == before
 
 
-def test_import_keras_model(tmp_path, env, monkeypatch, bearer):
+def test_import_keras_model(tmp_path, settings, bearer):
     script = f"""
 import tensorflow as tf
 tf.keras.utils.set_random_seed(1)
@@ -69,7 +71,7 @@ m.save({str(tmp_path / "m.keras")!r})
     assert result.returncode == 0, result.stderr[-2000:]
     meta = json.loads((tmp_path / "models/imported/model.json").read_text())
     assert meta["labels"] == ["yes", "no"] and meta["input"]["channels"] == 1
-    client = predict_client(monkeypatch, "imported", tmp_path / "models")
+    client = predict_client(settings, "imported", tmp_path / "models")
     reply = upload(client, bearer, ("x.png", encode(Image.new("L", (50, 40), 200))), name="imported")
     assert reply.status_code == 200 and reply.get_json()["prediction"] in ("yes", "no")
 

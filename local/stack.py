@@ -1,6 +1,6 @@
 """``./start.sh``: run the whole stack locally and supervise it.
 
-Starts (or finds) Redis, one functions-framework process for the token function and one per
+Starts (or finds) Redis, one function server (``shared.server``) for the token function and one per
 model bundle in ``models/``, each on its own port as Knative would give each its own URL, and
 the gateway on ``--port`` (default 8000). Ctrl-C or SIGTERM stops everything it started.
 """
@@ -20,11 +20,10 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared import config, local_redis
+from local import ROOT, redis_server
+from shared import config
 
-ROOT = config.PROJECT_ROOT
 PID_FILE = ROOT / ".thalamus" / "stack.pid"
-BIN = Path(sys.executable).parent
 
 
 @dataclass
@@ -101,17 +100,17 @@ class Stack:
     def spawn(self, child: Child, settings: config.Settings) -> None:
         port = child.url.rsplit(":", 1)[1]
         # The gateway (on this machine) appends the caller to X-Forwarded-For, as an ingress does.
-        env = {"TRUSTED_PROXIES": "127.0.0.0/8,::1/128", **os.environ, "PYTHONPATH": str(ROOT), "WORKERS": "1",
+        env = {"TRUSTED_PROXIES": "127.0.0.0/8,::1/128", **os.environ, "WORKERS": "1",
                "THREADS": "4", "REDIS_URL": settings.redis_url}
         if child.name == "gateway":
-            args = [sys.executable, "-m", "shared.gateway", "--host", self.host, "--port", port,
+            args = [sys.executable, "-m", "local.gateway", "--host", self.host, "--port", port,
                     "--token", self.children[1].url.replace("localhost", "127.0.0.1")]
             args += [f"--model={c.model}={c.url.replace('localhost', '127.0.0.1')}"
                      for c in self.children[2:]]
         else:
             function = "token" if child.name == "token" else "predict"
-            args = [str(BIN / "functions-framework"), "--target", "handle", "--host", self.host,
-                    "--port", port, "--source", str(ROOT / "functions" / function / "main.py")]
+            args = [sys.executable, "-m", "shared.server", str(ROOT / "functions" / function / "main.py"),
+                    "--host", self.host, "--port", port]
             if child.model != "-":
                 env["MODEL_NAME"] = child.model
                 env["MODEL_DIR"] = str(ROOT / "models" / child.model)
@@ -181,12 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     try:
         try:
-            stack.redis = local_redis.ensure(settings)
-        except local_redis.LocalRedisError as exc:
+            stack.redis = redis_server.ensure(settings)
+        except redis_server.LocalRedisError as exc:
             print(f"start.sh: {exc}", file=sys.stderr)
             return 1
         if stack.redis:
-            print(f"start.sh: started local Redis on 127.0.0.1:6379 (data in {local_redis.DATA_DIR})")
+            print(f"start.sh: started local Redis on 127.0.0.1:6379 (data in {redis_server.DATA_DIR})")
         PID_FILE.parent.mkdir(parents=True, exist_ok=True)
         PID_FILE.write_text(f"{os.getpid()} {stack.children[0].url}\n")
         for child in stack.children[1:] + stack.children[:1]:

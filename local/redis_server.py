@@ -11,9 +11,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from shared.config import PROJECT_ROOT, Settings
+from local import ROOT
+from shared.config import Settings
 
-DATA_DIR = PROJECT_ROOT / ".thalamus" / "redis"
+DATA_DIR = ROOT / ".thalamus" / "redis"
 
 
 class LocalRedisError(RuntimeError):

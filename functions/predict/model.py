@@ -7,7 +7,9 @@ threads never share an interpreter, and no thread waits for another's model call
 from __future__ import annotations
 
 import json
+import os
 import queue
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -15,11 +17,31 @@ from typing import Any
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
+from shared.config import Settings
+from shared.errors import StartupError
+
 REQUIRED = ("name", "version", "labels", "input", "preprocessing")
 
 
-class BundleError(Exception):
+class BundleError(StartupError):
     """The bundle is missing or broken; the message says what is wrong."""
+
+
+def load_model(settings: Settings) -> Model:
+    """The bundle a predict function serves (``MODEL_NAME`` in ``MODEL_DIR``), loaded once.
+
+    Raises StartupError with a one-line reason: no MODEL_NAME, a missing or broken bundle, or
+    a bundle that holds another model.
+    """
+    if not settings.model_name:
+        raise StartupError("MODEL_NAME is required (the model this function serves)")
+    try:
+        model = Model(settings.bundle_dir)
+    except BundleError as exc:
+        raise BundleError(f"cannot load model {settings.model_name!r}: {exc}") from None
+    if model.name != settings.model_name:
+        raise BundleError(f"{settings.bundle_dir} holds model {model.name!r}, not {settings.model_name!r}")
+    return model
 
 
 def read_metadata(bundle: Path) -> dict[str, Any]:
@@ -44,6 +66,20 @@ def read_metadata(bundle: Path) -> dict[str, Any]:
     return meta
 
 
+@contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Point file descriptor 2 at /dev/null meanwhile: LiteRT's C++ logger prints "INFO: Created
+    TensorFlow Lite XNNPACK delegate for CPU." there for every interpreter, and has no switch."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class Model:
     """One loaded bundle: metadata plus a pool of LiteRT interpreters."""
 
@@ -57,7 +93,8 @@ class Model:
         self._model_bytes = self._path.read_bytes()
         # Grows to the number of threads that ever called at once (gunicorn's THREADS).
         self._pool: queue.LifoQueue[Interpreter] = queue.LifoQueue()
-        first = self._new_interpreter()  # fails here, at start, if the model is broken
+        with _native_stderr_silenced():
+            first = self._new_interpreter()  # fails here, at start, if the model is broken
         self._check_shapes(first)
         self._pool.put(first)
 
@@ -103,9 +140,3 @@ class Model:
             interpreter.invoke()
             return interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).copy()
 
-    def describe(self, probabilities: np.ndarray, top_k: int = 5) -> dict[str, Any]:
-        """One image's answer: prediction, confidence (0..100) and the top labels."""
-        order = np.argsort(probabilities)[::-1][: min(top_k, len(self.labels))]
-        top = [{"label": self.labels[i], "confidence": round(float(probabilities[i]) * 100, 2)}
-               for i in order]
-        return {"prediction": top[0]["label"], "confidence": top[0]["confidence"], "top": top}

@@ -1,6 +1,6 @@
 """The local gateway on :8000: routes paths to the functions as the cluster's ingress does.
 
-Run by ``./start.sh`` as ``python -m shared.gateway --port 8000 --token URL --model NAME=URL``.
+Run by ``./start.sh`` as ``python -m local.gateway --port 8000 --token URL --model NAME=URL``.
 It also serves ``/docs`` over every function's OpenAPI document, and ``/healthz``/``/readyz``.
 """
 
@@ -13,7 +13,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
-from shared import docs, routes
+from local import routes
+from shared import docs
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
               "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
@@ -117,8 +118,8 @@ class Gateway:
             return _json(start_response, "502 Bad Gateway",
                          {"error": f"function at {base} is not answering"}, [("Retry-After", "2")])
         reply_headers = [(k, v) for k, v in upstream.getheaders() if k.lower() not in HOP_BY_HOP]
-        if upstream.getheader("Content-Length"):
-            reply_headers.append(("Content-Length", upstream.getheader("Content-Length")))
+        if length := upstream.getheader("Content-Length"):
+            reply_headers.append(("Content-Length", length))
         start_response(f"{upstream.status} {upstream.reason}", reply_headers)
         return self._stream(conn, upstream)
 
@@ -134,7 +135,7 @@ class Gateway:
 def main(argv: list[str] | None = None) -> None:
     import gunicorn.app.base
 
-    parser = argparse.ArgumentParser(prog="python -m shared.gateway")
+    parser = argparse.ArgumentParser(prog="python -m local.gateway")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--token", required=True, help="base URL of the token function")

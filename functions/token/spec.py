@@ -1,5 +1,7 @@
 """OpenAPI document of the token function."""
 
+from typing import Any
+
 from shared import openapi
 from shared.config import Settings
 
@@ -8,7 +10,7 @@ SK = "sk_" + "B" * 43
 TOKEN = "Jq3v" + "x" * 39
 
 
-def document(settings: Settings) -> dict:
+def document(settings: Settings) -> dict[str, Any]:
     """The token function's OpenAPI 3 document."""
     bad_request = openapi.error("Malformed body, fields or grant type",
                                 "field 'secret_key' is required and must be a string")

