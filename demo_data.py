@@ -59,7 +59,7 @@ def _background(rng: random.Random, size: tuple[int, int]) -> tuple[Image.Image,
     if kind < 0.8:  # soft gradient towards a near colour
         other = np.array([min(255, max(0, c + rng.randint(-60, 60))) for c in base], np.float32)
         t = np.linspace(0, 1, w if rng.random() < 0.5 else h, dtype=np.float32)
-        ramp = (np.array(base, np.float32)[None] * (1 - t[:, None]) + other[None] * t[:, None])
+        ramp = np.array(base, np.float32)[None] * (1 - t[:, None]) + other[None] * t[:, None]
         pixels = np.broadcast_to(ramp[None], (h, w, 3)) if len(t) == w else np.broadcast_to(ramp[:, None], (h, w, 3))
         return Image.fromarray(pixels.astype(np.uint8), "RGB"), base
     noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 18, (h, w, 3))
@@ -90,8 +90,7 @@ def shape_image(rng: random.Random, label: str) -> Image.Image:
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif label == "square":
         half = r / math.sqrt(2) * 1.15
-        draw.polygon(_rotate([(-half, -half), (half, -half), (half, half), (-half, half)], angle, (cx, cy)),
-                     fill=fill)
+        draw.polygon(_rotate([(-half, -half), (half, -half), (half, half), (-half, half)], angle, (cx, cy)), fill=fill)
     else:
         corners = [(r * math.cos(a), r * math.sin(a)) for a in (0, 2 * math.pi / 3, 4 * math.pi / 3)]
         draw.polygon(_rotate(corners, angle, (cx, cy)), fill=fill)
@@ -108,8 +107,15 @@ def arrow_image(rng: random.Random, label: str) -> Image.Image:
     length = rng.uniform(0.45, 0.8) * min(w, h)
     half, shaft = length / 2, length * rng.uniform(0.08, 0.16)
     head_w, head_l = length * rng.uniform(0.25, 0.4), length * rng.uniform(0.3, 0.45)
-    outline = [(-half, -shaft), (half - head_l, -shaft), (half - head_l, -head_w), (half, 0),
-               (half - head_l, head_w), (half - head_l, shaft), (-half, shaft)]
+    outline = [
+        (-half, -shaft),
+        (half - head_l, -shaft),
+        (half - head_l, -head_w),
+        (half, 0),
+        (half - head_l, head_w),
+        (half - head_l, shaft),
+        (-half, shaft),
+    ]
     angle = ARROW_ANGLES[label] + math.radians(rng.uniform(-25, 25))
     reach = half * 1.05
     cx, cy = rng.uniform(reach, w - reach), rng.uniform(reach, h - reach)

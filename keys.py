@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Thalamus admin CLI for API keys: generate, revoke, list, purge.
 
-    ./keys.py -g client.json [--models shapes,arrows] [--label "team a"]
-    ./keys.py -r pk_...
-    ./keys.py -l
-    ./keys.py -p
+./keys.py -g client.json [--models shapes,arrows] [--label "team a"]
+./keys.py -r pk_...
+./keys.py -l
+./keys.py -p
 """
 
 from __future__ import annotations
@@ -25,20 +25,20 @@ except ImportError:
     venv_python = Path(__file__).resolve().parent / ".venv" / "bin" / "python"
     if venv_python.exists() and Path(sys.prefix).resolve() != venv_python.parent.parent.resolve():
         os.execv(str(venv_python), [str(venv_python), __file__, *sys.argv[1:]])
-    sys.exit("keys.py: dependencies missing; run ./start.sh once (it creates .venv), "
-             "or: python3 -m venv .venv && .venv/bin/pip install -r requirements.txt -e .")
+    sys.exit(
+        "keys.py: dependencies missing; run ./start.sh once (it creates .venv), "
+        "or: python3 -m venv .venv && .venv/bin/pip install -r requirements.txt -e ."
+    )
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="keys.py", description="Manage Thalamus API keys in Redis (REDIS_URL).")
+    parser = argparse.ArgumentParser(prog="keys.py", description="Manage Thalamus API keys in Redis (REDIS_URL).")
     action = parser.add_mutually_exclusive_group(required=True)
-    action.add_argument("-g", "--generate", metavar="FILE",
-                        help="generate a keypair into FILE (mode 0600); prints the public key")
-    action.add_argument("-r", "--revoke", metavar="PUBLIC_KEY",
-                        help="revoke a key and every live token issued for it")
-    action.add_argument("-p", "--purge", action="store_true",
-                        help="delete every key and token under THALAMUS_PREFIX")
+    action.add_argument(
+        "-g", "--generate", metavar="FILE", help="generate a keypair into FILE (mode 0600); prints the public key"
+    )
+    action.add_argument("-r", "--revoke", metavar="PUBLIC_KEY", help="revoke a key and every live token issued for it")
+    action.add_argument("-p", "--purge", action="store_true", help="delete every key and token under THALAMUS_PREFIX")
     action.add_argument("-l", "--list", action="store_true", help="list keys (never secrets)")
     parser.add_argument("--models", metavar="A,B", help="with -g: models the key may call (default all)")
     parser.add_argument("--label", default="", help="with -g: a label shown by -l")
@@ -73,8 +73,11 @@ def main(argv: list[str]) -> int:
     try:
         settings = config.Settings.from_env()
         if redis_server.ensure(settings):
-            print(f"keys.py: started the local Redis on 127.0.0.1:6379 in the background "
-                  f"(data in {redis_server.DATA_DIR}; ./start.sh uses it too)", file=sys.stderr)
+            print(
+                f"keys.py: started the local Redis on 127.0.0.1:6379 in the background "
+                f"(data in {redis_server.DATA_DIR}; ./start.sh uses it too)",
+                file=sys.stderr,
+            )
     except (config.ConfigError, redis_server.LocalRedisError) as exc:
         raise SystemExit(f"keys.py: {exc}") from None
     auth = AuthStore(settings)

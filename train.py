@@ -45,12 +45,18 @@ class TrainError(Exception):
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("dataset", nargs="?", type=Path, help="folder with one subfolder per class")
     parser.add_argument("--demo", choices=sorted(DEMO_SETTINGS), help="train a demo model on generated images")
-    parser.add_argument("--import", dest="import_path", type=Path, metavar="MODEL",
-                        help="a Keras file (.keras, .h5) or SavedModel folder to bundle")
+    parser.add_argument(
+        "--import",
+        dest="import_path",
+        type=Path,
+        metavar="MODEL",
+        help="a Keras file (.keras, .h5) or SavedModel folder to bundle",
+    )
     parser.add_argument("--name", help="bundle name (models/NAME)")
     parser.add_argument("--labels", help="with --import: comma-separated labels, in output order")
     parser.add_argument("--epochs", type=int, default=10)
@@ -118,18 +124,27 @@ def build_model(tf, spec: dict, classes: int):
     layers = tf.keras.layers
 
     def block(filters: int) -> list:
-        return [layers.Conv2D(filters, 3, padding="same", use_bias=False), layers.BatchNormalization(),
-                layers.ReLU(), layers.MaxPooling2D()]
+        return [
+            layers.Conv2D(filters, 3, padding="same", use_bias=False),
+            layers.BatchNormalization(),
+            layers.ReLU(),
+            layers.MaxPooling2D(),
+        ]
 
-    return tf.keras.Sequential([
-        layers.Input((spec["height"], spec["width"], spec["channels"])),
-        layers.Rescaling(1 / 127.5, offset=-1),  # the bundle takes raw 0..255 pixels
-        *block(16), *block(32), *block(64), *block(64),
-        layers.Flatten(),
-        layers.Dropout(0.3),
-        layers.Dense(64, activation="relu"),
-        layers.Dense(classes, activation="softmax"),
-    ])
+    return tf.keras.Sequential(
+        [
+            layers.Input((spec["height"], spec["width"], spec["channels"])),
+            layers.Rescaling(1 / 127.5, offset=-1),  # the bundle takes raw 0..255 pixels
+            *block(16),
+            *block(32),
+            *block(64),
+            *block(64),
+            layers.Flatten(),
+            layers.Dropout(0.3),
+            layers.Dense(64, activation="relu"),
+            layers.Dense(classes, activation="softmax"),
+        ]
+    )
 
 
 def train(tf, x: np.ndarray, y: np.ndarray, classes: list[str], spec: dict, args) -> tuple[object, float]:
@@ -140,11 +155,17 @@ def train(tf, x: np.ndarray, y: np.ndarray, classes: list[str], spec: dict, args
     steps = args.epochs * -(-(len(x) - n_val) // args.batch_size)
     # Cosine decay ends training at a small learning rate, so the last epoch is a stable one.
     schedule = tf.keras.optimizers.schedules.CosineDecay(2e-3, steps, alpha=0.02)
-    model.compile(optimizer=tf.keras.optimizers.Adam(schedule), loss="sparse_categorical_crossentropy",
-                  metrics=["accuracy"])
-    model.fit(x[n_val:].astype(np.float32), y[n_val:], batch_size=args.batch_size, epochs=args.epochs,
-              validation_data=(x[:n_val].astype(np.float32), y[:n_val]),
-              verbose=1 if sys.stdout.isatty() else 2)
+    model.compile(
+        optimizer=tf.keras.optimizers.Adam(schedule), loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+    )
+    model.fit(
+        x[n_val:].astype(np.float32),
+        y[n_val:],
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        validation_data=(x[:n_val].astype(np.float32), y[:n_val]),
+        verbose=1 if sys.stdout.isatty() else 2,
+    )
     _, val_accuracy = model.evaluate(x[:n_val].astype(np.float32), y[:n_val], verbose=0)
     return model, float(val_accuracy)
 
@@ -164,13 +185,15 @@ def run_tflite(tflite: bytes, batch: np.ndarray) -> np.ndarray:
 
 def convert_and_check(tf, keras_like, samples: np.ndarray, reference) -> tuple[bytes, float]:
     """TFLite bytes, and the max abs difference from ``reference`` on ``samples`` (refuses > 1e-4)."""
-    converter = (tf.lite.TFLiteConverter.from_saved_model(str(keras_like)) if isinstance(keras_like, Path)
-                 else tf.lite.TFLiteConverter.from_keras_model(keras_like))
+    converter = (
+        tf.lite.TFLiteConverter.from_saved_model(str(keras_like))
+        if isinstance(keras_like, Path)
+        else tf.lite.TFLiteConverter.from_keras_model(keras_like)
+    )
     tflite = converter.convert()
     diff = float(np.max(np.abs(run_tflite(tflite, samples) - np.asarray(reference(samples)))))
     if diff > TOLERANCE:
-        raise TrainError(f"TFLite and TensorFlow disagree (max abs diff {diff:.2e} > {TOLERANCE}); "
-                         "bundle not written")
+        raise TrainError(f"TFLite and TensorFlow disagree (max abs diff {diff:.2e} > {TOLERANCE}); bundle not written")
     return tflite, diff
 
 
@@ -199,8 +222,12 @@ def metadata(name: str, labels: list[str], spec: dict, preprocessing: dict, metr
         "version": datetime.datetime.now(datetime.UTC).strftime("%Y%m%d%H%M%S"),
         "labels": labels,
         "input": {**spec, "dtype": "float32"},
-        "preprocessing": {"resize": "stretch", "interpolation": "bilinear",
-                          "color_mode": "grayscale" if spec["channels"] == 1 else "rgb", **preprocessing},
+        "preprocessing": {
+            "resize": "stretch",
+            "interpolation": "bilinear",
+            "color_mode": "grayscale" if spec["channels"] == 1 else "rgb",
+            **preprocessing,
+        },
         "metrics": metrics,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
@@ -232,15 +259,18 @@ def run(args) -> Path:
     model, val_accuracy = train(tf, x, y, classes, spec, args)
     samples = x[: min(64, len(x))].astype(np.float32)
     tflite, diff = convert_and_check(tf, model, samples, lambda s: model(s, training=False))
-    metrics = {"val_accuracy": round(val_accuracy, 4), "train_images": int(len(x)),
-               "tflite_max_abs_diff": diff, "train_seconds": round(time.monotonic() - started, 1)}
+    metrics = {
+        "val_accuracy": round(val_accuracy, 4),
+        "train_images": int(len(x)),
+        "tflite_max_abs_diff": diff,
+        "train_seconds": round(time.monotonic() - started, 1),
+    }
     if holdout is not None:
         hx, hy, _ = load_folder(holdout, spec)
         metrics["holdout_accuracy"] = round(tflite_accuracy(tflite, hx, hy), 4)
         metrics["holdout_images"] = int(len(hx))
         shutil.rmtree(holdout.parent)
-    write_bundle(target, tflite, metadata(args.name, classes, spec, {"scale": 1.0, "offset": 0.0}, metrics),
-                 args.force)
+    write_bundle(target, tflite, metadata(args.name, classes, spec, {"scale": 1.0, "offset": 0.0}, metrics), args.force)
     print(f"wrote {target} ({len(tflite) / 1024:.0f} KiB): " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
     return target
 
@@ -273,8 +303,13 @@ def import_model(tf, args, target: Path) -> Path:
     outputs = np.asarray(reference(samples[:1])).shape[-1]
     if outputs != len(labels):
         raise TrainError(f"model has {outputs} outputs but {len(labels)} labels were given")
-    meta = metadata(args.name, labels, spec, {"scale": args.scale, "offset": args.offset},
-                    {"tflite_max_abs_diff": diff, "imported_from": path.name})
+    meta = metadata(
+        args.name,
+        labels,
+        spec,
+        {"scale": args.scale, "offset": args.offset},
+        {"tflite_max_abs_diff": diff, "imported_from": path.name},
+    )
     write_bundle(target, tflite, meta, args.force)
     print(f"wrote {target} ({len(tflite) / 1024:.0f} KiB) from {path}")
     return target

@@ -43,8 +43,9 @@ def first_200(tool: str, tag: str, env: dict, service: str, request) -> float:
 def runtime_only(tool: str, tag: str) -> float:
     """Seconds for ``tool run --rm IMAGE true``: what the container runtime alone costs."""
     started = time.perf_counter()
-    subprocess.run([tool, "run", "--rm", "--network", "host", "--entrypoint", "true", tag],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [tool, "run", "--rm", "--network", "host", "--entrypoint", "true", tag], check=True, capture_output=True
+    )
     return time.perf_counter() - started
 
 
@@ -69,25 +70,36 @@ def main() -> None:
         token = auth.issue_token(pair.public_key, pair.secret_key, "bench").token
         photo = encode(demo_image("shapes", "circle", 1), "JPEG")
         requests_by_image = {
-            "token": lambda base: requests.post(f"{base}/token.json", timeout=10, json={
-                "public_key": pair.public_key, "secret_key": pair.secret_key}),
-            "shapes": lambda base: requests.post(f"{base}/models/shapes/predict.json", timeout=10,
-                                                 headers={"Authorization": f"Bearer {token}"},
-                                                 files={"file": ("p.jpg", photo)}),
+            "token": lambda base: requests.post(
+                f"{base}/token.json", timeout=10, json={"public_key": pair.public_key, "secret_key": pair.secret_key}
+            ),
+            "shapes": lambda base: requests.post(
+                f"{base}/models/shapes/predict.json",
+                timeout=10,
+                headers={"Authorization": f"Bearer {token}"},
+                files={"file": ("p.jpg", photo)},
+            ),
         }
         try:
-            print(f"{'image':<32} {'size':>8} {'podman run → first authenticated 200':>38} "
-                  f"{'podman run IMAGE true':>22}")
+            print(
+                f"{'image':<32} {'size':>8} {'podman run → first authenticated 200':>38} {'podman run IMAGE true':>22}"
+            )
             for name, tag in tags.items():
-                size = subprocess.run([tool, "image", "inspect", "--format", "{{.Size}}", tag],
-                                      capture_output=True, text=True, check=True).stdout.strip()
-                colds = [first_200(tool, tag, env, f"thalamus-{name}", requests_by_image[name])
-                         for _ in range(args.runs)]
+                size = subprocess.run(
+                    [tool, "image", "inspect", "--format", "{{.Size}}", tag], capture_output=True, text=True, check=True
+                ).stdout.strip()
+                colds = [
+                    first_200(tool, tag, env, f"thalamus-{name}", requests_by_image[name]) for _ in range(args.runs)
+                ]
                 bare = [runtime_only(tool, tag) for _ in range(args.runs)]
-                print(f"{tag:<32} {int(size) / 1e6:6.0f}MB {statistics.median(colds) * 1000:>35.0f} ms "
-                      f"{statistics.median(bare) * 1000:>19.0f} ms")
-            print(f"(medians of {args.runs} runs; the last column is the container runtime's own cost "
-                  "of creating and starting a container of that image, with no Python at all)")
+                print(
+                    f"{tag:<32} {int(size) / 1e6:6.0f}MB {statistics.median(colds) * 1000:>35.0f} ms "
+                    f"{statistics.median(bare) * 1000:>19.0f} ms"
+                )
+            print(
+                f"(medians of {args.runs} runs; the last column is the container runtime's own cost "
+                "of creating and starting a container of that image, with no Python at all)"
+            )
         finally:
             auth.purge()
             server.stop()

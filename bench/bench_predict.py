@@ -43,8 +43,14 @@ BIN = Path(sys.executable).parent
 
 def encode_multipart(photo: bytes) -> tuple[bytes, str]:
     boundary = "thalamusbench"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"photo.jpg\"\r\n"
-            f"Content-Type: image/jpeg\r\n\r\n").encode() + photo + f"\r\n--{boundary}--\r\n".encode()
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="photo.jpg"\r\n'
+            f"Content-Type: image/jpeg\r\n\r\n"
+        ).encode()
+        + photo
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     return body, f"multipart/form-data; boundary={boundary}"
 
 
@@ -56,8 +62,9 @@ def memory_mb(pid: int) -> tuple[float, float]:
     return sum(i.rss for i in infos) / 2**20, sum(i.pss for i in infos) / 2**20
 
 
-def spawn_until_200(args: list[str], env: dict, url: str, files: dict, headers: dict,
-                    timeout: float = 120) -> tuple[subprocess.Popen, float]:
+def spawn_until_200(
+    args: list[str], env: dict, url: str, files: dict, headers: dict, timeout: float = 120
+) -> tuple[subprocess.Popen, float]:
     http = requests.Session()
     started = time.perf_counter()
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -71,8 +78,7 @@ def spawn_until_200(args: list[str], env: dict, url: str, files: dict, headers: 
     raise TimeoutError(f"{args[0]} never answered 200 at {url}")
 
 
-def measure(args: list[str], env: dict, url: str, photo: bytes, headers: dict, runs: int,
-            requests_n: int) -> dict:
+def measure(args: list[str], env: dict, url: str, photo: bytes, headers: dict, runs: int, requests_n: int) -> dict:
     files = {"file": ("photo.jpg", photo, "image/jpeg")}
     colds = []
     for run in range(runs):
@@ -102,8 +108,13 @@ def measure(args: list[str], env: dict, url: str, photo: bytes, headers: dict, r
     finally:
         proc.terminate()
         proc.wait()
-    return {"cold": statistics.median(colds) * 1000, "p50": percentile_ms(warm, .5), "p99": percentile_ms(warm, .99),
-            "rss": rss, "pss": pss}
+    return {
+        "cold": statistics.median(colds) * 1000,
+        "p50": percentile_ms(warm, 0.5),
+        "p99": percentile_ms(warm, 0.99),
+        "rss": rss,
+        "pss": pss,
+    }
 
 
 def floor_ms(model: str, photo: bytes, n: int) -> float:
@@ -122,8 +133,9 @@ def baseline_model(model: str, tmp: Path) -> tuple[Path, str]:
     meta = json.loads((ROOT / "models" / model / "model.json").read_text())
     spec = meta["input"]
     path = tmp / f"{model}.keras"
-    script = (f"import tensorflow as tf, train; "
-              f"train.build_model(tf, {spec!r}, {len(meta['labels'])}).save({str(path)!r})")
+    script = (
+        f"import tensorflow as tf, train; train.build_model(tf, {spec!r}, {len(meta['labels'])}).save({str(path)!r})"
+    )
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, cwd=ROOT)
     return path, f"{spec['height']}x{spec['width']}x{spec['channels']}"
 
@@ -149,31 +161,46 @@ def main() -> None:
                 port = free_port()
                 thalamus = measure(
                     function_command("predict", port),
-                    {**env, "MODEL_NAME": model}, f"http://127.0.0.1:{port}/models/{model}/predict.json",
-                    photo, headers, args.runs, args.requests)
+                    {**env, "MODEL_NAME": model},
+                    f"http://127.0.0.1:{port}/models/{model}/predict.json",
+                    photo,
+                    headers,
+                    args.runs,
+                    args.requests,
+                )
                 thalamus["floor"] = floor_ms(model, photo, args.requests)
                 rows.append((model, "thalamus (functions-framework + LiteRT)", thalamus))
                 if not args.no_baseline:
                     path, size = baseline_model(model, tmp)
                     port = free_port()
                     baseline = measure(
-                        [str(BIN / "uvicorn"), "bench.baseline_app:app", "--port", str(port),
-                         "--log-level", "error"],
+                        [str(BIN / "uvicorn"), "bench.baseline_app:app", "--port", str(port), "--log-level", "error"],
                         {**env, "BASELINE_MODEL": str(path), "BASELINE_SIZE": size},
-                        f"http://127.0.0.1:{port}/predict", photo, {}, max(1, args.runs // 2), args.requests)
+                        f"http://127.0.0.1:{port}/predict",
+                        photo,
+                        {},
+                        max(1, args.runs // 2),
+                        args.requests,
+                    )
                     rows.append((model, "baseline (FastAPI + Keras, TensorFlow)", baseline))
         finally:
             auth.purge()
             server.stop()
-    print(f"\n{'model':<8} {'server':<40} {'cold start':>10} {'warm p50':>9} {'warm p99':>9} "
-          f"{'floor':>7} {'p50/floor':>9} {'RSS':>8} {'PSS':>8}")
+    print(
+        f"\n{'model':<8} {'server':<40} {'cold start':>10} {'warm p50':>9} {'warm p99':>9} "
+        f"{'floor':>7} {'p50/floor':>9} {'RSS':>8} {'PSS':>8}"
+    )
     for model, name, r in rows:
         floor = f"{r['floor']:6.2f}" if "floor" in r else "     -"
         ratio = f"{r['p50'] / r['floor']:8.2f}x" if "floor" in r else "        -"
-        print(f"{model:<8} {name:<40} {r['cold']:8.0f}ms {r['p50']:7.2f}ms {r['p99']:7.2f}ms "
-              f"{floor}ms {ratio} {r['rss']:6.0f}MB {r['pss']:6.0f}MB")
-    print(f"\n{args.requests} sequential warm requests of a 640x480 JPEG, cold start median of {args.runs} "
-          f"runs (baseline: {max(1, args.runs // 2)}), on {os.cpu_count()} CPUs.")
+        print(
+            f"{model:<8} {name:<40} {r['cold']:8.0f}ms {r['p50']:7.2f}ms {r['p99']:7.2f}ms "
+            f"{floor}ms {ratio} {r['rss']:6.0f}MB {r['pss']:6.0f}MB"
+        )
+    print(
+        f"\n{args.requests} sequential warm requests of a 640x480 JPEG, cold start median of {args.runs} "
+        f"runs (baseline: {max(1, args.runs // 2)}), on {os.cpu_count()} CPUs."
+    )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,9 @@ def models() -> list[str]:
 
 def render_model(name: str, image: str) -> str:
     template = (HERE / "model-template.yaml").read_text().split("\n", 1)[1]  # drop the comment line
-    return f"# Predict function for model {name} (rendered by knative/manage.py add-model).\n" + \
-        template.replace("IMAGE", image).replace("MODEL", name)
+    return f"# Predict function for model {name} (rendered by knative/manage.py add-model).\n" + template.replace(
+        "IMAGE", image
+    ).replace("MODEL", name)
 
 
 def add_model(name: str, image: str | None) -> None:
@@ -50,8 +51,10 @@ def add_model(name: str, image: str | None) -> None:
     lines.insert(last + 1, f"  - models/{name}.yaml")
     kustomization.write_text("\n".join(lines) + "\n")
     write_routing()
-    print(f"wrote knative/base/models/{name}.yaml, listed it in knative/base/kustomization.yaml, "
-          "updated knative/routing/virtualservice.yaml")
+    print(
+        f"wrote knative/base/models/{name}.yaml, listed it in knative/base/kustomization.yaml, "
+        "updated knative/routing/virtualservice.yaml"
+    )
 
 
 def write_routing() -> None:
@@ -59,8 +62,9 @@ def write_routing() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="knative/manage.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="knative/manage.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     add = sub.add_parser("add-model", help="add a model's Knative Service")
     add.add_argument("name")

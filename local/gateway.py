@@ -16,14 +16,23 @@ from urllib.parse import urlsplit
 from local import routes
 from shared import docs
 
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
-              "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+}
 
 
 def _json(start_response, status: str, body: Any, headers: list | None = None) -> list[bytes]:
     data = json.dumps(body).encode()
-    start_response(status, [("Content-Type", "application/json"),
-                            ("Content-Length", str(len(data))), *(headers or [])])
+    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(data))), *(headers or [])])
     return [data]
 
 
@@ -48,8 +57,7 @@ class Gateway:
             return self._proxy(environ, start_response, self.token_url, path)
         if model not in self.model_urls:
             known = ", ".join(self.model_urls) or "none"
-            return _json(start_response, "404 Not Found",
-                         {"error": f"no such model: {model} (served: {known})"})
+            return _json(start_response, "404 Not Found", {"error": f"no such model: {model} (served: {known})"})
         return self._proxy(environ, start_response, self.model_urls[model], path)
 
     def _local(self, environ: dict, start_response, path: str) -> Iterable[bytes]:
@@ -58,11 +66,13 @@ class Gateway:
         if path == "/readyz":
             states = {name: self._ready(url) for name, url in self._specs().items()}
             status = "200 OK" if all(states.values()) else "503 Service Unavailable"
-            return _json(start_response, status, {"functions": states},
-                         [] if all(states.values()) else [("Retry-After", "2")])
+            return _json(
+                start_response, status, {"functions": states}, [] if all(states.values()) else [("Retry-After", "2")]
+            )
         if path in ("/", "/docs"):
-            return self._flask(environ, start_response,
-                               lambda: docs.page([f"/openapi/{name}.json" for name in self._specs()]))
+            return self._flask(
+                environ, start_response, lambda: docs.page([f"/openapi/{name}.json" for name in self._specs()])
+            )
         if path.startswith("/docs/"):
             return self._flask(environ, start_response, lambda: docs.asset(path.removeprefix("/docs/")))
         if path.startswith("/openapi/") and path.endswith(".json"):
@@ -94,8 +104,11 @@ class Gateway:
     def _proxy(self, environ: dict, start_response, base: str, path: str) -> Iterable[bytes]:
         query = environ.get("QUERY_STRING")
         url = path + (f"?{query}" if query else "")
-        headers = {key[5:].replace("_", "-").title(): value for key, value in environ.items()
-                   if key.startswith("HTTP_") and key[5:].replace("_", "-").lower() not in HOP_BY_HOP}
+        headers = {
+            key[5:].replace("_", "-").title(): value
+            for key, value in environ.items()
+            if key.startswith("HTTP_") and key[5:].replace("_", "-").lower() not in HOP_BY_HOP
+        }
         if environ.get("CONTENT_TYPE"):
             headers["Content-Type"] = environ["CONTENT_TYPE"]
         forwarded = environ.get("HTTP_X_FORWARDED_FOR")
@@ -110,13 +123,22 @@ class Gateway:
             body = iter(lambda: environ["wsgi.input"].read(65536), b"")
         conn = http.client.HTTPConnection(urlsplit(base).netloc, timeout=self.timeout)
         try:
-            conn.request(environ["REQUEST_METHOD"], url, body=body, headers=headers,
-                         encode_chunked=body is not None and not length)
+            conn.request(
+                environ["REQUEST_METHOD"],
+                url,
+                body=body,
+                headers=headers,
+                encode_chunked=body is not None and not length,
+            )
             upstream = conn.getresponse()
         except OSError:
             conn.close()
-            return _json(start_response, "502 Bad Gateway",
-                         {"error": f"function at {base} is not answering"}, [("Retry-After", "2")])
+            return _json(
+                start_response,
+                "502 Bad Gateway",
+                {"error": f"function at {base} is not answering"},
+                [("Retry-After", "2")],
+            )
         reply_headers = [(k, v) for k, v in upstream.getheaders() if k.lower() not in HOP_BY_HOP]
         if length := upstream.getheader("Content-Length"):
             reply_headers.append(("Content-Length", length))
@@ -145,8 +167,14 @@ def main(argv: list[str] | None = None) -> None:
 
     class Server(gunicorn.app.base.BaseApplication):
         def load_config(self) -> None:
-            for key, value in {"bind": f"{args.host}:{args.port}", "workers": 1, "threads": 16,
-                               "worker_class": "gthread", "loglevel": "error", "timeout": 0}.items():
+            for key, value in {
+                "bind": f"{args.host}:{args.port}",
+                "workers": 1,
+                "threads": 16,
+                "worker_class": "gthread",
+                "loglevel": "error",
+                "timeout": 0,
+            }.items():
                 self.cfg.set(key, value)
 
         def load(self):

@@ -53,10 +53,14 @@ def start_server(port: int, data_dir: Path, *, persist: bool = True) -> subproce
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     args = [
         str(server_binary()),
-        "--bind", "127.0.0.1",
-        "--port", str(port),
-        "--dir", str(data_dir),
-        "--protected-mode", "yes",
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dir",
+        str(data_dir),
+        "--protected-mode",
+        "yes",
     ]
     args += ["--appendonly", "yes", "--save", ""] if persist else ["--appendonly", "no", "--save", ""]
     proc = subprocess.Popen(

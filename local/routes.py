@@ -33,11 +33,13 @@ def render_virtualservice(models: list[str]) -> str:
 
     def route(paths: list[str], service: str, kind: str = "prefix") -> str:
         matches = "".join(f"        - uri:\n            {kind}: {p}\n" for p in paths)
-        return (f"    - match:\n{matches}"
-                f"      rewrite:\n        authority: {service}.{NAMESPACE}.svc.cluster.local\n"
-                f"      route:\n        - destination:\n"
-                f"            host: knative-local-gateway.istio-system.svc.cluster.local\n"
-                f"          weight: 100\n")
+        return (
+            f"    - match:\n{matches}"
+            f"      rewrite:\n        authority: {service}.{NAMESPACE}.svc.cluster.local\n"
+            f"      route:\n        - destination:\n"
+            f"            host: knative-local-gateway.istio-system.svc.cluster.local\n"
+            f"          weight: 100\n"
+        )
 
     http = route(list(TOKEN_PATHS), "thalamus-token", "exact")
     for name in models:

@@ -54,8 +54,13 @@ def discover_models(models_dir: Path) -> list[str]:
     """Names of the bundles in ``models_dir`` (folders holding model.json and model.tflite)."""
     if not models_dir.is_dir():
         return []
-    return sorted(p.name for p in models_dir.iterdir() if not p.name.startswith(".")  # train.py staging
-                  and (p / "model.json").is_file() and (p / "model.tflite").is_file())
+    return sorted(
+        p.name
+        for p in models_dir.iterdir()
+        if not p.name.startswith(".")  # train.py staging
+        and (p / "model.json").is_file()
+        and (p / "model.tflite").is_file()
+    )
 
 
 def running_stack() -> str | None:
@@ -100,22 +105,44 @@ class Stack:
     def spawn(self, child: Child, settings: config.Settings) -> None:
         port = child.url.rsplit(":", 1)[1]
         # The gateway (on this machine) appends the caller to X-Forwarded-For, as an ingress does.
-        env = {"TRUSTED_PROXIES": "127.0.0.0/8,::1/128", **os.environ, "WORKERS": "1",
-               "THREADS": "4", "REDIS_URL": settings.redis_url}
+        env = {
+            "TRUSTED_PROXIES": "127.0.0.0/8,::1/128",
+            **os.environ,
+            "WORKERS": "1",
+            "THREADS": "4",
+            "REDIS_URL": settings.redis_url,
+        }
         if child.name == "gateway":
-            args = [sys.executable, "-m", "local.gateway", "--host", self.host, "--port", port,
-                    "--token", self.children[1].url.replace("localhost", "127.0.0.1")]
-            args += [f"--model={c.model}={c.url.replace('localhost', '127.0.0.1')}"
-                     for c in self.children[2:]]
+            args = [
+                sys.executable,
+                "-m",
+                "local.gateway",
+                "--host",
+                self.host,
+                "--port",
+                port,
+                "--token",
+                self.children[1].url.replace("localhost", "127.0.0.1"),
+            ]
+            args += [f"--model={c.model}={c.url.replace('localhost', '127.0.0.1')}" for c in self.children[2:]]
         else:
             function = "token" if child.name == "token" else "predict"
-            args = [sys.executable, "-m", "shared.server", str(ROOT / "functions" / function / "main.py"),
-                    "--host", self.host, "--port", port]
+            args = [
+                sys.executable,
+                "-m",
+                "shared.server",
+                str(ROOT / "functions" / function / "main.py"),
+                "--host",
+                self.host,
+                "--port",
+                port,
+            ]
             if child.model != "-":
                 env["MODEL_NAME"] = child.model
                 env["MODEL_DIR"] = str(ROOT / "models" / child.model)
-        child.proc = subprocess.Popen(args, env=env, cwd=ROOT, stdin=subprocess.DEVNULL,
-                                      start_new_session=True, preexec_fn=_die_with_parent)  # noqa: PLW1509
+        child.proc = subprocess.Popen(
+            args, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent
+        )  # noqa: PLW1509
 
     def stop(self, *_: object) -> None:
         if self.stopping:
@@ -142,20 +169,27 @@ class Stack:
         for child in self.children:
             print(f"  {child.name:<18} {child.url:<26} {child.model}")
         model = self.children[2].model if len(self.children) > 2 else "MODEL"
-        print(f"""
+        print(
+            f"""
 Next steps (docs: {gateway}/docs):
   ./keys.py -g client.json
   TOKEN=$(curl -s -X POST {gateway}/token.json -H 'Content-Type: application/json' \\
           -d @client.json | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
   curl -H "Authorization: Bearer $TOKEN" -F file=@photo.jpg {gateway}/models/{model}/predict.json
 
-Ctrl-C stops everything.""", flush=True)
+Ctrl-C stops everything.""",
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="start.sh", description="Run Thalamus locally.")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")),
-                        help="gateway port; functions take the next ones (default $PORT or 8000)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("PORT", "8000")),
+        help="gateway port; functions take the next ones (default $PORT or 8000)",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     args = parser.parse_args(argv)
 
@@ -171,9 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     stack.plan(discover_models(ROOT / "models"))
     busy = [p for p in stack.ports() if not port_free(args.host, p)]
     if busy:
-        print(f"start.sh: port {busy[0]} on {args.host} is already in use "
-              f"(the stack needs ports {args.port}-{args.port + len(stack.children) - 1}; try --port)",
-              file=sys.stderr)
+        print(
+            f"start.sh: port {busy[0]} on {args.host} is already in use "
+            f"(the stack needs ports {args.port}-{args.port + len(stack.children) - 1}; try --port)",
+            file=sys.stderr,
+        )
         return 1
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
@@ -201,9 +237,12 @@ def main(argv: list[str] | None = None) -> int:
             for child in stack.children:
                 if child.proc and child.proc.poll() is not None and child.name not in reported:
                     reported.add(child.name)
-                    print(f"start.sh: {child.name} ({child.url}) exited with code "
-                          f"{child.proc.returncode}; the rest keeps running, Ctrl-C to stop",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"start.sh: {child.name} ({child.url}) exited with code "
+                        f"{child.proc.returncode}; the rest keeps running, Ctrl-C to stop",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     finally:
         stack.stop()
 

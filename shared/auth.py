@@ -73,9 +73,7 @@ def check_secret(secret: str, encoded: str) -> bool:
     try:
         scheme, n, r, p, salt, digest = encoded.split("$")
         expected = base64.urlsafe_b64decode(digest)
-        actual = scrypt.hash(
-            secret.encode(), base64.urlsafe_b64decode(salt), int(n), int(r), int(p), len(expected)
-        )
+        actual = scrypt.hash(secret.encode(), base64.urlsafe_b64decode(salt), int(n), int(r), int(p), len(expected))
     except (ValueError, scrypt.error):
         return False
     return scheme == "scrypt" and hmac.compare_digest(actual, expected)
@@ -198,8 +196,13 @@ class AuthStore:
         keys = []
         for name, (label, scopes, created), live in zip(names, replies[::2], replies[1::2], strict=False):
             keys.append(
-                KeyInfo(name.rsplit(":", 1)[1], label or "", json.loads(scopes) if scopes else None,
-                        int(created or 0), int(live))
+                KeyInfo(
+                    name.rsplit(":", 1)[1],
+                    label or "",
+                    json.loads(scopes) if scopes else None,
+                    int(created or 0),
+                    int(live),
+                )
             )
         return sorted(keys, key=lambda k: (k.created, k.public_key))
 
@@ -242,8 +245,7 @@ class AuthStore:
         now = int(time.time())
         ttl = self.settings.token_ttl
         scopes = self._issue(
-            keys=[self._k("key", public_key), self._k("token", token_digest(token)),
-                  self._k("key-tokens", public_key)],
+            keys=[self._k("key", public_key), self._k("token", token_digest(token)), self._k("key-tokens", public_key)],
             args=[public_key, ttl, now + ttl, now, token_digest(token)],
         )
         if scopes is None:  # revoked between the secret check and now
@@ -282,8 +284,11 @@ class AuthStore:
         for name in counters:
             pipe.ttl(name)
         counts, *ttls = pipe.execute()
-        waits = [ttl for count, ttl in zip(counts, ttls, strict=False)
-                 if count is not None and int(count) >= self.settings.auth_max_failures]
+        waits = [
+            ttl
+            for count, ttl in zip(counts, ttls, strict=False)
+            if count is not None and int(count) >= self.settings.auth_max_failures
+        ]
         if waits:
             raise TooManyRequests(max(1, max(waits)))
 

@@ -11,10 +11,16 @@ import flask
 from shared.errors import NotFound
 
 # The only files /docs/<asset> serves (no path from the request ever reaches the filesystem).
-ASSETS = frozenset({
-    "swagger-ui.css", "swagger-ui-bundle.js", "swagger-ui-standalone-preset.js",
-    "oauth2-redirect.html", "favicon-32x32.png", "favicon-16x16.png",
-})
+ASSETS = frozenset(
+    {
+        "swagger-ui.css",
+        "swagger-ui-bundle.js",
+        "swagger-ui-standalone-preset.js",
+        "oauth2-redirect.html",
+        "favicon-32x32.png",
+        "favicon-16x16.png",
+    }
+)
 
 _PAGE = """<!doctype html>
 <html lang="en">

@@ -54,9 +54,7 @@ class MethodNotAllowed(ThalamusError):
     status = 405
 
     def __init__(self, allowed: list[str]) -> None:
-        super().__init__(
-            f"method not allowed; use {', '.join(allowed)}", {"Allow": ", ".join(allowed)}
-        )
+        super().__init__(f"method not allowed; use {', '.join(allowed)}", {"Allow": ", ".join(allowed)})
 
 
 class PayloadTooLarge(ThalamusError):

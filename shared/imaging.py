@@ -65,9 +65,7 @@ def _normalise_mode(image: Image.Image) -> Image.Image:
         if image.mode.startswith("I;16") or pixels.max(initial=0) > 255:
             pixels = pixels / 257.0  # 16-bit range → 8-bit
         return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "L")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        image.mode == "P" and "transparency" in image.info
-    ):
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")

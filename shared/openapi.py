@@ -18,9 +18,7 @@ def error(description: str, example: str) -> dict[str, Any]:
 def retry_error(description: str, example: str) -> dict[str, Any]:
     """An error response that carries a Retry-After header (429, 503)."""
     response = error(description, example)
-    response["headers"] = {
-        "Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}
-    }
+    response["headers"] = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
     return response
 
 
@@ -30,27 +28,47 @@ METHOD_NOT_ALLOWED = error("Wrong method for this path", "method not allowed; us
 REDIS_DOWN = retry_error("Redis unreachable", "Redis unreachable at redis://127.0.0.1:6379/0")
 
 
-def document(title: str, description: str, paths: dict[str, Any],
-             schemas: dict[str, Any]) -> dict[str, Any]:
+def document(title: str, description: str, paths: dict[str, Any], schemas: dict[str, Any]) -> dict[str, Any]:
     """A complete OpenAPI 3.0 document: the function's ``paths`` plus health and docs paths,
     the shared Error schema and the Bearer and OAuth2 client-credentials security schemes."""
     health = {
-        "/healthz": {"get": {
-            "summary": "Liveness: the process is up", "tags": ["health"], "security": [],
-            "responses": {"200": {"description": "alive", "content": {"application/json": {
-                "schema": {"type": "object", "properties": {"status": {"type": "string"}}},
-                "example": {"status": "ok"}}}}},
-        }},
-        "/readyz": {"get": {
-            "summary": "Readiness: Redis reachable (and the model loaded)", "tags": ["health"],
-            "security": [],
-            "responses": {
-                "200": {"description": "ready", "content": {"application/json": {
-                    "schema": {"type": "object", "properties": {"status": {"type": "string"}}},
-                    "example": {"status": "ready"}}}},
-                "503": REDIS_DOWN,
-            },
-        }},
+        "/healthz": {
+            "get": {
+                "summary": "Liveness: the process is up",
+                "tags": ["health"],
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "alive",
+                        "content": {
+                            "application/json": {
+                                "schema": {"type": "object", "properties": {"status": {"type": "string"}}},
+                                "example": {"status": "ok"},
+                            }
+                        },
+                    }
+                },
+            }
+        },
+        "/readyz": {
+            "get": {
+                "summary": "Readiness: Redis reachable (and the model loaded)",
+                "tags": ["health"],
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "ready",
+                        "content": {
+                            "application/json": {
+                                "schema": {"type": "object", "properties": {"status": {"type": "string"}}},
+                                "example": {"status": "ready"},
+                            }
+                        },
+                    },
+                    "503": REDIS_DOWN,
+                },
+            }
+        },
     }
     return {
         "openapi": "3.0.3",
@@ -61,14 +79,14 @@ def document(title: str, description: str, paths: dict[str, Any],
         "components": {
             "schemas": {
                 "Error": {
-                    "type": "object", "required": ["error"],
+                    "type": "object",
+                    "required": ["error"],
                     "properties": {"error": {"type": "string", "description": "what went wrong"}},
                 },
                 **schemas,
             },
             "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer",
-                           "description": "A token from POST /token.json"},
+                "bearer": {"type": "http", "scheme": "bearer", "description": "A token from POST /token.json"},
                 "oauth2": {
                     "type": "oauth2",
                     "description": "client_id = public key, client_secret = secret key",

@@ -151,8 +151,12 @@ def serve_function(env: dict[str, str]) -> Iterator[Callable[..., str]]:
 
     def start(name: str, **extra: str) -> str:
         port = free_port()
-        proc = subprocess.Popen(function_command(name, port), env=subprocess_env(**env, **extra),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            function_command(name, port),
+            env=subprocess_env(**env, **extra),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         procs.append(proc)
         base = f"http://127.0.0.1:{port}"
         wait_http(base + "/healthz", proc)
@@ -166,8 +170,17 @@ def serve_function(env: dict[str, str]) -> Iterator[Callable[..., str]]:
 
 # -- the whole stack, as ./start.sh runs it ----------------------------------------------------
 
-STACK_FILES = ("start.sh", "keys.py", "pyproject.toml", "demo_data.py", "shared", "local", "functions", "models",
-               "requirements.txt")
+STACK_FILES = (
+    "start.sh",
+    "keys.py",
+    "pyproject.toml",
+    "demo_data.py",
+    "shared",
+    "local",
+    "functions",
+    "models",
+    "requirements.txt",
+)
 
 
 def copy_project(target: Path) -> Path:
@@ -208,13 +221,25 @@ class RunningStack:
     output: list[str]
 
     def keys(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([str(self.folder / "keys.py"), *args], capture_output=True, text=True,
-                              env=self.env, cwd=self.folder, timeout=60)
+        return subprocess.run(
+            [str(self.folder / "keys.py"), *args],
+            capture_output=True,
+            text=True,
+            env=self.env,
+            cwd=self.folder,
+            timeout=60,
+        )
 
 
 def start_stack(folder: Path, port: int, env: dict[str, str], wait: bool = True) -> RunningStack:
-    proc = subprocess.Popen([str(folder / "start.sh"), "--port", str(port)], cwd=folder, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [str(folder / "start.sh"), "--port", str(port)],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     output: list[str] = []
     up = threading.Event()
 

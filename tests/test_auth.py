@@ -117,8 +117,7 @@ def test_list_keys_never_shows_secrets(auth):
     pair = auth.create_key(["shapes"], "team a")
     auth.issue_token(pair.public_key, pair.secret_key, "a")
     [info] = auth.list_keys()
-    assert (info.public_key, info.label, info.scopes, info.live_tokens) == (
-        pair.public_key, "team a", ["shapes"], 1)
+    assert (info.public_key, info.label, info.scopes, info.live_tokens) == (pair.public_key, "team a", ["shapes"], 1)
 
 
 def test_failures_are_rate_limited_per_key(auth, keypair):

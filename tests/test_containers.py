@@ -15,9 +15,11 @@ from tests.test_layout import shared_closure
 pytestmark = pytest.mark.slow
 TOOL = helpers.container_engine()
 if TOOL is None:
-    pytest.skip("no podman/docker able to build FROM python:3.11-slim here "
-                "(on these machines run ../shared/tools/container-setup, as ./test.sh does)",
-                allow_module_level=True)
+    pytest.skip(
+        "no podman/docker able to build FROM python:3.11-slim here "
+        "(on these machines run ../shared/tools/container-setup, as ./test.sh does)",
+        allow_module_level=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +32,12 @@ def images():
 
 @pytest.mark.parametrize("name, function", [("token", "token"), ("shapes", "predict")])
 def test_an_image_holds_its_function_and_the_shared_modules_it_imports_only(images, name, function):
-    listing = subprocess.run([TOOL, "run", "--rm", "--entrypoint", "find", images[name], "/app", "-name", "*.py"],
-                             capture_output=True, text=True, check=True).stdout.split()
+    listing = subprocess.run(
+        [TOOL, "run", "--rm", "--entrypoint", "find", images[name], "/app", "-name", "*.py"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     inside = {path.removeprefix("/app/") for path in listing}
     own = {f"functions/{function}/{path.name}" for path in (ROOT / "functions" / function).glob("*.py")}
     assert inside == {"functions/__init__.py", *own, *shared_closure(function)}
@@ -44,8 +50,9 @@ def stack(images, redis_url, env):
 
     def start(name, service):
         port = free_port()
-        container = helpers.run_container(TOOL, images[name], port, {"REDIS_URL": redis_url,
-                                   "THALAMUS_PREFIX": env["THALAMUS_PREFIX"]}, service)
+        container = helpers.run_container(
+            TOOL, images[name], port, {"REDIS_URL": redis_url, "THALAMUS_PREFIX": env["THALAMUS_PREFIX"]}, service
+        )
         started.append(container)
         base = f"http://127.0.0.1:{port}"
         helpers.wait_container_ready(base + "/readyz", container, TOOL)
@@ -60,12 +67,17 @@ def test_token_and_prediction_through_containers(stack, auth):
     token_container, token_base = stack("token", "thalamus-token")
     predict_container, predict_base = stack("shapes", "thalamus-shapes")
     pair = auth.create_key(["shapes"])
-    token = requests.post(f"{token_base}/token.json", timeout=10,
-                          json={"public_key": pair.public_key, "secret_key": pair.secret_key}).json()["token"]
+    token = requests.post(
+        f"{token_base}/token.json", timeout=10, json={"public_key": pair.public_key, "secret_key": pair.secret_key}
+    ).json()["token"]
     headers = {"Authorization": f"Bearer {token}"}
     for i, label in enumerate(["circle", "square", "triangle"]):
-        reply = requests.post(f"{predict_base}/models/shapes/predict.json", headers=headers, timeout=30,
-                              files={"file": ("x.jpg", encode(demo_image("shapes", label, 300 + i), "JPEG"))})
+        reply = requests.post(
+            f"{predict_base}/models/shapes/predict.json",
+            headers=headers,
+            timeout=30,
+            files={"file": ("x.jpg", encode(demo_image("shapes", label, 300 + i), "JPEG"))},
+        )
         assert reply.status_code == 200 and reply.json()["prediction"] == label
     for container in (token_container, predict_container):
         uid = subprocess.run([TOOL, "exec", container, "id", "-u"], capture_output=True, text=True).stdout
@@ -80,8 +92,14 @@ def test_sigterm_finishes_the_in_flight_request_then_exits(stack, auth):
     token = auth.issue_token(pair.public_key, pair.secret_key, "t").token
     image = encode(demo_image("shapes", "square", 77))
     boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"s.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + image + f"\r\n--{boundary}--\r\n".encode()
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="s.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + image
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     sent_half = threading.Event()
 
     def slow_body():
@@ -94,9 +112,11 @@ def test_sigterm_finishes_the_in_flight_request_then_exits(stack, auth):
 
     def call():
         result["reply"] = requests.post(
-            f"{base}/models/shapes/predict.json", data=slow_body(), timeout=30,
-            headers={"Authorization": f"Bearer {token}",
-                     "Content-Type": f"multipart/form-data; boundary={boundary}"})
+            f"{base}/models/shapes/predict.json",
+            data=slow_body(),
+            timeout=30,
+            headers={"Authorization": f"Bearer {token}", "Content-Type": f"multipart/form-data; boundary={boundary}"},
+        )
 
     caller = threading.Thread(target=call)
     caller.start()

@@ -49,4 +49,4 @@ def test_predict_image_has_no_tensorflow_and_token_image_no_model_runtime():
 
 def test_dockerignore_keeps_the_context_small():
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
-    assert ignore[ignore.index("**") + 1:ignore.index("**") + 4] == ["!shared/", "!functions/", "!models/"]
+    assert ignore[ignore.index("**") + 1 : ignore.index("**") + 4] == ["!shared/", "!functions/", "!models/"]

@@ -44,6 +44,7 @@ def test_oversized_upload_is_refused_without_reading_it(serve_function):
         for _ in range(100_000):  # 6.5 GB if the server read it all
             yield b" " * 65536
 
-    reply = requests.post(f"{base}/token.json", data=endless(), timeout=20,
-                          headers={"Content-Type": "application/json"})
+    reply = requests.post(
+        f"{base}/token.json", data=endless(), timeout=20, headers={"Content-Type": "application/json"}
+    )
     assert reply.status_code == 413 and "too large" in reply.json()["error"], reply.text

@@ -9,16 +9,19 @@ from shared.http import client_address
 CLUSTER = Settings.from_env({"TRUSTED_PROXIES": "127.0.0.0/8, 10.0.0.0/8"}).trusted_proxies
 
 
-@pytest.mark.parametrize("trusted, peer, forwarded, expected", [
-    ((), "10.0.0.1", "203.0.113.9", "10.0.0.1"),                          # nothing trusted: the peer
-    (CLUSTER, "198.51.100.7", "203.0.113.9", "198.51.100.7"),              # untrusted peer: its XFF is ignored
-    (CLUSTER, "127.0.0.1", "203.0.113.9, 10.2.0.5", "203.0.113.9"),        # queue-proxy ← ingress ← client
-    (CLUSTER, "127.0.0.1", "203.0.113.9, 10.2.0.5, 10.3.0.8", "203.0.113.9"),  # + activator: same client
-    (CLUSTER, "127.0.0.1", "6.6.6.6, 203.0.113.9, 10.2.0.5", "203.0.113.9"),   # a forged entry stays left
-    (CLUSTER, "127.0.0.1", "10.9.9.9, 10.2.0.5", "10.9.9.9"),              # all internal: the first hop
-    (CLUSTER, "127.0.0.1", "", "127.0.0.1"),
-    (CLUSTER, "127.0.0.1", "not-an-ip, 10.2.0.5", "not-an-ip"),
-])
+@pytest.mark.parametrize(
+    "trusted, peer, forwarded, expected",
+    [
+        ((), "10.0.0.1", "203.0.113.9", "10.0.0.1"),  # nothing trusted: the peer
+        (CLUSTER, "198.51.100.7", "203.0.113.9", "198.51.100.7"),  # untrusted peer: its XFF is ignored
+        (CLUSTER, "127.0.0.1", "203.0.113.9, 10.2.0.5", "203.0.113.9"),  # queue-proxy ← ingress ← client
+        (CLUSTER, "127.0.0.1", "203.0.113.9, 10.2.0.5, 10.3.0.8", "203.0.113.9"),  # + activator: same client
+        (CLUSTER, "127.0.0.1", "6.6.6.6, 203.0.113.9, 10.2.0.5", "203.0.113.9"),  # a forged entry stays left
+        (CLUSTER, "127.0.0.1", "10.9.9.9, 10.2.0.5", "10.9.9.9"),  # all internal: the first hop
+        (CLUSTER, "127.0.0.1", "", "127.0.0.1"),
+        (CLUSTER, "127.0.0.1", "not-an-ip, 10.2.0.5", "not-an-ip"),
+    ],
+)
 def test_client_address(trusted, peer, forwarded, expected):
     app = flask.Flask("t")
     headers = {"X-Forwarded-For": forwarded} if forwarded else {}

@@ -27,19 +27,22 @@ def to_mode(image, mode):
     return image.convert(mode)
 
 
-@pytest.mark.parametrize("fmt, mode, save", [
-    ("JPEG", "RGB", {"quality": 85}),
-    ("JPEG", "L", {}),
-    ("JPEG", "CMYK", {}),
-    ("PNG", "RGBA", {}),
-    ("PNG", "LA", {}),
-    ("PNG", "P", {}),
-    ("PNG", "I;16", {}),
-    ("PNG", "1", {}),
-    ("WEBP", "RGB", {"quality": 90}),
-    ("BMP", "RGB", {}),
-    ("GIF", "P", {}),
-])
+@pytest.mark.parametrize(
+    "fmt, mode, save",
+    [
+        ("JPEG", "RGB", {"quality": 85}),
+        ("JPEG", "L", {}),
+        ("JPEG", "CMYK", {}),
+        ("PNG", "RGBA", {}),
+        ("PNG", "LA", {}),
+        ("PNG", "P", {}),
+        ("PNG", "I;16", {}),
+        ("PNG", "1", {}),
+        ("WEBP", "RGB", {"quality": 90}),
+        ("BMP", "RGB", {}),
+        ("GIF", "P", {}),
+    ],
+)
 def test_formats_and_modes_are_understood(shapes_client, bearer, fmt, mode, save):
     image = to_mode(circle(), mode)
     reply = upload(shapes_client, bearer, (f"c.{fmt.lower()}", encode(image, fmt, **save)))
@@ -78,6 +81,7 @@ def test_exif_orientation_is_applied(settings, bearer):
 def test_large_photo_and_tiny_icon(shapes_client, bearer):
     photo = Image.new("RGB", (640, 480), (30, 90, 200))
     from PIL import ImageDraw
+
     ImageDraw.Draw(photo).rectangle([220, 140, 420, 340], fill=(250, 240, 20))
     icon = photo.resize((32, 24))
     reply = upload(shapes_client, bearer, ("p.jpg", encode(photo, "JPEG")), ("i.png", encode(icon)))
@@ -86,8 +90,10 @@ def test_large_photo_and_tiny_icon(shapes_client, bearer):
 
 def png_header_only(width, height):
     """A valid-looking PNG that claims width x height pixels (a decompression bomb's header)."""
+
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
@@ -97,16 +103,19 @@ def real_bomb():
     return encode(Image.new("1", (12000, 12000), 1), "PNG", optimize=True)
 
 
-@pytest.mark.parametrize("files, words", [
-    ([("empty.png", b"")], "empty"),
-    ([("notes.txt", b"just some text, not pixels")], "not an image"),
-    ([("doc.pdf", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n")], "not an image"),
-    ([("cut.jpg", encode(circle(), "JPEG")[:1500])], "truncated"),
-    ([("cut.png", encode(circle(), "PNG")[:-200])], "truncated"),
-    ([("bomb.png", png_header_only(60000, 60000))], "too large"),
-    ([("bomb.png", real_bomb())], "too large"),
-    ([("ok.png", encode(circle())), ("bad.txt", b"nope")], "'bad.txt'"),
-])
+@pytest.mark.parametrize(
+    "files, words",
+    [
+        ([("empty.png", b"")], "empty"),
+        ([("notes.txt", b"just some text, not pixels")], "not an image"),
+        ([("doc.pdf", b"%PDF-1.4\n%\xe2\xe3\xcf\xd3\n1 0 obj\n")], "not an image"),
+        ([("cut.jpg", encode(circle(), "JPEG")[:1500])], "truncated"),
+        ([("cut.png", encode(circle(), "PNG")[:-200])], "truncated"),
+        ([("bomb.png", png_header_only(60000, 60000))], "too large"),
+        ([("bomb.png", real_bomb())], "too large"),
+        ([("ok.png", encode(circle())), ("bad.txt", b"nope")], "'bad.txt'"),
+    ],
+)
 def test_bad_images_get_400_naming_the_problem(shapes_client, bearer, files, words):
     reply = upload(shapes_client, bearer, *files)
     assert reply.status_code == 400
@@ -120,11 +129,13 @@ def test_pixel_limit_is_configurable(settings, bearer):
 
 
 def test_missing_file_field_and_wrong_content_type(shapes_client, bearer):
-    no_file = shapes_client.post("/models/shapes/predict.json", data={"other": "x"}, headers=bearer,
-                                 content_type="multipart/form-data")
+    no_file = shapes_client.post(
+        "/models/shapes/predict.json", data={"other": "x"}, headers=bearer, content_type="multipart/form-data"
+    )
     assert no_file.status_code == 400 and "'file'" in no_file.get_json()["error"]
-    raw = shapes_client.post("/models/shapes/predict.json", data=encode(circle()), headers=bearer,
-                             content_type="image/png")
+    raw = shapes_client.post(
+        "/models/shapes/predict.json", data=encode(circle()), headers=bearer, content_type="image/png"
+    )
     assert raw.status_code == 415
 
 

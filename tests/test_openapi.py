@@ -65,14 +65,26 @@ def test_token_answers_conform(token_client, token_spec, keypair):
     wrong = {**good, "secret_key": "sk_" + "q" * 43}
     cases = [
         ("/token.json", "post", lambda: token_client.post("/token.json", json=good)),
-        ("/token.json", "post", lambda: token_client.post("/token.json", data={
-            "grant_type": "client_credentials", "client_id": keypair.public_key,
-            "client_secret": keypair.secret_key})),
+        (
+            "/token.json",
+            "post",
+            lambda: token_client.post(
+                "/token.json",
+                data={
+                    "grant_type": "client_credentials",
+                    "client_id": keypair.public_key,
+                    "client_secret": keypair.secret_key,
+                },
+            ),
+        ),
         ("/token.json", "post", lambda: token_client.post("/token.json", json={"public_key": 1})),
         ("/token.json", "post", lambda: token_client.post("/token.json", json=wrong)),
         ("/token.json", "post", lambda: token_client.post("/token.json", data="x", content_type="text/plain")),
-        ("/token.json", "post", lambda: token_client.post("/token.json", data=b"x" * (10 * 2**20 + 1),
-                                                          content_type="application/json")),
+        (
+            "/token.json",
+            "post",
+            lambda: token_client.post("/token.json", data=b"x" * (10 * 2**20 + 1), content_type="application/json"),
+        ),
         ("/session.json", "get", lambda: token_client.get("/session.json")),
         ("/healthz", "get", lambda: token_client.get("/healthz")),
         ("/readyz", "get", lambda: token_client.get("/readyz")),
@@ -80,8 +92,12 @@ def test_token_answers_conform(token_client, token_spec, keypair):
     for path, method, call in cases:
         check(token_spec, path, method, call())
     token = token_client.post("/token.json", json=good).get_json()["token"]
-    check(token_spec, "/session.json", "get", token_client.get("/session.json", headers={
-        "Authorization": f"Bearer {token}"}))
+    check(
+        token_spec,
+        "/session.json",
+        "get",
+        token_client.get("/session.json", headers={"Authorization": f"Bearer {token}"}),
+    )
     for _ in range(11):
         reply = token_client.post("/token.json", json={**good, "secret_key": "sk_" + "w" * 43})
     assert reply.status_code == 429
@@ -93,8 +109,12 @@ def test_predict_answers_conform(shapes_client, bearer, auth):
     image = encode(demo_image("shapes", "circle"))
 
     def post(files, headers=bearer, name="shapes"):
-        return shapes_client.post(f"/models/{name}/predict.json", headers=headers, content_type="multipart/form-data",
-                                  data={"file": [(io.BytesIO(content), f"{i}.png") for i, content in enumerate(files)]})
+        return shapes_client.post(
+            f"/models/{name}/predict.json",
+            headers=headers,
+            content_type="multipart/form-data",
+            data={"file": [(io.BytesIO(content), f"{i}.png") for i, content in enumerate(files)]},
+        )
 
     scoped = auth.create_key(["arrows"])
     scoped_token = auth.issue_token(scoped.public_key, scoped.secret_key, "t").token
@@ -105,8 +125,11 @@ def test_predict_answers_conform(shapes_client, bearer, auth):
         ("/models/shapes/predict.json", "post", post([image], headers={})),
         ("/models/shapes/predict.json", "post", post([image], headers={"Authorization": f"Bearer {scoped_token}"})),
         ("/models/other/predict.json", "post", post([image], name="other")),
-        ("/models/shapes/predict.json", "post", shapes_client.post("/models/shapes/predict.json", headers=bearer,
-                                                                   data=image, content_type="image/png")),
+        (
+            "/models/shapes/predict.json",
+            "post",
+            shapes_client.post("/models/shapes/predict.json", headers=bearer, data=image, content_type="image/png"),
+        ),
         ("/models/shapes/predict.json", "get", shapes_client.get("/models/shapes/predict.json", headers=bearer)),
         ("/models/shapes.json", "get", shapes_client.get("/models/shapes.json", headers=bearer)),
         ("/models/shapes.json", "get", shapes_client.get("/models/shapes.json")),

@@ -13,8 +13,7 @@ from tests.conftest import predict_client, subprocess_env
 
 def upload(client, headers, *files, name="shapes"):
     data = {"file": [(io.BytesIO(content), filename) for filename, content in files]}
-    return client.post(f"/models/{name}/predict.json", data=data, headers=headers,
-                       content_type="multipart/form-data")
+    return client.post(f"/models/{name}/predict.json", data=data, headers=headers, content_type="multipart/form-data")
 
 
 @pytest.fixture
@@ -113,24 +112,39 @@ reply = app.test_client().post("/models/shapes/predict.json", headers={"Authoriz
 auth.revoke_key(pair.public_key)
 print(reply.status_code, reply.get_json()["prediction"], "tensorflow" in sys.modules, "ai_edge_litert" in sys.modules)
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT,
-                            env=subprocess_env(MODEL_NAME="shapes", **env), timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=subprocess_env(MODEL_NAME="shapes", **env),
+        timeout=60,
+    )
     assert result.stdout.split() == ["200", "circle", "False", "True"], result.stderr
 
 
 def start_predict(**setup):
     """``python -m shared.server`` for the predict function, as the image runs it, until it exits."""
-    command = [sys.executable, "-m", "shared.server", str(ROOT / "functions/predict/main.py"),
-               "--port", str(free_port())]
+    command = [
+        sys.executable,
+        "-m",
+        "shared.server",
+        str(ROOT / "functions/predict/main.py"),
+        "--port",
+        str(free_port()),
+    ]
     return subprocess.run(command, capture_output=True, text=True, env=subprocess_env(**setup), timeout=60)
 
 
-@pytest.mark.parametrize("setup, reason", [
-    ({"MODEL_NAME": ""}, "MODEL_NAME is required"),
-    ({"MODEL_NAME": "nope"}, "model.json not found"),
-    ({"MODEL_NAME": "shapes", "MODEL_DIR": str(ROOT / "models" / "arrows")}, "holds model 'arrows'"),
-    ({"MODEL_NAME": "shapes", "MAX_IMAGE_PIXELS": "lots"}, "MAX_IMAGE_PIXELS must be an integer"),
-])
+@pytest.mark.parametrize(
+    "setup, reason",
+    [
+        ({"MODEL_NAME": ""}, "MODEL_NAME is required"),
+        ({"MODEL_NAME": "nope"}, "model.json not found"),
+        ({"MODEL_NAME": "shapes", "MODEL_DIR": str(ROOT / "models" / "arrows")}, "holds model 'arrows'"),
+        ({"MODEL_NAME": "shapes", "MAX_IMAGE_PIXELS": "lots"}, "MAX_IMAGE_PIXELS must be an integer"),
+    ],
+)
 def test_broken_configuration_stops_at_start_with_one_line(setup, reason):
     result = start_predict(**setup)
     assert result.returncode == 1
@@ -141,8 +155,9 @@ def test_broken_configuration_stops_at_start_with_one_line(setup, reason):
 def test_broken_bundle_stops_at_start(tmp_path):
     bundle = tmp_path / "broken"
     bundle.mkdir()
-    (bundle / "model.json").write_text((ROOT / "models/shapes/model.json").read_text().replace(
-        '"name": "shapes"', '"name": "broken"'))
+    (bundle / "model.json").write_text(
+        (ROOT / "models/shapes/model.json").read_text().replace('"name": "shapes"', '"name": "broken"')
+    )
     (bundle / "model.tflite").write_bytes(b"not a flatbuffer at all")
     result = start_predict(MODEL_NAME="broken", MODEL_DIR=str(bundle))
     assert result.returncode == 1

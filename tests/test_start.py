@@ -39,11 +39,17 @@ def test_keys_token_predict_docs_then_sigterm_leaves_nothing(tmp_path, stack_env
         headers = {"Authorization": f"Bearer {reply.json()['token']}"}
         for model in DEMO_MODELS:
             label = json.loads((folder / "models" / model / "model.json").read_text())["labels"][0]
-            answer = requests.post(f"{stack.gateway}/models/{model}/predict.json", headers=headers, timeout=30,
-                                   files={"file": ("x.png", encode(demo_image(model, label, 5)))})
+            answer = requests.post(
+                f"{stack.gateway}/models/{model}/predict.json",
+                headers=headers,
+                timeout=30,
+                files={"file": ("x.png", encode(demo_image(model, label, 5)))},
+            )
             assert answer.status_code == 200 and answer.json()["prediction"] == label
-            assert requests.get(f"{stack.gateway}/models/{model}.json", headers=headers,
-                                timeout=10).json()["name"] == model
+            assert (
+                requests.get(f"{stack.gateway}/models/{model}.json", headers=headers, timeout=10).json()["name"]
+                == model
+            )
         missing = requests.get(f"{stack.gateway}/models/nope.json", headers=headers, timeout=10)
         assert missing.status_code == 404 and "nope" in missing.json()["error"]
         assert requests.get(f"{stack.gateway}/session.json", headers=headers, timeout=10).status_code == 200
@@ -90,8 +96,11 @@ def test_a_dying_function_is_reported(tmp_path, stack_env):
     port = free_port_range(2 + len(DEMO_MODELS))
     stack = start_stack(folder, port, stack_env)
     try:
-        first_model = [p for p in processes_under(folder)
-                       if f"--port {port + 2} " in Path(f"/proc/{p}/cmdline").read_text().replace("\0", " ")]
+        first_model = [
+            p
+            for p in processes_under(folder)
+            if f"--port {port + 2} " in Path(f"/proc/{p}/cmdline").read_text().replace("\0", " ")
+        ]
         os.kill(min(first_model), signal.SIGKILL)  # the functions-framework master
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and "exited" not in "".join(stack.output):
@@ -102,8 +111,9 @@ def test_a_dying_function_is_reported(tmp_path, stack_env):
         assert requests.get(f"{stack.gateway}/healthz", timeout=5).status_code == 200
         # Its gunicorn worker notices the master is gone within about a second and exits too.
         deadline = time.monotonic() + 10
-        while (dead := requests.get(f"{stack.gateway}/models/{sorted(DEMO_MODELS)[0]}.json",
-                                    timeout=10)).status_code != 502 and time.monotonic() < deadline:
+        while (
+            dead := requests.get(f"{stack.gateway}/models/{sorted(DEMO_MODELS)[0]}.json", timeout=10)
+        ).status_code != 502 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert dead.status_code == 502 and "not answering" in dead.json()["error"]
         assert requests.get(f"{stack.gateway}/readyz", timeout=10).status_code == 503

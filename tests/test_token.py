@@ -30,34 +30,41 @@ def test_json_keypair_gets_token_and_session(token_client, keypair):
 
 
 def test_oauth2_client_credentials_in_form(token_client, keypair):
-    reply = token_client.post("/token.json", data={
-        "grant_type": "client_credentials", "client_id": keypair.public_key,
-        "client_secret": keypair.secret_key})
+    reply = token_client.post(
+        "/token.json",
+        data={"grant_type": "client_credentials", "client_id": keypair.public_key, "client_secret": keypair.secret_key},
+    )
     assert reply.status_code == 200
     body = reply.get_json()
     assert body["token_type"] == "Bearer" and body["expires_in"] == 3600
-    assert token_client.get("/session.json", headers={
-        "Authorization": f"Bearer {body['access_token']}"}).status_code == 200
+    assert (
+        token_client.get("/session.json", headers={"Authorization": f"Bearer {body['access_token']}"}).status_code
+        == 200
+    )
 
 
 def test_oauth2_client_credentials_with_basic(token_client, keypair):
     basic = base64.b64encode(f"{keypair.public_key}:{keypair.secret_key}".encode()).decode()
-    reply = token_client.post("/token.json", data={"grant_type": "client_credentials"},
-                              headers={"Authorization": f"Basic {basic}"})
+    reply = token_client.post(
+        "/token.json", data={"grant_type": "client_credentials"}, headers={"Authorization": f"Basic {basic}"}
+    )
     assert reply.status_code == 200 and "access_token" in reply.get_json()
 
 
-@pytest.mark.parametrize("kwargs, status, words", [
-    ({"data": "{nope", "content_type": "application/json"}, 400, "not valid JSON"),
-    ({"json": ["a list"]}, 400, "JSON object"),
-    ({"json": {"public_key": "pk_x"}}, 400, "secret_key"),
-    ({"json": {"public_key": 5, "secret_key": "sk_x"}}, 400, "public_key"),
-    ({"json": {"public_key": "pk_short", "secret_key": "sk_short"}}, 400, "43 characters"),
-    ({"data": {"grant_type": "password"}}, 400, "grant_type"),
-    ({"data": {"grant_type": "client_credentials"}}, 400, "client_id"),
-    ({"data": "hello", "content_type": "text/plain"}, 415, "Content-Type"),
-    ({"headers": {"Authorization": "Basic !!!"}, "data": {"grant_type": "client_credentials"}}, 400, "Basic"),
-])
+@pytest.mark.parametrize(
+    "kwargs, status, words",
+    [
+        ({"data": "{nope", "content_type": "application/json"}, 400, "not valid JSON"),
+        ({"json": ["a list"]}, 400, "JSON object"),
+        ({"json": {"public_key": "pk_x"}}, 400, "secret_key"),
+        ({"json": {"public_key": 5, "secret_key": "sk_x"}}, 400, "public_key"),
+        ({"json": {"public_key": "pk_short", "secret_key": "sk_short"}}, 400, "43 characters"),
+        ({"data": {"grant_type": "password"}}, 400, "grant_type"),
+        ({"data": {"grant_type": "client_credentials"}}, 400, "client_id"),
+        ({"data": "hello", "content_type": "text/plain"}, 415, "Content-Type"),
+        ({"headers": {"Authorization": "Basic !!!"}, "data": {"grant_type": "client_credentials"}}, 400, "Basic"),
+    ],
+)
 def test_bad_input_gets_clear_json_error(token_client, kwargs, status, words):
     reply = token_client.post("/token.json", **kwargs)
     assert reply.status_code == status
@@ -77,8 +84,7 @@ def test_wrong_unknown_and_revoked_keys_get_identical_401(token_client, auth, ke
 
 
 def test_body_over_limit_is_413(token_client):
-    reply = token_client.post("/token.json", data=b"{" + b" " * (10 * 1024 * 1024 + 1),
-                              content_type="application/json")
+    reply = token_client.post("/token.json", data=b"{" + b" " * (10 * 1024 * 1024 + 1), content_type="application/json")
     assert reply.status_code == 413
     assert "too large" in reply.get_json()["error"]
 
@@ -101,8 +107,9 @@ def test_session_needs_a_valid_bearer(token_client, header):
 
 
 def test_revoked_key_token_gets_401(token_client, auth, keypair):
-    token = post_json(token_client, {"public_key": keypair.public_key,
-                                     "secret_key": keypair.secret_key}).get_json()["token"]
+    token = post_json(token_client, {"public_key": keypair.public_key, "secret_key": keypair.secret_key}).get_json()[
+        "token"
+    ]
     auth.revoke_key(keypair.public_key)
     assert token_client.get("/session.json", headers={"Authorization": f"Bearer {token}"}).status_code == 401
 
@@ -125,8 +132,11 @@ def test_brute_force_per_address_gets_429(token_client, auth):
     fresh = auth.create_key()
     reply = post_json(token_client, {"public_key": fresh.public_key, "secret_key": fresh.secret_key})
     assert reply.status_code == 429 and "Retry-After" in reply.headers
-    other_addr = post_json(token_client, {"public_key": fresh.public_key, "secret_key": fresh.secret_key},
-                           environ_base={"REMOTE_ADDR": "192.0.2.7"})
+    other_addr = post_json(
+        token_client,
+        {"public_key": fresh.public_key, "secret_key": fresh.secret_key},
+        environ_base={"REMOTE_ADDR": "192.0.2.7"},
+    )
     assert other_addr.status_code == 200
 
 
@@ -149,9 +159,11 @@ def test_redis_down_gives_503_fast_then_recovers(own_redis, settings):
     assert post_json(client, body).status_code == 200
 
     own_redis.stop()
-    for call in (lambda: post_json(client, body),
-                 lambda: client.get("/session.json", headers={"Authorization": "Bearer " + "t" * 43}),
-                 lambda: client.get("/readyz")):
+    for call in (
+        lambda: post_json(client, body),
+        lambda: client.get("/session.json", headers={"Authorization": "Bearer " + "t" * 43}),
+        lambda: client.get("/readyz"),
+    ):
         started = time.monotonic()
         reply = call()
         assert reply.status_code == 503, reply.get_data()
@@ -179,8 +191,10 @@ def test_redis_that_never_answers_gives_503_not_a_hang(settings):
     threading.Thread(target=lambda: [held.append(silent.accept()) for _ in range(8)], daemon=True).start()
     client = function_client(create_service(settings.replace(redis_url=f"redis://127.0.0.1:{port}/0")))
     try:
-        for call in (lambda: post_json(client, {"public_key": "pk_" + "a" * 43, "secret_key": WRONG_SK}),
-                     lambda: client.get("/session.json", headers={"Authorization": "Bearer " + "t" * 43})):
+        for call in (
+            lambda: post_json(client, {"public_key": "pk_" + "a" * 43, "secret_key": WRONG_SK}),
+            lambda: client.get("/session.json", headers={"Authorization": "Bearer " + "t" * 43}),
+        ):
             started = time.monotonic()
             reply = call()
             assert reply.status_code == 503 and reply.headers["Retry-After"]

@@ -17,8 +17,9 @@ pytestmark = pytest.mark.slow
 
 
 def train(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +28,19 @@ def tiny_bundle(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     dataset = demo_data.write_dataset("shapes", root / "data", 12, seed=3)
     (dataset / "circle" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
-    result = train(dataset, "--name", "tiny", "--epochs", 2, "--image-size", "24x32",
-                   "--batch-size", 8, "--models-dir", root / "models")
+    result = train(
+        dataset,
+        "--name",
+        "tiny",
+        "--epochs",
+        2,
+        "--image-size",
+        "24x32",
+        "--batch-size",
+        8,
+        "--models-dir",
+        root / "models",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return root / "models" / "tiny", result
 
@@ -66,8 +78,16 @@ m = tf.keras.Sequential([tf.keras.layers.Input((20, 20, 1)), tf.keras.layers.Res
 m.save({str(tmp_path / "m.keras")!r})
 """
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, timeout=300)
-    result = train("--import", tmp_path / "m.keras", "--name", "imported", "--labels", "yes,no",
-                   "--models-dir", tmp_path / "models")
+    result = train(
+        "--import",
+        tmp_path / "m.keras",
+        "--name",
+        "imported",
+        "--labels",
+        "yes,no",
+        "--models-dir",
+        tmp_path / "models",
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     meta = json.loads((tmp_path / "models/imported/model.json").read_text())
     assert meta["labels"] == ["yes", "no"] and meta["input"]["channels"] == 1
@@ -75,8 +95,9 @@ m.save({str(tmp_path / "m.keras")!r})
     reply = upload(client, bearer, ("x.png", encode(Image.new("L", (50, 40), 200))), name="imported")
     assert reply.status_code == 200 and reply.get_json()["prediction"] in ("yes", "no")
 
-    wrong = train("--import", tmp_path / "m.keras", "--name", "wrong", "--labels", "a,b,c",
-                  "--models-dir", tmp_path / "models")
+    wrong = train(
+        "--import", tmp_path / "m.keras", "--name", "wrong", "--labels", "a,b,c", "--models-dir", tmp_path / "models"
+    )
     assert wrong.returncode == 1 and "3 labels" in wrong.stderr
     assert not (tmp_path / "models/wrong").exists()
 

@@ -139,4 +139,3 @@ class Model:
             interpreter.set_tensor(inp["index"], batch.astype(inp["dtype"], copy=False))
             interpreter.invoke()
             return interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).copy()
-

@@ -12,13 +12,19 @@ def document(meta: dict[str, Any]) -> dict[str, Any]:
     shares = [97.12, 2.41, 0.47][: len(labels)]
     top = [{"label": label, "confidence": share} for label, share in zip(labels, shares, strict=False)]
     one = {"prediction": labels[0], "confidence": top[0]["confidence"], "top": top}
-    model_param = {"name": "name", "in": "path", "required": True,
-                   "schema": {"type": "string", "enum": [name]}, "example": name}
+    model_param = {
+        "name": "name",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "enum": [name]},
+        "example": name,
+    }
     common = {
         "401": openapi.UNAUTHORIZED,
         "403": openapi.error("The key's scopes exclude this model", f"this key may not call model {name}"),
-        "404": openapi.error("This function does not serve that model", f"no such model here: other "
-                             f"(this function serves {name})"),
+        "404": openapi.error(
+            "This function does not serve that model", f"no such model here: other (this function serves {name})"
+        ),
         "405": openapi.METHOD_NOT_ALLOWED,
         "503": openapi.REDIS_DOWN,
     }
@@ -27,26 +33,54 @@ def document(meta: dict[str, Any]) -> dict[str, Any]:
         "description": (
             f"Labels: {', '.join(labels)}. Images (JPEG, PNG, WebP, GIF first frame, BMP; any "
             f"colour mode; EXIF orientation applied) are resized to {spec['width']}x{spec['height']}. "
-            "Several `file` parts are answered as `results`, in upload order, in one model call."),
+            "Several `file` parts are answered as `results`, in upload order, in one model call."
+        ),
         "tags": [name],
         "parameters": [model_param],
-        "requestBody": {"required": True, "content": {"multipart/form-data": {
-            "schema": {"type": "object", "required": ["file"], "properties": {
-                "file": {"type": "array", "items": {"type": "string", "format": "binary"},
-                         "description": "one or more images (up to 32)"}}},
-        }}},
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file"],
+                        "properties": {
+                            "file": {
+                                "type": "array",
+                                "items": {"type": "string", "format": "binary"},
+                                "description": "one or more images (up to 32)",
+                            }
+                        },
+                    },
+                }
+            },
+        },
         "responses": {
-            "200": {"description": "Predictions", "content": {"application/json": {
-                "schema": {"oneOf": [{"$ref": "#/components/schemas/Prediction"},
-                                     {"$ref": "#/components/schemas/Results"}]},
-                "examples": {"one file": {"value": one},
-                             "several files": {"value": {"results": [{"file": "a.jpg", **one}]}}},
-            }}},
-            "400": openapi.error("No file, empty file, not an image, truncated image, too many pixels",
-                                 "file 'cat.txt': not an image; send JPEG, PNG, WebP, GIF or BMP"),
+            "200": {
+                "description": "Predictions",
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "oneOf": [
+                                {"$ref": "#/components/schemas/Prediction"},
+                                {"$ref": "#/components/schemas/Results"},
+                            ]
+                        },
+                        "examples": {
+                            "one file": {"value": one},
+                            "several files": {"value": {"results": [{"file": "a.jpg", **one}]}},
+                        },
+                    }
+                },
+            },
+            "400": openapi.error(
+                "No file, empty file, not an image, truncated image, too many pixels",
+                "file 'cat.txt': not an image; send JPEG, PNG, WebP, GIF or BMP",
+            ),
             "413": openapi.error("Body over MAX_UPLOAD_BYTES", "request body too large (limit 10485760 bytes)"),
-            "415": openapi.error("Not multipart/form-data",
-                                 "send multipart/form-data with the image(s) in field 'file'"),
+            "415": openapi.error(
+                "Not multipart/form-data", "send multipart/form-data with the image(s) in field 'file'"
+            ),
             **common,
         },
     }
@@ -55,34 +89,65 @@ def document(meta: dict[str, Any]) -> dict[str, Any]:
         "tags": [name],
         "parameters": [model_param],
         "responses": {
-            "200": {"description": "model.json of the bundle", "content": {"application/json": {
-                "schema": {"$ref": "#/components/schemas/ModelMetadata"}, "example": meta}}},
+            "200": {
+                "description": "model.json of the bundle",
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/ModelMetadata"}, "example": meta}
+                },
+            },
             **common,
         },
     }
-    scored = {"type": "object", "required": ["label", "confidence"],
-              "properties": {"label": {"type": "string", "enum": labels},
-                             "confidence": {"type": "number", "minimum": 0, "maximum": 100}}}
-    prediction: dict[str, Any] = {"type": "object", "required": ["prediction", "confidence", "top"], "properties": {
-        "prediction": {"type": "string", "enum": labels},
-        "confidence": {"type": "number", "minimum": 0, "maximum": 100},
-        "top": {"type": "array", "items": scored}}}
+    scored = {
+        "type": "object",
+        "required": ["label", "confidence"],
+        "properties": {
+            "label": {"type": "string", "enum": labels},
+            "confidence": {"type": "number", "minimum": 0, "maximum": 100},
+        },
+    }
+    prediction: dict[str, Any] = {
+        "type": "object",
+        "required": ["prediction", "confidence", "top"],
+        "properties": {
+            "prediction": {"type": "string", "enum": labels},
+            "confidence": {"type": "number", "minimum": 0, "maximum": 100},
+            "top": {"type": "array", "items": scored},
+        },
+    }
     schemas = {
         "Prediction": prediction,
-        "Results": {"type": "object", "required": ["results"], "properties": {"results": {
-            "type": "array", "items": {**prediction, "properties": {
-                **prediction["properties"], "file": {"type": "string", "nullable": True}}}}}},
-        "ModelMetadata": {"type": "object", "required": ["name", "version", "labels", "input"],
-                          "properties": {"name": {"type": "string"}, "version": {"type": "string"},
-                                         "labels": {"type": "array", "items": {"type": "string"}},
-                                         "input": {"type": "object"}, "preprocessing": {"type": "object"},
-                                         "metrics": {"type": "object"}, "created": {"type": "string"}}},
+        "Results": {
+            "type": "object",
+            "required": ["results"],
+            "properties": {
+                "results": {
+                    "type": "array",
+                    "items": {
+                        **prediction,
+                        "properties": {**prediction["properties"], "file": {"type": "string", "nullable": True}},
+                    },
+                }
+            },
+        },
+        "ModelMetadata": {
+            "type": "object",
+            "required": ["name", "version", "labels", "input"],
+            "properties": {
+                "name": {"type": "string"},
+                "version": {"type": "string"},
+                "labels": {"type": "array", "items": {"type": "string"}},
+                "input": {"type": "object"},
+                "preprocessing": {"type": "object"},
+                "metrics": {"type": "object"},
+                "created": {"type": "string"},
+            },
+        },
     }
     return openapi.document(
         f"Thalamus model {name}",
         f"Predictions from model `{name}` (version {meta['version']}). Get a token at "
         "`POST /token.json` first (Authorize → oauth2 with your keypair).",
-        {"/models/{name}/predict.json": {"post": predict_post},
-         "/models/{name}.json": {"get": metadata_get}},
+        {"/models/{name}/predict.json": {"post": predict_post}, "/models/{name}.json": {"get": metadata_get}},
         schemas,
     )
