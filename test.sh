@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole Thalamus test suite on a fresh machine: installs what the tests need
 # (.venv with requirements-dev.txt, Debian's chromium for the /docs browser test, podman for
-# the container tests) and runs pytest. Extra arguments go to pytest.
+# the container tests), runs ruff, ruff format --check and mypy, then pytest with coverage.
+# Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -32,4 +33,10 @@ if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
   fi
 fi
 
-exec .venv/bin/python -m pytest "$@"
+# The habits ARCHITECTURE.md asks for: lint, formatting and types fail the run like a test.
+.venv/bin/ruff check --quiet .
+.venv/bin/ruff format --check --quiet .
+.venv/bin/mypy --no-error-summary
+
+# Coverage includes the functions run as real processes (tool.coverage in pyproject.toml).
+exec .venv/bin/python -m pytest --cov=shared --cov=functions --cov=local --cov-report=term "$@"
