@@ -124,6 +124,8 @@ class Session:
     public_key: str
     scopes: list[str] | None
     expires_in: int
+    # Headers every answer to this session carries (the key's RateLimit-* fields when it has a rate).
+    headers: dict[str, str] = field(default_factory=dict)
 
     def allows(self, model: str) -> bool:
         """True when this session's key may call ``model``."""
@@ -299,6 +301,9 @@ class AuthStore:
             pipe.set(name, 0, ex=self.settings.auth_failure_window, nx=True)
             pipe.incr(name)
         pipe.execute()
+
+    def record_request(self, session: Session, model: str | None, status: int) -> None:
+        """Note one answered authenticated request (for per-key usage); never raises."""
 
     @store.unavailable_when_down
     def ping(self) -> None:

@@ -48,6 +48,16 @@ class Call:
     session: Session | None = None
 
 
+@dataclass
+class Exchange:
+    """What the service learned about one request while answering it: the route template, the
+    model named in the path and the caller's session (for the answer's headers, usage and logs)."""
+
+    route: str | None = None
+    model: str | None = None
+    session: Session | None = None
+
+
 Reply = flask.Response | dict[str, Any] | list[Any]
 Handler = Callable[[Call], Reply]
 
@@ -183,8 +193,10 @@ class Service:
 
     def __call__(self, request: flask.Request) -> flask.Response:
         """Route ``request`` and answer; never lets an exception escape as an HTML 500."""
+        exchange = Exchange()
+        request.environ["thalamus.exchange"] = exchange
         try:
-            response = self._dispatch(request)
+            response = self._dispatch(request, exchange)
         except ThalamusError as error:
             response = error_response(error)
         except wz.ClientDisconnected:
@@ -192,23 +204,28 @@ class Service:
         except Exception:  # a bug: log it with its traceback, answer without one
             log.exception("unhandled error on %s %s", request.method, request.path)
             response = json_response({"error": "internal error"}, 500)
+        if exchange.session is not None:
+            assert self._auth is not None
+            response.headers.update(exchange.session.headers)
+            self._auth.record_request(exchange.session, exchange.model, response.status_code)
         if not request.environ.get("thalamus.body_read") and _has_body(request):
             _leave_body_unread(response)
         return response
 
-    def _dispatch(self, request: flask.Request) -> flask.Response:
+    def _dispatch(self, request: flask.Request, exchange: Exchange) -> flask.Response:
         if (request.content_length or 0) > self.settings.max_upload_bytes:
             raise PayloadTooLarge(self.settings.max_upload_bytes)
         route, args = self._match(request)
-        if "name" in args and self._model is not None and args["name"] != self._model:
-            raise NotFound(f"no such model here: {args['name']} (this function serves {self._model})")
-        session = None
+        exchange.route = route.rule
+        exchange.model = args.get("name")
+        if exchange.model is not None and self._model is not None and exchange.model != self._model:
+            raise NotFound(f"no such model here: {exchange.model} (this function serves {self._model})")
         if route.auth:
             assert self._auth is not None  # checked in __init__
-            session = self._auth.authenticate(request.headers.get("Authorization"), args.get("name"))
+            exchange.session = self._auth.authenticate(request.headers.get("Authorization"), exchange.model)
         if _has_body(request):
             _read_body(request, self.settings.max_upload_bytes)
-        result = route.handler(Call(request, args, session))
+        result = route.handler(Call(request, args, exchange.session))
         return result if isinstance(result, flask.Response) else json_response(result)
 
     def _match(self, request: flask.Request) -> tuple[Route, dict[str, str]]:

@@ -46,6 +46,9 @@ def gunicorn_options(settings: Settings, host: str, port: int) -> dict[str, Any]
         "worker_class": "gthread",
         "timeout": 0,  # Knative's timeoutSeconds bounds a request; no worker is killed mid-request
         "loglevel": "warning",
+        # gunicorn 27's control socket lives under $HOME: nothing uses it, and a read-only root
+        # filesystem (the restricted pod profile) has nowhere to put it.
+        "control_socket_disable": True,
     }
 
 
