@@ -20,7 +20,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from local import ROOT, redis_server
+from local import ROOT, gateway, redis_server
 from shared import config
 
 PID_FILE = ROOT / ".thalamus" / "stack.pid"
@@ -104,9 +104,11 @@ class Stack:
 
     def spawn(self, child: Child, settings: config.Settings) -> None:
         port = child.url.rsplit(":", 1)[1]
-        # The gateway (on this machine) appends the caller to X-Forwarded-For, as an ingress does.
+        # The gateway sets X-Forwarded-For, as an ingress does, and connects to the functions from
+        # its own address: the functions believe that header from there only.
+        source = gateway.source_address()
         env = {
-            "TRUSTED_PROXIES": "127.0.0.0/8,::1/128",
+            "TRUSTED_PROXIES": f"{source}/32",
             **os.environ,
             "WORKERS": "1",
             "THREADS": "4",
@@ -123,6 +125,8 @@ class Stack:
                 port,
                 "--token",
                 self.children[1].url.replace("localhost", "127.0.0.1"),
+                "--source",
+                source,
             ]
             args += [f"--model={c.model}={c.url.replace('localhost', '127.0.0.1')}" for c in self.children[2:]]
         else:

@@ -53,6 +53,10 @@ class Settings:
     port: int = 8080
     workers: int = 1
     threads: int = 4
+    # Seconds a client has to send a request's headers, and its body (a body that keeps
+    # flowing earns more time); then 408 and the thread is free again.
+    header_timeout: int = 10
+    body_timeout: int = 10
 
     @property
     def bundle_dir(self) -> Path:
@@ -127,4 +131,6 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "PORT": ("port", _positive_int),
     "WORKERS": ("workers", _positive_int),
     "THREADS": ("threads", _positive_int),
+    "REQUEST_HEADER_TIMEOUT": ("header_timeout", _positive_int),
+    "REQUEST_BODY_TIMEOUT": ("body_timeout", _positive_int),
 }

@@ -42,6 +42,12 @@ class InvalidCredentials(ThalamusError):
         super().__init__("invalid public_key or secret_key")
 
 
+class RequestTimeout(ThalamusError):
+    """The request (its headers or body) did not arrive within its deadline."""
+
+    status = 408
+
+
 class Forbidden(ThalamusError):
     status = 403
 
@@ -76,6 +82,15 @@ class TooManyRequests(ThalamusError):
             f"too many failed attempts; retry in {retry_after} s",
             {"Retry-After": str(retry_after)},
         )
+
+
+class BadGateway(ThalamusError):
+    """A function behind the local gateway did not answer."""
+
+    status = 502
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, {"Retry-After": "2"})
 
 
 class ServiceUnavailable(ThalamusError):

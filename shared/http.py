@@ -93,34 +93,41 @@ def read_json(request: flask.Request) -> dict[str, Any]:
         body = json.loads(request.get_data(cache=True) or b"")
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("body is not valid JSON") from None
+    except RecursionError:
+        raise BadRequest("body is nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
     return body
 
 
 def client_address(request: flask.Request, trusted: tuple[IPNetwork, ...]) -> str:
-    """The caller's address, for per-address limits.
+    """The caller's IP address, for per-address limits.
 
-    The socket peer, unless it is one of the ``trusted`` proxy networks: then the right-most
-    X-Forwarded-For entry that is not a trusted proxy (each proxy appends the address it saw, so
-    entries a client forges stay on the left). However many proxies there are in between.
+    The socket peer, unless it is one of the ``trusted`` proxy networks: then walk
+    X-Forwarded-For from the right (each proxy appends the address it saw; what a client forges
+    stays on the left) past the trusted proxies to the first other address. Only what a trusted
+    hop wrote is believed: an entry that is not an IP address ends the walk at the hop that
+    wrote it. Always a valid IP address in canonical form.
     """
-    peer = request.remote_addr or "unknown"
-    if not _is_trusted(peer, trusted):
-        return peer
-    forwarded = [a.strip() for a in request.headers.get("X-Forwarded-For", "").split(",") if a.strip()]
-    for address in reversed(forwarded):
-        if not _is_trusted(address, trusted):
-            return address[:64]
-    return forwarded[0][:64] if forwarded else peer
+    believed = _ip(request.remote_addr)
+    if believed is None:
+        return "0.0.0.0"  # noqa: S104 (no peer at all: a unix socket or a test; one shared bucket)
+    forwarded = request.headers.get("X-Forwarded-For", "").split(",")
+    for entry in reversed(forwarded):
+        if not any(believed in network for network in trusted):
+            break  # ``believed`` is not a proxy: it is the client
+        address = _ip(entry.strip())
+        if address is None:
+            break  # garbage where an address should be: the hop that passed it on is the client
+        believed = address
+    return str(believed)
 
 
-def _is_trusted(address: str, trusted: tuple[IPNetwork, ...]) -> bool:
+def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        ip = ipaddress.ip_address(address)
+        return ipaddress.ip_address(text or "")
     except ValueError:
-        return False
-    return any(ip in network for network in trusted)
+        return None
 
 
 def _read_body(request: flask.Request, limit: int) -> None:
@@ -201,6 +208,9 @@ class Service:
             response = error_response(error)
         except wz.ClientDisconnected:
             response = error_response(BadRequest("request body ended early"))
+        except wz.RequestEntityTooLarge:  # werkzeug's form parser: too many parts or a huge field
+            limit = request.max_form_parts
+            response = error_response(BadRequest(f"form has too many fields (limit {limit}) or a field too large"))
         except Exception:  # a bug: log it with its traceback, answer without one
             log.exception("unhandled error on %s %s", request.method, request.path)
             response = json_response({"error": "internal error"}, 500)
@@ -264,6 +274,7 @@ def entry_point(service: Service) -> Callable[[flask.Request], flask.Response]:
         app = flask.current_app
         app.url_map.merge_slashes = False
         app.register_error_handler(wz.HTTPException, _framework_error)
+        app.register_error_handler(ThalamusError, error_response)
 
     def handle(request: flask.Request) -> flask.Response:
         return service(request)

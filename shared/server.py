@@ -15,17 +15,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import flask
 import functions_framework
 import gunicorn.app.base
 
 from shared import config
 from shared.config import Settings
 from shared.errors import StartupError
+from shared.worker import DeadlineWorker
 
 
-class _Gunicorn(gunicorn.app.base.BaseApplication):  # type: ignore[misc]  # gunicorn has no types
-    def __init__(self, app: flask.Flask, options: dict[str, Any]) -> None:
+class Gunicorn(gunicorn.app.base.BaseApplication):  # type: ignore[misc]  # gunicorn has no types
+    """gunicorn serving one WSGI ``app`` with ``options`` (see :func:`gunicorn_options`)."""
+
+    def __init__(self, app: Any, options: dict[str, Any]) -> None:
         self._app, self._options = app, options
         super().__init__()
 
@@ -33,18 +35,33 @@ class _Gunicorn(gunicorn.app.base.BaseApplication):  # type: ignore[misc]  # gun
         for key, value in self._options.items():
             self.cfg.set(key, value)
 
-    def load(self) -> flask.Flask:
+    def load(self) -> Any:
         return self._app
 
 
-def gunicorn_options(settings: Settings, host: str, port: int) -> dict[str, Any]:
-    """gunicorn's settings for a function: ``WORKERS`` processes × ``THREADS`` threads."""
+def gunicorn_options(settings: Settings, host: str, port: int, threads: int | None = None) -> dict[str, Any]:
+    """gunicorn's settings for a server: ``WORKERS`` processes × ``THREADS`` threads on
+    :class:`~shared.worker.DeadlineWorker`, with the request deadlines and size limits."""
+    worker = type(
+        "Worker",
+        (DeadlineWorker,),
+        {"header_timeout": float(settings.header_timeout), "body_timeout": float(settings.body_timeout)},
+    )
     return {
         "bind": f"{host}:{port}",
         "workers": settings.workers,
-        "threads": settings.threads,
-        "worker_class": "gthread",
-        "timeout": 0,  # Knative's timeoutSeconds bounds a request; no worker is killed mid-request
+        "threads": threads or settings.threads,
+        "worker_class": worker,
+        # The worker's main loop never blocks (requests run in its threads), so a worker silent
+        # this long is stuck and gets replaced; requests themselves are bounded by Knative.
+        "timeout": 30,
+        "graceful_timeout": 10,  # SIGTERM: in-flight requests get this long to finish
+        "keepalive": 5,
+        # functions-framework sets no limit on the request line: a client could have an 8 MB
+        # path echoed back. These answer 414 and 431 (JSON, from the worker).
+        "limit_request_line": 8190,
+        "limit_request_fields": 100,
+        "limit_request_field_size": 8190,
         "loglevel": "warning",
         # gunicorn 27's control socket lives under $HOME: nothing uses it, and a read-only root
         # filesystem (the restricted pod profile) has nowhere to put it.
@@ -66,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     except StartupError as exc:
         print(f"{name}: {exc}", file=sys.stderr)
         return 1
-    _Gunicorn(app, gunicorn_options(settings, args.host, args.port or settings.port)).run()
+    Gunicorn(app, gunicorn_options(settings, args.host, args.port or settings.port)).run()
     return 0
 
 
