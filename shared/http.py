@@ -169,10 +169,13 @@ class Service:
         auth: AuthStore | None = None,
         model: str | None = None,
         ready: Callable[[], None] = lambda: None,
+        max_body: int | None = None,
     ) -> None:
         """``auth`` checks tokens on ``auth=True`` routes; ``model`` is the one model this
-        function serves (a path naming another is 404); ``ready`` raises when it cannot serve."""
+        function serves (a path naming another is 404); ``ready`` raises when it cannot serve;
+        ``max_body`` lowers MAX_UPLOAD_BYTES for a function whose requests are small."""
         self.settings = settings
+        self.max_body = min(max_body or settings.max_upload_bytes, settings.max_upload_bytes)
         self.openapi = openapi
         self._auth = auth
         self._model = model
@@ -219,12 +222,12 @@ class Service:
             response.headers.update(exchange.session.headers)
             self._auth.record_request(exchange.session, exchange.model, response.status_code)
         if not request.environ.get("thalamus.body_read") and _has_body(request):
-            _leave_body_unread(response)
+            _leave_body_unread(request, response)
         return response
 
     def _dispatch(self, request: flask.Request, exchange: Exchange) -> flask.Response:
-        if (request.content_length or 0) > self.settings.max_upload_bytes:
-            raise PayloadTooLarge(self.settings.max_upload_bytes)
+        if (request.content_length or 0) > self.max_body:
+            raise PayloadTooLarge(self.max_body)
         route, args = self._match(request)
         exchange.route = route.rule
         exchange.model = args.get("name")
@@ -234,7 +237,7 @@ class Service:
             assert self._auth is not None  # checked in __init__
             exchange.session = self._auth.authenticate(request.headers.get("Authorization"), exchange.model)
         if _has_body(request):
-            _read_body(request, self.settings.max_upload_bytes)
+            _read_body(request, self.max_body)
         result = route.handler(Call(request, args, exchange.session))
         return result if isinstance(result, flask.Response) else json_response(result)
 
@@ -253,13 +256,17 @@ def _has_body(request: flask.Request) -> bool:
     return bool(request.content_length) or bool(request.environ.get("wsgi.input_terminated"))
 
 
-def _leave_body_unread(response: flask.Response) -> None:
-    """Answer without reading the request body: functions-framework reads the rest of the body
-    after a non-streamed response, and a kept-alive connection would too; a streamed response
-    with Connection: close does neither, so an unwanted upload never reaches memory."""
+def _leave_body_unread(request: flask.Request, response: flask.Response) -> None:
+    """Answer without reading the request body, and close the connection: functions-framework
+    reads the rest of the body after a non-streamed response, and a kept-alive connection would
+    too; a streamed response on a closing connection does neither, so an unwanted (or slow)
+    upload never reaches memory or holds a thread."""
     body = response.get_data()
     response.response = iter([body])
-    response.headers["Connection"] = "close"
+    response.headers["Connection"] = "close"  # for servers that honour it (the test client)
+    close_connection = getattr(request.environ.get("wsgi.input"), "close_connection", None)
+    if close_connection is not None:  # shared.worker's body: tell gunicorn itself
+        close_connection()
 
 
 def entry_point(service: Service) -> Callable[[flask.Request], flask.Response]:

@@ -37,6 +37,7 @@ from shared.errors import BadRequest, RequestTimeout, ThalamusError
 
 BARE_LF = re.compile(rb"(?<!\r)\n")
 CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,9})[ \t]*\r\n", re.I)
+CHUNKED = re.compile(rb"\r\ntransfer-encoding:[^\r]*chunked", re.I)
 EXPECT = re.compile(rb"\r\nexpect:", re.I)
 # gunicorn's parse errors → status; the first match wins. Response-header errors are ours: 500.
 ERROR_STATUS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], int], ...] = (
@@ -143,6 +144,11 @@ class GuardedBody(Body):  # type: ignore[misc]  # gunicorn has no type informati
         super().__init__(request.body.reader)
         self.request = request
 
+    def close_connection(self) -> None:
+        """Close the connection after this answer instead of reading the rest of the body:
+        gunicorn ignores an application's ``Connection: close`` header."""
+        self.request.force_close()
+
     def _read_reader(self, size: int) -> bytes:
         error: ThalamusError
         try:
@@ -192,6 +198,7 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
 
     def read_head(self, conn: Any, data: bytes, idle: bool) -> None:
         conn.head, conn.scanned, conn.need, conn.closing, conn.drained = bytearray(data), 0, None, False, 0
+        conn.chunked = False
         conn.idle = idle and not data  # kept alive, next request not begun: the keep-alive timeout
         conn.timeout = time.monotonic() + (self.cfg.keepalive if conn.idle else self.header_timeout)
         conn.sock.setblocking(False)
@@ -223,14 +230,25 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
                 return 431
             if end < 0:
                 return 0
-            conn.need = end + 4 + self.small_body(bytes(buf[: end + 2]))
+            body = self.small_body(bytes(buf[: end + 2]))
+            conn.body_at, conn.need = end + 4, end + 4 + max(body, 0)
+            conn.chunked = body < 0
+        if conn.chunked:  # until the last chunk, or more than a small body holds
+            done = buf.endswith(b"0\r\n\r\n") or len(buf) - conn.body_at > self.preread_body
+            return 200 if done else 0
         return 200 if len(buf) >= conn.need else 0
 
     def small_body(self, head: bytes) -> int:
-        # Only buffering: gunicorn's parser still decides the framing. Never with "Expect:
-        # 100-continue": that client waits for our 100 before it sends the body.
+        """How many body bytes to read before dispatch: a Content-Length up to preread_body, -1
+        (until the last chunk) for a chunked body, else 0. Only buffering: gunicorn's parser
+        still decides the framing, so a wrong guess merely dispatches early. Never with
+        "Expect: 100-continue": that client waits for our 100 before it sends the body."""
+        if EXPECT.search(head):
+            return 0
+        if CHUNKED.search(head):
+            return -1
         match = CONTENT_LENGTH.search(head)
-        size = int(match.group(1)) if match and not EXPECT.search(head) else 0
+        size = int(match.group(1)) if match else 0
         return size if size <= self.preread_body else 0
 
     def on_readable(self, conn: Any, _sock: Any) -> None:

@@ -61,10 +61,13 @@ def test_keys_token_predict_docs_then_sigterm_leaves_nothing(tmp_path, stack_env
         assert requests.get(f"{stack.gateway}/readyz", timeout=10).status_code == 200
 
         # Through the gateway the per-address limit still holds (the functions read the address
-        # the gateway forwards): ten failures under ten unknown keys, then even a good key waits.
+        # the gateway forwards), even for a client that claims a new address every time: ten
+        # failures under ten unknown keys, then even a good key waits.
         for i in range(10):
             wrong = {**pair, "public_key": "pk_" + str(i) * 43}
-            assert requests.post(f"{stack.gateway}/token.json", json=wrong, timeout=10).status_code == 401
+            forged = {"X-Forwarded-For": f"203.0.113.{i}", "Forwarded": f"for=198.51.100.{i}"}
+            reply = requests.post(f"{stack.gateway}/token.json", json=wrong, headers=forged, timeout=10)
+            assert reply.status_code == 401
         limited = requests.post(f"{stack.gateway}/token.json", json=pair, timeout=10)
         assert limited.status_code == 429 and int(limited.headers["Retry-After"]) > 0
 

@@ -14,6 +14,7 @@ from shared.auth import AuthStore
 from shared.config import Settings
 from shared.errors import BadRequest, UnsupportedMediaType
 from shared.http import Call, Route, Service, client_address, read_json
+from shared.worker import DeadlineWorker
 
 
 def create_service(settings: Settings, auth: AuthStore | None = None) -> Service:
@@ -59,6 +60,9 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
         openapi=spec.document(settings),
         auth=auth,
         ready=auth.ping,
+        # A keypair or an OAuth2 form is well under 1 KB. Bodies up to this size are read by the
+        # server before dispatch (shared/worker.py), so a slow client never holds a thread here.
+        max_body=DeadlineWorker.preread_body,
     )
 
 

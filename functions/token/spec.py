@@ -73,7 +73,7 @@ def document(settings: Settings) -> dict[str, Any]:
             "400": bad_request,
             "401": openapi.error("Wrong, unknown or revoked keypair", "invalid public_key or secret_key"),
             "405": openapi.METHOD_NOT_ALLOWED,
-            "413": openapi.error("Body too large", "request body too large (limit 10485760 bytes)"),
+            "413": openapi.error("Body too large", "request body too large (limit 16384 bytes)"),
             "415": openapi.error("Neither JSON nor a form", "send Content-Type: application/json"),
             "429": openapi.retry_error("Too many failed attempts", "too many failed attempts; retry in 42 s"),
             "503": openapi.REDIS_DOWN,
