@@ -19,7 +19,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from local import routes
-from shared import config, docs
+from shared import config, docs, logs
+from shared.access import AccessLog, exchange_of
 from shared.errors import BadGateway, NotFound, ThalamusError
 from shared.server import Gunicorn, gunicorn_options
 
@@ -31,11 +32,15 @@ Environ = dict[str, Any]
 DROPPED = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
     "transfer-encoding", "upgrade", "host", "content-length", "x-forwarded-for", "forwarded", "x-real-ip",
+    "x-request-id",  # the gateway's own (kept from the caller when sane) goes on, and comes back
 }  # fmt: skip
 # The address the gateway connects to the functions from: functions trust X-Forwarded-For from
 # it alone (TRUSTED_PROXIES), so a local client that calls a function directly, from 127.0.0.1,
 # cannot claim another address. Falls back to 127.0.0.1 where 127.0.0.2 is not configured.
 SOURCE_ADDRESS = "127.0.0.2"
+
+
+LOCAL_PATHS = {"/", "/healthz", "/readyz", "/docs", "/openapi.json"}
 
 
 def source_address() -> str:
@@ -81,6 +86,7 @@ class Gateway:
             return self._route(environ, start_response)
         except ThalamusError as error:
             # Body errors (408, 400) or a local 404: the body may be partly unread, so close.
+            exchange_of(environ).error = error.message
             return _json(start_response, error.status, {"error": error.message}, list(error.headers.items()), True)
         except Exception:
             log.exception("gateway error on %s", environ.get("PATH_INFO"))
@@ -89,9 +95,13 @@ class Gateway:
     def _route(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
         target = routes.upstream_for(path)
+        exchange = exchange_of(environ)
         if target is None:
+            exchange.route = (path if path in LOCAL_PATHS else "/docs/<asset>" if path.startswith("/docs/")
+                              else "/openapi/<name>.json" if path.startswith("/openapi/") else "unmatched")  # fmt: skip
             return self._local(environ, start_response, path)
         kind, model = target
+        exchange.route, exchange.model = f"→ {kind}", model
         if kind == "token":
             return self._proxy(environ, start_response, self.token_url)
         if model not in self.model_urls:
@@ -179,6 +189,7 @@ class Gateway:
         headers = {key[5:].replace("_", "-").title(): value for key, value in environ.items()
                    if key.startswith("HTTP_") and key[5:].replace("_", "-").lower() not in DROPPED}  # fmt: skip
         headers["X-Forwarded-For"] = environ.get("REMOTE_ADDR", "")
+        headers["X-Request-Id"] = environ["thalamus.request_id"]
         if environ.get("CONTENT_TYPE"):
             headers["Content-Type"] = environ["CONTENT_TYPE"]
         length = environ.get("CONTENT_LENGTH")
@@ -198,10 +209,13 @@ class Gateway:
             conn.close()
             raise
         except OSError:
-            pass  # the function may have answered early (413, 401) and closed: read that answer
+            if conn.sock is None:  # never connected: the function is not there
+                raise BadGateway(f"function at {base} is not answering") from None
+            # Connected, then cut off while sending: the function may have answered early (413,
+            # 401) and closed. Read that answer.
         try:
             upstream = conn.getresponse()
-        except OSError:
+        except (OSError, http.client.HTTPException):  # refused, reset, or nothing was sent
             conn.close()
             raise BadGateway(f"function at {base} is not answering") from None
         reply = [(k, v) for k, v in upstream.getheaders() if k.lower() not in DROPPED]
@@ -229,9 +243,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", action="append", default=[], metavar="NAME=URL")
     parser.add_argument("--source", default="127.0.0.1", help="address to connect to the functions from")
     args = parser.parse_args(argv)
-    app = Gateway(args.token, dict(spec.split("=", 1) for spec in args.model), source=args.source)
+    settings = config.load()
+    logs.setup("gateway", settings.log_level, settings.log_format)
+    app = AccessLog(Gateway(args.token, dict(spec.split("=", 1) for spec in args.model), source=args.source), "gateway")
     # Many more threads than a function: a proxy thread mostly waits on a function.
-    Gunicorn(app, gunicorn_options(config.load(), args.host, args.port, threads=64)).run()
+    Gunicorn(app, gunicorn_options(settings, args.host, args.port, threads=64)).run()
 
 
 if __name__ == "__main__":

@@ -109,6 +109,7 @@ class Stack:
         source = gateway.source_address()
         env = {
             "TRUSTED_PROXIES": f"{source}/32",
+            "LOG_FORMAT": "text",  # a person reads these lines, prefixed with the function's name
             **os.environ,
             "WORKERS": "1",
             "THREADS": "4",

@@ -22,7 +22,8 @@ import functions_framework
 from werkzeug import exceptions as wz
 from werkzeug.routing import Map, Rule
 
-from shared import docs
+from shared import docs, metrics
+from shared.access import AccessLog, Exchange, exchange_of
 from shared.auth import AuthStore, Session
 from shared.config import IPNetwork, Settings
 from shared.errors import (
@@ -45,16 +46,6 @@ class Call:
     # Values of the route's path variables, e.g. {"name": "shapes"}.
     args: dict[str, str]
     # The caller's session on routes with ``auth=True``; None elsewhere.
-    session: Session | None = None
-
-
-@dataclass
-class Exchange:
-    """What the service learned about one request while answering it: the route template, the
-    model named in the path and the caller's session (for the answer's headers, usage and logs)."""
-
-    route: str | None = None
-    model: str | None = None
     session: Session | None = None
 
 
@@ -170,11 +161,14 @@ class Service:
         model: str | None = None,
         ready: Callable[[], None] = lambda: None,
         max_body: int | None = None,
+        function: str = "function",
     ) -> None:
         """``auth`` checks tokens on ``auth=True`` routes; ``model`` is the one model this
         function serves (a path naming another is 404); ``ready`` raises when it cannot serve;
-        ``max_body`` lowers MAX_UPLOAD_BYTES for a function whose requests are small."""
+        ``max_body`` lowers MAX_UPLOAD_BYTES for a function whose requests are small;
+        ``function`` names it in logs and metrics."""
         self.settings = settings
+        self.function = function
         self.max_body = min(max_body or settings.max_upload_bytes, settings.max_upload_bytes)
         self.openapi = openapi
         self._auth = auth
@@ -184,6 +178,9 @@ class Service:
             *routes,
             Route("/healthz", ("GET",), lambda call: {"status": "ok"}),
             Route("/readyz", ("GET",), self._readyz),
+            Route(
+                "/metrics", ("GET",), lambda call: flask.Response(metrics.exposition(), mimetype=metrics.CONTENT_TYPE)
+            ),
             Route("/openapi.json", ("GET",), lambda call: self.openapi),
             Route("/docs", ("GET",), lambda call: docs.page(["/openapi.json"])),
             Route("/docs/<asset>", ("GET",), lambda call: docs.asset(call.args["asset"])),
@@ -203,8 +200,7 @@ class Service:
 
     def __call__(self, request: flask.Request) -> flask.Response:
         """Route ``request`` and answer; never lets an exception escape as an HTML 500."""
-        exchange = Exchange()
-        request.environ["thalamus.exchange"] = exchange
+        exchange = exchange_of(request.environ)
         try:
             response = self._dispatch(request, exchange)
         except ThalamusError as error:
@@ -217,6 +213,8 @@ class Service:
         except Exception:  # a bug: log it with its traceback, answer without one
             log.exception("unhandled error on %s %s", request.method, request.path)
             response = json_response({"error": "internal error"}, 500)
+        if response.status_code >= 400:
+            exchange.error = _error_message(response)
         if exchange.session is not None:
             assert self._auth is not None
             response.headers.update(exchange.session.headers)
@@ -226,6 +224,7 @@ class Service:
         return response
 
     def _dispatch(self, request: flask.Request, exchange: Exchange) -> flask.Response:
+        """Route, authenticate, read the body, call the handler (noting what it learns in ``exchange``)."""
         if (request.content_length or 0) > self.max_body:
             raise PayloadTooLarge(self.max_body)
         route, args = self._match(request)
@@ -250,6 +249,16 @@ class Service:
         except wz.NotFound:
             raise NotFound(f"no such path: {request.path}") from None
         return self._routes[str(endpoint)], dict(args)
+
+
+def _error_message(response: flask.Response) -> str | None:
+    if response.mimetype != "application/json" or response.is_streamed:
+        return None
+    try:
+        body = json.loads(response.get_data())
+    except ValueError:
+        return None
+    return str(body.get("error")) if isinstance(body, dict) and "error" in body else None
 
 
 def _has_body(request: flask.Request) -> bool:
@@ -282,6 +291,7 @@ def entry_point(service: Service) -> Callable[[flask.Request], flask.Response]:
         app.url_map.merge_slashes = False
         app.register_error_handler(wz.HTTPException, _framework_error)
         app.register_error_handler(ThalamusError, error_response)
+        app.wsgi_app = AccessLog(app.wsgi_app, service.function)  # type: ignore[method-assign]
 
     def handle(request: flask.Request) -> flask.Response:
         return service(request)
@@ -290,6 +300,6 @@ def entry_point(service: Service) -> Callable[[flask.Request], flask.Response]:
 
 
 def _framework_error(exc: wz.HTTPException) -> flask.Response:
-    if exc.code == 404:
-        return error_response(NotFound(f"no such path: {flask.request.path}"))
-    return json_response({"error": exc.description or exc.name}, exc.code or 500)
+    message = f"no such path: {flask.request.path}" if exc.code == 404 else exc.description or exc.name
+    exchange_of(flask.request.environ).error = message
+    return json_response({"error": message}, exc.code or 500)

@@ -41,4 +41,5 @@ def create_service(settings: Settings, model: Model, auth: AuthStore | None = No
         auth=auth,
         model=model.name,
         ready=auth.ping,
+        function="predict",
     )
