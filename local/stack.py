@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import json
 import os
 import signal
 import socket
@@ -24,6 +25,7 @@ from local import ROOT, gateway, redis_server
 from shared import config
 
 PID_FILE = ROOT / ".thalamus" / "stack.pid"
+CATALOG_FILE = ROOT / ".thalamus" / "models.json"  # the token function's MODEL_CATALOG
 
 
 @dataclass
@@ -61,6 +63,18 @@ def discover_models(models_dir: Path) -> list[str]:
         and (p / "model.json").is_file()
         and (p / "model.tflite").is_file()
     )
+
+
+def write_catalog(models_dir: Path, models: list[str], path: Path) -> None:
+    """The model catalog the token function lists (``MODEL_CATALOG``): name, version, labels and
+    input of each bundle, from its model.json."""
+    fields = ("name", "version", "labels", "input")
+    entries = []
+    for name in models:
+        meta = json.loads((models_dir / name / "model.json").read_text())
+        entries.append({field: meta.get(field) for field in fields})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(entries, indent=1) + "\n")
 
 
 def running_stack() -> str | None:
@@ -142,6 +156,8 @@ class Stack:
                 "--port",
                 port,
             ]
+            if child.name == "token":
+                env["MODEL_CATALOG"] = str(CATALOG_FILE)
             if child.model != "-":
                 env["MODEL_NAME"] = child.model
                 env["MODEL_DIR"] = str(ROOT / "models" / child.model)
@@ -229,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"start.sh: started local Redis on 127.0.0.1:6379 (data in {redis_server.DATA_DIR})")
         PID_FILE.parent.mkdir(parents=True, exist_ok=True)
         PID_FILE.write_text(f"{os.getpid()} {stack.children[0].url}\n")
+        write_catalog(ROOT / "models", [c.model for c in stack.children[2:]], CATALOG_FILE)
         for child in stack.children[1:] + stack.children[:1]:
             stack.spawn(child, settings)
         for child in stack.children:

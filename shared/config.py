@@ -40,6 +40,8 @@ class Settings:
     model_name: str = ""
     # None: models/<model_name> in the project.
     model_dir: Path | None = None
+    # The token function's list of deployed models (JSON); None: it lists none.
+    model_catalog: Path | None = None
     max_upload_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     # Brute-force protection for POST /token.json: failures allowed per window.
@@ -150,6 +152,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "TOKEN_TTL": ("token_ttl", _positive_int),
     "MODEL_NAME": ("model_name", _text),
     "MODEL_DIR": ("model_dir", _path),
+    "MODEL_CATALOG": ("model_catalog", _path),
     "MAX_UPLOAD_BYTES": ("max_upload_bytes", _positive_int),
     "MAX_IMAGE_PIXELS": ("max_image_pixels", _positive_int),
     "AUTH_MAX_FAILURES": ("auth_max_failures", _positive_int),

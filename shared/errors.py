@@ -66,8 +66,8 @@ class MethodNotAllowed(ThalamusError):
 class PayloadTooLarge(ThalamusError):
     status = 413
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"request body too large (limit {limit} bytes)")
+    def __init__(self, limit: int, what: str = "request body") -> None:
+        super().__init__(f"{what} too large (limit {limit} bytes)")
 
 
 class UnsupportedMediaType(ThalamusError):

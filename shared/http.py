@@ -49,6 +49,14 @@ class Call:
     session: Session | None = None
 
 
+# GET /v2: the Open Inference Protocol's server metadata, with the extensions the predict
+# functions implement (tritonclient's names).
+V2_SERVER = {
+    "name": "thalamus",
+    "version": "0.1.0",
+    "extensions": ["binary_tensor_data", "classification", "model_configuration"],
+}
+
 Reply = flask.Response | dict[str, Any] | list[Any]
 Handler = Callable[[Call], Reply]
 
@@ -181,6 +189,11 @@ class Service:
             Route(
                 "/metrics", ("GET",), lambda call: flask.Response(metrics.exposition(), mimetype=metrics.CONTENT_TYPE)
             ),
+            # The Open Inference Protocol's server endpoints: every function answers them, so the
+            # cluster may send them to the token function, which is never scaled away.
+            Route("/v2", ("GET",), lambda call: V2_SERVER),
+            Route("/v2/health/live", ("GET",), lambda call: {"live": True}),
+            Route("/v2/health/ready", ("GET",), self._v2_ready),
             Route("/openapi.json", ("GET",), lambda call: self.openapi),
             Route("/docs", ("GET",), lambda call: docs.page(["/openapi.json"])),
             Route("/docs/<asset>", ("GET",), lambda call: docs.asset(call.args["asset"])),
@@ -197,6 +210,10 @@ class Service:
     def _readyz(self, call: Call) -> dict[str, str]:
         self._ready()
         return {"status": "ready"}
+
+    def _v2_ready(self, call: Call) -> dict[str, bool]:
+        self._ready()
+        return {"ready": True}
 
     def __call__(self, request: flask.Request) -> flask.Response:
         """Route ``request`` and answer; never lets an exception escape as an HTML 500."""

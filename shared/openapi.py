@@ -28,6 +28,49 @@ METHOD_NOT_ALLOWED = error("Wrong method for this path", "method not allowed; us
 REDIS_DOWN = retry_error("Redis unreachable", "Redis unreachable at redis://127.0.0.1:6379/0")
 
 
+def _v2_get(
+    summary: str, example: dict[str, Any], properties: dict[str, Any], errors: dict[str, Any]
+) -> dict[str, Any]:
+    schema = {"type": "object", "required": list(properties), "properties": properties}
+    return {
+        "get": {
+            "summary": summary,
+            "tags": ["Open Inference Protocol (V2)"],
+            "security": [],
+            "responses": {
+                "200": {"description": "OK", "content": {"application/json": {"schema": schema, "example": example}}},
+                **errors,
+            },
+        }
+    }
+
+
+# The Open Inference Protocol's server endpoints, which every function answers (shared.http).
+V2_SERVER_PATHS = {
+    "/v2": _v2_get(
+        "V2 server metadata: name, version, the protocol extensions implemented",
+        {
+            "name": "thalamus",
+            "version": "0.1.0",
+            "extensions": ["binary_tensor_data", "classification", "model_configuration"],
+        },
+        {
+            "name": {"type": "string"},
+            "version": {"type": "string"},
+            "extensions": {"type": "array", "items": {"type": "string"}},
+        },
+        {},
+    ),
+    "/v2/health/live": _v2_get("V2 liveness: the process is up", {"live": True}, {"live": {"type": "boolean"}}, {}),
+    "/v2/health/ready": _v2_get(
+        "V2 readiness: this function can serve (Redis reachable, model loaded)",
+        {"ready": True},
+        {"ready": {"type": "boolean"}},
+        {"503": REDIS_DOWN},
+    ),
+}
+
+
 def document(title: str, description: str, paths: dict[str, Any], schemas: dict[str, Any]) -> dict[str, Any]:
     """A complete OpenAPI 3.0 document: the function's ``paths`` plus health and docs paths,
     the shared Error schema and the Bearer and OAuth2 client-credentials security schemes."""
@@ -69,6 +112,7 @@ def document(title: str, description: str, paths: dict[str, Any], schemas: dict[
                 },
             }
         },
+        **V2_SERVER_PATHS,
     }
     return {
         "openapi": "3.0.3",

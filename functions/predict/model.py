@@ -127,6 +127,14 @@ class Model:
         if out["shape"][-1] != len(self.labels):
             raise BundleError(f"model has {out['shape'][-1]} outputs but {len(self.labels)} labels")
         self.batchable = bool(inp["shape_signature"][0] == -1)
+        # The names the inference protocols show (TF Serving and Triton would show the same for
+        # the SavedModel): the signature's aliases, and the graph's tensor names.
+        signatures = interpreter.get_signature_list()
+        signature: dict[str, list[str]] = signatures.get("serving_default") or next(iter(signatures.values()), {})
+        self.input_name: str = (signature.get("inputs") or ["input"])[0]
+        self.output_name: str = (signature.get("outputs") or ["output"])[0]
+        self.input_tensor: str = inp["name"]
+        self.output_tensor: str = out["name"]
 
     @contextmanager
     def _interpreter(self):

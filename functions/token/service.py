@@ -9,7 +9,7 @@ from urllib.parse import unquote
 
 import flask
 
-from functions.token import spec
+from functions.token import catalog, spec
 from shared.auth import AuthStore
 from shared.config import Settings
 from shared.errors import BadRequest, UnsupportedMediaType
@@ -20,6 +20,7 @@ from shared.worker import DeadlineWorker
 def create_service(settings: Settings, auth: AuthStore | None = None) -> Service:
     """The token function's service for ``settings`` (``auth`` defaults to their Redis)."""
     auth = auth or AuthStore(settings)
+    models = catalog.Catalog(settings.model_catalog)
 
     def issue_token(call: Call) -> dict[str, Any]:
         """JSON keypair → {token, ttl}; OAuth2 client credentials → RFC 6749 token response."""
@@ -56,6 +57,8 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
         [
             Route("/token.json", ("POST",), issue_token),
             Route("/session.json", ("GET",), session, auth=True),
+            Route("/models.json", ("GET",), models.models_json, auth=True),
+            Route("/v1/models", ("GET",), models.kserve_list, auth=True),
         ],
         openapi=spec.document(settings),
         auth=auth,

@@ -2,6 +2,7 @@
 
 from typing import Any
 
+from functions.token import catalog
 from shared import openapi
 from shared.config import Settings
 
@@ -147,8 +148,8 @@ def document(settings: Settings) -> dict[str, Any]:
     doc = openapi.document(
         "Thalamus token function",
         "Issue bearer tokens for API keys. Keys come from `./keys.py -g FILE`.",
-        {"/token.json": {"post": token_post}, "/session.json": {"get": session_get}},
-        schemas,
+        {"/token.json": {"post": token_post}, "/session.json": {"get": session_get}, **catalog.paths()},
+        {**schemas, **catalog.SCHEMAS},
     )
     doc["components"]["securitySchemes"]["basic"] = {
         "type": "http",
