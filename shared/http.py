@@ -161,19 +161,21 @@ class Service:
         openapi: dict[str, Any],
         auth: AuthStore | None = None,
         model: str | None = None,
-        ready: Callable[[], None] = lambda: None,
     ) -> None:
         """``auth`` checks tokens on ``auth=True`` routes; ``model`` is the one model this
-        function serves (a path naming another is 404); ``ready`` raises when it cannot serve."""
+        function serves (a path naming another is 404)."""
         self.settings = settings
         self.openapi = openapi
         self._auth = auth
         self._model = model
-        self._ready = ready
         table = [
             *routes,
             Route("/healthz", ("GET",), lambda call: {"status": "ok"}),
-            Route("/readyz", ("GET",), self._readyz),
+            # Ready = this process can serve: it is up and its model loaded before the service
+            # existed. Not Redis: Knative would take every pod out of rotation on a Redis blip,
+            # and a revision whose Redis is late would never reach its initial scale; a Redis
+            # outage is answered by the routes themselves, fast (503 + Retry-After).
+            Route("/readyz", ("GET",), lambda call: {"status": "ready"}),
             Route("/openapi.json", ("GET",), lambda call: self.openapi),
             Route("/docs", ("GET",), lambda call: docs.page(["/openapi.json"])),
             Route("/docs/<asset>", ("GET",), lambda call: docs.asset(call.args["asset"])),
@@ -186,10 +188,6 @@ class Service:
             strict_slashes=False,
             merge_slashes=False,
         )
-
-    def _readyz(self, call: Call) -> dict[str, str]:
-        self._ready()
-        return {"status": "ready"}
 
     def __call__(self, request: flask.Request) -> flask.Response:
         """Route ``request`` and answer; never lets an exception escape as an HTML 500."""

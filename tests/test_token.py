@@ -162,7 +162,6 @@ def test_redis_down_gives_503_fast_then_recovers(own_redis, settings):
     for call in (
         lambda: post_json(client, body),
         lambda: client.get("/session.json", headers={"Authorization": "Bearer " + "t" * 43}),
-        lambda: client.get("/readyz"),
     ):
         started = time.monotonic()
         reply = call()
@@ -170,10 +169,12 @@ def test_redis_down_gives_503_fast_then_recovers(own_redis, settings):
         assert "Redis unreachable" in reply.get_json()["error"]
         assert int(reply.headers["Retry-After"]) > 0
         assert time.monotonic() - started < 5  # no hang
+    # The process can still serve (it answers the outage itself): the platform keeps it in
+    # rotation rather than holding requests for a pod that would become ready.
     assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 200
 
     own_redis.start()
-    assert client.get("/readyz").status_code == 200
     # no data survives this throw-away server, so the key is gone: 401, not 503
     assert post_json(client, body).status_code == 401
 

@@ -40,5 +40,4 @@ def create_service(settings: Settings, model: Model, auth: AuthStore | None = No
         openapi=spec.document(model.meta),
         auth=auth,
         model=model.name,
-        ready=auth.ping,
     )

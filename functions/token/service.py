@@ -58,7 +58,6 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
         ],
         openapi=spec.document(settings),
         auth=auth,
-        ready=auth.ping,
     )
 
 
