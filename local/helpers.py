@@ -90,7 +90,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        self.proc = redis_server.start_server(self.port, self.data_dir, persist=False)
+        self.proc = redis_server.start_server(self.port, self.data_dir, persist=False, die_with_parent=True)
         return self
 
     def stop(self) -> None:
