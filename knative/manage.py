@@ -252,6 +252,8 @@ def render_routing(host: str | None = None) -> str:
 
 
 def write_routing(host: str | None = None) -> None:
+    if host is not None and not re.fullmatch(r"([a-z0-9]([a-z0-9-]*[a-z0-9])?\.)+[a-z]{2,}", host):
+        raise fail(f"{host!r} is not a host name (e.g. api.example.org)")
     (ROUTING / "virtualservice.yaml").write_text(render_routing(host))
 
 

@@ -481,6 +481,18 @@ def test_add_model_renders_a_valid_service_its_image_catalog_and_route(project):
     assert not (project / "knative/functions/models/letters.yaml").exists()
 
 
+def test_routing_host_is_set_once(project):
+    assert run_manage(project, "routing", "--host", "api.example.org").returncode == 0
+    docs = kustomize(project / "knative/routing")
+    assert one(docs, "VirtualService")["spec"]["hosts"] == ["api.example.org"]
+    assert {h for s in one(docs, "Gateway")["spec"]["servers"] for h in s["hosts"]} == {"api.example.org"}
+    assert one(docs, "Certificate")["spec"]["dnsNames"] == ["api.example.org"]
+    assert run_manage(project, "routing").returncode == 0  # re-rendering keeps the host
+    assert one(kustomize(project / "knative/routing"), "VirtualService")["spec"]["hosts"] == ["api.example.org"]
+    bad = run_manage(project, "routing", "--host", "x: y")
+    assert bad.returncode != 0 and "not a host name" in bad.stderr
+
+
 def test_set_image_records_a_digest_or_explains_how_to_get_one(project):
     pinned = "registry.example.com/t/token:1.4@sha256:" + "a" * 64
     assert run_manage(project, "set-image", "token", pinned).returncode == 0
