@@ -1,5 +1,5 @@
 """Which function serves which path: the one routing table the local gateway uses and the
-cluster's Istio VirtualService (knative/routing/) is rendered from."""
+cluster's Istio VirtualService is rendered from (knative/manage.py routing, from these constants)."""
 
 from __future__ import annotations
 
@@ -37,34 +37,3 @@ def upstream_for(path: str) -> tuple[str, str | None] | None:
         ):
             return "model", name
     return None
-
-
-NAMESPACE = "thalamus"
-HOST = "thalamus.example.com"
-
-
-def render_virtualservice(models: list[str]) -> str:
-    """The Istio VirtualService (YAML) that routes this table's paths on one host, for ``models``."""
-
-    def route(paths: list[tuple[str, str]], service: str) -> str:
-        matches = "".join(f'        - uri:\n            {kind}: "{p}"\n' for kind, p in paths)  # quoted: ":" ends some
-        return (
-            f"    - match:\n{matches}"
-            f"      rewrite:\n        authority: {service}.{NAMESPACE}.svc.cluster.local\n"
-            f"      route:\n        - destination:\n"
-            f"            host: knative-local-gateway.istio-system.svc.cluster.local\n"
-            f"          weight: 100\n"
-        )
-
-    http = route([("exact", p) for p in TOKEN_PATHS], "thalamus-token")
-    for name in models:
-        exact = [("exact", p.format(model=name)) for p in MODEL_PATHS]
-        http += route(exact + [("prefix", p.format(model=name)) for p in MODEL_PREFIXES], f"thalamus-{name}")
-    return (
-        "# Single-host routing (optional): rendered by knative/manage.py from local/routes.py,\n"
-        "# the table the local gateway uses. Apply with: kubectl apply -k knative/routing\n"
-        "apiVersion: networking.istio.io/v1beta1\nkind: VirtualService\n"
-        f"metadata:\n  name: thalamus\n  namespace: {NAMESPACE}\n"
-        f"spec:\n  gateways:\n    - knative-serving/knative-ingress-gateway\n  hosts:\n    - {HOST}\n"
-        f"  http:\n{http}"
-    )

@@ -8,8 +8,6 @@ the gateway on ``--port`` (default 8000). Ctrl-C or SIGTERM stops everything it 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -21,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from local import ROOT, gateway, redis_server
+from local import ROOT, die_with_parent, gateway, redis_server
 from shared import config
 
 PID_FILE = ROOT / ".thalamus" / "stack.pid"
@@ -34,12 +32,6 @@ class Child:
     url: str
     model: str
     proc: subprocess.Popen | None = None
-
-
-def _die_with_parent() -> None:
-    # Linux: the child gets SIGTERM if this supervisor dies, even by SIGKILL — no orphans.
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def port_free(host: str, port: int) -> bool:
@@ -161,8 +153,9 @@ class Stack:
             if child.model != "-":
                 env["MODEL_NAME"] = child.model
                 env["MODEL_DIR"] = str(ROOT / "models" / child.model)
+        # Children get SIGTERM if this supervisor dies, even by SIGKILL: nothing outlives it.
         child.proc = subprocess.Popen(
-            args, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent
+            args, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent()
         )  # noqa: PLW1509
 
     def stop(self, *_: object) -> None:
@@ -237,12 +230,15 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     try:
         try:
-            stack.redis = redis_server.ensure(settings)
+            stack.redis = redis_server.ensure(settings, die_with_parent=True)
         except redis_server.LocalRedisError as exc:
             print(f"start.sh: {exc}", file=sys.stderr)
             return 1
         if stack.redis:
-            print(f"start.sh: started local Redis on 127.0.0.1:6379 (data in {redis_server.DATA_DIR})")
+            print(
+                f"start.sh: started local Redis on 127.0.0.1:6379 (data in {redis_server.DATA_DIR}; "
+                "it stops with start.sh)"
+            )
         PID_FILE.parent.mkdir(parents=True, exist_ok=True)
         PID_FILE.write_text(f"{os.getpid()} {stack.children[0].url}\n")
         write_catalog(ROOT / "models", [c.model for c in stack.children[2:]], CATALOG_FILE)

@@ -304,8 +304,3 @@ class AuthStore:
 
     def record_request(self, session: Session, model: str | None, status: int) -> None:
         """Note one answered authenticated request (for per-key usage); never raises."""
-
-    @store.unavailable_when_down
-    def ping(self) -> None:
-        """Raise ServiceUnavailable when Redis is unreachable."""
-        self.redis.ping()

@@ -167,25 +167,26 @@ class Service:
         openapi: dict[str, Any],
         auth: AuthStore | None = None,
         model: str | None = None,
-        ready: Callable[[], None] = lambda: None,
         max_body: int | None = None,
         function: str = "function",
     ) -> None:
         """``auth`` checks tokens on ``auth=True`` routes; ``model`` is the one model this
-        function serves (a path naming another is 404); ``ready`` raises when it cannot serve;
-        ``max_body`` lowers MAX_UPLOAD_BYTES for a function whose requests are small;
-        ``function`` names it in logs and metrics."""
+        function serves (a path naming another is 404); ``max_body`` lowers MAX_UPLOAD_BYTES
+        for a function whose requests are small; ``function`` names it in logs and metrics."""
         self.settings = settings
         self.function = function
         self.max_body = min(max_body or settings.max_upload_bytes, settings.max_upload_bytes)
         self.openapi = openapi
         self._auth = auth
         self._model = model
-        self._ready = ready
         table = [
             *routes,
             Route("/healthz", ("GET",), lambda call: {"status": "ok"}),
-            Route("/readyz", ("GET",), self._readyz),
+            # Ready = this process can serve: it is up and its model loaded before the service
+            # existed. Not Redis: Knative would take every pod out of rotation on a Redis blip,
+            # and a revision whose Redis is late would never reach its initial scale; a Redis
+            # outage is answered by the routes themselves, fast (503 + Retry-After).
+            Route("/readyz", ("GET",), lambda call: {"status": "ready"}),
             Route(
                 "/metrics", ("GET",), lambda call: flask.Response(metrics.exposition(), mimetype=metrics.CONTENT_TYPE)
             ),
@@ -193,7 +194,7 @@ class Service:
             # cluster may send them to the token function, which is never scaled away.
             Route("/v2", ("GET",), lambda call: V2_SERVER),
             Route("/v2/health/live", ("GET",), lambda call: {"live": True}),
-            Route("/v2/health/ready", ("GET",), self._v2_ready),
+            Route("/v2/health/ready", ("GET",), lambda call: {"ready": True}),
             Route("/openapi.json", ("GET",), lambda call: self.openapi),
             Route("/docs", ("GET",), lambda call: docs.page(["/openapi.json"])),
             Route("/docs/<asset>", ("GET",), lambda call: docs.asset(call.args["asset"])),
@@ -206,14 +207,6 @@ class Service:
             strict_slashes=False,
             merge_slashes=False,
         )
-
-    def _readyz(self, call: Call) -> dict[str, str]:
-        self._ready()
-        return {"status": "ready"}
-
-    def _v2_ready(self, call: Call) -> dict[str, bool]:
-        self._ready()
-        return {"ready": True}
 
     def __call__(self, request: flask.Request) -> flask.Response:
         """Route ``request`` and answer; never lets an exception escape as an HTML 500."""

@@ -87,5 +87,14 @@ def unavailable_when_down(method: Callable[Concatenate[S, P], R]) -> Callable[Co
         except REDIS_DOWN:
             metrics.REDIS_ERRORS.labels(method.__name__).inc()
             raise ServiceUnavailable(f"Redis unreachable at {self.settings.redis_url_masked}") from None
+        except redis.ResponseError as exc:
+            # maxmemory with noeviction (knative/data/redis.yaml): writes are refused, never a
+            # silently evicted key or token; reads still work. Inside a Lua script the refusal
+            # arrives as a script error carrying the OOM message.
+            if not isinstance(exc, redis.exceptions.OutOfMemoryError) and "OOM command not allowed" not in str(exc):
+                raise
+            raise ServiceUnavailable(
+                f"Redis is full (maxmemory) at {self.settings.redis_url_masked}", retry_after=30
+            ) from None
 
     return cast(Callable[Concatenate[S, P], R], guarded)

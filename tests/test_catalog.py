@@ -8,7 +8,6 @@ import os
 
 import pytest
 import requests
-import yaml
 
 from functions.token.catalog import CatalogError
 from functions.token.service import create_service as create_token_service
@@ -146,31 +145,6 @@ def test_catalog_and_health_over_http(serve_function, catalog_file, auth):
 )
 def test_upstream_for_matches_model_names_exactly(path, target):
     assert routes.upstream_for(path) == target
-
-
-def istio_route(service: dict, path: str) -> str | None:
-    """The host Istio sends ``path`` to: the first rule with a matching exact or prefix uri."""
-    for rule in service["spec"]["http"]:
-        for match in rule["match"]:
-            ((kind, value),) = match["uri"].items()
-            if (kind == "exact" and path == value) or (kind == "prefix" and path.startswith(value)):
-                return rule["rewrite"]["authority"].split(".")[0]
-    return None
-
-
-def test_istio_routing_matches_model_names_exactly():
-    service = yaml.safe_load(routes.render_virtualservice(["arrow", "arrows", "shapes"]))
-    for path in (
-        "/v1/models/arrow", "/v1/models/arrow:predict", "/v1/models/arrow/metadata", "/v2/models/arrow",
-        "/v2/models/arrow/infer", "/models/arrow.json", "/models/arrow/predict.json",
-        "/v1/models/arrows", "/v1/models/arrows:predict", "/v2/models/arrows/ready", "/models/arrows.json",
-        "/models.json", "/v1/models", "/v2", "/v2/health/ready", "/v2/models/shape", "/v1/models/shapesx",
-    ):  # fmt: skip
-        target = routes.upstream_for(path)
-        want = None if target is None else "thalamus-token" if target[0] == "token" else f"thalamus-{target[1]}"
-        if target and target[0] == "model" and target[1] not in ("arrow", "arrows", "shapes"):
-            want = None
-        assert istio_route(service, path) == want, path
 
 
 @pytest.mark.slow

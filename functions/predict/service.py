@@ -62,6 +62,5 @@ def create_service(settings: Settings, model: Model, auth: AuthStore | None = No
         openapi=spec.document(model.meta, model.input_name, model.output_name),
         auth=auth,
         model=model.name,
-        ready=auth.ping,
         function="predict",
     )

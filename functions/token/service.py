@@ -62,7 +62,6 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
         ],
         openapi=spec.document(settings),
         auth=auth,
-        ready=auth.ping,
         function="token",
         # A keypair or an OAuth2 form is well under 1 KB. Bodies up to this size are read by the
         # server before dispatch (shared/worker.py), so a slow client never holds a thread here.
