@@ -35,6 +35,7 @@ from functions.predict import pipeline
 from functions.predict.model import load_model
 from local import ROOT
 from local.helpers import RedisServer, free_port, function_command, percentile_ms, photo_jpeg
+from shared import imaging
 from shared.auth import AuthStore
 from shared.config import Settings
 
@@ -124,7 +125,7 @@ def floor_ms(model: str, photo: bytes, n: int) -> float:
     times = []
     for _ in range(n + 20):
         t = time.perf_counter()
-        pipeline.infer(bundle, pipeline.decode(bundle, upload, 40_000_000))
+        pipeline.infer(bundle, pipeline.decode(bundle, upload, imaging.Limits(40_000_000)))
         times.append(time.perf_counter() - t)
     return percentile_ms(times[20:], 0.5)
 

@@ -38,6 +38,7 @@ from local.helpers import (
     percentile_ms,
     wait_http,
 )
+from shared import imaging
 from shared.auth import AuthStore
 from shared.config import Settings
 
@@ -118,7 +119,7 @@ def worker_peak_mb(server: subprocess.Popen[bytes]) -> float:
 def latency(model: str, env: dict[str, str], auth: dict[str, str], n: int) -> dict[str, list[float]]:
     bundle = load_model(Settings(model_name=model))
     image = encode(demo_image(model, first_label(model), 4242))  # at the model's input size: decode is cheap
-    tensor = pipeline.decode(bundle, [pipeline.Upload(image)], 40_000_000)
+    tensor = pipeline.decode(bundle, [pipeline.Upload(image)], imaging.Limits(40_000_000))
     kinds = requests_for(model, image, tensor)
     server, port = start(model, env)
     try:

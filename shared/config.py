@@ -44,6 +44,8 @@ class Settings:
     model_catalog: Path | None = None
     max_upload_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    # Bytes of images a predict process decodes at once, in MiB; None: from its memory limit.
+    decode_memory_mb: int | None = None
     # Brute-force protection for POST /token.json: failures allowed per window.
     auth_max_failures: int = 10
     auth_failure_window: int = 60
@@ -155,6 +157,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "MODEL_CATALOG": ("model_catalog", _path),
     "MAX_UPLOAD_BYTES": ("max_upload_bytes", _positive_int),
     "MAX_IMAGE_PIXELS": ("max_image_pixels", _positive_int),
+    "DECODE_MEMORY_MB": ("decode_memory_mb", _positive_int),
     "AUTH_MAX_FAILURES": ("auth_max_failures", _positive_int),
     "AUTH_FAILURE_WINDOW": ("auth_failure_window", _positive_int),
     "TRUSTED_PROXIES": ("trusted_proxies", _networks),

@@ -158,7 +158,8 @@ def test_bad_input_does_not_break_the_next_request(shapes_client, bearer):
 
 def test_decoder_checks_header_before_pixels():
     # The header claims 10 Gpx but the data holds 64 bytes: only a header check can say "too large".
+    spec = {"height": 4, "width": 4, "channels": 3}
     with pytest.raises(BadRequest, match="too large"):
-        imaging.decode(png_header_only(100000, 100000), 40_000_000)
-    image = imaging.decode(encode(Image.new("RGB", (10, 10))), 100)
-    assert (image.mode, image.size) == ("RGB", (10, 10))
+        imaging.model_input(png_header_only(100000, 100000), imaging.Limits(40_000_000), spec, {})
+    pixels = imaging.model_input(encode(Image.new("RGB", (10, 10), (10, 20, 30))), imaging.Limits(100), spec, {})
+    assert pixels.shape == (4, 4, 3) and pixels[0, 0].tolist() == [10, 20, 30]

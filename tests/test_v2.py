@@ -17,6 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from functions.predict import pipeline
 from local.helpers import demo_image, encode
+from shared import imaging
 from tests.conftest import demo_model, predict_client
 from tests.test_openapi import check
 
@@ -27,12 +28,14 @@ HEADER = "Inference-Header-Content-Length"
 def expected(images: list[bytes]) -> np.ndarray:
     """The probabilities the pipeline gives in-process: what every protocol must answer."""
     model = demo_model(MODEL)
-    return pipeline.infer(model, pipeline.decode(model, [pipeline.Upload(i) for i in images], 40_000_000))
+    return pipeline.infer(
+        model, pipeline.decode(model, [pipeline.Upload(i) for i in images], imaging.Limits(40_000_000))
+    )
 
 
 def tensor(images: list[bytes]) -> np.ndarray:
     model = demo_model(MODEL)
-    return pipeline.decode(model, [pipeline.Upload(i) for i in images], 40_000_000)
+    return pipeline.decode(model, [pipeline.Upload(i) for i in images], imaging.Limits(40_000_000))
 
 
 @pytest.fixture

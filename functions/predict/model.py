@@ -6,8 +6,10 @@ threads never share an interpreter, and no thread waits for another's model call
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import queue
 import time
@@ -92,28 +94,57 @@ def _native_stderr_silenced() -> Iterator[None]:
         os.close(saved)
 
 
-class Model:
-    """One loaded bundle: metadata plus a pool of LiteRT interpreters."""
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity, capped by a cgroup CPU quota (a pod's
+    ``limits.cpu``), at least one."""
+    cpus = len(os.sched_getaffinity(0))
+    quota = None
+    with contextlib.suppress(OSError, ValueError):  # cgroup v2: "max 100000" or "150000 100000"
+        limit, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        quota = None if limit == "max" else int(limit) / int(period)
+    if quota is None:
+        with contextlib.suppress(OSError, ValueError):  # cgroup v1
+            limit_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+            period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+            quota = limit_us / period_us if limit_us > 0 else None
+    return max(1, min(cpus, math.ceil(quota) if quota else cpus))
 
-    def __init__(self, bundle: Path) -> None:
+
+class Model:
+    """One loaded bundle: metadata plus a fixed pool of LiteRT interpreters.
+
+    LiteRT interpreters are not thread-safe, and each holds its own copy of the packed weights
+    and its own activation arena, so the pool has as many as the CPUs the process may use
+    (more would only wait for a core, and cost memory): a request thread borrows one for its
+    model call, waiting for it with nothing else held (its images are decoded by then). They
+    are created at start, before gunicorn forks its workers, so their packed weights are shared
+    with the worker; each runs one image at a time, so its arena never grows past one input.
+    """
+
+    def __init__(self, bundle: Path, interpreters: int | None = None) -> None:
         self.meta = read_metadata(bundle)
         self.name: str = self.meta["name"]
         self.labels: list[str] = self.meta["labels"]
         self._path = bundle / "model.tflite"
         if not self._path.is_file():
             raise BundleError(f"{self._path} not found")
-        self._model_bytes = self._path.read_bytes()
-        # Grows to the number of threads that ever called at once (gunicorn's THREADS).
-        self._pool: queue.LifoQueue[Interpreter] = queue.LifoQueue()
+        self._pool: queue.SimpleQueue[Interpreter] = queue.SimpleQueue()
+        self.interpreters = interpreters or usable_cpus()
         with _native_stderr_silenced():
-            first = self._new_interpreter()  # fails here, at start, if the model is broken
-        self._check_shapes(first)
-        self._pool.put(first)
+            created = [self._new_interpreter() for _ in range(self.interpreters)]  # fails here if broken
+        self._check_shapes(created[0])
+        for interpreter in created:
+            self._pool.put(interpreter)
 
     def _new_interpreter(self) -> Interpreter:
         try:
-            interpreter = Interpreter(model_content=self._model_bytes, num_threads=1)
+            # model_path: LiteRT maps the file, so the flatbuffer is shared page cache, not a copy.
+            interpreter = Interpreter(model_path=str(self._path), num_threads=1)
             interpreter.allocate_tensors()
+            inp = interpreter.get_input_details()[0]
+            if inp["shape"][0] != 1:  # one image per call
+                interpreter.resize_tensor_input(inp["index"], [1, *inp["shape"][1:]])
+                interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise BundleError(f"{self._path} is not a usable TFLite model ({exc})") from None
         return interpreter
@@ -126,7 +157,6 @@ class Model:
             raise BundleError(f"model input {list(inp['shape'])} does not match model.json {want}")
         if out["shape"][-1] != len(self.labels):
             raise BundleError(f"model has {out['shape'][-1]} outputs but {len(self.labels)} labels")
-        self.batchable = bool(inp["shape_signature"][0] == -1)
         # The names the inference protocols show (TF Serving and Triton would show the same for
         # the SavedModel): the signature's aliases, and the graph's tensor names.
         signatures = interpreter.get_signature_list()
@@ -135,27 +165,18 @@ class Model:
         self.output_name: str = (signature.get("outputs") or ["output"])[0]
         self.input_tensor: str = inp["name"]
         self.output_tensor: str = out["name"]
-
-    @contextmanager
-    def _interpreter(self):
-        try:
-            interpreter = self._pool.get_nowait()
-        except queue.Empty:
-            interpreter = self._new_interpreter()  # a new thread's first request
-        try:
-            yield interpreter
-        finally:
-            self._pool.put(interpreter)
+        self._input_index, self._output_index = inp["index"], out["index"]
+        self._input_dtype = inp["dtype"]
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities, one row per input (batch of shape (n, h, w, c), float32)."""
-        if not self.batchable and len(batch) > 1:
-            return np.concatenate([self.predict(batch[i : i + 1]) for i in range(len(batch))])
-        with self._interpreter() as interpreter:
-            inp = interpreter.get_input_details()[0]
-            if inp["shape"][0] != len(batch):
-                interpreter.resize_tensor_input(inp["index"], list(batch.shape))
-                interpreter.allocate_tensors()
-            interpreter.set_tensor(inp["index"], batch.astype(inp["dtype"], copy=False))
-            interpreter.invoke()
-            return interpreter.get_tensor(interpreter.get_output_details()[0]["index"]).copy()
+        interpreter = self._pool.get()  # blocks while every interpreter is busy
+        try:
+            rows = []
+            for row in batch.astype(self._input_dtype, copy=False):
+                interpreter.set_tensor(self._input_index, row[None])
+                interpreter.invoke()
+                rows.append(interpreter.get_tensor(self._output_index)[0].copy())
+            return np.stack(rows)
+        finally:
+            self._pool.put(interpreter)

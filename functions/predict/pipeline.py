@@ -7,7 +7,8 @@ A route reads its request into :class:`Upload` objects (or a ready tensor), call
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,25 +29,41 @@ class Upload:
     filename: str | None = None
 
 
-def decode(model: Model, uploads: Sequence[Upload], max_pixels: int) -> np.ndarray:
+def decode(model: Model, uploads: Sequence[Upload], limits: imaging.Limits) -> np.ndarray:
     """Encoded images → the model's input batch: float32 of shape (n, height, width, channels),
-    preprocessed as the bundle says. Raises BadRequest naming the file and the problem (no
-    image, too many, not an image, truncated, over ``max_pixels``)."""
+    preprocessed as the bundle says. Every header is checked before any image is decoded; each
+    decode holds its share of the process's memory budget. Raises BadRequest naming the file and
+    the problem (no image, too many, not an image, truncated, too large, too costly together),
+    or ServiceUnavailable when the budget stays taken by other requests."""
     if not uploads:
         raise BadRequest("no image in the request")
     if len(uploads) > MAX_FILES:
         raise BadRequest(f"too many images: {len(uploads)} (limit {MAX_FILES} per request)")
     spec, preprocessing = model.meta["input"], model.meta["preprocessing"]
+    costs = []
+    for upload in uploads:
+        with _named(upload):
+            costs.append(imaging.header_cost(upload.data, limits, (spec["width"], spec["height"])))
+    imaging.check_request(costs, limits)
     rows = []
     for upload in uploads:
-        with metrics.DECODE_SECONDS.labels(model.name).time():
-            try:
-                image = imaging.decode(upload.data, max_pixels, (spec["width"], spec["height"]))
-            except BadRequest as exc:
-                label = f"file {upload.filename!r}" if upload.filename else "file"
-                raise BadRequest(f"{label}: {exc.message}") from None
-            rows.append(imaging.to_array(image, spec, preprocessing))
-    return np.stack(rows)
+        with _named(upload), metrics.DECODE_SECONDS.labels(model.name).time():
+            rows.append(imaging.model_input(upload.data, limits, spec, preprocessing))
+    batch = np.stack(rows)
+    if sum(cost.pixels for cost in costs) >= imaging.TRIM_AFTER_PIXELS:
+        del rows
+        imaging.release_memory()  # decoders' buffers (libjpeg's at full size, say) go back too
+    return batch
+
+
+@contextmanager
+def _named(upload: Upload) -> Iterator[None]:
+    """BadRequest messages inside name the file they are about."""
+    try:
+        yield
+    except BadRequest as exc:
+        label = f"file {upload.filename!r}" if upload.filename else "file"
+        raise BadRequest(f"{label}: {exc.message}") from None
 
 
 def infer(model: Model, batch: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ from functions.predict import pipeline, spec
 from functions.predict.model import Model
 from functions.predict.v1 import V1
 from functions.predict.v2 import V2
+from shared import imaging
 from shared.auth import AuthStore
 from shared.config import Settings
 from shared.errors import BadRequest, UnsupportedMediaType
@@ -17,6 +18,7 @@ from shared.http import Call, Route, Service
 def create_service(settings: Settings, model: Model, auth: AuthStore | None = None) -> Service:
     """The predict function's service for ``model`` (``auth`` defaults to the settings' Redis)."""
     auth = auth or AuthStore(settings)
+    limits = imaging.Limits.from_settings(settings)  # one decode budget for the whole process
 
     def predict(call: Call) -> dict[str, Any]:
         """Multipart ``file`` field(s) → one prediction, or ``results`` in upload order."""
@@ -26,14 +28,14 @@ def create_service(settings: Settings, model: Model, auth: AuthStore | None = No
         uploads = [pipeline.Upload(f.read(), f.filename) for f in request.files.getlist("file")]
         if not uploads:
             raise BadRequest("no file: send the image(s) in multipart field 'file'")
-        batch = pipeline.decode(model, uploads, settings.max_image_pixels)
+        batch = pipeline.decode(model, uploads, limits)
         return pipeline.encode(model, pipeline.infer(model, batch), uploads)
 
     def metadata(call: Call) -> dict[str, Any]:
         """The bundle's model.json: labels, input size, preprocessing, metrics, version."""
         return model.meta
 
-    v1, v2 = V1(model, settings), V2(model, settings)
+    v1, v2 = V1(model, settings, limits), V2(model, settings, limits)
     return Service(
         settings,
         [

@@ -18,6 +18,7 @@ import numpy as np
 
 from functions.predict import pipeline, tensors
 from functions.predict.model import Model
+from shared import imaging
 from shared.config import Settings
 from shared.errors import BadRequest, NotFound
 from shared.http import Call
@@ -30,9 +31,9 @@ VERSION_LABELS = ("latest",)  # the one version a function serves is its latest
 class V1:
     """The V1 handlers for ``model``, with the settings' limits on bodies and image pixels."""
 
-    def __init__(self, model: Model, settings: Settings) -> None:
+    def __init__(self, model: Model, settings: Settings, limits: imaging.Limits) -> None:
         self.model = model
-        self.max_pixels = settings.max_image_pixels
+        self.limits = limits
         self.max_body = settings.max_upload_bytes
         self.version = str(model.meta["version"])
 
@@ -133,7 +134,7 @@ class V1:
         images = [_is_b64(item) for item in items]
         if all(images):
             uploads = [tensors.b64_image(item["b64"], f"{where}[{i}]") for i, item in enumerate(items)]
-            return pipeline.decode(self.model, uploads, self.max_pixels)
+            return pipeline.decode(self.model, uploads, self.limits)
         if any(images) or any(isinstance(item, dict) for item in items):
             raise BadRequest(f'{where}: examples must be all images {{"b64": ...}} or all numeric tensors')
         return tensors.model_input(tensors.dense(items, where), self.model, where)

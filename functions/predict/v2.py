@@ -22,6 +22,7 @@ import numpy as np
 
 from functions.predict import pipeline, tensors
 from functions.predict.model import Model
+from shared import imaging
 from shared.config import Settings
 from shared.errors import BadRequest, NotFound
 from shared.http import Call
@@ -35,9 +36,9 @@ PLATFORM = "litert_tflite"
 class V2:
     """The V2 handlers for ``model``, with the settings' limits on bodies and image pixels."""
 
-    def __init__(self, model: Model, settings: Settings) -> None:
+    def __init__(self, model: Model, settings: Settings, limits: imaging.Limits) -> None:
         self.model = model
-        self.max_pixels = settings.max_image_pixels
+        self.limits = limits
         self.max_body = settings.max_upload_bytes
         self.version = str(model.meta["version"])
 
@@ -175,7 +176,7 @@ class V2:
             uploads = [tensors.b64_image(value, f"{name}[{i}]") for i, value in enumerate(values)]
         else:
             raise BadRequest(f"{where}: needs 'data' or parameters.binary_data_size")
-        return pipeline.decode(self.model, uploads, self.max_pixels)
+        return pipeline.decode(self.model, uploads, self.limits)
 
     def _outputs(self, doc: dict[str, Any]) -> list[tuple[bool, int]]:
         """The requested outputs, in order, as (binary, classification count); all by default."""

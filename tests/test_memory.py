@@ -1,0 +1,200 @@
+"""Memory and CPU bounded by design: the worst images the predict function accepts, in every
+format and mode, THREADS requests at once, against a real server running in a memory cgroup
+with its Knative Service's limit, as a container would. It is never OOM-killed, its memory stays
+under the limit, and returns near its resting size afterwards."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import struct
+import subprocess
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image, ImageDraw
+
+from local import ROOT
+from local.helpers import demo_image, encode, free_port, function_command, wait_http
+from tests.conftest import subprocess_env
+
+pytestmark = pytest.mark.slow
+SIDE = 6324  # 6324² = 39,992,976 pixels: just under MAX_IMAGE_PIXELS (40 Mpx)
+THREADS = 4
+
+
+def manifest_memory_limit() -> int:
+    """The predict Service's memory limit in bytes, from knative/functions/model-template.yaml."""
+    text = (ROOT / "knative/functions/model-template.yaml").read_text()
+    value = re.search(r"limits:\s*\n(?:\s+\w+: .*\n)*?\s+memory: (\d+)Mi", text)
+    assert value, "no memory limit in the model template"
+    return int(value.group(1)) << 20
+
+
+def flat(mode: str, background: object, shape: object) -> Image.Image:
+    """A 40 Mpx image of one colour with a rectangle of another: kilobytes once compressed."""
+    image = Image.new(mode, (SIDE, SIDE), background)  # type: ignore[arg-type]
+    ImageDraw.Draw(image).rectangle((SIDE // 3, SIDE // 4, SIDE - 1, SIDE * 3 // 4), fill=shape)  # type: ignore[arg-type]
+    return image
+
+
+def png16_grey() -> bytes:
+    """A 16-bit grey PNG (Pillow opens it as I;16), written scanline by scanline."""
+    row = b"\0" + struct.pack(f">{SIDE}H", *([1000] * (SIDE // 3) + [60000] * (SIDE - SIDE // 3)))
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row) for _ in range(SIDE)) + compressor.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", SIDE, SIDE, 16, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def worst_images() -> dict[str, bytes]:
+    return make_worst_images()
+
+
+def make_worst_images() -> dict[str, bytes]:
+    """The costliest image of each kind the function accepts (all under MAX_UPLOAD_BYTES)."""
+    palette = flat("P", 1, 2)
+    palette.putpalette([0, 0, 0, 200, 30, 30, 30, 160, 60] + [0] * 759)
+    images = {
+        "png-rgba": encode(flat("RGBA", (10, 20, 30, 0), (200, 100, 50, 255))),
+        "png-la": encode(flat("LA", (40, 255), (200, 90))),
+        "png-16bit-grey": png16_grey(),
+        "png-palette-transparent": encode(palette, transparency=1),
+        "png-1bit": encode(flat("1", 0, 1)),
+        "gif": encode(palette, "GIF"),
+        "bmp-1bit": encode(flat("1", 0, 1), "BMP"),
+        "jpeg-progressive-444": encode(
+            flat("RGB", (10, 20, 30), (200, 100, 50)), "JPEG", progressive=True, subsampling=0, quality=50
+        ),  # fmt: skip
+        "jpeg-cmyk": encode(flat("CMYK", (10, 20, 30, 40), (200, 100, 50, 0)), "JPEG", quality=50),
+        "webp-rgba": encode(
+            flat("RGBA", (10, 20, 30, 0), (200, 100, 50, 255)).resize((4000, 4000)), "WEBP", lossless=True
+        ),  # fmt: skip
+    }
+    assert all(len(data) < 10 * 1024 * 1024 for data in images.values())
+    return images
+
+
+class MemoryCgroup:
+    """A cgroup (v1 or v2 memory controller) with a memory limit, for the server under test."""
+
+    def __init__(self, limit: int) -> None:
+        v2 = Path("/sys/fs/cgroup/cgroup.controllers")
+        if v2.exists() and "memory" in v2.read_text().split():
+            self.path, self.v2 = Path(f"/sys/fs/cgroup/thalamus-test-{os.getpid()}"), True
+        else:
+            self.path, self.v2 = Path(f"/sys/fs/cgroup/memory/thalamus-test-{os.getpid()}"), False
+        try:
+            self.path.mkdir(exist_ok=True)
+            (self.path / ("memory.max" if self.v2 else "memory.limit_in_bytes")).write_text(str(limit))
+        except OSError as exc:
+            pytest.skip(f"cannot create a memory cgroup here ({exc}); run as root on Linux")
+
+    def anonymous(self) -> int:
+        """Bytes of process memory in the cgroup now (anonymous pages: page cache is reclaimable)."""
+        stat = dict(line.split() for line in (self.path / "memory.stat").read_text().splitlines())
+        return int(stat["anon"] if self.v2 else stat["rss"])
+
+    def oom_kills(self) -> int:
+        name = "memory.events" if self.v2 else "memory.oom_control"
+        return int(dict(line.split() for line in (self.path / name).read_text().splitlines()).get("oom_kill", 0))
+
+    def remove(self) -> None:
+        for _ in range(50):
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+@pytest.fixture
+def predict_server(env, auth):
+    cgroup = MemoryCgroup(manifest_memory_limit())
+    port = free_port()
+    command = [
+        "sh",
+        "-c",
+        f'echo $$ > {cgroup.path}/cgroup.procs && exec "$@"',
+        "sh",
+        *function_command("predict", port),
+    ]
+    settings = {"MODEL_NAME": "shapes", "THREADS": str(THREADS), "WORKERS": "1"}
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=subprocess_env(**env, **settings))  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    wait_http(base + "/healthz", proc)
+    pair = auth.create_key()
+    headers = {"Authorization": "Bearer " + auth.issue_token(pair.public_key, pair.secret_key, "t").token}
+    yield base, cgroup, headers
+    proc.terminate()
+    _, stderr = proc.communicate(timeout=20)
+    cgroup.remove()
+    assert b"Traceback" not in stderr, stderr.decode(errors="replace")
+
+
+def post(base: str, headers: dict[str, str], files: list[tuple[str, bytes]]) -> requests.Response:
+    parts = [("file", (name, io.BytesIO(data))) for name, data in files]
+    return requests.post(f"{base}/models/shapes/predict.json", headers=headers, files=parts, timeout=120)
+
+
+def test_worst_images_stay_under_the_memory_limit_and_memory_comes_back(predict_server, worst_images):
+    base, cgroup, headers = predict_server
+    circle = encode(demo_image("shapes", "circle", 1))
+    with ThreadPoolExecutor(THREADS) as pool:  # warm: every thread's first request
+        assert {r.status_code for r in pool.map(lambda _: post(base, headers, [("c.png", circle)]), range(8))} == {200}
+    time.sleep(1)
+    resting = cgroup.anonymous()
+
+    peak, sampling = [resting], threading.Event()
+
+    def sample() -> None:
+        while not sampling.is_set():
+            peak.append(cgroup.anonymous())
+            time.sleep(0.01)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    names = list(worst_images)
+    alone = [[(name, worst_images[name])] for name in names]
+    pairs = [[(a, worst_images[a]), (b, worst_images[b])] for a, b in zip(names, names[1:], strict=False)]
+    requests_ = alone + pairs
+    with ThreadPoolExecutor(THREADS) as pool:
+        replies = list(pool.map(lambda files: post(base, headers, files), requests_))
+    sampling.set()
+    sampler.join()
+
+    limit = manifest_memory_limit()
+    answers = {
+        tuple(n for n, _ in files): (r.status_code, r.json()) for files, r in zip(requests_, replies, strict=True)
+    }
+    assert all(status in (200, 400, 503) for status, _ in answers.values()), answers
+    assert answers[("png-rgba",)][0] == 200 and answers[("png-16bit-grey",)][0] == 200  # 40 Mpx decodes
+    assert "MiB to decode" in answers[("webp-rgba",)][1]["error"]  # WebP needs 16 B/px: refused, named
+    assert cgroup.oom_kills() == 0
+    assert max(peak) < limit, f"peak {max(peak) >> 20} MiB over the {limit >> 20} MiB limit"
+
+    time.sleep(2)
+    after = cgroup.anonymous()
+    assert after <= resting * 1.2, f"resting {resting >> 20} MiB before, {after >> 20} MiB after"
+    print(f"memory: resting {resting >> 20} MiB, peak {max(peak) >> 20} MiB, after {after >> 20} MiB")
+    assert post(base, headers, [("c.png", circle)]).json()["prediction"] == "circle"
+
+
+def test_cpu_per_request_is_bounded(predict_server, worst_images):
+    base, _, headers = predict_server
+    started = time.monotonic()
+    reply = post(base, headers, [(f"{i}.png", worst_images["png-16bit-grey"]) for i in range(32)])
+    assert reply.status_code == 400 and "s of CPU" in reply.json()["error"]
+    assert time.monotonic() - started < 5  # refused from the headers, not after decoding 32 images
