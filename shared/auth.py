@@ -684,5 +684,12 @@ class _Flusher:
         for recorder in recorders:
             recorder.flush()
 
+    def after_fork(self) -> None:
+        # A fork copies locks in whatever state another thread held them: start the child afresh.
+        self._lock = threading.Lock()
+        for recorder in list(self._recorders):
+            recorder._lock = threading.Lock()
+
 
 _flusher = _Flusher()
+os.register_at_fork(after_in_child=_flusher.after_fork)
