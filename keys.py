@@ -31,7 +31,7 @@ from typing import Any
 
 try:
     from local import redis_server
-    from shared import config, store
+    from shared import config
     from shared.admin import UNCHANGED, KeyAdmin, parse_duration, parse_expiry
     from shared.auth import PUBLIC_KEY_RE, Actor, KeyInfo, Keypair, parse_scopes, utc
     from shared.errors import ThalamusError
@@ -277,7 +277,7 @@ def show_audit(admin: KeyAdmin, since: str | None, as_json: bool) -> None:
 
 
 def purge(admin: KeyAdmin, confirmed: bool) -> int:
-    where = f"{admin.settings.prefix!r} in {store.describe(admin.settings.redis_url)}"
+    where = f"{admin.settings.prefix!r} in {admin.settings.redis_url_masked}"
     if not confirmed:
         if not sys.stdin.isatty():
             raise fail("-p deletes every key under THALAMUS_PREFIX; add --yes to confirm (stdin is not a terminal)")

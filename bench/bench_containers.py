@@ -57,7 +57,7 @@ def main() -> None:
     tool = helpers.container_engine()
     if tool is None:
         raise SystemExit("no podman/docker here (run ../shared/tools/container-setup first)")
-    tags = {name: f"localhost/thalamus-{name}:test" for name in helpers.IMAGES}
+    tags = {name: helpers.image_tag(name) for name in helpers.IMAGES}
     if not args.no_build:
         for name, tag in tags.items():
             helpers.build_image(tool, name, tag)

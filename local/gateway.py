@@ -1,7 +1,10 @@
 """The local gateway on :8000: routes paths to the functions as the cluster's ingress does.
 
 Run by ``./start.sh`` as ``python -m local.gateway --port 8000 --token URL --model NAME=URL``.
-It also serves ``/docs`` over every function's OpenAPI document, and ``/healthz``/``/readyz``.
+It also serves ``/docs`` and ``/openapi.json`` over every function's OpenAPI document, and
+``/healthz``/``/readyz``. Like an edge proxy it sets ``X-Forwarded-For`` to the address it saw
+(a client's own value is dropped, never appended to), and it runs on the same deadline worker as
+the functions, so slow clients cost only themselves here too.
 """
 
 from __future__ import annotations
@@ -9,91 +12,132 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-from collections.abc import Iterable, Iterator
+import logging
+import socket
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
 from local import routes
-from shared import docs
+from shared import config, docs, logs
+from shared.access import AccessLog, exchange_of
+from shared.errors import BadGateway, NotFound, ThalamusError
+from shared.server import Gunicorn, gunicorn_options
 
-HOP_BY_HOP = {
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailers",
-    "transfer-encoding",
-    "upgrade",
-    "host",
-    "content-length",
-}
+log = logging.getLogger("thalamus.gateway")
+StartResponse = Callable[..., Any]
+Environ = dict[str, Any]
+
+# Not forwarded: hop-by-hop headers (RFC 9110 7.6.1) and the client's own forwarding claims.
+DROPPED = {
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
+    "transfer-encoding", "upgrade", "host", "content-length", "x-forwarded-for", "forwarded", "x-real-ip",
+    "x-request-id",  # the gateway's own (kept from the caller when sane) goes on, and comes back
+}  # fmt: skip
+# The address the gateway connects to the functions from: functions trust X-Forwarded-For from
+# it alone (TRUSTED_PROXIES), so a local client that calls a function directly, from 127.0.0.1,
+# cannot claim another address. Falls back to 127.0.0.1 where 127.0.0.2 is not configured.
+SOURCE_ADDRESS = "127.0.0.2"
 
 
-def _json(start_response, status: str, body: Any, headers: list | None = None) -> list[bytes]:
+LOCAL_PATHS = {"/", "/healthz", "/readyz", "/docs", "/openapi.json"}
+
+
+def source_address() -> str:
+    """SOURCE_ADDRESS when this machine can connect from it, else 127.0.0.1."""
+    with socket.socket() as sock:
+        try:
+            sock.bind((SOURCE_ADDRESS, 0))
+        except OSError:
+            return "127.0.0.1"
+    return SOURCE_ADDRESS
+
+
+def _json(start_response: StartResponse, status: int, body: Any, headers: list[tuple[str, str]] | None = None,
+          close: bool = False) -> list[bytes]:  # fmt: skip
     data = json.dumps(body).encode()
-    start_response(status, [("Content-Type", "application/json"), ("Content-Length", str(len(data))), *(headers or [])])
+    extra = [*(headers or []), *([("Connection", "close")] if close else [])]
+    reason = http.client.responses.get(status, "Error")
+    start_response(
+        f"{status} {reason}", [("Content-Type", "application/json"), ("Content-Length", str(len(data))), *extra]
+    )
     return [data]
+
+
+def _has_body(environ: Environ) -> bool:
+    return bool(environ.get("CONTENT_LENGTH", "0") not in ("", "0") or environ.get("wsgi.input_terminated"))
 
 
 class Gateway:
     """A WSGI app that proxies each request to the function serving its path."""
 
-    def __init__(self, token_url: str, model_urls: dict[str, str], timeout: float = 60) -> None:
+    def __init__(self, token_url: str, model_urls: dict[str, str], *, source: str = "127.0.0.1",
+                 timeout: float = 60) -> None:  # fmt: skip
         self.token_url = token_url
         self.model_urls = dict(sorted(model_urls.items()))
+        self.source = source
         self.timeout = timeout
 
-    def _specs(self) -> dict[str, str]:
+    def _functions(self) -> dict[str, str]:
         return {"token": self.token_url, **self.model_urls}
 
-    def __call__(self, environ: dict, start_response) -> Iterable[bytes]:
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            return self._route(environ, start_response)
+        except ThalamusError as error:
+            # Body errors (408, 400) or a local 404: the body may be partly unread, so close.
+            exchange_of(environ).error = error.message
+            return _json(start_response, error.status, {"error": error.message}, list(error.headers.items()), True)
+        except Exception:
+            log.exception("gateway error on %s", environ.get("PATH_INFO"))
+            return _json(start_response, 500, {"error": "internal error"}, close=True)
+
+    def _route(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
         target = routes.upstream_for(path)
+        exchange = exchange_of(environ)
         if target is None:
+            exchange.route = (path if path in LOCAL_PATHS else "/docs/<asset>" if path.startswith("/docs/")
+                              else "/openapi/<name>.json" if path.startswith("/openapi/") else "unmatched")  # fmt: skip
             return self._local(environ, start_response, path)
         kind, model = target
+        exchange.route, exchange.model = f"→ {kind}", model
         if kind == "token":
-            return self._proxy(environ, start_response, self.token_url, path)
+            return self._proxy(environ, start_response, self.token_url)
         if model not in self.model_urls:
             known = ", ".join(self.model_urls) or "none"
-            return _json(start_response, "404 Not Found", {"error": f"no such model: {model} (served: {known})"})
-        return self._proxy(environ, start_response, self.model_urls[model], path)
+            raise NotFound(f"no such model: {model} (served: {known})")
+        return self._proxy(environ, start_response, self.model_urls[str(model)])
 
-    def _local(self, environ: dict, start_response, path: str) -> Iterable[bytes]:
+    def _local(self, environ: Environ, start_response: StartResponse, path: str) -> Iterable[bytes]:
+        close = _has_body(environ)  # these never read a body: do not let gunicorn wait for one
+        if environ["REQUEST_METHOD"] not in ("GET", "HEAD"):
+            raise NotFound(f"no such path: {path}")
         if path == "/healthz":
-            return _json(start_response, "200 OK", {"status": "ok"})
+            return _json(start_response, 200, {"status": "ok"}, close=close)
         if path == "/readyz":
-            states = {name: self._ready(url) for name, url in self._specs().items()}
-            status = "200 OK" if all(states.values()) else "503 Service Unavailable"
-            return _json(
-                start_response, status, {"functions": states}, [] if all(states.values()) else [("Retry-After", "2")]
-            )
+            states = {name: self._ready(url) for name, url in self._functions().items()}
+            ready = all(states.values())
+            return _json(start_response, 200 if ready else 503, {"functions": states},
+                         [] if ready else [("Retry-After", "2")], close)  # fmt: skip
         if path in ("/", "/docs"):
-            return self._flask(
-                environ, start_response, lambda: docs.page([f"/openapi/{name}.json" for name in self._specs()])
-            )
+            names = self._functions()
+            return docs.page([f"/openapi/{name}.json" for name in names])(environ, start_response)
         if path.startswith("/docs/"):
-            return self._flask(environ, start_response, lambda: docs.asset(path.removeprefix("/docs/")))
+            return docs.asset(path.removeprefix("/docs/"))(environ, start_response)
+        if path == "/openapi.json":
+            return _json(start_response, 200, self._merged_openapi(), close=close)
         if path.startswith("/openapi/") and path.endswith(".json"):
             name = path.removeprefix("/openapi/").removesuffix(".json")
-            if name in self._specs():
-                return self._proxy(environ, start_response, self._specs()[name], "/openapi.json")
-        return _json(start_response, "404 Not Found", {"error": f"no such path: {path}"})
-
-    @staticmethod
-    def _flask(environ: dict, start_response, make) -> Iterable[bytes]:
-        from shared.errors import ThalamusError
-
-        try:
-            response = make()
-        except ThalamusError as error:  # only NotFound: an unknown docs file
-            return _json(start_response, "404 Not Found", {"error": error.message})
-        return response(environ, start_response)
+            if name in self._functions():
+                return _json(
+                    start_response, 200, self._fetch_json(self._functions()[name], "/openapi.json"), close=close
+                )
+        raise NotFound(f"no such path: {path}")
 
     def _ready(self, base: str) -> bool:
         try:
-            conn = http.client.HTTPConnection(urlsplit(base).netloc, timeout=3)
+            conn = http.client.HTTPConnection(urlsplit(base).netloc, timeout=3, source_address=(self.source, 0))
             conn.request("GET", "/readyz")
             ok = conn.getresponse().status == 200
             conn.close()
@@ -101,19 +145,53 @@ class Gateway:
         except OSError:
             return False
 
-    def _proxy(self, environ: dict, start_response, base: str, path: str) -> Iterable[bytes]:
-        query = environ.get("QUERY_STRING")
-        url = path + (f"?{query}" if query else "")
-        headers = {
-            key[5:].replace("_", "-").title(): value
-            for key, value in environ.items()
-            if key.startswith("HTTP_") and key[5:].replace("_", "-").lower() not in HOP_BY_HOP
+    def _fetch_json(self, base: str, path: str) -> Any:
+        conn = http.client.HTTPConnection(urlsplit(base).netloc, timeout=10, source_address=(self.source, 0))
+        try:
+            conn.request("GET", path)
+            reply = conn.getresponse()
+            if reply.status != 200:
+                raise OSError(reply.status)
+            return json.loads(reply.read())
+        except (OSError, ValueError):
+            raise BadGateway(f"function at {base} is not answering") from None
+        finally:
+            conn.close()
+
+    def _merged_openapi(self) -> dict[str, Any]:
+        """One OpenAPI document for the whole gateway: every function's paths; a schema that two
+        functions define differently is kept once per function, renamed ``<function>.<name>``."""
+        documents = {name: self._fetch_json(url, "/openapi.json") for name, url in self._functions().items()}
+        merged: dict[str, Any] = {
+            **documents["token"],
+            "paths": {},
+            "components": {"schemas": {}, "securitySchemes": {}},
         }
+        merged["info"] = {**merged["info"], "title": "Thalamus (every function behind the gateway)"}
+        for name, doc in documents.items():
+            schemas = doc.get("components", {}).get("schemas", {})
+            clashes = {
+                key for key, value in schemas.items() if merged["components"]["schemas"].get(key, value) != value
+            }
+            text = json.dumps(doc)
+            for key in clashes:
+                text = text.replace(f'"#/components/schemas/{key}"', f'"#/components/schemas/{name}.{key}"')
+            renamed = json.loads(text)
+            for key in schemas:
+                merged["components"]["schemas"][f"{name}.{key}" if key in clashes else key] = renamed["components"][
+                    "schemas"
+                ][key]
+            merged["components"]["securitySchemes"].update(renamed["components"].get("securitySchemes", {}))
+            merged["paths"].update(renamed["paths"])
+        return merged
+
+    def _proxy(self, environ: Environ, start_response: StartResponse, base: str) -> Iterable[bytes]:
+        headers = {key[5:].replace("_", "-").title(): value for key, value in environ.items()
+                   if key.startswith("HTTP_") and key[5:].replace("_", "-").lower() not in DROPPED}  # fmt: skip
+        headers["X-Forwarded-For"] = environ.get("REMOTE_ADDR", "")
+        headers["X-Request-Id"] = environ["thalamus.request_id"]
         if environ.get("CONTENT_TYPE"):
             headers["Content-Type"] = environ["CONTENT_TYPE"]
-        forwarded = environ.get("HTTP_X_FORWARDED_FOR")
-        peer = environ.get("REMOTE_ADDR", "")
-        headers["X-Forwarded-For"] = f"{forwarded}, {peer}" if forwarded else peer
         length = environ.get("CONTENT_LENGTH")
         body: Any = None
         if length:
@@ -121,28 +199,31 @@ class Gateway:
             body = environ["wsgi.input"]
         elif environ.get("wsgi.input_terminated"):
             body = iter(lambda: environ["wsgi.input"].read(65536), b"")
-        conn = http.client.HTTPConnection(urlsplit(base).netloc, timeout=self.timeout)
+        # What the client sent, not the decoded PATH_INFO: the function decodes it the same way.
+        target = environ.get("RAW_URI") or environ.get("PATH_INFO", "/")
+        conn = http.client.HTTPConnection(urlsplit(base).netloc, timeout=self.timeout, source_address=(self.source, 0))
         try:
-            conn.request(
-                environ["REQUEST_METHOD"],
-                url,
-                body=body,
-                headers=headers,
-                encode_chunked=body is not None and not length,
-            )
-            upstream = conn.getresponse()
-        except OSError:
+            conn.request(environ["REQUEST_METHOD"], target, body=body, headers=headers,
+                         encode_chunked=body is not None and not length)  # fmt: skip
+        except ThalamusError:  # the client's body was late or malformed (raised by wsgi.input)
             conn.close()
-            return _json(
-                start_response,
-                "502 Bad Gateway",
-                {"error": f"function at {base} is not answering"},
-                [("Retry-After", "2")],
-            )
-        reply_headers = [(k, v) for k, v in upstream.getheaders() if k.lower() not in HOP_BY_HOP]
+            raise
+        except OSError:
+            if conn.sock is None:  # never connected: the function is not there
+                raise BadGateway(f"function at {base} is not answering") from None
+            # Connected, then cut off while sending: the function may have answered early (413,
+            # 401) and closed. Read that answer.
+        try:
+            upstream = conn.getresponse()
+        except (OSError, http.client.HTTPException):  # refused, reset, or nothing was sent
+            conn.close()
+            raise BadGateway(f"function at {base} is not answering") from None
+        reply = [(k, v) for k, v in upstream.getheaders() if k.lower() not in DROPPED]
         if length := upstream.getheader("Content-Length"):
-            reply_headers.append(("Content-Length", length))
-        start_response(f"{upstream.status} {upstream.reason}", reply_headers)
+            reply.append(("Content-Length", length))
+        if upstream.getheader("Connection", "").lower() == "close":
+            reply.append(("Connection", "close"))  # the function did not read the whole body
+        start_response(f"{upstream.status} {upstream.reason}", reply)
         return self._stream(conn, upstream)
 
     @staticmethod
@@ -155,32 +236,18 @@ class Gateway:
 
 
 def main(argv: list[str] | None = None) -> None:
-    import gunicorn.app.base
-
     parser = argparse.ArgumentParser(prog="python -m local.gateway")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--token", required=True, help="base URL of the token function")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=URL")
+    parser.add_argument("--source", default="127.0.0.1", help="address to connect to the functions from")
     args = parser.parse_args(argv)
-    app = Gateway(args.token, dict(spec.split("=", 1) for spec in args.model))
-
-    class Server(gunicorn.app.base.BaseApplication):
-        def load_config(self) -> None:
-            for key, value in {
-                "bind": f"{args.host}:{args.port}",
-                "workers": 1,
-                "threads": 16,
-                "worker_class": "gthread",
-                "loglevel": "error",
-                "timeout": 0,
-            }.items():
-                self.cfg.set(key, value)
-
-        def load(self):
-            return app
-
-    Server().run()
+    settings = config.load()
+    logs.setup("gateway", settings.log_level, settings.log_format)
+    app = AccessLog(Gateway(args.token, dict(spec.split("=", 1) for spec in args.model), source=args.source), "gateway")
+    # Many more threads than a function: a proxy thread mostly waits on a function.
+    Gunicorn(app, gunicorn_options(settings, args.host, args.port, threads=64)).run()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ over real HTTP, demo images, and building and running the images with podman."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import random
@@ -90,7 +91,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
-        self.proc = redis_server.start_server(self.port, self.data_dir, persist=False)
+        self.proc = redis_server.start_server(self.port, self.data_dir, persist=False, die_with_parent=True)
         return self
 
     def stop(self) -> None:
@@ -130,6 +131,12 @@ def photo_jpeg(model: str, size: tuple[int, int] = (640, 480)) -> bytes:
 IMAGES = {"token": ("functions/token/Dockerfile", {}), "shapes": ("functions/predict/Dockerfile", {"MODEL": "shapes"})}
 
 
+def image_tag(name: str) -> str:
+    """The local tag of test image ``name``: one per checkout, so builds from other checkouts of
+    the project on the same machine never replace it."""
+    return f"localhost/thalamus-{name}:test-{hashlib.sha256(str(ROOT).encode()).hexdigest()[:8]}"
+
+
 def container_engine() -> str | None:
     """podman (or docker) when it can build FROM python:3.11-slim here, else None."""
     for name in ("podman", "docker"):
@@ -151,10 +158,22 @@ def build_image(tool: str, name: str, tag: str) -> None:
         raise RuntimeError(f"{tool} build {name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
 
 
+def restricted_flags(tool: str) -> list[str]:
+    """``run`` flags for what knative/ asks of every function container (the "restricted" Pod
+    Security profile): a read-only root with only /tmp writable, no capabilities, no privilege
+    escalation. The image's own user is non-root."""
+    flags = ["--read-only", "--tmpfs=/tmp:rw,nosuid,nodev,size=16m", "--cap-drop=ALL"]
+    flags.append("--security-opt=no-new-privileges")
+    if tool == "podman":  # podman's --read-only alone also leaves /run and /var/tmp writable
+        flags.insert(1, "--read-only-tmpfs=false")
+    return flags
+
+
 def run_container(tool: str, tag: str, port: int, env: dict[str, str], service: str) -> str:
-    """Start a container as Knative would (PORT, K_SERVICE, K_CONFIGURATION, K_REVISION)."""
+    """Start a container as Knative would (PORT, K_SERVICE, K_CONFIGURATION, K_REVISION), as
+    restricted as the Knative Services run it (:func:`restricted_flags`)."""
     knative = {"PORT": str(port), "K_SERVICE": service, "K_CONFIGURATION": service, "K_REVISION": f"{service}-00001"}
-    args = [tool, "run", "-d", "--network", "host"]
+    args = [tool, "run", "-d", "--network", "host", *restricted_flags(tool)]
     for key, value in {**knative, **env}.items():
         args += ["-e", f"{key}={value}"]
     return subprocess.run([*args, tag], capture_output=True, text=True, check=True).stdout.strip()

@@ -8,8 +8,7 @@ the gateway on ``--port`` (default 8000). Ctrl-C or SIGTERM stops everything it 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
+import json
 import os
 import signal
 import socket
@@ -20,10 +19,11 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from local import ROOT, redis_server
+from local import ROOT, die_with_parent, gateway, redis_server
 from shared import config
 
 PID_FILE = ROOT / ".thalamus" / "stack.pid"
+CATALOG_FILE = ROOT / ".thalamus" / "models.json"  # the token function's MODEL_CATALOG
 
 
 @dataclass
@@ -32,12 +32,6 @@ class Child:
     url: str
     model: str
     proc: subprocess.Popen | None = None
-
-
-def _die_with_parent() -> None:
-    # Linux: the child gets SIGTERM if this supervisor dies, even by SIGKILL — no orphans.
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def port_free(host: str, port: int) -> bool:
@@ -61,6 +55,18 @@ def discover_models(models_dir: Path) -> list[str]:
         and (p / "model.json").is_file()
         and (p / "model.tflite").is_file()
     )
+
+
+def write_catalog(models_dir: Path, models: list[str], path: Path) -> None:
+    """The model catalog the token function lists (``MODEL_CATALOG``): name, version, labels and
+    input of each bundle, from its model.json."""
+    fields = ("name", "version", "labels", "input")
+    entries = []
+    for name in models:
+        meta = json.loads((models_dir / name / "model.json").read_text())
+        entries.append({field: meta.get(field) for field in fields})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(entries, indent=1) + "\n")
 
 
 def running_stack() -> str | None:
@@ -104,9 +110,12 @@ class Stack:
 
     def spawn(self, child: Child, settings: config.Settings) -> None:
         port = child.url.rsplit(":", 1)[1]
-        # The gateway (on this machine) appends the caller to X-Forwarded-For, as an ingress does.
+        # The gateway sets X-Forwarded-For, as an ingress does, and connects to the functions from
+        # its own address: the functions believe that header from there only.
+        source = gateway.source_address()
         env = {
-            "TRUSTED_PROXIES": "127.0.0.0/8,::1/128",
+            "TRUSTED_PROXIES": f"{source}/32",
+            "LOG_FORMAT": "text",  # a person reads these lines, prefixed with the function's name
             **os.environ,
             "WORKERS": "1",
             "THREADS": "4",
@@ -123,6 +132,8 @@ class Stack:
                 port,
                 "--token",
                 self.children[1].url.replace("localhost", "127.0.0.1"),
+                "--source",
+                source,
             ]
             args += [f"--model={c.model}={c.url.replace('localhost', '127.0.0.1')}" for c in self.children[2:]]
         else:
@@ -137,11 +148,14 @@ class Stack:
                 "--port",
                 port,
             ]
+            if child.name == "token":
+                env["MODEL_CATALOG"] = str(CATALOG_FILE)
             if child.model != "-":
                 env["MODEL_NAME"] = child.model
                 env["MODEL_DIR"] = str(ROOT / "models" / child.model)
+        # Children get SIGTERM if this supervisor dies, even by SIGKILL: nothing outlives it.
         child.proc = subprocess.Popen(
-            args, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent
+            args, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent()
         )  # noqa: PLW1509
 
     def stop(self, *_: object) -> None:
@@ -216,14 +230,18 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     try:
         try:
-            stack.redis = redis_server.ensure(settings)
+            stack.redis = redis_server.ensure(settings, die_with_parent=True)
         except redis_server.LocalRedisError as exc:
             print(f"start.sh: {exc}", file=sys.stderr)
             return 1
         if stack.redis:
-            print(f"start.sh: started local Redis on 127.0.0.1:6379 (data in {redis_server.DATA_DIR})")
+            print(
+                f"start.sh: started local Redis on 127.0.0.1:6379 (data in {redis_server.DATA_DIR}; "
+                "it stops with start.sh)"
+            )
         PID_FILE.parent.mkdir(parents=True, exist_ok=True)
         PID_FILE.write_text(f"{os.getpid()} {stack.children[0].url}\n")
+        write_catalog(ROOT / "models", [c.model for c in stack.children[2:]], CATALOG_FILE)
         for child in stack.children[1:] + stack.children[:1]:
             stack.spawn(child, settings)
         for child in stack.children:

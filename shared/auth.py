@@ -582,11 +582,6 @@ class AuthStore:
             pipe.incr(name)
         pipe.execute()
 
-    @store.unavailable_when_down
-    def ping(self) -> None:
-        """Raise ServiceUnavailable when Redis is unreachable."""
-        self.redis.ping()
-
 
 def utc(epoch: float | None) -> str:
     """``epoch`` as an ISO 8601 UTC time, ``never`` for None."""

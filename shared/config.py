@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from shared.errors import StartupError
 
@@ -66,6 +67,8 @@ class Settings:
     model_name: str = ""
     # None: models/<model_name> in the project.
     model_dir: Path | None = None
+    # The token function's list of deployed models (JSON); None: it lists none.
+    model_catalog: Path | None = None
     max_upload_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
     # Brute-force protection for POST /token.json: failures allowed per window.
@@ -82,6 +85,27 @@ class Settings:
     port: int = 8080
     workers: int = 1
     threads: int = 4
+    # Seconds a client has to send a request's headers, and its body (a body that keeps
+    # flowing earns more time); then 408 and the thread is free again.
+    header_timeout: int = 10
+    body_timeout: int = 10
+    # Logs on stdout: level, and "json" or "text" (None: text on a terminal, JSON otherwise).
+    log_level: str = "INFO"
+    log_format: str | None = None
+
+    @property
+    def redis_url_masked(self) -> str:
+        """REDIS_URL with its password, if any, replaced by ``***``: safe to print or log."""
+        password = urlsplit(self.redis_url).password
+        return self.redis_url.replace(password, "***", 1) if password else self.redis_url
+
+    def summary(self) -> dict[str, Any]:
+        """Every setting, as JSON-friendly values, secrets masked: for the start-up log line."""
+        values = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+        values["redis_url"] = self.redis_url_masked
+        values["model_dir"] = str(self.bundle_dir) if self.model_name else None
+        values["trusted_proxies"] = [str(network) for network in self.trusted_proxies]
+        return values
 
     @property
     def bundle_dir(self) -> Path:
@@ -134,6 +158,15 @@ def _positive_int(variable: str, raw: str) -> int:
     return value
 
 
+def _choice(*allowed: str) -> Callable[[str, str], str]:
+    def parse(variable: str, raw: str) -> str:
+        if raw.lower() not in allowed and raw.upper() not in allowed:
+            raise ConfigError(f"{variable} must be one of {', '.join(allowed)}, got {raw!r}")
+        return raw.upper() if raw.upper() in allowed else raw.lower()
+
+    return parse
+
+
 def _networks(variable: str, raw: str) -> tuple[IPNetwork, ...]:
     try:
         return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in raw.split(",") if part.strip())
@@ -155,6 +188,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "TOKEN_TTL": ("token_ttl", _positive_int),
     "MODEL_NAME": ("model_name", _text),
     "MODEL_DIR": ("model_dir", _path),
+    "MODEL_CATALOG": ("model_catalog", _path),
     "MAX_UPLOAD_BYTES": ("max_upload_bytes", _positive_int),
     "MAX_IMAGE_PIXELS": ("max_image_pixels", _positive_int),
     "AUTH_MAX_FAILURES": ("auth_max_failures", _positive_int),
@@ -164,4 +198,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "PORT": ("port", _positive_int),
     "WORKERS": ("workers", _positive_int),
     "THREADS": ("threads", _positive_int),
+    "REQUEST_HEADER_TIMEOUT": ("header_timeout", _positive_int),
+    "REQUEST_BODY_TIMEOUT": ("body_timeout", _positive_int),
+    "LOG_LEVEL": ("log_level", _choice("DEBUG", "INFO", "WARNING", "ERROR")),
+    "LOG_FORMAT": ("log_format", _choice("json", "text")),
 }

@@ -42,6 +42,12 @@ class InvalidCredentials(ThalamusError):
         super().__init__("invalid public_key or secret_key")
 
 
+class RequestTimeout(ThalamusError):
+    """The request (its headers or body) did not arrive within its deadline."""
+
+    status = 408
+
+
 class Forbidden(ThalamusError):
     status = 403
 
@@ -60,8 +66,8 @@ class MethodNotAllowed(ThalamusError):
 class PayloadTooLarge(ThalamusError):
     status = 413
 
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"request body too large (limit {limit} bytes)")
+    def __init__(self, limit: int, what: str = "request body") -> None:
+        super().__init__(f"{what} too large (limit {limit} bytes)")
 
 
 class UnsupportedMediaType(ThalamusError):
@@ -76,6 +82,15 @@ class TooManyRequests(ThalamusError):
             message or f"too many failed attempts; retry in {retry_after} s",
             {**(headers or {}), "Retry-After": str(retry_after)},
         )
+
+
+class BadGateway(ThalamusError):
+    """A function behind the local gateway did not answer."""
+
+    status = 502
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, {"Retry-After": "2"})
 
 
 class ServiceUnavailable(ThalamusError):

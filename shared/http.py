@@ -22,7 +22,8 @@ import functions_framework
 from werkzeug import exceptions as wz
 from werkzeug.routing import Map, Rule
 
-from shared import docs
+from shared import docs, metrics
+from shared.access import AccessLog, Exchange, exchange_of
 from shared.auth import AuthStore, Session
 from shared.config import IPNetwork, Settings
 from shared.errors import (
@@ -48,15 +49,13 @@ class Call:
     session: Session | None = None
 
 
-@dataclass
-class Exchange:
-    """What the service learned about one request while answering it: the route template, the
-    model named in the path and the caller's session (for the answer's headers, usage and logs)."""
-
-    route: str | None = None
-    model: str | None = None
-    session: Session | None = None
-
+# GET /v2: the Open Inference Protocol's server metadata, with the extensions the predict
+# functions implement (tritonclient's names).
+V2_SERVER = {
+    "name": "thalamus",
+    "version": "0.1.0",
+    "extensions": ["binary_tensor_data", "classification", "model_configuration"],
+}
 
 Reply = flask.Response | dict[str, Any] | list[Any]
 Handler = Callable[[Call], Reply]
@@ -93,34 +92,41 @@ def read_json(request: flask.Request) -> dict[str, Any]:
         body = json.loads(request.get_data(cache=True) or b"")
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("body is not valid JSON") from None
+    except RecursionError:
+        raise BadRequest("body is nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
     return body
 
 
 def client_address(request: flask.Request, trusted: tuple[IPNetwork, ...]) -> str:
-    """The caller's address, for per-address limits.
+    """The caller's IP address, for per-address limits.
 
-    The socket peer, unless it is one of the ``trusted`` proxy networks: then the right-most
-    X-Forwarded-For entry that is not a trusted proxy (each proxy appends the address it saw, so
-    entries a client forges stay on the left). However many proxies there are in between.
+    The socket peer, unless it is one of the ``trusted`` proxy networks: then walk
+    X-Forwarded-For from the right (each proxy appends the address it saw; what a client forges
+    stays on the left) past the trusted proxies to the first other address. Only what a trusted
+    hop wrote is believed: an entry that is not an IP address ends the walk at the hop that
+    wrote it. Always a valid IP address in canonical form.
     """
-    peer = request.remote_addr or "unknown"
-    if not _is_trusted(peer, trusted):
-        return peer
-    forwarded = [a.strip() for a in request.headers.get("X-Forwarded-For", "").split(",") if a.strip()]
-    for address in reversed(forwarded):
-        if not _is_trusted(address, trusted):
-            return address[:64]
-    return forwarded[0][:64] if forwarded else peer
+    believed = _ip(request.remote_addr)
+    if believed is None:
+        return "0.0.0.0"  # noqa: S104 (no peer at all: a unix socket or a test; one shared bucket)
+    forwarded = request.headers.get("X-Forwarded-For", "").split(",")
+    for entry in reversed(forwarded):
+        if not any(believed in network for network in trusted):
+            break  # ``believed`` is not a proxy: it is the client
+        address = _ip(entry.strip())
+        if address is None:
+            break  # garbage where an address should be: the hop that passed it on is the client
+        believed = address
+    return str(believed)
 
 
-def _is_trusted(address: str, trusted: tuple[IPNetwork, ...]) -> bool:
+def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        ip = ipaddress.ip_address(address)
+        return ipaddress.ip_address(text or "")
     except ValueError:
-        return False
-    return any(ip in network for network in trusted)
+        return None
 
 
 def _read_body(request: flask.Request, limit: int) -> None:
@@ -161,19 +167,34 @@ class Service:
         openapi: dict[str, Any],
         auth: AuthStore | None = None,
         model: str | None = None,
-        ready: Callable[[], None] = lambda: None,
+        max_body: int | None = None,
+        function: str = "function",
     ) -> None:
         """``auth`` checks tokens on ``auth=True`` routes; ``model`` is the one model this
-        function serves (a path naming another is 404); ``ready`` raises when it cannot serve."""
+        function serves (a path naming another is 404); ``max_body`` lowers MAX_UPLOAD_BYTES
+        for a function whose requests are small; ``function`` names it in logs and metrics."""
         self.settings = settings
+        self.function = function
+        self.max_body = min(max_body or settings.max_upload_bytes, settings.max_upload_bytes)
         self.openapi = openapi
         self._auth = auth
         self._model = model
-        self._ready = ready
         table = [
             *routes,
             Route("/healthz", ("GET",), lambda call: {"status": "ok"}),
-            Route("/readyz", ("GET",), self._readyz),
+            # Ready = this process can serve: it is up and its model loaded before the service
+            # existed. Not Redis: Knative would take every pod out of rotation on a Redis blip,
+            # and a revision whose Redis is late would never reach its initial scale; a Redis
+            # outage is answered by the routes themselves, fast (503 + Retry-After).
+            Route("/readyz", ("GET",), lambda call: {"status": "ready"}),
+            Route(
+                "/metrics", ("GET",), lambda call: flask.Response(metrics.exposition(), mimetype=metrics.CONTENT_TYPE)
+            ),
+            # The Open Inference Protocol's server endpoints: every function answers them, so the
+            # cluster may send them to the token function, which is never scaled away.
+            Route("/v2", ("GET",), lambda call: V2_SERVER),
+            Route("/v2/health/live", ("GET",), lambda call: {"live": True}),
+            Route("/v2/health/ready", ("GET",), lambda call: {"ready": True}),
             Route("/openapi.json", ("GET",), lambda call: self.openapi),
             Route("/docs", ("GET",), lambda call: docs.page(["/openapi.json"])),
             Route("/docs/<asset>", ("GET",), lambda call: docs.asset(call.args["asset"])),
@@ -187,34 +208,35 @@ class Service:
             merge_slashes=False,
         )
 
-    def _readyz(self, call: Call) -> dict[str, str]:
-        self._ready()
-        return {"status": "ready"}
-
     def __call__(self, request: flask.Request) -> flask.Response:
         """Route ``request`` and answer; never lets an exception escape as an HTML 500."""
-        exchange = Exchange()
-        request.environ["thalamus.exchange"] = exchange
+        exchange = exchange_of(request.environ)
         try:
             response = self._dispatch(request, exchange)
         except ThalamusError as error:
             response = error_response(error)
         except wz.ClientDisconnected:
             response = error_response(BadRequest("request body ended early"))
+        except wz.RequestEntityTooLarge:  # werkzeug's form parser: too many parts or a huge field
+            limit = request.max_form_parts
+            response = error_response(BadRequest(f"form has too many fields (limit {limit}) or a field too large"))
         except Exception:  # a bug: log it with its traceback, answer without one
             log.exception("unhandled error on %s %s", request.method, request.path)
             response = json_response({"error": "internal error"}, 500)
+        if response.status_code >= 400:
+            exchange.error = _error_message(response)
         if exchange.session is not None:
             assert self._auth is not None
             response.headers.update(exchange.session.headers)
             self._auth.record_request(exchange.session, exchange.model, response.status_code)
         if not request.environ.get("thalamus.body_read") and _has_body(request):
-            _leave_body_unread(response)
+            _leave_body_unread(request, response)
         return response
 
     def _dispatch(self, request: flask.Request, exchange: Exchange) -> flask.Response:
-        if (request.content_length or 0) > self.settings.max_upload_bytes:
-            raise PayloadTooLarge(self.settings.max_upload_bytes)
+        """Route, authenticate, read the body, call the handler (noting what it learns in ``exchange``)."""
+        if (request.content_length or 0) > self.max_body:
+            raise PayloadTooLarge(self.max_body)
         route, args = self._match(request)
         exchange.route = route.rule
         exchange.model = args.get("name")
@@ -224,7 +246,7 @@ class Service:
             assert self._auth is not None  # checked in __init__
             exchange.session = self._auth.authenticate(request.headers.get("Authorization"), exchange.model)
         if _has_body(request):
-            _read_body(request, self.settings.max_upload_bytes)
+            _read_body(request, self.max_body)
         result = route.handler(Call(request, args, exchange.session))
         return result if isinstance(result, flask.Response) else json_response(result)
 
@@ -239,17 +261,31 @@ class Service:
         return self._routes[str(endpoint)], dict(args)
 
 
+def _error_message(response: flask.Response) -> str | None:
+    if response.mimetype != "application/json" or response.is_streamed:
+        return None
+    try:
+        body = json.loads(response.get_data())
+    except ValueError:
+        return None
+    return str(body.get("error")) if isinstance(body, dict) and "error" in body else None
+
+
 def _has_body(request: flask.Request) -> bool:
     return bool(request.content_length) or bool(request.environ.get("wsgi.input_terminated"))
 
 
-def _leave_body_unread(response: flask.Response) -> None:
-    """Answer without reading the request body: functions-framework reads the rest of the body
-    after a non-streamed response, and a kept-alive connection would too; a streamed response
-    with Connection: close does neither, so an unwanted upload never reaches memory."""
+def _leave_body_unread(request: flask.Request, response: flask.Response) -> None:
+    """Answer without reading the request body, and close the connection: functions-framework
+    reads the rest of the body after a non-streamed response, and a kept-alive connection would
+    too; a streamed response on a closing connection does neither, so an unwanted (or slow)
+    upload never reaches memory or holds a thread."""
     body = response.get_data()
     response.response = iter([body])
-    response.headers["Connection"] = "close"
+    response.headers["Connection"] = "close"  # for servers that honour it (the test client)
+    close_connection = getattr(request.environ.get("wsgi.input"), "close_connection", None)
+    if close_connection is not None:  # shared.worker's body: tell gunicorn itself
+        close_connection()
 
 
 def entry_point(service: Service) -> Callable[[flask.Request], flask.Response]:
@@ -264,6 +300,8 @@ def entry_point(service: Service) -> Callable[[flask.Request], flask.Response]:
         app = flask.current_app
         app.url_map.merge_slashes = False
         app.register_error_handler(wz.HTTPException, _framework_error)
+        app.register_error_handler(ThalamusError, error_response)
+        app.wsgi_app = AccessLog(app.wsgi_app, service.function)  # type: ignore[method-assign]
 
     def handle(request: flask.Request) -> flask.Response:
         return service(request)
@@ -272,6 +310,6 @@ def entry_point(service: Service) -> Callable[[flask.Request], flask.Response]:
 
 
 def _framework_error(exc: wz.HTTPException) -> flask.Response:
-    if exc.code == 404:
-        return error_response(NotFound(f"no such path: {flask.request.path}"))
-    return json_response({"error": exc.description or exc.name}, exc.code or 500)
+    message = f"no such path: {flask.request.path}" if exc.code == 404 else exc.description or exc.name
+    exchange_of(flask.request.environ).error = message
+    return json_response({"error": message}, exc.code or 500)

@@ -85,7 +85,13 @@ def to_array(image: Image.Image, input_spec: dict[str, Any], preprocessing: dict
     array = np.asarray(image, dtype=np.float32)
     if channels == 1:
         array = array[:, :, None]
-    scale, offset = preprocessing.get("scale", 1.0), preprocessing.get("offset", 0.0)
-    if scale != 1.0 or offset != 0.0:
-        array = array * np.float32(scale) + np.float32(offset)
-    return array
+    return scale(array, preprocessing)
+
+
+def scale(pixels: np.ndarray, preprocessing: dict[str, Any]) -> np.ndarray:
+    """Pixel values (float32) as the model's input: ``pixel * scale + offset`` as
+    ``preprocessing`` says (uploads and raw-pixel tensors of the inference protocols alike)."""
+    factor, offset = preprocessing.get("scale", 1.0), preprocessing.get("offset", 0.0)
+    if factor != 1.0 or offset != 0.0:
+        return pixels * np.float32(factor) + np.float32(offset)
+    return pixels

@@ -26,6 +26,62 @@ UNAUTHORIZED = error("Missing, invalid or expired bearer token", "invalid or exp
 NOT_FOUND = error("Unknown path or model", "no such path: /nope")
 METHOD_NOT_ALLOWED = error("Wrong method for this path", "method not allowed; use POST")
 REDIS_DOWN = retry_error("Redis unreachable", "Redis unreachable at redis://127.0.0.1:6379/0")
+# Every authenticated answer of a key with a rate (./keys.py --rate) carries these.
+RATE_HEADERS = {
+    name: {"description": text, "schema": {"type": "integer"}}
+    for name, text in (
+        ("RateLimit-Limit", "requests the key may make per window (keys with a rate only)"),
+        ("RateLimit-Remaining", "requests left in the current window"),
+        ("RateLimit-Reset", "seconds until the window ends"),
+    )
+}
+RATE_LIMITED = retry_error(
+    "The key's request rate is used up", "this key's rate limit (600 requests) is used up; retry in 12 s"
+)
+RATE_LIMITED["headers"].update(RATE_HEADERS)
+
+
+def _v2_get(
+    summary: str, example: dict[str, Any], properties: dict[str, Any], errors: dict[str, Any]
+) -> dict[str, Any]:
+    schema = {"type": "object", "required": list(properties), "properties": properties}
+    return {
+        "get": {
+            "summary": summary,
+            "tags": ["Open Inference Protocol (V2)"],
+            "security": [],
+            "responses": {
+                "200": {"description": "OK", "content": {"application/json": {"schema": schema, "example": example}}},
+                **errors,
+            },
+        }
+    }
+
+
+# The Open Inference Protocol's server endpoints, which every function answers (shared.http).
+V2_SERVER_PATHS = {
+    "/v2": _v2_get(
+        "V2 server metadata: name, version, the protocol extensions implemented",
+        {
+            "name": "thalamus",
+            "version": "0.1.0",
+            "extensions": ["binary_tensor_data", "classification", "model_configuration"],
+        },
+        {
+            "name": {"type": "string"},
+            "version": {"type": "string"},
+            "extensions": {"type": "array", "items": {"type": "string"}},
+        },
+        {},
+    ),
+    "/v2/health/live": _v2_get("V2 liveness: the process is up", {"live": True}, {"live": {"type": "boolean"}}, {}),
+    "/v2/health/ready": _v2_get(
+        "V2 readiness: this function can serve (server up, model loaded; as /readyz, not Redis)",
+        {"ready": True},
+        {"ready": {"type": "boolean"}},
+        {},
+    ),
+}
 
 
 def document(title: str, description: str, paths: dict[str, Any], schemas: dict[str, Any]) -> dict[str, Any]:
@@ -52,7 +108,9 @@ def document(title: str, description: str, paths: dict[str, Any], schemas: dict[
         },
         "/readyz": {
             "get": {
-                "summary": "Readiness: Redis reachable (and the model loaded)",
+                "summary": "Readiness: this process can serve (server up, model loaded)",
+                "description": "Does not check Redis: a Redis outage is answered by each route "
+                "with 503 and Retry-After, so the platform keeps routing to the function.",
                 "tags": ["health"],
                 "security": [],
                 "responses": {
@@ -65,10 +123,10 @@ def document(title: str, description: str, paths: dict[str, Any], schemas: dict[
                             }
                         },
                     },
-                    "503": REDIS_DOWN,
                 },
             }
         },
+        **V2_SERVER_PATHS,
     }
     return {
         "openapi": "3.0.3",

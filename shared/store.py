@@ -7,14 +7,16 @@ Timeouts are short and retries few on purpose: when Redis is down a request must
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
-from typing import Concatenate, ParamSpec, Protocol, TypeVar, cast
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast
 from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from shared import metrics
 from shared.config import Settings
 from shared.errors import ServiceUnavailable
 
@@ -22,13 +24,39 @@ from shared.errors import ServiceUnavailable
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
-def connect(settings: Settings) -> redis.Redis:
-    """A client for ``settings.redis_url`` (``redis://`` or ``rediss://``, passwords included).
+class _Timed:
+    """Mixed into a redis-py connection class: each round trip (a command, a script, or a whole
+    pipeline: from sending to the first reply) is observed in ``thalamus_redis_command_duration_seconds``."""
 
-    No connection is made until the first command.
-    """
+    _sent_at: float | None = None
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        self._sent_at = time.perf_counter()
+        super().send_packed_command(command, check_health)  # type: ignore[misc]
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            if self._sent_at is not None:
+                metrics.REDIS_SECONDS.observe(time.perf_counter() - self._sent_at)
+                self._sent_at = None
+
+
+_TimedConnection = type("TimedConnection", (_Timed, redis.Connection), {})
+_TIMED = {
+    "rediss": type("TimedSSLConnection", (_Timed, redis.SSLConnection), {}),
+    "unix": type("TimedUnixConnection", (_Timed, redis.UnixDomainSocketConnection), {}),
+}
+
+
+def connect(settings: Settings) -> redis.Redis:
+    """A client for ``settings.redis_url`` (``redis://``, ``rediss://`` or ``unix://``, passwords
+    included), timing every round trip. No connection is made until the first command."""
+    scheme = urlsplit(settings.redis_url).scheme
     return redis.Redis.from_url(
         settings.redis_url,
+        connection_class=_TIMED.get(scheme, _TimedConnection),
         socket_connect_timeout=settings.redis_timeout,
         socket_timeout=settings.redis_timeout,
         # One retry on a fresh connection covers a pooled socket that died with a Redis restart.
@@ -37,14 +65,6 @@ def connect(settings: Settings) -> redis.Redis:
         # and the retry above already replaces a dead pooled connection.
         decode_responses=True,
     )
-
-
-def describe(url: str) -> str:
-    """``url`` with any password masked, safe to print or log."""
-    password = urlsplit(url).password
-    if not password:
-        return url
-    return url.replace(password, "***", 1)
 
 
 class _UsesRedis(Protocol):
@@ -65,6 +85,16 @@ def unavailable_when_down(method: Callable[Concatenate[S, P], R]) -> Callable[Co
         try:
             return method(self, *args, **kwargs)
         except REDIS_DOWN:
-            raise ServiceUnavailable(f"Redis unreachable at {describe(self.settings.redis_url)}") from None
+            metrics.REDIS_ERRORS.labels(method.__name__).inc()
+            raise ServiceUnavailable(f"Redis unreachable at {self.settings.redis_url_masked}") from None
+        except redis.ResponseError as exc:
+            # maxmemory with noeviction (knative/data/redis.yaml): writes are refused, never a
+            # silently evicted key or token; reads still work. Inside a Lua script the refusal
+            # arrives as a script error carrying the OOM message.
+            if not isinstance(exc, redis.exceptions.OutOfMemoryError) and "OOM command not allowed" not in str(exc):
+                raise
+            raise ServiceUnavailable(
+                f"Redis is full (maxmemory) at {self.settings.redis_url_masked}", retry_after=30
+            ) from None
 
     return cast(Callable[Concatenate[S, P], R], guarded)

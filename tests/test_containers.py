@@ -1,4 +1,5 @@
-"""The images, built and run as Knative runs them: podman here (docker elsewhere)."""
+"""The images, built and run as Knative runs them (read-only root, tmpfs /tmp, no capabilities,
+no privilege escalation, non-root): podman here (docker elsewhere)."""
 
 import subprocess
 import threading
@@ -24,7 +25,7 @@ if TOOL is None:
 
 @pytest.fixture(scope="module")
 def images():
-    tags = {name: f"localhost/thalamus-{name}:test" for name in helpers.IMAGES}
+    tags = {name: helpers.image_tag(name) for name in helpers.IMAGES}
     for name, tag in tags.items():
         helpers.build_image(TOOL, name, tag)
     return tags
@@ -84,6 +85,12 @@ def test_token_and_prediction_through_containers(stack, auth):
         assert uid.strip() not in ("", "0")
         tf = subprocess.run([TOOL, "exec", container, "python", "-c", "import tensorflow"], capture_output=True)
         assert tf.returncode != 0  # the predict image has no TensorFlow at all
+        # Run as knative/ runs them: only /tmp is writable, and nothing tried to write elsewhere.
+        for path, writable in (("/tmp/probe", True), ("/app/probe", False), ("/run/probe", False)):
+            touched = subprocess.run([TOOL, "exec", container, "touch", path], capture_output=True)
+            assert (touched.returncode == 0) == writable, path
+        logs = subprocess.run([TOOL, "logs", container], capture_output=True, text=True)
+        assert "Read-only file system" not in logs.stdout + logs.stderr
 
 
 def test_sigterm_finishes_the_in_flight_request_then_exits(stack, auth):

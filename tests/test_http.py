@@ -19,7 +19,10 @@ CLUSTER = Settings.from_env({"TRUSTED_PROXIES": "127.0.0.0/8, 10.0.0.0/8"}).trus
         (CLUSTER, "127.0.0.1", "6.6.6.6, 203.0.113.9, 10.2.0.5", "203.0.113.9"),  # a forged entry stays left
         (CLUSTER, "127.0.0.1", "10.9.9.9, 10.2.0.5", "10.9.9.9"),  # all internal: the first hop
         (CLUSTER, "127.0.0.1", "", "127.0.0.1"),
-        (CLUSTER, "127.0.0.1", "not-an-ip, 10.2.0.5", "not-an-ip"),
+        (CLUSTER, "127.0.0.1", "not-an-ip, 10.2.0.5", "10.2.0.5"),  # garbage: the hop that passed it on
+        (CLUSTER, "127.0.0.1", "203.0.113.9, " + "x" * 5000, "127.0.0.1"),  # never a string a client chose
+        (CLUSTER, "127.0.0.1", "2001:DB8:0:0::7", "2001:db8::7"),  # canonical form: one bucket per address
+        (CLUSTER, "127.0.0.1", " 203.0.113.9 ,10.2.0.5", "203.0.113.9"),
     ],
 )
 def test_client_address(trusted, peer, forwarded, expected):

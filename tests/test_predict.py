@@ -85,6 +85,17 @@ def test_health_ready_and_docs(shapes_client):
     assert shapes_client.get("/docs").status_code == 200
 
 
+def test_redis_down_is_answered_by_the_function_which_stays_ready(own_redis, settings, circle_png):
+    settings = settings.replace(redis_url=own_redis.url)
+    client = predict_client(settings, "shapes")
+    own_redis.stop()
+    reply = upload(client, {"Authorization": "Bearer " + "t" * 43}, ("c.png", circle_png))
+    assert reply.status_code == 503 and "Redis unreachable" in reply.get_json()["error"]
+    assert int(reply.headers["Retry-After"]) > 0
+    # Readiness is this process's: on Knative a Redis blip must not take every pod out of rotation.
+    assert client.get("/readyz").get_json() == {"status": "ready"}
+
+
 def test_scopes_checked_against_the_right_model(settings, auth):
     client = predict_client(settings, "arrows")
     pair = auth.create_key(["shapes"])

@@ -1,16 +1,21 @@
 """./start.sh end to end: the whole stack from a copy of the project, over real HTTP."""
 
+import contextlib
 import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import redis
 import requests
 
-from local.helpers import DEMO_MODELS, demo_image, encode, free_port_range
+from local import redis_server
+from local.helpers import DEMO_MODELS, RedisServer, demo_image, encode, free_port_range
 from tests.conftest import copy_project, processes_under, start_stack, stop_stack, subprocess_env
 
 pytestmark = pytest.mark.slow
@@ -61,10 +66,13 @@ def test_keys_token_predict_docs_then_sigterm_leaves_nothing(tmp_path, stack_env
         assert requests.get(f"{stack.gateway}/readyz", timeout=10).status_code == 200
 
         # Through the gateway the per-address limit still holds (the functions read the address
-        # the gateway forwards): ten failures under ten unknown keys, then even a good key waits.
+        # the gateway forwards), even for a client that claims a new address every time: ten
+        # failures under ten unknown keys, then even a good key waits.
         for i in range(10):
             wrong = {**pair, "public_key": "pk_" + str(i) * 43}
-            assert requests.post(f"{stack.gateway}/token.json", json=wrong, timeout=10).status_code == 401
+            forged = {"X-Forwarded-For": f"203.0.113.{i}", "Forwarded": f"for=198.51.100.{i}"}
+            reply = requests.post(f"{stack.gateway}/token.json", json=wrong, headers=forged, timeout=10)
+            assert reply.status_code == 401
         limited = requests.post(f"{stack.gateway}/token.json", json=pair, timeout=10)
         assert limited.status_code == 429 and int(limited.headers["Retry-After"]) > 0
 
@@ -121,3 +129,79 @@ def test_a_dying_function_is_reported(tmp_path, stack_env):
         stop_stack(stack)
     time.sleep(0.5)
     assert processes_under(folder) == []
+
+
+def local_redis_free() -> bool:
+    return redis_server.probe("127.0.0.1", 6379) == "none"
+
+
+@pytest.mark.parametrize("own_redis", [False, True], ids=["given-redis", "own-redis"])
+def test_sigkill_leaves_nothing_behind(tmp_path, stack_env, own_redis):
+    """kill -9 of start.sh: every child (functions, gateway, and the Redis it started) follows."""
+    if own_redis and not local_redis_free():
+        pytest.skip("127.0.0.1:6379 is in use; start.sh would not start its own Redis")
+    folder = copy_project(tmp_path / "thalamus")
+    env = {k: v for k, v in stack_env.items() if k != "REDIS_URL"} if own_redis else stack_env
+    stack = start_stack(folder, free_port_range(2 + len(DEMO_MODELS)), env)
+    try:
+        assert ("started local Redis" in "".join(stack.output)) == own_redis
+        assert len(processes_under(folder)) >= 3 + own_redis
+        stack.proc.kill()
+        stack.proc.wait(10)
+        deadline = time.monotonic() + 10
+        while processes_under(folder) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert processes_under(folder) == []
+        if own_redis:
+            assert local_redis_free()
+    finally:
+        for pid in processes_under(folder):  # only if the test failed: never leave them running
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_redis_server_stop_stops_only_the_local_redis(tmp_path, stack_env):
+    """keys.py leaves its Redis running; `python -m local.redis_server stop` stops it, data kept."""
+    if not local_redis_free():
+        pytest.skip("127.0.0.1:6379 is in use; the local Redis cannot be started here")
+    folder = copy_project(tmp_path / "thalamus")
+    env = {k: v for k, v in stack_env.items() if k != "REDIS_URL"}
+
+    def stop():
+        return subprocess.run(
+            [sys.executable, "-m", "local.redis_server", "stop"],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+
+    stranger = None
+    try:
+        generated = subprocess.run(
+            [str(folder / "keys.py"), "-g", "k.json"], cwd=folder, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert generated.returncode == 0 and "started the local Redis" in generated.stderr
+        assert processes_under(folder)  # keys.py has exited; its Redis runs on
+        stopped = stop()
+        assert stopped.returncode == 0 and "stopped the local Redis" in stopped.stdout, stopped.stderr
+        assert local_redis_free() and processes_under(folder) == []
+        listed = subprocess.run(  # restarts it from the kept data
+            [str(folder / "keys.py"), "-l"], cwd=folder, env=env, capture_output=True, text=True, timeout=60
+        )
+        assert generated.stdout.strip() in listed.stdout
+        assert stop().returncode == 0
+        again = stop()
+        assert again.returncode == 0 and "no Redis is running" in again.stdout
+
+        stranger = RedisServer(6379, tmp_path / "other").start()  # someone else's Redis
+        refused = stop()
+        assert refused.returncode == 1 and "not the one this project started" in refused.stderr
+        assert not local_redis_free()
+    finally:
+        if stranger:
+            stranger.stop()
+        with contextlib.suppress(redis.ConnectionError):
+            if processes_under(folder):
+                redis.Redis(port=6379).shutdown(nosave=True)

@@ -4,6 +4,7 @@ import base64
 import time
 
 import pytest
+import redis
 
 from functions.token.service import create_service
 from local.helpers import free_port
@@ -264,7 +265,6 @@ def test_redis_down_gives_503_fast_then_recovers(own_redis, settings):
     for call in (
         lambda: post_json(client, body),
         lambda: client.get("/session.json", headers={"Authorization": "Bearer " + "t" * 43}),
-        lambda: client.get("/readyz"),
     ):
         started = time.monotonic()
         reply = call()
@@ -272,12 +272,32 @@ def test_redis_down_gives_503_fast_then_recovers(own_redis, settings):
         assert "Redis unreachable" in reply.get_json()["error"]
         assert int(reply.headers["Retry-After"]) > 0
         assert time.monotonic() - started < 5  # no hang
+    # The process can still serve (it answers the outage itself): the platform keeps it in
+    # rotation rather than holding requests for a pod that would become ready.
     assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 200
 
     own_redis.start()
-    assert client.get("/readyz").status_code == 200
     # no data survives this throw-away server, so the key is gone: 401, not 503
     assert post_json(client, body).status_code == 401
+
+
+def test_a_full_redis_gives_503_and_keeps_what_it_has(own_redis, settings):
+    """maxmemory + noeviction (the cluster's Redis): writes are refused, existing tokens still work."""
+    settings = settings.replace(redis_url=own_redis.url)
+    client = function_client(create_service(settings))
+    pair = AuthStore(settings).create_key()
+    body = {"public_key": pair.public_key, "secret_key": pair.secret_key}
+    token = post_json(client, body).get_json()["token"]
+    full = redis.Redis.from_url(own_redis.url)
+    full.config_set("maxmemory-policy", "noeviction")
+    full.config_set("maxmemory", 1)
+    refused = post_json(client, body)
+    assert refused.status_code == 503 and "Redis is full" in refused.get_json()["error"]
+    assert int(refused.headers["Retry-After"]) > 0
+    assert client.get("/session.json", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    full.config_set("maxmemory", 0)
+    assert post_json(client, body).status_code == 200
 
 
 def test_redis_that_never_answers_gives_503_not_a_hang(settings):

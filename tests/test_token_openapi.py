@@ -3,6 +3,7 @@
 import base64
 
 from shared.config import Rate
+from tests.conftest import predict_client
 from tests.test_openapi import check
 
 WRONG_SK = "sk_" + "q" * 43
@@ -44,3 +45,20 @@ def test_every_token_answer_is_documented(token_client, auth, keypair):
             "RateLimit-Remaining",
             "RateLimit-Reset",
         }
+
+
+def test_rate_limited_answers_are_documented_on_every_function(settings, token_client, auth):
+    shapes = predict_client(settings, "shapes")
+    rated = auth.create_key(rate=Rate(1, 60))
+    headers = {"Authorization": f"Bearer {auth.issue_token(rated.public_key, rated.secret_key, 't').token}"}
+    assert token_client.get("/session.json", headers=headers).status_code == 200  # the window's one request
+    cases = [
+        (token_client, "/models.json", "get", token_client.get),
+        (shapes, "/models/shapes.json", "get", shapes.get),
+        (shapes, "/v1/models/shapes", "get", shapes.get),
+    ]
+    for client, path, method, call in cases:
+        spec = client.get("/openapi.json").get_json()
+        reply = call(path, headers=headers)
+        assert reply.status_code == 429 and reply.headers["RateLimit-Remaining"] == "0"
+        check(spec, path, method, reply)

@@ -7,8 +7,10 @@ threads never share an interpreter, and no thread waits for another's model call
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,8 +19,11 @@ from typing import Any
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
+from shared import logs, metrics
 from shared.config import Settings
 from shared.errors import StartupError
+
+log = logging.getLogger("thalamus.model")
 
 REQUIRED = ("name", "version", "labels", "input", "preprocessing")
 
@@ -35,12 +40,19 @@ def load_model(settings: Settings) -> Model:
     """
     if not settings.model_name:
         raise StartupError("MODEL_NAME is required (the model this function serves)")
+    started = time.perf_counter()
     try:
         model = Model(settings.bundle_dir)
     except BundleError as exc:
         raise BundleError(f"cannot load model {settings.model_name!r}: {exc}") from None
     if model.name != settings.model_name:
         raise BundleError(f"{settings.bundle_dir} holds model {model.name!r}, not {settings.model_name!r}")
+    seconds = time.perf_counter() - started
+    version = str(model.meta["version"])
+    metrics.MODEL_INFO.labels(model.name, version).set(1)
+    metrics.MODEL_LOAD_SECONDS.labels(model.name).set(seconds)
+    logs.event(log, f"loaded model {model.name} {version} in {seconds * 1000:.1f} ms", event="model_loaded",
+               model=model.name, version=version, load_ms=round(seconds * 1000, 2))  # fmt: skip
     return model
 
 
@@ -115,6 +127,14 @@ class Model:
         if out["shape"][-1] != len(self.labels):
             raise BundleError(f"model has {out['shape'][-1]} outputs but {len(self.labels)} labels")
         self.batchable = bool(inp["shape_signature"][0] == -1)
+        # The names the inference protocols show (TF Serving and Triton would show the same for
+        # the SavedModel): the signature's aliases, and the graph's tensor names.
+        signatures = interpreter.get_signature_list()
+        signature: dict[str, list[str]] = signatures.get("serving_default") or next(iter(signatures.values()), {})
+        self.input_name: str = (signature.get("inputs") or ["input"])[0]
+        self.output_name: str = (signature.get("outputs") or ["output"])[0]
+        self.input_tensor: str = inp["name"]
+        self.output_tensor: str = out["name"]
 
     @contextmanager
     def _interpreter(self):

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from functions.predict.model import Model
-from shared import imaging
+from shared import imaging, metrics
 from shared.errors import BadRequest
 
 MAX_FILES = 32  # images per request; all are decoded, then answered by one batched model call
@@ -39,18 +39,21 @@ def decode(model: Model, uploads: Sequence[Upload], max_pixels: int) -> np.ndarr
     spec, preprocessing = model.meta["input"], model.meta["preprocessing"]
     rows = []
     for upload in uploads:
-        try:
-            image = imaging.decode(upload.data, max_pixels, (spec["width"], spec["height"]))
-        except BadRequest as exc:
-            label = f"file {upload.filename!r}" if upload.filename else "file"
-            raise BadRequest(f"{label}: {exc.message}") from None
-        rows.append(imaging.to_array(image, spec, preprocessing))
+        with metrics.DECODE_SECONDS.labels(model.name).time():
+            try:
+                image = imaging.decode(upload.data, max_pixels, (spec["width"], spec["height"]))
+            except BadRequest as exc:
+                label = f"file {upload.filename!r}" if upload.filename else "file"
+                raise BadRequest(f"{label}: {exc.message}") from None
+            rows.append(imaging.to_array(image, spec, preprocessing))
     return np.stack(rows)
 
 
 def infer(model: Model, batch: np.ndarray) -> np.ndarray:
     """The model's class probabilities for ``batch``: float32 of shape (n, len(labels))."""
-    return model.predict(batch)
+    metrics.BATCH_SIZE.labels(model.name).observe(len(batch))
+    with metrics.INFERENCE_SECONDS.labels(model.name).time():
+        return model.predict(batch)
 
 
 def encode(model: Model, probabilities: np.ndarray, uploads: Sequence[Upload], top_k: int = 5) -> dict[str, Any]:

@@ -6,6 +6,8 @@ from typing import Any
 
 from functions.predict import pipeline, spec
 from functions.predict.model import Model
+from functions.predict.v1 import V1
+from functions.predict.v2 import V2
 from shared.auth import AuthStore
 from shared.config import Settings
 from shared.errors import BadRequest, UnsupportedMediaType
@@ -31,14 +33,34 @@ def create_service(settings: Settings, model: Model, auth: AuthStore | None = No
         """The bundle's model.json: labels, input size, preprocessing, metrics, version."""
         return model.meta
 
+    v1, v2 = V1(model, settings), V2(model, settings)
     return Service(
         settings,
         [
             Route("/models/<name>/predict.json", ("POST",), predict, auth=True),
             Route("/models/<name>.json", ("GET",), metadata, auth=True),
+            # KServe / TF Serving V1: the model, a version of it, or a version label.
+            Route("/v1/models/<name>", ("GET",), v1.status, auth=True),
+            Route("/v1/models/<name>/versions/<version>", ("GET",), v1.status, auth=True),
+            Route("/v1/models/<name>/labels/<label>", ("GET",), v1.status, auth=True),
+            Route("/v1/models/<name>/metadata", ("GET",), v1.metadata, auth=True),
+            Route("/v1/models/<name>/versions/<version>/metadata", ("GET",), v1.metadata, auth=True),
+            Route("/v1/models/<name>/labels/<label>/metadata", ("GET",), v1.metadata, auth=True),
+            Route("/v1/models/<name>:<verb>", ("POST",), v1.predict, auth=True),
+            Route("/v1/models/<name>/versions/<version>:<verb>", ("POST",), v1.predict, auth=True),
+            Route("/v1/models/<name>/labels/<label>:<verb>", ("POST",), v1.predict, auth=True),
+            # Open Inference Protocol V2 (its server paths, /v2 and /v2/health/*, are every function's).
+            Route("/v2/models/<name>", ("GET",), v2.metadata, auth=True),
+            Route("/v2/models/<name>/versions/<version>", ("GET",), v2.metadata, auth=True),
+            Route("/v2/models/<name>/ready", ("GET",), v2.ready, auth=True),
+            Route("/v2/models/<name>/versions/<version>/ready", ("GET",), v2.ready, auth=True),
+            Route("/v2/models/<name>/config", ("GET",), v2.config, auth=True),
+            Route("/v2/models/<name>/versions/<version>/config", ("GET",), v2.config, auth=True),
+            Route("/v2/models/<name>/infer", ("POST",), v2.infer, auth=True),
+            Route("/v2/models/<name>/versions/<version>/infer", ("POST",), v2.infer, auth=True),
         ],
-        openapi=spec.document(model.meta),
+        openapi=spec.document(model.meta, model.input_name, model.output_name),
         auth=auth,
         model=model.name,
-        ready=auth.ping,
+        function="predict",
     )

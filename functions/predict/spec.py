@@ -2,11 +2,13 @@
 
 from typing import Any
 
+from functions.predict import spec_protocols
 from shared import openapi
 
 
-def document(meta: dict[str, Any]) -> dict[str, Any]:
-    """The predict function's OpenAPI 3 document for the model described by ``meta``."""
+def document(meta: dict[str, Any], input_name: str, output_name: str) -> dict[str, Any]:
+    """The predict function's OpenAPI 3 document for the model described by ``meta``, whose
+    tensors the inference protocols name ``input_name`` and ``output_name``."""
     name, labels = meta["name"], meta["labels"]
     spec = meta["input"]
     shares = [97.12, 2.41, 0.47][: len(labels)]
@@ -26,6 +28,7 @@ def document(meta: dict[str, Any]) -> dict[str, Any]:
             "This function does not serve that model", f"no such model here: other (this function serves {name})"
         ),
         "405": openapi.METHOD_NOT_ALLOWED,
+        "429": openapi.RATE_LIMITED,
         "503": openapi.REDIS_DOWN,
     }
     predict_post = {
@@ -144,10 +147,16 @@ def document(meta: dict[str, Any]) -> dict[str, Any]:
             },
         },
     }
+    protocol_paths, protocol_schemas = spec_protocols.paths(meta, input_name, output_name)
     return openapi.document(
         f"Thalamus model {name}",
         f"Predictions from model `{name}` (version {meta['version']}). Get a token at "
-        "`POST /token.json` first (Authorize → oauth2 with your keypair).",
-        {"/models/{name}/predict.json": {"post": predict_post}, "/models/{name}.json": {"get": metadata_get}},
-        schemas,
+        "`POST /token.json` first (Authorize → oauth2 with your keypair). The same model speaks "
+        "KServe / TF Serving V1 (`/v1/models/...`) and the Open Inference Protocol V2 (`/v2/models/...`).",
+        {
+            "/models/{name}/predict.json": {"post": predict_post},
+            "/models/{name}.json": {"get": metadata_get},
+            **protocol_paths,
+        },
+        {**schemas, **protocol_schemas},
     )

@@ -15,11 +15,12 @@ from urllib.parse import unquote
 
 import flask
 
-from functions.token import spec
+from functions.token import catalog, spec
 from shared.auth import AuthStore, IssuedToken
 from shared.config import Settings
 from shared.errors import BadRequest, InvalidCredentials, UnsupportedMediaType
 from shared.http import Call, Route, Service, client_address, json_response, read_json
+from shared.worker import DeadlineWorker
 
 # RFC 6749 §5.1: token answers must not be cached.
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
@@ -36,6 +37,7 @@ class OAuthError(Exception):
 def create_service(settings: Settings, auth: AuthStore | None = None) -> Service:
     """The token function's service for ``settings`` (``auth`` defaults to their Redis)."""
     auth = auth or AuthStore(settings)
+    models = catalog.Catalog(settings.model_catalog)
 
     def issue_token(call: Call) -> flask.Response:
         """JSON keypair → {token, ttl}; OAuth2 client credentials → RFC 6749 token response."""
@@ -81,10 +83,15 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
         [
             Route("/token.json", ("POST",), issue_token),
             Route("/session.json", ("GET",), session, auth=True),
+            Route("/models.json", ("GET",), models.models_json, auth=True),
+            Route("/v1/models", ("GET",), models.kserve_list, auth=True),
         ],
         openapi=spec.document(settings),
         auth=auth,
-        ready=auth.ping,
+        function="token",
+        # A keypair or an OAuth2 form is well under 1 KB. Bodies up to this size are read by the
+        # server before dispatch (shared/worker.py), so a slow client never holds a thread here.
+        max_body=DeadlineWorker.preread_body,
     )
 
 

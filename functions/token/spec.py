@@ -2,6 +2,7 @@
 
 from typing import Any
 
+from functions.token import catalog
 from shared import openapi
 from shared.config import Settings
 
@@ -122,7 +123,7 @@ def document(settings: Settings) -> dict[str, Any]:
             "400": bad_request,
             "401": unauthorized,
             "405": openapi.METHOD_NOT_ALLOWED,
-            "413": openapi.error("Body too large", "request body too large (limit 10485760 bytes)"),
+            "413": openapi.error("Body too large", "request body too large (limit 16384 bytes)"),
             "415": openapi.error(
                 "Neither JSON nor a form, or a JSON body sent as a form",
                 "the body is JSON but Content-Type says form: send it with Content-Type: application/json",
@@ -131,25 +132,13 @@ def document(settings: Settings) -> dict[str, Any]:
             "503": openapi.REDIS_DOWN,
         },
     }
-    rate_headers = {
-        name: {"description": text, "schema": {"type": "integer"}}
-        for name, text in (
-            ("RateLimit-Limit", "requests the key may make per window (keys with a rate only)"),
-            ("RateLimit-Remaining", "requests left in the current window"),
-            ("RateLimit-Reset", "seconds until the window ends"),
-        )
-    }
-    rate_limited = openapi.retry_error(
-        "The key's request rate is used up", "this key's rate limit (600 requests) is used up; retry in 12 s"
-    )
-    rate_limited["headers"].update(rate_headers)
     session_get = {
         "summary": "Describe the caller's token",
         "tags": ["auth"],
         "responses": {
             "200": {
                 "description": "The token's key, scopes and remaining lifetime",
-                "headers": rate_headers,
+                "headers": openapi.RATE_HEADERS,
                 "content": {
                     "application/json": {
                         "schema": {"$ref": "#/components/schemas/Session"},
@@ -159,7 +148,7 @@ def document(settings: Settings) -> dict[str, Any]:
             },
             "401": openapi.UNAUTHORIZED,
             "405": openapi.METHOD_NOT_ALLOWED,
-            "429": rate_limited,
+            "429": openapi.RATE_LIMITED,
             "503": openapi.REDIS_DOWN,
         },
     }
@@ -222,8 +211,8 @@ def document(settings: Settings) -> dict[str, Any]:
     doc = openapi.document(
         "Thalamus token function",
         "Issue bearer tokens for API keys. Keys come from `./keys.py -g FILE`.",
-        {"/token.json": {"post": token_post}, "/session.json": {"get": session_get}},
-        schemas,
+        {"/token.json": {"post": token_post}, "/session.json": {"get": session_get}, **catalog.paths()},
+        {**schemas, **catalog.SCHEMAS},
     )
     doc["components"]["securitySchemes"]["basic"] = {
         "type": "http",

@@ -1,0 +1,160 @@
+"""Tensors in and out of the inference protocols (V1 and V2): the raw request body, numeric
+tensors checked against the model's input, base64 images, and V2's binary BYTES layout.
+
+A numeric tensor never goes through :func:`pipeline.decode`: it is already shaped for the model.
+Float tensors are the model's input as it is; integer tensors (V2 ``UINT8``) are raw pixels,
+scaled as the bundle's preprocessing says (the same code uploads go through).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import struct
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import flask
+import numpy as np
+
+from functions.predict import pipeline
+from functions.predict.model import Model
+from shared import imaging
+from shared.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+
+
+def read_body(request: flask.Request, limit: int) -> bytes:
+    """The request body whatever its Content-Type (tritonclient sends none, ``curl -d`` sends a
+    form type), inflated when ``Content-Encoding`` is gzip or deflate: at most ``limit`` bytes
+    after inflating too (more → PayloadTooLarge), so a small bomb cannot fill the memory."""
+    body = request.get_data(cache=False)
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or none")
+    inflater = zlib.decompressobj(zlib.MAX_WBITS | 16 if encoding == "gzip" else zlib.MAX_WBITS)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error:
+        raise BadRequest(f"body is not valid {encoding} data") from None
+    if len(data) > limit:
+        raise PayloadTooLarge(limit, f"request body after {encoding} decompression")
+    if not inflater.eof:
+        raise BadRequest(f"{encoding} body is truncated")
+    return data
+
+
+def parse_json(data: bytes | memoryview, what: str = "body") -> Any:
+    """``data`` parsed as JSON, or BadRequest saying why not (deep nesting included)."""
+    if not len(data):
+        raise BadRequest(f"{what} is empty; send a JSON object")
+    try:
+        return json.loads(bytes(data) if isinstance(data, memoryview) else data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"{what} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise BadRequest(f"{what} is nested too deeply") from None
+
+
+def check_batch_size(count: int, what: str) -> None:
+    """BadRequest when a request holds no example or more than the per-request limit."""
+    if count < 1:
+        raise BadRequest(f"no {what} in the request")
+    if count > pipeline.MAX_FILES:
+        raise BadRequest(f"too many {what}: {count} (limit {pipeline.MAX_FILES} per request)")
+
+
+def input_shape(model: Model) -> list[int]:
+    """The model's input shape without the batch dimension: [height, width, channels]."""
+    spec = model.meta["input"]
+    return [spec["height"], spec["width"], spec["channels"]]
+
+
+def dense(value: Any, where: str) -> np.ndarray:
+    """Nested JSON lists of numbers → an array; BadRequest for ragged lists, strings, booleans
+    or nulls (numpy would quietly turn ``"1.5"`` and ``true`` into numbers)."""
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError):
+        raise BadRequest(f"{where}: not a rectangular (dense) nested list of numbers") from None
+    if array.dtype.kind not in "iuf":
+        raise BadRequest(f"{where}: values must be numbers, in a rectangular nested list")
+    return array
+
+
+def model_input(array: np.ndarray, model: Model, where: str, *, pixels: bool = False) -> np.ndarray:
+    """A numeric batch (n, height, width, channels) as the model's float32 input, checked: the
+    shape, finite values, and for ``pixels`` (integer data) the 0..255 range, then scaled as the
+    bundle's preprocessing says."""
+    want = input_shape(model)
+    if array.ndim != 4 or list(array.shape[1:]) != want:
+        raise BadRequest(
+            f"{where}: shape {list(array.shape)} does not fit the model's input [-1, {', '.join(map(str, want))}]"
+        )
+    check_batch_size(array.shape[0], "instances")
+    if pixels:
+        if array.size and (array.min() < 0 or array.max() > 255):
+            raise BadRequest(f"{where}: pixel values must be within 0..255")
+        return imaging.scale(array.astype(np.float32), model.meta["preprocessing"])
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf, refused below
+        batch = array.astype(np.float32, copy=False)
+    if not np.isfinite(batch).all():
+        raise BadRequest(f"{where}: values must be finite numbers (no NaN or Infinity, nothing beyond float32)")
+    return batch
+
+
+def b64_image(value: Any, where: str) -> pipeline.Upload:
+    """A base64 string holding an image file, as an upload named ``where`` (for messages)."""
+    if not isinstance(value, str):
+        raise BadRequest(f"{where}: an image must be a string of base64")
+    # Wrapped base64 (the base64 command's default) is still base64.
+    text = value.replace("\n", "").replace("\r", "") if "\n" in value else value
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadRequest(f"{where}: bad base64 ({exc})") from None
+    return pipeline.Upload(data, where)
+
+
+def flatten(value: Any) -> Iterator[Any]:
+    """The leaves of nested lists, row-major (without recursion: the nesting is the client's)."""
+    stack = [iter([value])]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            yield item
+        else:
+            stack.pop()
+
+
+def element_count(shape: list[int]) -> int:
+    return math.prod(shape)
+
+
+# -- V2's binary BYTES layout: each element is a 4-byte little-endian length, then its bytes ----
+
+
+def pack_bytes(items: list[bytes]) -> bytes:
+    """BYTES elements in the binary tensor data layout."""
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+def unpack_bytes(data: memoryview, where: str) -> list[bytes]:
+    """The BYTES elements of a binary section; BadRequest when a length overruns it."""
+    items, offset = [], 0
+    while offset < len(data):
+        if offset + 4 > len(data):
+            raise BadRequest(f"{where}: binary BYTES data ends inside an element's 4-byte length")
+        (length,) = struct.unpack_from("<I", data, offset)
+        offset += 4
+        if offset + length > len(data):
+            raise BadRequest(f"{where}: binary BYTES element of {length} bytes runs past its binary_data_size")
+        items.append(bytes(data[offset : offset + length]))
+        offset += length
+    return items

@@ -1,0 +1,129 @@
+"""One access line and the request metrics per request, and the request id, for any WSGI app.
+
+:class:`AccessLog` wraps a function's app (and the local gateway): it keeps the caller's
+``X-Request-Id`` (or the trace id of a W3C ``traceparent``) or makes one, echoes it in the answer,
+sets it for every log line about the request, and when the answer's last byte is out logs one
+line (route template, never the raw path) and counts the request in Prometheus. ``/metrics``
+scrapes are logged at DEBUG only.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from shared import metrics
+from shared.auth import Session
+from shared.logs import REQUEST_ID
+
+log = logging.getLogger("thalamus.access")
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+TRACEPARENT_RE = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+
+
+@dataclass
+class Exchange:
+    """What the application learned about one request while answering it, for the answer's
+    headers, usage counting, the access line and metrics."""
+
+    route: str | None = None  # the route template, e.g. "/models/<name>/predict.json"
+    model: str | None = None
+    session: Session | None = None
+    public_key: str | None = None  # the caller's key when known without a session (token requests)
+    error: str | None = None  # the message of an error answer
+
+
+def exchange_of(environ: dict[str, Any]) -> Exchange:
+    """The :class:`Exchange` of the request ``environ`` belongs to (made on first use)."""
+    found = environ.get("thalamus.exchange")
+    if not isinstance(found, Exchange):
+        found = environ["thalamus.exchange"] = Exchange()
+    return found
+
+
+def request_id(environ: dict[str, Any]) -> str:
+    """The caller's X-Request-Id when it is a sane token, else the trace id of its traceparent,
+    else a new random id."""
+    given = environ.get("HTTP_X_REQUEST_ID", "")
+    if REQUEST_ID_RE.fullmatch(given):
+        return str(given)
+    trace = TRACEPARENT_RE.fullmatch(environ.get("HTTP_TRACEPARENT", "").strip().lower())
+    if trace and trace.group(1) != "0" * 32:
+        return trace.group(1)
+    return uuid.uuid4().hex
+
+
+class AccessLog:
+    """WSGI middleware: request id, one access line, request metrics (see the module doc)."""
+
+    def __init__(self, app: WSGIApp, function: str) -> None:
+        self.app, self.function = app, function
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        started = time.perf_counter()
+        rid = environ["thalamus.request_id"] = request_id(environ)
+        exchange = exchange_of(environ)
+        answer: dict[str, Any] = {}
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            answer["status"] = int(status.split(" ", 1)[0])
+            headers.append(("X-Request-Id", rid))
+            return start_response(status, headers, exc_info)
+
+        token = REQUEST_ID.set(rid)
+        try:
+            body = self.app(environ, start)
+        finally:
+            REQUEST_ID.reset(token)
+        return _Counted(body, lambda sent: self._done(environ, exchange, answer.get("status", 500), sent, started))
+
+    def _done(self, environ: dict[str, Any], exchange: Exchange, status: int, sent: int, started: float) -> None:
+        seconds = time.perf_counter() - started
+        route = exchange.route or "unmatched"
+        method = str(environ.get("REQUEST_METHOD", ""))
+        labels = (self.function, route, method, str(status))
+        metrics.REQUESTS.labels(*labels).inc()
+        metrics.REQUEST_SECONDS.labels(*labels).observe(seconds)
+        session = exchange.session
+        fields = {
+            "event": "access",
+            "method": method,
+            "route": route,
+            "status": status,
+            "latency_ms": round(seconds * 1000, 2),
+            "request_id": environ["thalamus.request_id"],
+            "public_key": session.public_key if session else exchange.public_key,
+            "model": exchange.model,
+            "bytes_in": int(environ.get("CONTENT_LENGTH") or 0),
+            "bytes_out": sent,
+            "error": exchange.error if status >= 400 else None,
+        }
+        level = logging.DEBUG if route == "/metrics" else logging.INFO
+        message = f"{status} {method} {route} {fields['latency_ms']} ms"
+        log.log(level, message, extra={key: value for key, value in fields.items() if value is not None})
+
+
+class _Counted:
+    """The answer's body, counting the bytes that go out; ``done(bytes)`` runs once, at close."""
+
+    def __init__(self, body: Iterable[bytes], done: Callable[[int], None]) -> None:
+        self.body, self.done, self.sent = body, done, 0
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self.body:
+            self.sent += len(chunk)
+            yield chunk
+
+    def close(self) -> None:
+        try:
+            close = getattr(self.body, "close", None)
+            if close is not None:
+                close()
+        finally:
+            self.done(self.sent)

@@ -1,0 +1,81 @@
+"""Logs on stdout: one JSON object per line for machines, or one readable line for a person.
+
+Every line carries the function's name and, while a request is served, its request id. The
+JSON formatter is python-json-logger's; fields given with ``extra=`` become JSON fields. What
+is logged is chosen here and in :mod:`shared.access`: never a secret key, a token or its hash,
+a Redis password or image bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from contextvars import ContextVar
+from typing import Any
+
+from pythonjsonlogger.json import JsonFormatter
+
+# The id of the request this thread (or context) is serving, for every line logged meanwhile.
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+# Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "function", "request_id"}
+
+
+class _Context(logging.Filter):
+    """Adds ``function`` and ``request_id`` to every record."""
+
+    def __init__(self, function: str) -> None:
+        super().__init__()
+        self.function = function
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.function = self.function
+        if not getattr(record, "request_id", None):
+            record.request_id = REQUEST_ID.get()
+        return True
+
+
+class _Text(logging.Formatter):
+    """``token  | 02:51:07 INFO  200 POST /token.json 64.8 ms  request_id=… public_key=…``:
+    the function first, then the message, then the extra fields; no colours."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        extras = {key: value for key, value in vars(record).items() if key not in _STANDARD and value is not None}
+        if record.request_id:  # type: ignore[attr-defined]
+            extras["request_id"] = record.request_id  # type: ignore[attr-defined]
+        fields = "  " + " ".join(f"{key}={value}" for key, value in extras.items()) if extras else ""
+        line = f"{record.function:<14}| {self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} "  # type: ignore[attr-defined]
+        line += record.getMessage() + fields
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup(function: str, level: str = "INFO", fmt: str | None = None) -> None:
+    """Send every log record of this process to stdout as ``fmt`` ("json" or "text"; default:
+    text on a terminal, JSON otherwise) at ``level``; gunicorn's own loggers included."""
+    fmt = fmt or ("text" if sys.stdout.isatty() else "json")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.addFilter(_Context(function))
+    if fmt == "json":
+        handler.setFormatter(
+            JsonFormatter(
+                "{asctime}{levelname}{function}{message}{request_id}",
+                style="{",
+                rename_fields={"asctime": "time", "levelname": "level"},
+                datefmt="%Y-%m-%dT%H:%M:%S%z",
+            )
+        )
+    else:
+        handler.setFormatter(_Text())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for name in ("gunicorn", "gunicorn.error", "gunicorn.access"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+
+
+def event(logger: logging.Logger, message: str, **fields: Any) -> None:
+    """Log one INFO line with ``fields`` as its JSON fields (``None`` values left out)."""
+    logger.info(message, extra={key: value for key, value in fields.items() if value is not None})

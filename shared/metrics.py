@@ -1,0 +1,95 @@
+"""Prometheus metrics of a function, served at ``GET /metrics``.
+
+With several gunicorn workers each worker counts on its own, so the server
+(:mod:`shared.server`) points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh folder before anything
+imports prometheus_client: every worker then writes its samples there and ``/metrics``, whichever
+worker answers it, adds them up. Without it (tests, one process) the default registry is used.
+Buckets run from half a millisecond (a warm token check) to ten seconds (a cold 32-image batch).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess as prometheus_multiprocess
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import REGISTRY, Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+REQUESTS = Counter("thalamus_requests", "HTTP requests answered", ["function", "route", "method", "status"])
+REQUEST_SECONDS = Histogram(
+    "thalamus_request_duration_seconds",
+    "Time from a request's arrival in the application to its last byte out",
+    ["function", "route", "method", "status"],
+    buckets=LATENCY,
+)
+INFERENCE_SECONDS = Histogram(
+    "thalamus_inference_duration_seconds", "One model call (a whole batch)", ["model"], buckets=LATENCY
+)
+BATCH_SIZE = Histogram(
+    "thalamus_inference_batch_size", "Inputs per model call", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64)
+)
+DECODE_SECONDS = Histogram(
+    "thalamus_image_decode_duration_seconds", "Decoding and preprocessing one image", ["model"], buckets=LATENCY
+)
+TOKENS = Counter("thalamus_tokens", "Token requests by outcome", ["outcome"])  # issued, invalid, limited, bad_request
+AUTH_FAILURES = Counter("thalamus_auth_failures", "Refused bearer tokens by reason", ["reason"])
+REDIS_SECONDS = Histogram(
+    "thalamus_redis_command_duration_seconds", "One Redis round trip (a command, script or pipeline)", buckets=LATENCY
+)
+REDIS_ERRORS = Counter("thalamus_redis_errors", "Auth-store operations that found Redis unreachable", ["operation"])
+MODEL_INFO = Gauge(
+    "thalamus_model_info", "The model this function serves", ["model", "version"], multiprocess_mode="max"
+)
+MODEL_LOAD_SECONDS = Gauge("thalamus_model_load_seconds", "Time to load the model at start", ["model"],
+                           multiprocess_mode="max")  # fmt: skip
+STARTS = Counter("thalamus_process_starts", "Worker processes started (a scale-from-zero start is one)", ["function"])
+
+
+class ProcessTree(Collector):
+    """Memory, CPU and file descriptors of the gunicorn master and all its workers, added up
+    (prometheus_client's process collector sees one process; a function is several)."""
+
+    def collect(self) -> Iterator[Metric]:
+        master = os.getppid()
+        pids = [master, *(pid for pid in _pids() if _parent(pid) == master)]
+        rss = cpu = fds = 0.0
+        page, ticks = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_CLK_TCK")
+        for pid in pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                rss += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * page
+                cpu += (int(fields[11]) + int(fields[12])) / ticks
+                fds += len(os.listdir(f"/proc/{pid}/fd"))
+            except (OSError, IndexError, ValueError):
+                continue  # a worker that just exited
+        yield GaugeMetricFamily("process_resident_memory_bytes", "Resident memory of master and workers", rss)
+        yield GaugeMetricFamily("process_cpu_seconds_total", "CPU seconds of master and workers", cpu)
+        yield GaugeMetricFamily("process_open_fds", "Open file descriptors of master and workers", fds)
+        yield GaugeMetricFamily("thalamus_worker_processes", "Live gunicorn workers", len(pids) - 1)
+
+
+def _pids() -> Iterator[int]:
+    return (int(name) for name in os.listdir("/proc") if name.isdigit())
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def exposition() -> bytes:
+    """Every metric in Prometheus text format, added up across this function's workers."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return generate_latest(REGISTRY)
+    registry = CollectorRegistry()
+    prometheus_multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    registry.register(ProcessTree())
+    return generate_latest(registry)

@@ -1,0 +1,368 @@
+"""The gunicorn worker every function runs on: gthread, but a slow client costs only itself.
+
+gunicorn's gthread worker hands a connection to a pool thread as soon as its first byte arrives;
+the thread then reads the request head with a blocking socket and no deadline, so a few clients
+sending headers (or a body) byte by byte hold every thread. Here:
+
+- the main (poller) thread reads each request head, and a small body, without blocking into a
+  per-connection buffer, and dispatches the connection only once it is complete (gunicorn's
+  parser reads those bytes back first); heads that miss ``header_timeout`` get a JSON 408;
+- in the pool, every socket read and write of a request waits at most until a deadline (body:
+  ``body_timeout`` plus time earned by bytes received; answer: ``send_timeout``); a body that
+  misses it reaches the application as :class:`~shared.errors.RequestTimeout` (408);
+- every answer gunicorn itself gives (malformed request line or headers, limits, framing) is
+  JSON with the right status: 400, 408, 414, 431, never HTML or a traceback.
+
+Plain HTTP/1.x only (TLS ends at the ingress). gunicorn is pinned: this subclass relies on
+``ThreadWorker`` internals (accept, handle, handle_request, finish_request, murder_keepalived,
+_keepalive_after) of that version, and tests/test_hostile.py exercises each path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import selectors
+import socket
+import time
+from functools import partial
+from typing import Any
+
+from gunicorn import http, util
+from gunicorn.http import errors as parse_errors
+from gunicorn.http.body import Body
+from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
+
+from shared.errors import BadRequest, RequestTimeout, ThalamusError
+
+BARE_LF = re.compile(rb"(?<!\r)\n")
+CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,9})[ \t]*\r\n", re.I)
+CHUNKED = re.compile(rb"\r\ntransfer-encoding:[^\r]*chunked", re.I)
+EXPECT = re.compile(rb"\r\nexpect:", re.I)
+# gunicorn's parse errors → status; the first match wins. Response-header errors are ours: 500.
+ERROR_STATUS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], int], ...] = (
+    (
+        (parse_errors.InvalidResponseHeader, parse_errors.InvalidResponseHeaderName, parse_errors.ConfigurationProblem),
+        500,
+    ),
+    (parse_errors.LimitRequestLine, 414),
+    (parse_errors.LimitRequestHeaders, 431),
+    (parse_errors.ExpectationFailed, 417),
+    (parse_errors.UnsupportedTransferCoding, 501),
+    (parse_errors.ForbiddenProxyRequest, 403),
+    (parse_errors.ParseException, 400),
+)
+MESSAGES = {414: "request line too long", 431: "request headers too large", 500: "internal error"}
+REASONS = {
+    400: "Bad Request",
+    403: "Forbidden",
+    408: "Request Timeout",
+    414: "URI Too Long",
+    417: "Expectation Failed",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+}
+
+
+def json_error(status: int, message: str) -> bytes:
+    """A complete HTTP answer ``{"error": message}`` that closes the connection."""
+    body = json.dumps({"error": message[:200]}).encode()
+    head = (
+        f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def _ip(address: Any) -> str:
+    return str(address[0]) if isinstance(address, tuple) else ""
+
+
+class DeadlineSocket(socket.socket):
+    """A plain non-blocking socket for the main thread; while a pool thread serves a request,
+    each recv and send waits at most until that direction's deadline.
+
+    Body bytes received earn time (``min_rate`` bytes per second, like Apache's mod_reqtimeout),
+    so a large upload that keeps flowing is not cut off; bytes sent earn nothing, as the kernel
+    buffers megabytes and would give a client that never reads free time.
+    """
+
+    deadlines: dict[str, float | None] | None = None
+    send_timeout = 30.0
+    min_rate = 0.0
+
+    def begin(self, read_timeout: float, send_timeout: float, min_rate: float) -> None:
+        # The send clock starts at the first sendall (the answer's head), so the time the
+        # application computes is not charged to it.
+        self.deadlines = {"recv": time.monotonic() + read_timeout, "send": None}
+        self.send_timeout, self.min_rate = send_timeout, min_rate
+
+    def end(self) -> None:
+        self.deadlines = None
+
+    def _bounded(self, way: str, call: Any, data: Any, *args: Any) -> Any:
+        if self.deadlines is None:
+            return call(data, *args)
+        deadline = self.deadlines[way] or time.monotonic() + self.send_timeout
+        self.settimeout(max(deadline - time.monotonic(), 1e-3))  # bounds a whole sendall too
+        result = call(data, *args)
+        if way == "recv" and self.min_rate:
+            self.deadlines["recv"] = (self.deadlines["recv"] or 0.0) + len(result) / self.min_rate
+        return result
+
+    def recv(self, size: int, *args: Any) -> bytes:
+        return bytes(self._bounded("recv", super().recv, size, *args))
+
+    def send(self, data: Any, *args: Any) -> int:
+        return int(self._bounded("send", super().send, data, *args))
+
+    def sendall(self, data: Any, *args: Any) -> None:
+        if self.deadlines is not None and self.deadlines["send"] is None:
+            self.deadlines["send"] = time.monotonic() + self.send_timeout
+        self._bounded("send", super().sendall, data, *args)
+
+    def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
+        # os.sendfile would wait outside the deadlines: the stdlib's loop over self.send instead.
+        return int(self._sendfile_use_send(file, offset, count))  # type: ignore[attr-defined]
+
+    def send_nowait(self, data: bytes) -> None:
+        """Send a small error answer if the socket takes it at once; never wait."""
+        try:
+            self.setblocking(False)
+            super().send(data)
+        except OSError:
+            pass
+
+
+class GuardedBody(Body):  # type: ignore[misc]  # gunicorn has no type information
+    """``wsgi.input``: a body read that misses its deadline, breaks its chunked framing or loses
+    the connection raises a ThalamusError (408 or 400) the service answers as JSON. Not an
+    OSError: werkzeug would turn that into its own "client disconnected" 400."""
+
+    def __init__(self, request: Any) -> None:
+        super().__init__(request.body.reader)
+        self.request = request
+
+    def close_connection(self) -> None:
+        """Close the connection after this answer instead of reading the rest of the body:
+        gunicorn ignores an application's ``Connection: close`` header."""
+        self.request.force_close()
+
+    def _read_reader(self, size: int) -> bytes:
+        error: ThalamusError
+        try:
+            return bytes(super()._read_reader(size))
+        except TimeoutError:  # only DeadlineSocket sets socket timeouts
+            error = RequestTimeout("request body not received in time")
+        except OSError:  # NoMoreData, ECONNRESET
+            error = BadRequest("connection lost while reading the body")
+        except parse_errors.ParseException as exc:
+            error = BadRequest(f"malformed request body ({str(exc)[:120]})")
+        self.request.force_close()  # where the next request would start is unknown
+        raise error from None
+
+
+class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no type information
+    """gthread with deadlines; the class attributes are set by shared/server.py from Settings."""
+
+    header_timeout = 10.0  # request head (and a small body) must arrive within this
+    body_timeout = 10.0  # the application's body reads, from dispatch (+ bytes / min_rate)
+    send_timeout = 30.0  # writing one answer, from its first byte
+    min_rate = 64 * 1024.0  # body bytes per second that earn extra time
+    max_head = 64 * 1024  # larger heads: 431 from the main thread
+    preread_body = 16 * 1024  # bodies with a Content-Length up to this are read before dispatch
+
+    @classmethod
+    def check_config(cls, cfg: Any, log: Any) -> None:
+        super().check_config(cfg, log)
+        if cfg.is_ssl or cfg.http2_cleartext != "off":  # TConn.init() is bypassed, see handle()
+            raise RuntimeError("DeadlineWorker serves plain HTTP/1.x only")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.waiting: dict[Any, None] = {}  # connections the main thread owns: head, idle, closing
+        self.next_sweep = 0.0
+        self.stopped_at: float | None = None
+
+    # -- main thread -------------------------------------------------------------------------
+
+    def accept(self, listener: socket.socket) -> None:
+        try:
+            raw, address = listener.accept()
+        except (BlockingIOError, ConnectionAbortedError):
+            return
+        sock = DeadlineSocket(raw.family, raw.type, raw.proto, fileno=raw.detach())
+        self.nr_conns += 1
+        self.read_head(TConn(self.cfg, sock, address, listener.getsockname()), b"", idle=False)
+
+    def read_head(self, conn: Any, data: bytes, idle: bool) -> None:
+        conn.head, conn.scanned, conn.need, conn.closing, conn.drained = bytearray(data), 0, None, False, 0
+        conn.chunked = False
+        conn.idle = idle and not data  # kept alive, next request not begun: the keep-alive timeout
+        conn.timeout = time.monotonic() + (self.cfg.keepalive if conn.idle else self.header_timeout)
+        conn.sock.setblocking(False)
+        self.advance(conn)
+
+    def advance(self, conn: Any) -> None:
+        status = self.head_status(conn)
+        if status == 0:
+            self.watch(conn)
+            return
+        self.unwatch(conn)
+        if status == 200:
+            self.enqueue_req(conn)
+        else:
+            self.reject(conn, status, "request line too long" if status == 414 else "request headers too large")
+
+    def head_status(self, conn: Any) -> int:
+        """0: wait for more, 200: dispatch, 414/431: answer here. Only new bytes are scanned, so
+        a head sent byte by byte costs linear time, not quadratic."""
+        buf, start, conn.scanned = conn.head, conn.scanned, len(conn.head)
+        if conn.need is None:
+            if BARE_LF.search(buf, start):
+                return 200  # gunicorn's parser refuses it (400) without reading more
+            end = buf.find(b"\r\n\r\n", max(0, start - 3))
+            limit = self.cfg.limit_request_line  # one leading CRLF is allowed: search from 1
+            if end < 0 and 0 < limit < len(buf) - 2 and buf.find(b"\r\n", 1) < 0:
+                return 414
+            if (len(buf) if end < 0 else end) > self.max_head:
+                return 431
+            if end < 0:
+                return 0
+            body = self.small_body(bytes(buf[: end + 2]))
+            conn.body_at, conn.need = end + 4, end + 4 + max(body, 0)
+            conn.chunked = body < 0
+        if conn.chunked:  # until the last chunk, or more than a small body holds
+            done = buf.endswith(b"0\r\n\r\n") or len(buf) - conn.body_at > self.preread_body
+            return 200 if done else 0
+        return 200 if len(buf) >= conn.need else 0
+
+    def small_body(self, head: bytes) -> int:
+        """How many body bytes to read before dispatch: a Content-Length up to preread_body, -1
+        (until the last chunk) for a chunked body, else 0. Only buffering: gunicorn's parser
+        still decides the framing, so a wrong guess merely dispatches early. Never with
+        "Expect: 100-continue": that client waits for our 100 before it sends the body."""
+        if EXPECT.search(head):
+            return 0
+        if CHUNKED.search(head):
+            return -1
+        match = CONTENT_LENGTH.search(head)
+        size = int(match.group(1)) if match else 0
+        return size if size <= self.preread_body else 0
+
+    def on_readable(self, conn: Any, _sock: Any) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        conn.drained += len(data)
+        if not data or (conn.closing and conn.drained > 65536):
+            self.close_now(conn)
+            return
+        if conn.closing:  # lingering close: discard what the client still sends
+            return
+        if conn.idle:  # first byte of the next request on a kept-alive connection
+            conn.idle, conn.timeout = False, time.monotonic() + self.header_timeout
+        conn.head += data
+        self.advance(conn)
+
+    def reject(self, conn: Any, status: int, message: str) -> None:
+        self.log.warning("refused a request from %s: %s", _ip(conn.client), message)
+        conn.sock.send_nowait(json_error(status, message))
+        self.close(conn)
+
+    def close(self, conn: Any) -> None:
+        # gunicorn's graceful close drains in a blocking recv for up to 2 s on the main thread,
+        # stalling the whole worker; the same half-close here waits on the poller instead.
+        self.unwatch(conn)
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close_now(conn)
+            return
+        conn.closing, conn.drained, conn.timeout = True, 0, time.monotonic() + 2.0
+        conn.sock.setblocking(False)
+        self.watch(conn)
+
+    def watch(self, conn: Any) -> None:
+        if conn not in self.waiting:
+            self.waiting[conn] = None
+            self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_readable, conn))
+
+    def unwatch(self, conn: Any) -> None:
+        if conn in self.waiting:
+            del self.waiting[conn]
+            self.poller.unregister(conn.sock)
+
+    def close_now(self, conn: Any) -> None:
+        self.unwatch(conn)
+        self.nr_conns -= 1
+        util.close(conn.sock)
+
+    def murder_keepalived(self, force: bool = False) -> None:
+        """Run by ThreadWorker.run() on every loop turn (force=True at exit): the deadlines."""
+        now = time.monotonic()
+        if now < self.next_sweep and not force:
+            return  # a sweep costs one look at every connection: at most 4 a second
+        self.next_sweep = now + 0.25
+        if not self.alive and self.stopped_at is None:
+            self.stopped_at = now
+        for conn in list(self.waiting):
+            deadline = conn.timeout
+            if not conn.head and self.stopped_at is not None:  # stopping: idle ones go soon
+                deadline = min(deadline, self.stopped_at + STOP_KEEPALIVE_LINGER)
+            if force or (deadline <= now and (conn.closing or not conn.head)):
+                self.close_now(conn)
+            elif deadline <= now:
+                self.reject(conn, 408, "request headers not received in time")
+
+    def finish_request(self, conn: Any, future: Any) -> None:
+        if not future.cancelled() and future.exception() is None and future.result():
+            # Kept alive: bytes read past this request (pipelining) begin the next head.
+            self.read_head(conn, conn.parser.unreader.take_buffered(), idle=True)
+        else:
+            self.close(conn)
+
+    # -- pool threads ------------------------------------------------------------------------
+
+    def handle(self, conn: Any) -> Any:
+        conn.sock.begin(self.body_timeout, self.send_timeout, self.min_rate)
+        if conn.parser is None:
+            conn.initialized = True  # skip TConn.init(): its TLS/h2c sniffing would read the socket
+            conn.parser = http.get_parser(self.cfg, conn.sock, conn.client)
+        conn.parser.unreader.unread(bytes(conn.head))
+        try:
+            return super().handle(conn)
+        finally:
+            conn.sock.end()
+
+    def handle_request(self, request: Any, conn: Any) -> Any:
+        request.body = GuardedBody(request)  # becomes environ["wsgi.input"]
+        try:
+            return super().handle_request(request, conn)
+        except TimeoutError:  # the send deadline; ThreadWorker.handle would log a traceback
+            self.log.warning("answer not taken in time by %s; closing", _ip(conn.client))
+            return False
+
+    def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
+        # The answer is out. An unread body that cannot be drained closes the connection:
+        # gunicorn would otherwise send a second (error) answer after the first.
+        try:
+            return bool(super()._keepalive_after(conn, keepalive))
+        except (ThalamusError, parse_errors.ParseException, OSError):
+            return False
+
+    def handle_error(self, request: Any, client: Any, address: Any, exc: BaseException) -> None:
+        if isinstance(exc, ThalamusError):
+            status, message = exc.status, exc.message
+        else:
+            status = next((code for kinds, code in ERROR_STATUS if isinstance(exc, kinds)), 500)
+            message = MESSAGES.get(status) or f"malformed request ({str(exc)[:160]})"
+        if status == 500:  # a real bug: keep the traceback
+            self.log.exception("error handling a request")
+        else:
+            self.log.warning("refused a request from %s: %s", _ip(address), exc)
+        client.send_nowait(json_error(status, message))

@@ -1,0 +1,163 @@
+"""The model list for a key (GET /models.json, KServe's GET /v1/models) on the token function,
+the V2 server endpoints it answers too, and the routing table that sends them there."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import requests
+
+from functions.token.catalog import CatalogError
+from functions.token.service import create_service as create_token_service
+from local import ROOT, routes
+from local.stack import write_catalog
+from tests.conftest import function_client
+from tests.test_openapi import check
+
+MODELS = ["arrows", "shapes"]
+
+
+@pytest.fixture
+def catalog_file(tmp_path):
+    path = tmp_path / "models.json"
+    write_catalog(ROOT / "models", MODELS, path)
+    return path
+
+
+@pytest.fixture
+def catalog_client(settings, catalog_file):
+    return function_client(create_token_service(settings.replace(model_catalog=catalog_file)))
+
+
+def bearer_for(auth, scopes=None):
+    pair = auth.create_key(scopes)
+    return {"Authorization": f"Bearer {auth.issue_token(pair.public_key, pair.secret_key, 't').token}"}
+
+
+def test_a_scoped_key_sees_exactly_its_models(catalog_client, auth):
+    spec = catalog_client.get("/openapi.json").get_json()
+    everything = catalog_client.get("/models.json", headers=bearer_for(auth)).get_json()["models"]
+    assert [m["name"] for m in everything] == MODELS
+    shapes = json.loads((ROOT / "models/shapes/model.json").read_text())
+    assert everything[1] == {key: shapes[key] for key in ("name", "version", "labels", "input")}
+
+    scoped = bearer_for(auth, ["shapes"])
+    reply = catalog_client.get("/models.json", headers=scoped)
+    assert [(m["name"], m["version"], m["input"]["width"]) for m in reply.get_json()["models"]] == [
+        ("shapes", shapes["version"], 64)
+    ]
+    check(spec, "/models.json", "get", reply)
+    kserve = catalog_client.get("/v1/models", headers=scoped)
+    assert kserve.get_json() == {"models": ["shapes"]}
+    check(spec, "/v1/models", "get", kserve)
+    assert catalog_client.get("/v1/models", headers=bearer_for(auth)).get_json() == {"models": MODELS}
+    # a key for a model that is not deployed sees none
+    assert catalog_client.get("/models.json", headers=bearer_for(auth, ["digits"])).get_json() == {"models": []}
+
+
+def test_the_list_needs_a_token(catalog_client):
+    for path in ("/models.json", "/v1/models"):
+        reply = catalog_client.get(path)
+        assert reply.status_code == 401 and "bearer" in reply.get_json()["error"]
+        assert catalog_client.get(path, headers={"Authorization": "Bearer " + "x" * 43}).status_code == 401
+        assert catalog_client.post(path).status_code == 405
+
+
+def test_catalog_changes_are_picked_up_and_broken_ones_refused(settings, catalog_file, auth):
+    client = function_client(create_token_service(settings.replace(model_catalog=catalog_file)))
+    headers = bearer_for(auth)
+    entries = json.loads(catalog_file.read_text())
+    catalog_file.write_text(json.dumps(entries[:1]))
+    os.utime(catalog_file, ns=(1, 1))  # a new stamp even within the clock's resolution
+    assert client.get("/v1/models", headers=headers).get_json() == {"models": ["arrows"]}
+    catalog_file.write_text("{broken")  # a bad update keeps the last good list
+    assert client.get("/v1/models", headers=headers).get_json() == {"models": ["arrows"]}
+
+    with pytest.raises(CatalogError, match="not valid JSON"):
+        create_token_service(settings.replace(model_catalog=catalog_file))
+    catalog_file.write_text(json.dumps([{"name": "shapes"}]))
+    with pytest.raises(CatalogError, match="'shapes' lacks version, labels, input"):
+        create_token_service(settings.replace(model_catalog=catalog_file))
+    with pytest.raises(CatalogError, match="not found"):
+        create_token_service(settings.replace(model_catalog=catalog_file.with_name("nope.json")))
+    # without MODEL_CATALOG the token function lists no models
+    bare = function_client(create_token_service(settings))
+    assert bare.get("/models.json", headers=headers).get_json() == {"models": []}
+
+
+def test_a_broken_catalog_stops_the_token_function_with_one_line(serve_function, tmp_path):
+    bad = tmp_path / "models.json"
+    bad.write_text("[1]")
+    with pytest.raises(RuntimeError, match="exited with 1"):
+        serve_function("token", MODEL_CATALOG=str(bad))
+
+
+def test_token_function_answers_the_v2_server_endpoints(token_client):
+    spec = token_client.get("/openapi.json").get_json()
+    for path, body in (
+        ("/v2", {"name": "thalamus"}),
+        ("/v2/health/live", {"live": True}),
+        ("/v2/health/ready", {"ready": True}),
+    ):
+        reply = token_client.get(path)  # no token: health checks and tritonclient ask without one
+        assert reply.status_code == 200 and body.items() <= reply.get_json().items()
+        check(spec, path, "get", reply)
+
+
+def test_catalog_and_health_over_http(serve_function, catalog_file, auth):
+    base = serve_function("token", MODEL_CATALOG=str(catalog_file))
+    reply = requests.get(f"{base}/models.json", headers=bearer_for(auth, ["arrows"]), timeout=10)
+    assert [m["name"] for m in reply.json()["models"]] == ["arrows"]
+    assert requests.get(f"{base}/v2/health/ready", timeout=10).json() == {"ready": True}
+
+
+# -- routing: the gateway's table and the Istio routing rendered from it --------------------------
+
+
+@pytest.mark.parametrize(
+    "path, target",
+    [
+        ("/models.json", ("token", None)),
+        ("/v1/models", ("token", None)),
+        ("/v2", ("token", None)),
+        ("/v2/health/live", ("token", None)),
+        ("/v2/health/ready", ("token", None)),
+        ("/v1/models/shapes", ("model", "shapes")),
+        ("/v1/models/shapes:predict", ("model", "shapes")),
+        ("/v1/models/shapes/metadata", ("model", "shapes")),
+        ("/v1/models/shapes/versions/1:predict", ("model", "shapes")),
+        ("/v1/models/shapes/labels/latest:predict", ("model", "shapes")),
+        ("/v2/models/shapes", ("model", "shapes")),
+        ("/v2/models/shapes/infer", ("model", "shapes")),
+        ("/v2/models/shapes/versions/1/infer", ("model", "shapes")),
+        ("/models/shapes.json", ("model", "shapes")),
+        ("/models/shapes/predict.json", ("model", "shapes")),
+        ("/v1/models/arrow", ("model", "arrow")),
+        ("/v1/models/arrow:predict", ("model", "arrow")),
+        ("/v1/modelsx", None),
+        ("/v2/models", None),
+        ("/v2/healthz", None),
+        ("/models/shapes.jsonx", None),
+        ("/v1/models/shapes.json", None),
+    ],
+)
+def test_upstream_for_matches_model_names_exactly(path, target):
+    assert routes.upstream_for(path) == target
+
+
+@pytest.mark.slow
+def test_the_stack_lists_its_bundles_for_a_key(running_stack, tmp_path):
+    """./start.sh hands the token function a catalog of models/; the gateway routes the list there."""
+    assert running_stack.keys("-g", str(tmp_path / "k.json"), "--models", "shapes").returncode == 0
+    pair = json.loads((tmp_path / "k.json").read_text())
+    token = requests.post(f"{running_stack.gateway}/token.json", json=pair, timeout=30).json()["token"]
+    headers = {"Authorization": f"Bearer {token}"}
+    listed = requests.get(f"{running_stack.gateway}/models.json", headers=headers, timeout=10).json()["models"]
+    assert [(m["name"], m["input"]["height"]) for m in listed] == [("shapes", 64)]
+    assert requests.get(f"{running_stack.gateway}/v1/models", headers=headers, timeout=10).json() == {
+        "models": ["shapes"]
+    }
+    assert requests.get(f"{running_stack.gateway}/v1/models/arrows", headers=headers, timeout=10).status_code == 403
+    assert requests.get(f"{running_stack.gateway}/v1/models/arrow", headers=headers, timeout=10).status_code == 404

@@ -1,0 +1,307 @@
+"""Hostile clients against real servers (``python -m shared.server``, the local gateway): slow
+headers and bodies, malformed requests and framings, odd paths. Every answer is JSON with the
+right 4xx, nobody else waits, and the server logs no traceback."""
+
+from __future__ import annotations
+
+import io
+import json
+import select
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import pytest
+import requests
+
+from local.helpers import demo_image, encode, free_port, function_command, wait_http
+from tests.conftest import subprocess_env
+
+DEADLINE = 2  # REQUEST_HEADER_TIMEOUT and REQUEST_BODY_TIMEOUT of the servers under attack
+
+
+@dataclass
+class Server:
+    base: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log: io.BufferedRandom
+
+    def log_text(self) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+
+@pytest.fixture
+def serve(env, tmp_path) -> Iterator:
+    """Start a function with short deadlines, its stderr kept; afterwards assert no traceback."""
+    servers: list[Server] = []
+
+    def start(function: str, **extra: str) -> Server:
+        port = free_port()
+        log = open(tmp_path / f"{function}-{port}.log", "w+b")  # noqa: SIM115 (closed below)
+        deadlines = {"REQUEST_HEADER_TIMEOUT": str(DEADLINE), "REQUEST_BODY_TIMEOUT": str(DEADLINE)}
+        proc = subprocess.Popen(function_command(function, port), env=subprocess_env(**env, **deadlines, **extra),
+                                stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        server = Server(f"http://127.0.0.1:{port}", port, proc, log)
+        servers.append(server)
+        wait_http(server.base + "/healthz", proc)
+        return server
+
+    yield start
+    for server in servers:
+        server.proc.terminate()
+        server.proc.wait(10)
+        assert "Traceback" not in server.log_text(), server.log_text()
+        server.log.close()
+
+
+# -- raw HTTP ----------------------------------------------------------------------------------
+
+
+def exchange(port: int, payload: bytes, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
+    """Send ``payload`` on a new connection; the answer's status, headers and body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(payload)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+            if b"\r\n\r\n" in data:
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = [
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                ]
+                if length and len(body) >= length[0]:
+                    break
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)}
+    return int(lines[0].split()[1]), headers, body
+
+
+def request(method: str, target: str, *headers: str, body: bytes = b"") -> bytes:
+    return ("\r\n".join([f"{method} {target} HTTP/1.1", "Host: thalamus", *headers]) + "\r\n\r\n").encode() + body
+
+
+def assert_json_error(answer: tuple[int, dict[str, str], bytes], status: int) -> str:
+    code, headers, body = answer
+    assert code == status, (code, body)
+    assert headers.get("content-type") == "application/json", headers
+    return str(json.loads(body)["error"])
+
+
+@dataclass
+class Tricklers:
+    """Connections that each send ``prefix`` at once, then one byte of ``drip`` a second."""
+
+    port: int
+    count: int
+    prefix: bytes
+    drip: bytes = b"X-Slow: a\r\n"
+    socks: list[socket.socket] = field(default_factory=list)
+    answers: dict[int, tuple[float, bytes]] = field(default_factory=dict)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> Tricklers:
+        self.started = time.monotonic()
+        for _ in range(self.count):
+            sock = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+            sock.sendall(self.prefix)
+            self.socks.append(sock)
+        self.thread = threading.Thread(target=self._drip, daemon=True)
+        self.thread.start()
+        return self
+
+    def _drip(self) -> None:
+        position = 0
+        while not self.stop.is_set():
+            live = [s for i, s in enumerate(self.socks) if i not in self.answers]
+            if not live:
+                return
+            readable, _, _ = select.select(live, [], [], 1.0)
+            for i, sock in enumerate(self.socks):
+                if i in self.answers:
+                    continue
+                if sock in readable:
+                    try:
+                        self.answers[i] = (time.monotonic() - self.started, sock.recv(65536))
+                    except OSError:
+                        self.answers[i] = (time.monotonic() - self.started, b"")
+                else:
+                    try:
+                        sock.send(self.drip[position % len(self.drip) :][:1])
+                    except OSError:
+                        self.answers[i] = (time.monotonic() - self.started, b"")
+            position += 1
+
+    def wait_all(self, limit: float) -> None:
+        end = time.monotonic() + limit
+        while len(self.answers) < self.count and time.monotonic() < end:
+            time.sleep(0.05)
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        for sock in self.socks:
+            sock.close()
+
+
+def timed_get(url: str, **kwargs) -> tuple[int, float]:
+    started = time.monotonic()
+    reply = requests.get(url, timeout=10, **kwargs)
+    return reply.status_code, time.monotonic() - started
+
+
+@pytest.fixture
+def token_header(auth) -> dict[str, str]:
+    pair = auth.create_key()
+    return {"Authorization": "Bearer " + auth.issue_token(pair.public_key, pair.secret_key, "t").token}
+
+
+# -- slow clients ------------------------------------------------------------------------------
+
+
+def test_slow_headers_and_small_bodies_do_not_hold_a_thread(serve, token_header):
+    server = serve("token")  # 4 threads
+    small = request("POST", "/token.json", "Content-Type: application/json", "Content-Length: 500")
+    with (
+        Tricklers(server.port, 40, b"GET /session.json HTTP/1.1\r\nHost: x\r\n"),
+        Tricklers(server.port, 8, small, b"{"),
+    ):
+        time.sleep(1.2)  # every slow client has sent bytes: each would hold a thread on plain gthread
+        timings = [timed_get(server.base + "/session.json", headers=token_header) for _ in range(10)]
+    assert all(status == 200 for status, _ in timings)
+    assert max(seconds for _, seconds in timings) < 1.0
+
+
+def test_slow_headers_get_408_json_at_the_deadline(serve):
+    server = serve("token")
+    with Tricklers(server.port, 3, b"GET /healthz HTTP/1.1\r\nHost: x\r\n") as slow:
+        slow.wait_all(DEADLINE + 3)
+    for seconds, answer in slow.answers.values():
+        assert DEADLINE - 0.2 <= seconds <= DEADLINE + 1.5
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 ") and "not received in time" in json.loads(body)["error"]
+
+
+def test_no_token_is_refused_before_the_body_is_read(serve):
+    server = serve("predict", MODEL_NAME="shapes")
+    head = request("POST", "/models/shapes/predict.json", "Content-Type: multipart/form-data; boundary=x",
+                   "Content-Length: 5000000")  # fmt: skip
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(head)  # and not one byte of the 5 MB body
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 401 ") and b"Connection: close" in answer
+
+
+def test_slow_body_with_a_token_gets_408_and_frees_its_thread(serve, token_header):
+    server = serve("predict", MODEL_NAME="shapes", THREADS="2")
+    head = request("POST", "/models/shapes/predict.json", f"Authorization: {token_header['Authorization']}",
+                   "Content-Type: multipart/form-data; boundary=x", "Content-Length: 1000000")  # fmt: skip
+    with Tricklers(server.port, 1, head, b"z") as slow:
+        time.sleep(0.5)
+        status, waited = timed_get(server.base + "/models/shapes.json", headers=token_header)  # the other thread
+        assert status == 200 and waited < 1.0
+        slow.wait_all(DEADLINE + 3)
+    seconds, answer = slow.answers[0]
+    assert DEADLINE - 0.2 <= seconds <= DEADLINE + 1.5
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in answer
+    image = encode(demo_image("shapes", "circle", 3))
+    after = requests.post(server.base + "/models/shapes/predict.json", headers=token_header, timeout=10,
+                          files={"file": ("c.png", image)})  # fmt: skip
+    assert after.status_code == 200 and after.json()["prediction"] == "circle"
+
+
+# -- malformed requests ------------------------------------------------------------------------
+
+MALFORMED = [
+    ("request line over 8 KB", request("GET", "/" + "a" * 9000), 414),
+    ("200 headers", request("GET", "/healthz", *[f"X-H{i}: v" for i in range(200)]), 431),
+    ("a 9 KB header", request("GET", "/healthz", "X-Big: " + "b" * 9000), 431),
+    ("control character in a header", request("GET", "/healthz", "X-Bad: a\x01b"), 400),
+    ("no HTTP version", b"GET /healthz\r\nHost: x\r\n\r\n", 400),
+    ("bad method", request("G(T", "/healthz"), 400),
+    ("bad chunk size", request("POST", "/token.json", "Content-Type: application/json",
+                               "Transfer-Encoding: chunked", body=b"zz\r\n{}\r\n0\r\n\r\n"), 400),
+    ("chunk without its CRLF", request("POST", "/token.json", "Content-Type: application/json",
+                                       "Transfer-Encoding: chunked", body=b"2\r\n{}XX0\r\n\r\n"), 400),
+    ("Content-Length and chunked", request("POST", "/token.json", "Content-Length: 5",
+                                           "Transfer-Encoding: chunked", body=b"0\r\n\r\n"), 400),
+    ("two Content-Lengths", request("POST", "/token.json", "Content-Length: 2", "Content-Length: 3",
+                                    body=b"{}"), 400),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("what, payload, status", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_requests_get_json_4xx(serve, what, payload, status):
+    server = serve("token")
+    assert_json_error(exchange(server.port, payload), status)
+    assert requests.get(server.base + "/healthz", timeout=5).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/robots.txt", "/favicon.ico", "/session.json%0a", "/a%00b", "/%ff%fe",
+                                  "/models//shapes.json", "/.." + "/x" * 10, "/token.json/../x"])  # fmt: skip
+def test_odd_paths_get_json_404(serve, path):
+    server = serve("token")
+    assert "no such path" in assert_json_error(exchange(server.port, request("GET", path)), 404)
+
+
+def test_leading_double_slash_is_the_same_path(serve):
+    # werkzeug reads "//token.json" as "/token.json" (leading slashes fold): a JSON 405, no redirect.
+    server = serve("token")
+    assert "use POST" in assert_json_error(exchange(server.port, request("GET", "//token.json")), 405)
+
+
+def test_deeply_nested_json_and_many_form_fields_are_400(serve, token_header):
+    token = serve("token")
+    nested = requests.post(token.base + "/token.json", data="[" * 8000 + "]" * 8000, timeout=10,
+                           headers={"Content-Type": "application/json"})  # fmt: skip
+    assert nested.status_code == 400 and "nested" in nested.json()["error"]
+    fields = "&".join(f"f{i}=v" for i in range(2000)) + "&grant_type=client_credentials"
+    form = requests.post(token.base + "/token.json", data=fields, timeout=10,
+                         headers={"Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
+    # The real problem, as RFC 6749 §5.2 puts it: no client credentials.
+    assert form.status_code == 401 and form.json()["error"] == "invalid_client"
+    assert "client_id" in form.json()["error_description"]
+    predict = serve("predict", MODEL_NAME="shapes")
+    parts = {f"f{i}": (None, "v") for i in range(2000)}
+    many = requests.post(predict.base + "/models/shapes/predict.json", files=parts, headers=token_header, timeout=10)
+    assert many.status_code == 400 and "too many fields (limit 1000)" in many.json()["error"]
+
+
+# -- the gateway -------------------------------------------------------------------------------
+
+
+def test_gateway_stays_responsive_with_dozens_of_slow_connections(running_stack):
+    port = int(running_stack.gateway.rsplit(":", 1)[1])
+    slow_body = request("POST", "/token.json", "Content-Type: application/json", "Content-Length: 100000")
+    with Tricklers(port, 40, b"GET /healthz HTTP/1.1\r\nHost: x\r\n"), Tricklers(port, 16, slow_body, b"{"):
+        time.sleep(1.2)
+        timings = [timed_get(running_stack.gateway + "/healthz") for _ in range(5)]
+        timings += [timed_get(running_stack.gateway + "/session.json") for _ in range(5)]  # proxied
+    assert [status for status, _ in timings] == [200] * 5 + [401] * 5
+    assert max(seconds for _, seconds in timings) < 1.0
+
+
+def test_gateway_relays_a_functions_413(running_stack):
+    huge = b"x" * (10 * 1024 * 1024 + 1)
+    reply = requests.post(running_stack.gateway + "/token.json", data=huge, timeout=30,
+                          headers={"Content-Type": "application/json"})  # fmt: skip
+    assert reply.status_code == 413 and "too large" in reply.json()["error"]
+    chunked = requests.post(running_stack.gateway + "/token.json", data=iter([huge[:6_000_000], huge[6_000_000:]]),
+                            timeout=30, headers={"Content-Type": "application/json"})  # fmt: skip
+    assert chunked.status_code == 413
+
+
+def test_gateway_answers_odd_paths_in_json(running_stack):
+    port = int(running_stack.gateway.rsplit(":", 1)[1])
+    for path in ["/robots.txt", "//models/shapes.json", "/models/shapes%0a.json", "/" + "a" * 9000]:
+        code, headers, body = exchange(port, request("GET", path))
+        assert code in (404, 414) and headers["content-type"] == "application/json", (path, code, body)
+    assert requests.get(running_stack.gateway + "/openapi.json", timeout=10).json()["openapi"].startswith("3.")

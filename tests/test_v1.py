@@ -1,0 +1,184 @@
+"""KServe / TF Serving V1: a plain HTTP client following TF Serving's documented REST examples
+(real HTTP), every request form, and every bad request's 4xx."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+
+import numpy as np
+import pytest
+import requests
+
+from local.helpers import demo_image, encode
+from tests.conftest import demo_model, predict_client
+from tests.test_openapi import check
+from tests.test_v2 import expected, tensor
+
+MODEL = "shapes"
+
+
+@pytest.fixture
+def pngs() -> list[bytes]:
+    return [encode(demo_image(MODEL, label, 11)) for label in ("square", "triangle")]
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+@pytest.fixture
+def base(serve_function) -> str:
+    return serve_function("predict", MODEL_NAME=MODEL)
+
+
+def test_tf_serving_python_example(base, bearer, pngs):
+    """api_rest.md's Python example: numeric instances, signature_name, a JSON content type."""
+    data = json.dumps({"signature_name": "serving_default", "instances": tensor(pngs).tolist()})
+    headers = {"content-type": "application/json", **bearer}
+    json_response = requests.post(f"{base}/v1/models/{MODEL}:predict", data=data, headers=headers, timeout=30)
+    predictions = json.loads(json_response.text)["predictions"]
+    np.testing.assert_allclose(predictions, expected(pngs), atol=1e-6)
+    assert [demo_model(MODEL).labels[int(np.argmax(p))] for p in predictions] == ["square", "triangle"]
+
+
+def test_curl_style_b64_instances_and_every_form(base, bearer, pngs):
+    """``curl -d`` sends a form Content-Type; tritonclient none: the body is JSON all the same."""
+    url, want = f"{base}/v1/models/{MODEL}:predict", expected(pngs)
+    images = [{"b64": b64(png)} for png in pngs]
+    forms = {
+        "instances b64": ({"instances": images}, "predictions"),
+        "instances named b64": ({"instances": [{"keras_tensor": image} for image in images]}, "predictions"),
+        "instances tensors": ({"instances": tensor(pngs).tolist()}, "predictions"),
+        "inputs tensors": ({"inputs": tensor(pngs).tolist()}, "outputs"),
+        "inputs named tensors": ({"inputs": {"keras_tensor": tensor(pngs).tolist()}}, "outputs"),
+        "inputs b64": ({"inputs": images}, "outputs"),
+        "inputs named b64": ({"inputs": {"keras_tensor": images}}, "outputs"),
+    }
+    for form, (body, key) in forms.items():
+        for content_type in ("application/x-www-form-urlencoded", None):
+            headers = {**bearer, **({"Content-Type": content_type} if content_type else {})}
+            reply = requests.post(url, data=json.dumps(body), headers=headers, timeout=30)
+            assert reply.status_code == 200, (form, reply.text)
+            assert list(reply.json()) == [key], form
+            np.testing.assert_allclose(reply.json()[key], want, atol=1e-6, err_msg=form)
+    gzipped = requests.post(
+        url, data=gzip.compress(json.dumps({"instances": images}).encode()),
+        headers={**bearer, "Content-Encoding": "gzip"}, timeout=30,
+    )  # fmt: skip
+    np.testing.assert_allclose(gzipped.json()["predictions"], want, atol=1e-6)
+
+
+def test_labels_signature(base, bearer, pngs):
+    url, want = f"{base}/v1/models/{MODEL}:predict", expected(pngs)
+    images = [{"b64": b64(png)} for png in pngs]
+    rows = requests.post(
+        url, json={"signature_name": "serving_labels", "instances": images}, headers=bearer, timeout=30
+    ).json()["predictions"]
+    assert [row["label"] for row in rows] == ["square", "triangle"]
+    np.testing.assert_allclose([row["probabilities"] for row in rows], want, atol=1e-6)
+    columns = requests.post(
+        url, json={"signature_name": "serving_labels", "inputs": images}, headers=bearer, timeout=30
+    ).json()["outputs"]
+    assert columns["label"] == ["square", "triangle"]
+    np.testing.assert_allclose(columns["probabilities"], want, atol=1e-6)
+
+
+def test_status_metadata_and_version_paths(base, bearer, pngs):
+    version = demo_model(MODEL).meta["version"]
+    status = requests.get(f"{base}/v1/models/{MODEL}", headers=bearer, timeout=10).json()
+    assert status["name"] == MODEL and status["ready"] is True
+    assert status["model_version_status"] == [
+        {"version": version, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}
+    ]
+    for path in (f"/versions/{version}", "/labels/latest"):
+        assert requests.get(f"{base}/v1/models/{MODEL}{path}", headers=bearer, timeout=10).json() == status
+    metadata = requests.get(f"{base}/v1/models/{MODEL}/metadata", headers=bearer, timeout=10).json()
+    assert metadata["model_spec"] == {"name": MODEL, "signature_name": "", "version": version}
+    signatures = metadata["metadata"]["signature_def"]["signature_def"]
+    default = signatures["serving_default"]
+    assert [d["size"] for d in default["inputs"]["keras_tensor"]["tensor_shape"]["dim"]] == ["-1", "64", "64", "3"]
+    assert default["outputs"]["output_0"]["dtype"] == "DT_FLOAT"
+    assert set(signatures["serving_labels"]["outputs"]) == {"probabilities", "label"}
+    body = json.dumps({"instances": [{"b64": b64(pngs[0])}]})
+    for path in (f"/versions/{version}", "/labels/latest"):
+        reply = requests.post(f"{base}/v1/models/{MODEL}{path}:predict", data=body, headers=bearer, timeout=30)
+        np.testing.assert_allclose(reply.json()["predictions"], expected(pngs[:1]), atol=1e-6)
+    for path, message in (("/versions/1", "version 1"), ("/labels/canary", "'canary'")):
+        for suffix, method in (("", "GET"), ("/metadata", "GET"), (":predict", "POST")):
+            reply = requests.request(
+                method, f"{base}/v1/models/{MODEL}{path}{suffix}", data=body, headers=bearer, timeout=30
+            )
+            assert reply.status_code == 404 and message in reply.json()["error"], (path, suffix)
+
+
+ONE = [[[0.0] * 3] * 64] * 64  # one 64x64x3 tensor
+
+
+BAD = {
+    "empty body": (b"", 400, "empty"),
+    "not JSON": (b"{instances", 400, "not valid JSON"),
+    "deeply nested": (b"[" * 100_000, 400, "nested too deeply"),
+    "not an object": ([1, 2], 400, "JSON object"),
+    "missing fields": ({"signature_name": "serving_default"}, 400, "missing 'instances'"),
+    "both forms": ({"instances": [ONE], "inputs": [ONE]}, 400, "only one of"),
+    "instances not a list": ({"instances": {"a": 1}}, 400, "'instances' must be a list"),
+    "no instances": ({"instances": []}, 400, "no instances"),
+    "too many instances": ({"instances": [ONE] * 33}, 400, "too many instances: 33 (limit 32"),
+    "too many columnar": ({"inputs": [ONE] * 33}, 400, "too many instances: 33 (limit 32"),
+    "wrong shape": (
+        {"instances": [[1.0, 2.0, 3.0]]},
+        400,
+        "shape [1, 3] does not fit the model's input [-1, 64, 64, 3]",
+    ),
+    "wrong columnar shape": ({"inputs": ONE}, 400, "shape [64, 64, 3] does not fit"),
+    "strings": ({"instances": [[[["1"] * 3] * 64] * 64]}, 400, "must be numbers"),
+    "booleans": ({"instances": [[[[True] * 3] * 64] * 64]}, 400, "must be numbers"),
+    "ragged": ({"instances": [ONE, [[0.0]]]}, 400, "rectangular"),
+    "NaN": (json.dumps({"instances": [[[[float("nan")] * 3] * 64] * 64]}).encode(), 400, "finite"),
+    "beyond float32": ({"instances": [[[[1e39] * 3] * 64] * 64]}, 400, "finite"),
+    "bad base64": ({"instances": [{"b64": "%%%"}]}, 400, "instances[0]: bad base64"),
+    "b64 not a string": ({"instances": [{"b64": 5}]}, 400, "must be a string of base64"),
+    "undecodable image bytes": ({"instances": [{"b64": b64(b"GIF89a garbage")}]}, 400, "instances[0]"),
+    "images and tensors mixed": ({"instances": [{"b64": b64(b"x")}, ONE]}, 400, "all images"),
+    "unknown input name": ({"instances": [{"image_bytes": {"b64": "aGk="}}]}, 400, "'keras_tensor'"),
+    "unknown signature": ({"signature_name": "predict_images", "instances": [ONE]}, 400, "'predict_images' not found"),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_bad_request(shapes_client, bearer, case):
+    body, status, message = BAD[case]
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    reply = shapes_client.post(f"/v1/models/{MODEL}:predict", headers=bearer, data=data)
+    assert reply.status_code == status, reply.get_json()
+    assert message in reply.get_json()["error"]
+    check(shapes_client.get("/openapi.json").get_json(), f"/v1/models/{MODEL}:predict", "post", reply)
+
+
+def test_auth_model_verb_and_size_errors(settings, shapes_client, bearer, auth):
+    body = json.dumps({"instances": [ONE]})
+    spec = shapes_client.get("/openapi.json").get_json()
+    scoped = auth.create_key(["arrows"])
+    other = {"Authorization": f"Bearer {auth.issue_token(scoped.public_key, scoped.secret_key, 't').token}"}
+    cases = [
+        (f"/v1/models/{MODEL}:predict", {}, 401, "bearer"),
+        (f"/v1/models/{MODEL}:predict", other, 403, MODEL),
+        ("/v1/models/arrows:predict", bearer, 404, "arrows"),
+        (f"/v1/models/{MODEL}:classify", bearer, 400, "':classify' is not served here"),
+    ]
+    for path, headers, status, message in cases:
+        reply = shapes_client.post(path, headers=headers, data=body)
+        assert reply.status_code == status and message in reply.get_json()["error"], (path, reply.get_json())
+        if status != 400:
+            check(spec, path, "post", reply)
+    for path in (f"/v1/models/{MODEL}", f"/v1/models/{MODEL}/metadata"):
+        assert shapes_client.get(path).status_code == 401
+        assert shapes_client.get(path, headers=other).status_code == 403
+        check(spec, path, "get", shapes_client.get(path, headers=bearer))
+    small = predict_client(settings, MODEL, max_upload_bytes=100_000)
+    bomb = gzip.compress(json.dumps({"instances": [ONE] * 3}).encode())
+    reply = small.post(f"/v1/models/{MODEL}:predict", headers={**bearer, "Content-Encoding": "gzip"}, data=bomb)
+    assert reply.status_code == 413 and "after gzip decompression" in reply.get_json()["error"]
+    check(spec, f"/v1/models/{MODEL}:predict", "post", reply)
