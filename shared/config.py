@@ -105,6 +105,7 @@ class Settings:
         values["redis_url"] = self.redis_url_masked
         values["model_dir"] = str(self.bundle_dir) if self.model_name else None
         values["trusted_proxies"] = [str(network) for network in self.trusted_proxies]
+        values["default_key_rate"] = str(self.default_key_rate) if self.default_key_rate else None
         return values
 
     @property
