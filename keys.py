@@ -1,10 +1,22 @@
 #!/usr/bin/env python3
-"""Thalamus admin CLI for API keys: generate, revoke, list, purge.
+"""Manage Thalamus API keys in Redis (REDIS_URL, under THALAMUS_PREFIX).
 
-./keys.py -g client.json [--models shapes,arrows] [--label "team a"]
-./keys.py -r pk_...
-./keys.py -l
-./keys.py -p
+examples:
+  ./keys.py -g client.json                         a keypair for every model (file mode 0600)
+  ./keys.py -g client.json --models shapes,arrows --label "team a" --expires 90d --rate 600/min
+  ./keys.py -l                                     list keys: models, rate, expiry, tokens, last use
+  ./keys.py --edit pk_… --models shapes --rate 60/min     live tokens follow on their next request
+  ./keys.py --edit pk_… --models '*' --rate none --expires never   all models, unlimited, forever
+  ./keys.py --rotate pk_… -o new.json --grace 1h   new secret, same public key; old one works 1 h
+  ./keys.py --rotate pk_… -o new.json --revoke-tokens     ...and end its live tokens now
+  ./keys.py -r pk_…                                revoke a key and every live token issued for it
+  ./keys.py --usage --days 7                       requests and errors per key, model, last use
+  ./keys.py --audit --since 7d                     who created, edited, rotated, revoked, purged
+  ./keys.py -p --yes                               delete every key, token, count and audit event
+  add --json to -l, --usage or --audit for output a script can read
+
+durations: 45s, 30m, 12h, 90d. --expires also takes an ISO date or date-time (2027-01-31,
+2027-01-31T12:00, UTC unless an offset is given) or "never". rates: N/s, N/min, N/h, N/d, "none".
 """
 
 from __future__ import annotations
@@ -13,12 +25,15 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 try:
     from local import redis_server
     from shared import config
-    from shared.auth import AuthStore, parse_scopes
+    from shared.admin import UNCHANGED, KeyAdmin, parse_duration, parse_expiry
+    from shared.auth import PUBLIC_KEY_RE, Actor, KeyInfo, Keypair, parse_scopes, utc
     from shared.errors import ThalamusError
 except ImportError:
     # Run by a python without the project's packages: use the project's .venv when it exists.
@@ -30,42 +45,292 @@ except ImportError:
         "or: python3 -m venv .venv && .venv/bin/pip install -r requirements.txt -e ."
     )
 
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="keys.py", description="Manage Thalamus API keys in Redis (REDIS_URL).")
-    action = parser.add_mutually_exclusive_group(required=True)
+    parser = argparse.ArgumentParser(
+        prog="keys.py",
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    action = parser.add_argument_group("actions (one of)").add_mutually_exclusive_group(required=True)
     action.add_argument(
-        "-g", "--generate", metavar="FILE", help="generate a keypair into FILE (mode 0600); prints the public key"
+        "-g", "--generate", metavar="FILE", help="new keypair into FILE (mode 0600, never overwritten); e.g. -g k.json"
+    )
+    action.add_argument("-l", "--list", action="store_true", help="list keys, never secrets; e.g. -l --json")
+    action.add_argument("--edit", metavar="PUBLIC_KEY", help="change a key's --models/--label/--rate/--expires")
+    action.add_argument(
+        "--rotate", metavar="PUBLIC_KEY", help="new secret for the same public key into -o FILE; e.g. --grace 1h"
     )
     action.add_argument("-r", "--revoke", metavar="PUBLIC_KEY", help="revoke a key and every live token issued for it")
-    action.add_argument("-p", "--purge", action="store_true", help="delete every key and token under THALAMUS_PREFIX")
-    action.add_argument("-l", "--list", action="store_true", help="list keys (never secrets)")
-    parser.add_argument("--models", metavar="A,B", help="with -g: models the key may call (default all)")
-    parser.add_argument("--label", default="", help="with -g: a label shown by -l")
+    action.add_argument(
+        "--usage",
+        nargs="?",
+        const="",
+        metavar="PUBLIC_KEY",
+        help="requests and errors per key and model (all keys, or one); e.g. --usage --days 7",
+    )
+    action.add_argument("--audit", action="store_true", help="key events: who did what, when; e.g. --audit --since 7d")
+    action.add_argument("-p", "--purge", action="store_true", help="delete everything under THALAMUS_PREFIX (asks)")
+    key = parser.add_argument_group("key settings (with -g or --edit)")
+    key.add_argument("--models", metavar="A,B", help="models the key may call, '*' = all (default); e.g. shapes,arrows")
+    key.add_argument("--label", help='a note shown by -l and --usage; e.g. --label "team a"')
+    key.add_argument("--rate", metavar="N/UNIT", help="requests allowed per s, min, h or d, or none; e.g. 600/min")
+    key.add_argument("--expires", metavar="WHEN", help="90d, 12h, 2027-01-31, 2027-01-31T12:00 or never")
+    more = parser.add_argument_group("other options")
+    more.add_argument(
+        "-o", "--output", metavar="FILE", help="with --rotate: file for the new keypair; e.g. -o new.json"
+    )
+    more.add_argument("--grace", metavar="DURATION", help="with --rotate: the old secret works this long; e.g. 1h")
+    more.add_argument("--revoke-tokens", action="store_true", help="with --rotate: end the key's live tokens too")
+    more.add_argument("--days", type=int, default=30, metavar="N", help="with --usage: the last N days (default 30)")
+    more.add_argument("--since", metavar="DURATION", help="with --audit: events this recent; e.g. 7d (default all)")
+    more.add_argument("--json", action="store_true", help="with -l, --usage or --audit: JSON on stdout")
+    more.add_argument("--yes", action="store_true", help="with -p: do not ask (required when stdin is no terminal)")
     args = parser.parse_args(argv)
-    if (args.models or args.label) and not args.generate:
-        parser.error("--models and --label go with -g")
+    allowed = {
+        "models": ("generate", "edit"),
+        "label": ("generate", "edit"),
+        "rate": ("generate", "edit"),
+        "expires": ("generate", "edit"),
+        "output": ("rotate",),
+        "grace": ("rotate",),
+        "revoke_tokens": ("rotate",),
+        "since": ("audit",),
+        "json": ("list", "usage", "audit"),
+        "yes": ("purge",),
+    }
+    chosen = next(
+        name
+        for name in ("generate", "list", "edit", "rotate", "revoke", "usage", "audit", "purge")
+        if getattr(args, name) not in (None, False)
+    )
+    for option, actions in allowed.items():
+        if getattr(args, option) not in (None, False) and chosen not in actions:
+            flags = " or ".join("--" + a if len(a) > 1 else a for a in actions)
+            parser.error(f"--{option.replace('_', '-')} goes with {flags.replace('--generate', '-g')}")
+    if args.days != 30 and chosen != "usage":
+        parser.error("--days goes with --usage")
+    if chosen == "rotate" and not args.output:
+        parser.error("--rotate needs -o FILE for the new keypair")
+    if chosen == "edit" and all(getattr(args, o) is None for o in ("models", "label", "rate", "expires")):
+        parser.error("--edit needs at least one of --models, --label, --rate, --expires")
+    args.action = chosen
     return args
 
 
-def generate(auth: AuthStore, path: Path, models: str | None, label: str) -> None:
-    scopes = parse_scopes(models)
-    # Create the file first, exclusively and private, so a key is never made that cannot be saved.
+def fail(message: str) -> SystemExit:
+    """The one line keys.py prints before exiting with status 1."""
+    return SystemExit(f"keys.py: {message}")
+
+
+def public_key(text: str) -> str:
+    if not PUBLIC_KEY_RE.fullmatch(text):
+        raise fail(f"not a public key (pk_ + 43 characters): {text!r}")
+    return text
+
+
+def warn_unknown_models(scopes: list[str] | None) -> None:
+    """Only a warning: a cluster may serve models this checkout has no bundle for."""
+    for name in scopes or []:
+        if not (MODELS_DIR / name / "model.json").exists():
+            print(f"keys.py: warning: no bundle models/{name} here (fine if your cluster serves it)", file=sys.stderr)
+
+
+def key_settings(args: argparse.Namespace, settings: config.Settings) -> dict[str, Any]:
+    """The --models, --label, --rate and --expires given, parsed (ValueError/ThalamusError)."""
+    changes: dict[str, Any] = {}
+    if args.models is not None:
+        changes["scopes"] = parse_scopes(args.models)
+        warn_unknown_models(changes["scopes"])
+    if args.label is not None:
+        changes["label"] = args.label
+    if args.rate is not None:
+        changes["rate"] = None if args.rate.strip().lower() in ("none", "unlimited") else config.Rate.parse(args.rate)
+    elif args.action == "generate":
+        changes["rate"] = settings.default_key_rate
+    if args.expires is not None:
+        changes["expires"] = parse_expiry(args.expires)
+    return changes
+
+
+def write_keypair(path: Path, make: Any) -> Keypair:
+    """Create ``path`` exclusively and privately, then ``make()`` the keypair and save it: a key
+    is never made that cannot be saved, and a failed make leaves no file."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        raise SystemExit(f"keys.py: {path} exists; refusing to overwrite it") from None
+        raise fail(f"{path} exists; refusing to overwrite it") from None
     except OSError as exc:
-        raise SystemExit(f"keys.py: cannot create {path}: {exc.strerror}") from None
+        raise fail(f"cannot create {path}: {exc.strerror}") from None
     try:
-        pair = auth.create_key(scopes, label)
+        pair: Keypair = make()
         with os.fdopen(fd, "w") as out:
             json.dump({"public_key": pair.public_key, "secret_key": pair.secret_key}, out, indent=2)
             out.write("\n")
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-    print(pair.public_key)
+    return pair
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+def table(headers: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
+    for row in [headers, *rows]:
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def when(epoch: float | None, now: float) -> str:
+    """``2026-11-26 11:12Z (3h ago)``, ``… (in 89d)`` or ``never``."""
+    if epoch is None:
+        return "never"
+    delta = abs(epoch - now)
+    for unit, seconds in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if delta >= seconds or unit == "s":
+            amount = f"{round(delta / seconds)}{unit}"
+            break
+    stamp = time.strftime("%Y-%m-%d %H:%MZ", time.gmtime(epoch))
+    return f"{stamp} ({amount} ago)" if epoch <= now else f"{stamp} (in {amount})"
+
+
+def key_json(key: KeyInfo) -> dict[str, Any]:
+    return {
+        "public_key": key.public_key,
+        "label": key.label,
+        "models": key.scopes,
+        "rate": str(key.rate) if key.rate else None,
+        "expires": utc(key.expires) if key.expires else None,
+        "expired": key.expired(),
+        "created": utc(key.created),
+        "live_tokens": key.live_tokens,
+        "last_used": utc(key.last_used) if key.last_used else None,
+    }
+
+
+def list_keys(admin: KeyAdmin, as_json: bool) -> None:
+    keys = admin.list_keys()
+    admin.note_expired(keys)
+    if as_json:
+        print(json.dumps([key_json(key) for key in keys], indent=2))
+        return
+    if not keys:
+        print(f"no keys under THALAMUS_PREFIX {admin.settings.prefix!r}")
+        return
+    now = time.time()
+    rows = [
+        [
+            key.public_key,
+            key.label or "-",
+            ",".join(key.scopes) if key.scopes else "*",
+            str(key.rate) if key.rate else "unlimited",
+            ("EXPIRED " if key.expired(now) else "") + when(key.expires, now),
+            str(key.live_tokens),
+            when(key.last_used, now),
+        ]
+        for key in keys
+    ]
+    table(["PUBLIC KEY", "LABEL", "MODELS", "RATE", "EXPIRES", "TOKENS", "LAST USED"], rows)
+
+
+def show_usage(admin: KeyAdmin, key: str | None, days: int, as_json: bool) -> None:
+    if days < 1:
+        raise fail(f"--days must be at least 1, got {days}")
+    rows = admin.usage_report(key, days)
+    if as_json:
+        print(json.dumps([{**row.__dict__, "last_used": utc(row.last_used)} for row in rows], indent=2))
+        return
+    if not rows:
+        print(f"no requests in the last {days} day(s)")
+        return
+    now = time.time()
+    table(
+        ["PUBLIC KEY", "LABEL", "MODEL", "REQUESTS", "ERRORS", "LAST USED"],
+        [[r.public_key, r.label or "-", r.model, str(r.requests), str(r.errors), when(r.last_used, now)] for r in rows],
+    )
+
+
+def show_audit(admin: KeyAdmin, since: str | None, as_json: bool) -> None:
+    start = time.time() - parse_duration(since) if since else None
+    admin.note_expired(admin.list_keys())
+    events = admin.audit_log(start)
+    if as_json:
+        print(json.dumps([{**event.__dict__, "time": utc(event.time)} for event in events], indent=2))
+        return
+    if not events:
+        print("no key events" + (f" in the last {since}" if since else ""))
+        return
+    table(
+        ["TIME", "ACTION", "PUBLIC KEY", "BY", "DETAIL"],
+        [
+            [utc(e.time), e.action, e.public_key, f"{e.user}@{e.host}" if e.user != "-" else e.host or "-", e.detail]
+            for e in events
+        ],
+    )
+
+
+# -- actions -----------------------------------------------------------------------------------
+
+
+def purge(admin: KeyAdmin, confirmed: bool) -> int:
+    where = f"{admin.settings.prefix!r} in {admin.settings.redis_url_masked}"
+    if not confirmed:
+        if not sys.stdin.isatty():
+            raise fail("-p deletes every key under THALAMUS_PREFIX; add --yes to confirm (stdin is not a terminal)")
+        answer = input(f"Delete every key, token, usage count and audit event under {where}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return 1
+    print(f"purged {admin.purge()} Redis key(s) under {where}")
+    return 0
+
+
+def run(args: argparse.Namespace, admin: KeyAdmin, settings: config.Settings) -> int:
+    if args.action == "generate":
+        changes = key_settings(args, settings)
+        pair = write_keypair(Path(args.generate), lambda: admin.create_key(**changes))
+        print(pair.public_key)
+    elif args.action == "edit":
+        pk = public_key(args.edit)
+        changes = key_settings(args, settings)
+        admin.edit_key(pk, **{name: changes.get(name, UNCHANGED) for name in ("scopes", "label", "rate", "expires")})
+        info = admin.key(pk)
+        print(
+            f"edited {pk}: models={','.join(info.scopes) if info.scopes else '*'} label={info.label!r} "
+            f"rate={info.rate or 'unlimited'} expires={utc(info.expires)}"
+        )
+    elif args.action == "rotate":
+        pk = public_key(args.rotate)
+        grace = parse_duration(args.grace) if args.grace else 0
+        admin.key(pk)  # an unknown key is named before the file is made
+        killed = 0
+
+        def rotate() -> Keypair:
+            nonlocal killed
+            pair, killed = admin.rotate_key(pk, grace=grace, revoke_tokens=args.revoke_tokens)
+            return pair
+
+        write_keypair(Path(args.output), rotate)
+        old = f"works until {utc(time.time() + grace)}" if grace else "stopped working"
+        tokens = f"{killed} live token(s) invalidated" if args.revoke_tokens else "live tokens keep working"
+        print(f"rotated {pk}: new secret in {args.output}; the old secret {old}; {tokens}")
+    elif args.action == "revoke":
+        pk = public_key(args.revoke)
+        killed = admin.revoke_key(pk)
+        print(f"revoked {pk} ({killed} live token(s) invalidated)")
+    elif args.action == "list":
+        list_keys(admin, args.json)
+    elif args.action == "usage":
+        show_usage(admin, public_key(args.usage) if args.usage else None, args.days, args.json)
+    elif args.action == "audit":
+        show_audit(admin, args.since, args.json)
+    else:
+        return purge(admin, args.yes)
+    return 0
 
 
 def main(argv: list[str]) -> int:
@@ -74,28 +339,20 @@ def main(argv: list[str]) -> int:
         settings = config.Settings.from_env()
         if redis_server.ensure(settings):
             print(
-                f"keys.py: started the local Redis on 127.0.0.1:6379 in the background "
-                f"(data in {redis_server.DATA_DIR}; ./start.sh uses it too)",
+                f"keys.py: started the local Redis on 127.0.0.1:6379 in the background (data in "
+                f"{redis_server.DATA_DIR}; ./start.sh uses it too; stop it with: "
+                f".venv/bin/python -m local.redis_server stop)",
                 file=sys.stderr,
             )
     except (config.ConfigError, redis_server.LocalRedisError) as exc:
-        raise SystemExit(f"keys.py: {exc}") from None
-    auth = AuthStore(settings)
+        raise fail(str(exc)) from None
+    admin = KeyAdmin(settings, actor=Actor.here())
     try:
-        if args.generate:
-            generate(auth, Path(args.generate), args.models, args.label)
-        elif args.revoke:
-            killed = auth.revoke_key(args.revoke)
-            print(f"revoked {args.revoke} ({killed} live token(s) invalidated)")
-        elif args.purge:
-            print(f"purged {auth.purge()} Redis key(s) under {settings.prefix!r}")
-        else:
-            for key in auth.list_keys():
-                scopes = ",".join(key.scopes) if key.scopes else "*"
-                print(f"{key.public_key}  models={scopes}  tokens={key.live_tokens}  label={key.label!r}")
+        return run(args, admin, settings)
     except ThalamusError as exc:
-        raise SystemExit(f"keys.py: {exc.message}") from None
-    return 0
+        raise fail(exc.message) from None
+    except ValueError as exc:
+        raise fail(str(exc)) from None
 
 
 if __name__ == "__main__":

@@ -4,17 +4,20 @@
     ./train.py DATASET_DIR --name NAME [--epochs N --batch-size N --image-size HxW
                                         --validation-split F --grayscale --force]
     ./train.py --demo shapes|arrows [--force]         # generate images, train, evaluate
-    ./train.py --import MODEL --name NAME --labels a,b,c [--scale F --offset F --force]
+    ./train.py --import MODEL --name NAME --labels a,b,c [--scale F --offset F --add-softmax --force]
 
 DATASET_DIR holds one subfolder per class with images inside. The bundle is written to
 models/NAME/ (model.tflite + model.json) only after the TFLite model and the TensorFlow model
-agree on sample inputs (max abs difference of outputs <= 1e-4).
+agree on sample inputs (max abs difference of outputs <= 1e-4 of their scale). A held-out
+accuracy near chance is reported; an imported model whose outputs are raw scores rather than
+probabilities is refused unless --add-softmax (or --raw-outputs) says what to do.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import shutil
@@ -23,17 +26,34 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-import demo_data
-from shared import imaging
-
 ROOT = Path(__file__).resolve().parent
+TRAIN_REQUIREMENTS = "pip install -r requirements-train.txt"
+
+if any(importlib.util.find_spec(name) is None for name in ("numpy", "PIL", "tensorflow")):
+    # Run by a python without the packages: use the project's .venv when it exists.
+    venv_python = ROOT / ".venv" / "bin" / "python"
+    if venv_python.exists() and Path(sys.prefix).resolve() != venv_python.parent.parent.resolve():
+        os.execv(str(venv_python), [str(venv_python), __file__, *sys.argv[1:]])
+
+try:
+    import numpy as np
+
+    import demo_data
+    from shared import imaging
+except ImportError as missing:
+    sys.exit(
+        f"train.py: {missing.name} is missing; run: {TRAIN_REQUIREMENTS} (in .venv: .venv/bin/{TRAIN_REQUIREMENTS})"
+    )
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # read when TensorFlow is imported, below
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp"}
+# TFLite and TensorFlow outputs may differ by this much, relative to the outputs' scale (the
+# largest absolute output, at least 1): raw scores in the hundreds get a proportionate margin.
 TOLERANCE = 1e-4
 LIMITS = imaging.Limits(max_pixels=10**9, cpu_seconds=float("inf"))  # an admin's own files: no budget
+# A held-out accuracy below chance + this share of the way from chance to 1 gets a warning.
+NEAR_CHANCE = 0.1
 # The demo models: image size, colour, training set size, epochs; held-out set size.
 DEMO_SETTINGS = {
     "shapes": {"size": (64, 64), "channels": 3, "per_class": 2000, "epochs": 18, "holdout_per_class": 400},
@@ -45,10 +65,29 @@ class TrainError(Exception):
     """A one-line reason to stop."""
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The docstring as written, and each option's default (when it has one)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is not None and action.default is not False and action.default != argparse.SUPPRESS:
+            text += " (default: %(default)s)"
+        return text
+
+
+def import_tensorflow():
+    """TensorFlow, or a TrainError saying in one line how to install it."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise TrainError(
+            f"TensorFlow is missing: {TRAIN_REQUIREMENTS} (in .venv: .venv/bin/{TRAIN_REQUIREMENTS})"
+        ) from None
+    return tf
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("dataset", nargs="?", type=Path, help="folder with one subfolder per class")
     parser.add_argument("--demo", choices=sorted(DEMO_SETTINGS), help="train a demo model on generated images")
     parser.add_argument(
@@ -59,16 +98,30 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="a Keras file (.keras, .h5) or SavedModel folder to bundle",
     )
     parser.add_argument("--name", help="bundle name (models/NAME)")
-    parser.add_argument("--labels", help="with --import: comma-separated labels, in output order")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--image-size", default="64x64", help="HxW (default 64x64)")
+    parser.add_argument("--labels", metavar="A,B,C", help="with --import: comma-separated labels, in output order")
+    parser.add_argument("--epochs", type=int, metavar="N", default=10, help="training passes over the data")
+    parser.add_argument("--batch-size", type=int, metavar="N", default=64, help="images per training step")
+    parser.add_argument("--image-size", metavar="HxW", default="64x64", help="HxW the model takes")
     parser.add_argument("--grayscale", action="store_true", help="train on one channel")
-    parser.add_argument("--validation-split", type=float, default=0.2)
-    parser.add_argument("--scale", type=float, default=1.0, help="with --import: pixel * scale + offset")
-    parser.add_argument("--offset", type=float, default=0.0)
-    parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
-    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--validation-split", type=float, metavar="F", default=0.2, help="share of images held out")
+    parser.add_argument(
+        "--scale", type=float, metavar="F", default=1.0, help="with --import: input = pixel * scale + offset"
+    )
+    parser.add_argument("--offset", type=float, metavar="F", default=0.0, help="with --import: see --scale")
+    parser.add_argument(
+        "--add-softmax",
+        action="store_true",
+        help="with --import: bundle a softmax after a model that outputs raw scores",
+    )
+    parser.add_argument(
+        "--raw-outputs",
+        action="store_true",
+        help="with --import: bundle raw-score outputs as they are (confidences will not be probabilities)",
+    )
+    parser.add_argument(
+        "--models-dir", type=Path, metavar="DIR", default=ROOT / "models", help="where bundles are written"
+    )
+    parser.add_argument("--seed", type=int, metavar="N", default=7, help="random seed (data order, initial weights)")
     parser.add_argument("--force", action="store_true", help="replace an existing bundle")
     args = parser.parse_args(argv)
     modes = sum(x is not None for x in (args.dataset, args.demo, args.import_path))
@@ -80,6 +133,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--name is required")
     if args.import_path and not args.labels:
         parser.error("--import needs --labels")
+    if (args.add_softmax or args.raw_outputs) and not args.import_path:
+        parser.error("--add-softmax and --raw-outputs go with --import")
+    if args.add_softmax and args.raw_outputs:
+        parser.error("give --add-softmax or --raw-outputs, not both")
     if not 0 < args.validation_split < 1:
         parser.error("--validation-split must be between 0 and 1")
     try:
@@ -148,7 +205,8 @@ def build_model(tf, spec: dict, classes: int):
     )
 
 
-def train(tf, x: np.ndarray, y: np.ndarray, classes: list[str], spec: dict, args) -> tuple[object, float]:
+def train(tf, x: np.ndarray, y: np.ndarray, classes: list[str], spec: dict, args):
+    """The trained model, its validation accuracy and the validation images and labels."""
     order = np.random.default_rng(args.seed).permutation(len(x))
     x, y = x[order], y[order]
     n_val = max(1, int(len(x) * args.validation_split))
@@ -168,7 +226,7 @@ def train(tf, x: np.ndarray, y: np.ndarray, classes: list[str], spec: dict, args
         verbose=1 if sys.stdout.isatty() else 2,
     )
     _, val_accuracy = model.evaluate(x[:n_val].astype(np.float32), y[:n_val], verbose=0)
-    return model, float(val_accuracy)
+    return model, float(val_accuracy), x[:n_val], y[:n_val]
 
 
 def run_tflite(tflite: bytes, batch: np.ndarray) -> np.ndarray:
@@ -184,18 +242,36 @@ def run_tflite(tflite: bytes, batch: np.ndarray) -> np.ndarray:
     return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
 
 
-def convert_and_check(tf, keras_like, samples: np.ndarray, reference) -> tuple[bytes, float]:
-    """TFLite bytes, and the max abs difference from ``reference`` on ``samples`` (refuses > 1e-4)."""
-    converter = (
-        tf.lite.TFLiteConverter.from_saved_model(str(keras_like))
-        if isinstance(keras_like, Path)
-        else tf.lite.TFLiteConverter.from_keras_model(keras_like)
-    )
+def convert_and_check(converter, samples: np.ndarray, reference) -> tuple[bytes, float, float]:
+    """TFLite bytes, the max abs difference from ``reference`` on ``samples``, and the tolerance
+    it had to stay within (:data:`TOLERANCE` of the outputs' scale), else TrainError."""
     tflite = converter.convert()
-    diff = float(np.max(np.abs(run_tflite(tflite, samples) - np.asarray(reference(samples)))))
-    if diff > TOLERANCE:
-        raise TrainError(f"TFLite and TensorFlow disagree (max abs diff {diff:.2e} > {TOLERANCE}); bundle not written")
-    return tflite, diff
+    expected = np.asarray(reference(samples))
+    tolerance = TOLERANCE * max(1.0, float(np.max(np.abs(expected))))
+    diff = float(np.max(np.abs(run_tflite(tflite, samples) - expected)))
+    if diff > tolerance:
+        raise TrainError(
+            f"TFLite and TensorFlow disagree (max abs diff {diff:.2e} > {tolerance:.2e}); bundle not written"
+        )
+    return tflite, diff, tolerance
+
+
+def outputs_are_probabilities(outputs: np.ndarray) -> bool:
+    """True when every row is in [0, 1] and sums to 1: what serving reports as confidences."""
+    return bool(np.all(outputs >= -1e-6) and np.all(outputs <= 1 + 1e-6) and np.allclose(outputs.sum(-1), 1, atol=1e-3))
+
+
+def warn_if_near_chance(accuracy: float, labels: np.ndarray, what: str) -> float:
+    """Warn on stderr when ``accuracy`` is close to always answering the most common class."""
+    chance = float(np.bincount(labels).max() / len(labels))
+    if accuracy < chance + NEAR_CHANCE * (1 - chance):
+        print(
+            f"train.py: warning: {what} accuracy {accuracy:.2f} is near chance ({chance:.2f}, always answering "
+            "the most common class): the bundle will mostly guess; try more images, more --epochs or a "
+            "larger --image-size",
+            file=sys.stderr,
+        )
+    return chance
 
 
 def tflite_accuracy(tflite: bytes, x: np.ndarray, y: np.ndarray) -> float:
@@ -238,10 +314,11 @@ def run(args) -> Path:
     target = args.models_dir / args.name
     if target.exists() and not args.force:
         raise TrainError(f"{target} exists; use --force to replace it")
+    if importlib.util.find_spec("tensorflow") is None:
+        import_tensorflow()  # says how to install it, before any slow work
     started = time.monotonic()
     if args.import_path:
-        import tensorflow as tf
-
+        tf = import_tensorflow()
         tf.keras.utils.set_random_seed(args.seed)
         return import_model(tf, args, target)
     holdout = None
@@ -254,12 +331,12 @@ def run(args) -> Path:
         holdout = demo_data.write_dataset(args.demo, tmp / "holdout", demo["holdout_per_class"], args.seed + 1000)
     spec = {"height": args.size[0], "width": args.size[1], "channels": 1 if args.grayscale else 3}
     x, y, classes = load_folder(args.dataset, spec)  # dataset errors before the slow TF import
-    import tensorflow as tf
-
+    tf = import_tensorflow()
     tf.keras.utils.set_random_seed(args.seed)
-    model, val_accuracy = train(tf, x, y, classes, spec, args)
+    model, val_accuracy, val_x, val_y = train(tf, x, y, classes, spec, args)
     samples = x[: min(64, len(x))].astype(np.float32)
-    tflite, diff = convert_and_check(tf, model, samples, lambda s: model(s, training=False))
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    tflite, diff, _ = convert_and_check(converter, samples, lambda s: model(s, training=False))
     metrics = {
         "val_accuracy": round(val_accuracy, 4),
         "train_images": int(len(x)),
@@ -271,48 +348,87 @@ def run(args) -> Path:
         metrics["holdout_accuracy"] = round(tflite_accuracy(tflite, hx, hy), 4)
         metrics["holdout_images"] = int(len(hx))
         shutil.rmtree(holdout.parent)
+        metrics["chance_accuracy"] = round(warn_if_near_chance(metrics["holdout_accuracy"], hy, "held-out"), 4)
+    else:
+        metrics["chance_accuracy"] = round(warn_if_near_chance(val_accuracy, val_y, "held-out (validation)"), 4)
     write_bundle(target, tflite, metadata(args.name, classes, spec, {"scale": 1.0, "offset": 0.0}, metrics), args.force)
     print(f"wrote {target} ({len(tflite) / 1024:.0f} KiB): " + ", ".join(f"{k}={v}" for k, v in metrics.items()))
     return target
 
 
-def import_model(tf, args, target: Path) -> Path:
-    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
-    path = args.import_path
+def load_imported(tf, path: Path):
+    """(TFLite converter maker, input shape, reference function) of a Keras file or SavedModel;
+    the converter maker takes ``softmax`` to append a softmax to the outputs."""
     if not path.exists():
         raise TrainError(f"{path} not found")
     if path.is_dir():
-        loaded = tf.saved_model.load(str(path))
-        fn = loaded.signatures["serving_default"]
-        (shape,) = [s.shape for s in fn.structured_input_signature[1].values()]
-        reference = lambda s: next(iter(fn(tf.constant(s)).values())).numpy()  # noqa: E731
-        source = path
-    else:
         try:
-            model = tf.keras.models.load_model(path)
-        except (OSError, ValueError) as exc:
-            raise TrainError(f"cannot load {path} as a Keras model ({exc})") from None
-        shape = model.inputs[0].shape
-        reference = lambda s: model(s, training=False)  # noqa: E731
-        source = model
+            loaded = tf.saved_model.load(str(path))
+            fn = loaded.signatures["serving_default"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise TrainError(f"cannot load {path} as a SavedModel with a serving_default signature ({exc})") from None
+        ((name, spec),) = fn.structured_input_signature[1].items()
+
+        def reference(s, softmax=False):
+            out = next(iter(fn(**{name: tf.constant(s, tf.float32)}).values()))
+            return (tf.nn.softmax(out) if softmax else out).numpy()
+
+        def converter(softmax: bool):
+            if not softmax:
+                return tf.lite.TFLiteConverter.from_saved_model(str(path))
+            wrapped = tf.function(lambda x: tf.nn.softmax(next(iter(fn(**{name: x}).values()))))
+            concrete = wrapped.get_concrete_function(tf.TensorSpec(spec.shape, tf.float32))
+            return tf.lite.TFLiteConverter.from_concrete_functions([concrete], loaded)
+
+        return converter, spec.shape, reference
+    try:
+        model = tf.keras.models.load_model(path)
+    except (OSError, ValueError) as exc:
+        raise TrainError(f"cannot load {path} as a Keras model ({exc})") from None
+    with_softmax = tf.keras.Sequential(
+        [tf.keras.layers.Input(model.inputs[0].shape[1:]), model, tf.keras.layers.Softmax()]
+    )
+
+    def keras_reference(s, softmax=False):
+        return np.asarray((with_softmax if softmax else model)(s, training=False))
+
+    return (
+        lambda softmax: tf.lite.TFLiteConverter.from_keras_model(with_softmax if softmax else model),
+        model.inputs[0].shape,
+        keras_reference,
+    )
+
+
+def import_model(tf, args, target: Path) -> Path:
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    path = args.import_path
+    converter, shape, reference = load_imported(tf, path)
     if len(shape) != 4 or shape[3] not in (1, 3):
         raise TrainError(f"model input {tuple(shape)} is not (batch, height, width, 1 or 3)")
     spec = {"height": int(shape[1]), "width": int(shape[2]), "channels": int(shape[3])}
     rng = np.random.default_rng(args.seed)
     samples = (rng.uniform(0, 255, (8, *shape[1:])) * args.scale + args.offset).astype(np.float32)
-    tflite, diff = convert_and_check(tf, source, samples, reference)
-    outputs = np.asarray(reference(samples[:1])).shape[-1]
-    if outputs != len(labels):
-        raise TrainError(f"model has {outputs} outputs but {len(labels)} labels were given")
-    meta = metadata(
-        args.name,
-        labels,
-        spec,
-        {"scale": args.scale, "offset": args.offset},
-        {"tflite_max_abs_diff": diff, "imported_from": path.name},
-    )
+    raw = np.asarray(reference(samples))
+    if raw.shape[-1] != len(labels):
+        raise TrainError(f"model has {raw.shape[-1]} outputs but {len(labels)} labels were given")
+    probabilities = outputs_are_probabilities(raw)
+    if not probabilities and not (args.add_softmax or args.raw_outputs):
+        raise TrainError(
+            f"the model's outputs are raw scores, not probabilities (from {raw.min():.3g} to {raw.max():.3g}, "
+            f"rows summing to {raw.sum(-1).mean():.3g}), and serving reports them as confidences: run again "
+            "with --add-softmax to bundle a softmax after them (or --raw-outputs to keep them as they are)"
+        )
+    softmax = args.add_softmax and not probabilities
+    if args.add_softmax and probabilities:
+        print("train.py: the outputs are already probabilities; no softmax added", file=sys.stderr)
+    tflite, diff, tolerance = convert_and_check(converter(softmax), samples, lambda s: reference(s, softmax))
+    metrics = {"tflite_max_abs_diff": diff, "tflite_tolerance": tolerance, "imported_from": path.name}
+    metrics["outputs"] = "probabilities" if probabilities or softmax else "raw scores"
+    if softmax:
+        metrics["softmax_added"] = True
+    meta = metadata(args.name, labels, spec, {"scale": args.scale, "offset": args.offset}, metrics)
     write_bundle(target, tflite, meta, args.force)
-    print(f"wrote {target} ({len(tflite) / 1024:.0f} KiB) from {path}")
+    print(f"wrote {target} ({len(tflite) / 1024:.0f} KiB) from {path}" + (" with a softmax added" if softmax else ""))
     return target
 
 

@@ -1,82 +1,225 @@
 """API keys and bearer tokens, stored in Redis under ``settings.prefix``.
 
-Layout (``P`` is the prefix):
+Layout (``P`` is the prefix; everything Thalamus writes is under it, so purge finds it all):
 
-- ``P key:<public_key>``: hash ``secret`` (scrypt hash with salt and parameters), ``scopes``
-  (JSON list of model names, empty for all models), ``label``, ``created``;
-- ``P token:<sha256 of token>``: hash ``pk``, ``scopes``, ``exp``, expiring with the token;
-- ``P key-tokens:<public_key>``: sorted set of that key's token hashes scored by expiry, so
-  revoking a key finds every live token;
-- ``P fail:key:<public_key>``, ``P fail:addr:<address>``: failed-attempt counters.
+- ``P key:<pk>``: hash ``secret`` (scrypt hash with salt and parameters), during a rotation's
+  grace ``old_secret`` and ``old_until``, ``scopes`` (JSON list of model names, empty for all),
+  ``label``, ``created``, ``expires`` (epoch seconds, empty for never), ``rate``
+  (``limit/window seconds``, empty for unlimited);
+- ``P token:<sha256 of token>``: hash ``pk``, ``exp``, expiring with the token. A token holds no
+  rights of its own: every request reads its key's scopes, expiry and rate in the same script;
+- ``P key-tokens:<pk>``: sorted set of that key's token hashes scored by expiry (revocation);
+- ``P rate:<pk>``: requests in the key's current rate window, expiring with the window;
+- ``P fail:addr:<address>``, ``P fail:key:<pk>``, ``P fail:key-addr:<pk>:<address>``: failed
+  token requests (brute-force limits);
+- ``P usage:<pk>:<YYYY-MM-DD>``: hash ``r:<model>``, ``e:<model>``, ``t:<model>`` (requests,
+  errors, last use), kept :data:`USAGE_DAYS` days; ``P last-used``: hash pk → last use;
+- ``P audit``: stream of key events (action, public_key, user, host, detail), capped.
 
-Issuing and revoking run as Lua scripts, so a token can never outlive a concurrent revocation.
+Issuing, authenticating, rotating, editing and revoking are Lua scripts, so a token can never
+carry more rights than its key has at the moment it is used.
 """
 
 from __future__ import annotations
 
+import atexit
 import base64
 import functools
+import getpass
 import hashlib
 import hmac
 import json
+import logging
+import math
+import os
 import re
 import secrets
+import socket
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import redis
 import scrypt
 
 from shared import store
-from shared.config import Settings
+from shared.config import Rate, Settings
 from shared.errors import BadRequest, Forbidden, InvalidCredentials, TooManyRequests, Unauthorized, UnknownKey
 
-PUBLIC_KEY_RE = re.compile(r"^pk_[A-Za-z0-9_-]{43}$")
-SECRET_KEY_RE = re.compile(r"^sk_[A-Za-z0-9_-]{43}$")
-TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{43}$")
-MODEL_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+log = logging.getLogger("thalamus")
+
+# fullmatch only: "$" would also match before a trailing newline.
+PUBLIC_KEY_RE = re.compile(r"pk_[A-Za-z0-9_-]{43}")
+SECRET_KEY_RE = re.compile(r"sk_[A-Za-z0-9_-]{43}")
+TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{43}")
+MODEL_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 # scrypt cost: N=2^14, r=8, p=1 uses 16 MiB and about 40-50 ms on one core here (see README).
 SCRYPT_N, SCRYPT_R, SCRYPT_P, SCRYPT_LEN = 1 << 14, 8, 1, 32
+AUDIT_MAX_ENTRIES = 10_000  # the audit stream is trimmed to about this many events
+USAGE_DAYS = 90  # usage counters are kept this many days
+USAGE_FLUSH_SECONDS = 1.0  # how often a process adds its usage counts to Redis
 
-_ISSUE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-local scopes = redis.call('HGET', KEYS[1], 'scopes')
-redis.call('HSET', KEYS[2], 'pk', ARGV[1], 'scopes', scopes, 'exp', ARGV[3])
-redis.call('EXPIRE', KEYS[2], ARGV[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[4])
-redis.call('ZADD', KEYS[3], ARGV[3], ARGV[5])
-if redis.call('TTL', KEYS[3]) < tonumber(ARGV[2]) then redis.call('EXPIRE', KEYS[3], ARGV[2]) end
-return scopes
+# Appends an audit event (the stream entry's ID is its time) unless no user is given.
+AUDIT_LUA = f"""
+local function audit(stream, user, host, action, pk, detail)
+  if user == '' then return end
+  redis.call('XADD', stream, 'MAXLEN', '~', {AUDIT_MAX_ENTRIES}, '*', 'action', action,
+             'public_key', pk, 'user', user, 'host', host, 'detail', detail)
+end
+local function note_expiry(key, stream, host, pk, expires)
+  if redis.call('HSETNX', key, 'expiry_noted', '1') == 1 then
+    audit(stream, '-', host, 'expired', pk, 'expiry reached at ' .. expires)
+  end
+end
 """
 
-_REVOKE = """
+# KEYS: key, token, key-tokens, audit. ARGV: pk, the stored hash the secret matched, now,
+# token ttl, token digest, host. → {1, ttl, scopes} | {0} gone or secret rotated | {-1} expired
+_ISSUE = (
+    AUDIT_LUA
+    + """
+local k = redis.call('HMGET', KEYS[1], 'secret', 'old_secret', 'old_until', 'expires', 'scopes')
+local now = tonumber(ARGV[3])
+if not k[1] then return {0} end
+local old = k[2] and k[2] == ARGV[2] and tonumber(k[3] or '0') > now
+if k[1] ~= ARGV[2] and not old then return {0} end
+local ttl = tonumber(ARGV[4])
+if k[4] and k[4] ~= '' then
+  local left = tonumber(k[4]) - now
+  if left <= 0 then note_expiry(KEYS[1], KEYS[4], ARGV[6], ARGV[1], k[4]); return {-1} end
+  if left < ttl then ttl = left end
+end
+redis.call('HSET', KEYS[2], 'pk', ARGV[1], 'exp', now + ttl)
+redis.call('EXPIRE', KEYS[2], ttl)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+redis.call('ZADD', KEYS[3], now + ttl, ARGV[5])
+if redis.call('TTL', KEYS[3]) < ttl then redis.call('EXPIRE', KEYS[3], ttl) end
+return {1, ttl, k[5] or ''}
+"""
+)
+
+# KEYS: token, audit. ARGV: prefix, now, model ('' = none), host.
+# → {0} invalid | {1, pk, scopes} forbidden | {2, pk, scopes, left[, limit, count, pttl]} ok
+#   | {3, pk, scopes, left, limit, count, pttl} over the key's rate
+_AUTHENTICATE = (
+    AUDIT_LUA
+    + """
+local t = redis.call('HMGET', KEYS[1], 'pk', 'exp')
+local now = tonumber(ARGV[2])
+if not t[1] or tonumber(t[2]) <= now then return {0} end
+local key = ARGV[1] .. 'key:' .. t[1]
+local k = redis.call('HMGET', key, 'created', 'scopes', 'expires', 'rate')
+if not k[1] then return {0} end
+local exp = tonumber(t[2])
+if k[3] and k[3] ~= '' then
+  if tonumber(k[3]) <= now then note_expiry(key, KEYS[2], ARGV[4], t[1], k[3]); return {0} end
+  exp = math.min(exp, tonumber(k[3]))
+end
+local scopes = k[2] or ''
+if ARGV[3] ~= '' and scopes ~= '' then
+  local allowed = false
+  for _, name in ipairs(cjson.decode(scopes)) do
+    if name == ARGV[3] then allowed = true end
+  end
+  if not allowed then return {1, t[1], scopes} end
+end
+if not k[4] or k[4] == '' then return {2, t[1], scopes, exp - now} end
+local limit, window = string.match(k[4], '^(%d+)/(%d+)$')
+local counter = ARGV[1] .. 'rate:' .. t[1]
+local count = redis.call('INCR', counter)
+local pttl = redis.call('PTTL', counter)
+if pttl < 0 then
+  pttl = tonumber(window) * 1000
+  redis.call('PEXPIRE', counter, pttl)
+end
+local code = 2
+if count > tonumber(limit) then code = 3 end
+return {code, t[1], scopes, exp - now, tonumber(limit), count, pttl}
+"""
+)
+
+# KEYS: key, key-tokens, rate counter, audit. ARGV: token prefix, user, host, pk, last-used hash.
+# → number of tokens killed, or -1 for no such key
+_REVOKE = (
+    AUDIT_LUA
+    + """
 if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
 local hashes = redis.call('ZRANGE', KEYS[2], 0, -1)
 for _, h in ipairs(hashes) do redis.call('DEL', ARGV[1] .. h) end
-redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('HDEL', ARGV[5], ARGV[4])
+audit(KEYS[4], ARGV[2], ARGV[3], 'revoke', ARGV[4], #hashes .. ' live token(s) invalidated')
 return #hashes
+"""
+)
+
+# KEYS: last-used hash. ARGV: prefix, ttl, then (pk, day, model, requests, errors, last) groups.
+_FLUSH_USAGE = """
+for i = 3, #ARGV, 6 do
+  local name = ARGV[1] .. 'usage:' .. ARGV[i] .. ':' .. ARGV[i + 1]
+  local model, last = ARGV[i + 2], tonumber(ARGV[i + 5])
+  redis.call('HINCRBY', name, 'r:' .. model, ARGV[i + 3])
+  redis.call('HINCRBY', name, 'e:' .. model, ARGV[i + 4])
+  if tonumber(redis.call('HGET', name, 't:' .. model) or '0') < last then
+    redis.call('HSET', name, 't:' .. model, last)
+  end
+  redis.call('EXPIRE', name, ARGV[2])
+  if tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0') < last then
+    redis.call('HSET', KEYS[1], ARGV[i], last)
+  end
+end
 """
 
 
-def hash_secret(secret: str) -> str:
-    """Salted scrypt hash of ``secret``, encoded with its parameters: ``scrypt$N$r$p$salt$hash``."""
-    salt = secrets.token_bytes(16)
+def hash_secret(secret: str, salt: bytes | None = None) -> str:
+    """Salted scrypt hash of ``secret``, encoded with its parameters: ``scrypt$N$r$p$salt$hash``.
+
+    ``salt`` defaults to 16 fresh random bytes.
+    """
+    salt = salt or secrets.token_bytes(16)
     digest = scrypt.hash(secret.encode(), salt, SCRYPT_N, SCRYPT_R, SCRYPT_P, SCRYPT_LEN)
     b64 = base64.urlsafe_b64encode
     return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${b64(salt).decode()}${b64(digest).decode()}"
 
 
+def salt_of(encoded: str) -> bytes | None:
+    """The salt inside an encoded hash (None when it is not one of ours)."""
+    try:
+        return base64.urlsafe_b64decode(encoded.split("$")[4])
+    except (IndexError, ValueError):
+        return None
+
+
+def matching_hash(secret: str, hashes: list[str]) -> str | None:
+    """The first of ``hashes`` that ``secret`` matches, or None; constant-time compares.
+
+    Hashes that share salt and parameters (a rotation with a grace period keeps the salt) cost
+    one scrypt run together, so an old secret during its grace costs no more than the new one.
+    """
+    digests: dict[tuple[str, ...], bytes] = {}
+    found = None
+    for encoded in hashes:
+        try:
+            scheme, n, r, p, salt, digest = encoded.split("$")
+            expected = base64.urlsafe_b64decode(digest)
+            params = (scheme, n, r, p, salt, str(len(expected)))
+            if params not in digests:
+                digests[params] = scrypt.hash(
+                    secret.encode(), base64.urlsafe_b64decode(salt), int(n), int(r), int(p), len(expected)
+                )
+        except (ValueError, scrypt.error):
+            continue
+        if scheme == "scrypt" and hmac.compare_digest(digests[params], expected) and found is None:
+            found = encoded
+    return found
+
+
 def check_secret(secret: str, encoded: str) -> bool:
     """True when ``secret`` matches ``encoded`` (from :func:`hash_secret`); constant-time compare."""
-    try:
-        scheme, n, r, p, salt, digest = encoded.split("$")
-        expected = base64.urlsafe_b64decode(digest)
-        actual = scrypt.hash(secret.encode(), base64.urlsafe_b64decode(salt), int(n), int(r), int(p), len(expected))
-    except (ValueError, scrypt.error):
-        return False
-    return scheme == "scrypt" and hmac.compare_digest(actual, expected)
+    return matching_hash(secret, [encoded]) is not None
 
 
 @functools.cache
@@ -92,14 +235,44 @@ def token_digest(token: str) -> str:
 
 
 def parse_scopes(text: str | None) -> list[str] | None:
-    """``"a,b"`` → ``["a", "b"]``; empty or None → None (all models). Bad names → BadRequest."""
-    if not text:
+    """``"a,b"`` → ``["a", "b"]``; empty, None or ``*`` → None (all models). Bad names → BadRequest."""
+    if not text or text.strip() == "*":
         return None
     names = sorted({name.strip() for name in text.split(",") if name.strip()})
-    bad = [name for name in names if not MODEL_NAME_RE.match(name)]
+    bad = [name for name in names if not MODEL_NAME_RE.fullmatch(name)]
     if bad:
         raise BadRequest(f"invalid model name(s): {', '.join(bad)} (use lowercase letters, digits, -)")
     return names or None
+
+
+def rate_field(rate: Rate | None) -> str:
+    """How a key record stores ``rate``: ``limit/window`` in seconds, empty for unlimited."""
+    return f"{rate.limit}/{rate.window}" if rate else ""
+
+
+def parse_rate_field(text: str | None) -> Rate | None:
+    """The inverse of :func:`rate_field`."""
+    if not text:
+        return None
+    limit, _, window = text.partition("/")
+    return Rate(int(limit), int(window))
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who changes keys, as the audit stream records it: the OS user and host running keys.py."""
+
+    user: str
+    host: str
+
+    @classmethod
+    def here(cls) -> Actor:
+        """This process's OS user and host."""
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):  # no passwd entry for this uid (containers)
+            user = f"uid {os.getuid()}"
+        return cls(user, socket.gethostname())
 
 
 @dataclass(frozen=True)
@@ -115,6 +288,13 @@ class KeyInfo:
     scopes: list[str] | None
     created: int
     live_tokens: int
+    expires: int | None = None
+    rate: Rate | None = None
+    last_used: int | None = None
+
+    def expired(self, now: float | None = None) -> bool:
+        """True when the key's expiry has passed."""
+        return self.expires is not None and self.expires <= (time.time() if now is None else now)
 
 
 @dataclass(frozen=True)
@@ -140,36 +320,80 @@ class IssuedToken:
 
 
 class AuthStore:
-    """Keys, tokens and failure counters in one Redis, under one prefix.
+    """Keys, tokens, limits and usage in one Redis, under one prefix.
 
-    Every method that talks to Redis raises ServiceUnavailable when Redis is unreachable.
+    Every method that talks to Redis raises ServiceUnavailable when Redis is unreachable, except
+    :meth:`record_request`, which never raises. Changes to keys are written to the audit stream
+    when an ``actor`` is given (keys.py gives one).
     """
 
-    def __init__(self, settings: Settings, client: redis.Redis | None = None) -> None:
+    def __init__(self, settings: Settings, client: redis.Redis | None = None, actor: Actor | None = None) -> None:
         self.settings = settings
         self.redis = client or store.connect(settings)
+        self.actor = actor
+        self._host = socket.gethostname()
         self._issue = self.redis.register_script(_ISSUE)
+        self._authenticate = self.redis.register_script(_AUTHENTICATE)
         self._revoke = self.redis.register_script(_REVOKE)
+        self.usage = UsageRecorder(self.redis, settings.prefix)
 
     def _k(self, *parts: str) -> str:
         return self.settings.prefix + ":".join(parts)
 
+    def _actor_args(self) -> list[str]:
+        return [self.actor.user, self.actor.host] if self.actor else ["", ""]
+
+    def _glob(self, pattern: str) -> str:
+        # The prefix is literal text; escape glob metacharacters so SCAN matches only it.
+        return re.sub(r"([*?\[\]\\])", r"\\\1", self.settings.prefix) + pattern
+
     # -- keys ------------------------------------------------------------------------------
 
     @store.unavailable_when_down
-    def create_key(self, scopes: list[str] | None = None, label: str = "") -> Keypair:
-        """Create and store a new keypair; the secret is returned once and stored only hashed."""
+    def create_key(
+        self,
+        scopes: list[str] | None = None,
+        label: str = "",
+        *,
+        expires: int | None = None,
+        rate: Rate | None = None,
+    ) -> Keypair:
+        """Create and store a new keypair; the secret is returned once and stored only hashed.
+
+        ``expires``: epoch seconds after which the key stops working; ``rate``: its request rate.
+        """
         pair = Keypair("pk_" + secrets.token_urlsafe(32), "sk_" + secrets.token_urlsafe(32))
-        self.redis.hset(
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(
             self._k("key", pair.public_key),
             mapping={
                 "secret": hash_secret(pair.secret_key),
                 "scopes": json.dumps(scopes) if scopes else "",
                 "label": label,
                 "created": int(time.time()),
+                "expires": "" if expires is None else int(expires),
+                "rate": rate_field(rate),
             },
         )
+        detail = describe_key(scopes, label, expires, rate)
+        self._audit(pipe, "create", pair.public_key, detail)
+        pipe.execute()
         return pair
+
+    def _audit(self, pipe: Any, action: str, public_key: str, detail: str) -> None:
+        if self.actor is not None:
+            pipe.xadd(
+                self._k("audit"),
+                {
+                    "action": action,
+                    "public_key": public_key,
+                    "user": self.actor.user,
+                    "host": self.actor.host,
+                    "detail": detail,
+                },
+                maxlen=AUDIT_MAX_ENTRIES,
+                approximate=True,
+            )
 
     @store.unavailable_when_down
     def revoke_key(self, public_key: str) -> int:
@@ -178,8 +402,13 @@ class AuthStore:
         Raises UnknownKey when there is no such key.
         """
         killed = self._revoke(
-            keys=[self._k("key", public_key), self._k("key-tokens", public_key)],
-            args=[self._k("token", "")],
+            keys=[
+                self._k("key", public_key),
+                self._k("key-tokens", public_key),
+                self._k("rate", public_key),
+                self._k("audit"),
+            ],
+            args=[self._k("token", ""), *self._actor_args(), public_key, self._k("last-used")],
         )
         if killed < 0:
             raise UnknownKey(f"no such key: {public_key}")
@@ -192,25 +421,33 @@ class AuthStore:
         pipe = self.redis.pipeline(transaction=False)
         now = time.time()
         for name in names:
-            pipe.hmget(name, "label", "scopes", "created")
+            pipe.hmget(name, "label", "scopes", "created", "expires", "rate")
             pipe.zcount(self._k("key-tokens", name.rsplit(":", 1)[1]), now, "+inf")
-        replies = pipe.execute()
+        pipe.hgetall(self._k("last-used"))
+        *replies, last_used = pipe.execute()
         keys = []
-        for name, (label, scopes, created), live in zip(names, replies[::2], replies[1::2], strict=False):
+        for name, fields, live in zip(names, replies[::2], replies[1::2], strict=True):
+            label, scopes, created, expires, rate = fields
+            public_key = name.rsplit(":", 1)[1]
+            used = last_used.get(public_key)
             keys.append(
                 KeyInfo(
-                    name.rsplit(":", 1)[1],
+                    public_key,
                     label or "",
                     json.loads(scopes) if scopes else None,
                     int(created or 0),
                     int(live),
+                    int(expires) if expires else None,
+                    parse_rate_field(rate),
+                    int(used) if used else None,
                 )
             )
         return sorted(keys, key=lambda k: (k.created, k.public_key))
 
     @store.unavailable_when_down
     def purge(self) -> int:
-        """Delete every key, token and counter under the prefix, and nothing else."""
+        """Delete every key, token, counter, usage record and audit event under the prefix, and
+        nothing else; with an actor, the purge itself then starts a new audit stream."""
         deleted = 0
         batch: list[str] = []
         for name in self.redis.scan_iter(match=self._glob("*"), count=1000):
@@ -220,79 +457,122 @@ class AuthStore:
                 batch.clear()
         if batch:
             deleted += self.redis.unlink(*batch)
+        pipe = self.redis.pipeline(transaction=False)
+        self._audit(pipe, "purge", "-", f"{deleted} Redis key(s) deleted")
+        pipe.execute()
         return deleted
-
-    def _glob(self, pattern: str) -> str:
-        # The prefix is literal text; escape glob metacharacters so SCAN matches only it.
-        return re.sub(r"([*?\[\]\\])", r"\\\1", self.settings.prefix) + pattern
 
     # -- tokens ----------------------------------------------------------------------------
 
     @store.unavailable_when_down
     def issue_token(self, public_key: str, secret_key: str, client_addr: str) -> IssuedToken:
-        """Exchange a keypair for a bearer token.
+        """Exchange a keypair for a bearer token, living at most until the key expires.
 
-        Wrong, unknown and revoked keys raise the same InvalidCredentials after the same scrypt
-        work. Too many failures for this key or this client address raise TooManyRequests.
+        Wrong, unknown, revoked and expired keys raise the same InvalidCredentials after the same
+        scrypt work. A client address that failed too often, or that failed on a key under
+        attack, gets TooManyRequests (see :meth:`_limit_and_read`).
         """
-        if not PUBLIC_KEY_RE.match(public_key) or not SECRET_KEY_RE.match(secret_key):
+        if not PUBLIC_KEY_RE.fullmatch(public_key) or not SECRET_KEY_RE.fullmatch(secret_key):
             raise BadRequest("public_key must be pk_ + 43 characters, secret_key sk_ + 43 characters")
-        counters = [self._k("fail", "key", public_key), self._k("fail", "addr", client_addr)]
-        self._refuse_when_limited(counters)
-        stored = cast("str | None", self.redis.hget(self._k("key", public_key), "secret"))
-        if not check_secret(secret_key, stored or _dummy_hash()) or stored is None:
+        counters = [
+            self._k("fail", "addr", client_addr),
+            self._k("fail", "key", public_key),
+            self._k("fail", "key-addr", public_key, client_addr),
+        ]
+        secret, old_secret, old_until = self._limit_and_read(counters, public_key)
+        now = int(time.time())
+        candidates = [secret or _dummy_hash()]
+        if secret and old_secret and int(old_until or 0) > now:
+            candidates.append(old_secret)  # shares the salt: no second scrypt run
+        matched = matching_hash(secret_key, candidates)
+        if matched is None or secret is None:
             self._record_failure(counters)
             raise InvalidCredentials()
         token = secrets.token_urlsafe(32)
-        now = int(time.time())
-        ttl = self.settings.token_ttl
-        scopes = self._issue(
-            keys=[self._k("key", public_key), self._k("token", token_digest(token)), self._k("key-tokens", public_key)],
-            args=[public_key, ttl, now + ttl, now, token_digest(token)],
+        reply = self._issue(
+            keys=[
+                self._k("key", public_key),
+                self._k("token", token_digest(token)),
+                self._k("key-tokens", public_key),
+                self._k("audit"),
+            ],
+            args=[public_key, matched, now, self.settings.token_ttl, token_digest(token), self._host],
         )
-        if scopes is None:  # revoked between the secret check and now
+        if reply[0] != 1:  # revoked, rotated or expired: the same answer as a wrong secret
             raise InvalidCredentials()
+        ttl, scopes = int(reply[1]), reply[2]
         return IssuedToken(token, ttl, Session(public_key, json.loads(scopes) if scopes else None, ttl))
 
     def authenticate(self, authorization: str | None, model: str | None = None) -> Session:
         """The session of an ``Authorization: Bearer <token>`` header value, allowed to call
-        ``model`` when one is named: Unauthorized (missing, malformed, unknown or expired token)
-        or Forbidden (the key's scopes exclude ``model``) otherwise."""
+        ``model`` when one is named: Unauthorized (missing, malformed, unknown or expired token,
+        revoked or expired key), Forbidden (the key's scopes exclude ``model``) or
+        TooManyRequests (the key's rate is used up) otherwise. One Redis round trip."""
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("missing bearer token; send Authorization: Bearer <token>")
-        session = self.verify_token(token.strip())
-        if model is not None and not session.allows(model):
-            raise Forbidden(f"this key may not call model {model}")
-        return session
+        return self.verify_token(token.strip(), model)
 
     @store.unavailable_when_down
-    def verify_token(self, token: str) -> Session:
-        """The session a bearer token stands for, in one Redis round trip; else Unauthorized."""
-        if not TOKEN_RE.match(token):
+    def verify_token(self, token: str, model: str | None = None) -> Session:
+        """The session a bearer token stands for (see :meth:`authenticate`)."""
+        if not TOKEN_RE.fullmatch(token):
             raise Unauthorized()
-        record = cast("dict[str, str]", self.redis.hgetall(self._k("token", token_digest(token))))
-        expires_in = int(record.get("exp", 0)) - int(time.time())
-        if not record or expires_in <= 0:
+        reply = self._authenticate(
+            keys=[self._k("token", token_digest(token)), self._k("audit")],
+            args=[self.settings.prefix, int(time.time()), model or "", self._host],
+        )
+        if reply[0] == 0:
             raise Unauthorized()
-        scopes = record.get("scopes")
-        return Session(record["pk"], json.loads(scopes) if scopes else None, expires_in)
+        public_key, scopes = reply[1], json.loads(reply[2]) if reply[2] else None
+        if reply[0] == 1:
+            raise Forbidden(f"this key may not call model {model}")
+        headers = {}
+        if len(reply) > 4:
+            limit, count, pttl = int(reply[4]), int(reply[5]), int(reply[6])
+            reset = max(1, math.ceil(pttl / 1000))
+            headers = {
+                "RateLimit-Limit": str(limit),
+                "RateLimit-Remaining": str(max(0, limit - count)),
+                "RateLimit-Reset": str(reset),
+            }
+            if reply[0] == 3:
+                self.usage.add(public_key, model, error=True)
+                raise TooManyRequests(
+                    reset, f"this key's rate limit ({limit} requests) is used up; retry in {reset} s", headers
+                )
+        return Session(public_key, scopes, int(reply[3]), headers)
+
+    def record_request(self, session: Session, model: str | None, status: int) -> None:
+        """Count one answered authenticated request for the key's usage (in this process; added
+        to Redis in the background). Never raises, never waits for Redis."""
+        self.usage.add(session.public_key, model, error=status >= 400)
 
     # -- brute-force limits ----------------------------------------------------------------
 
-    def _refuse_when_limited(self, counters: list[str]) -> None:
+    def _limit_and_read(self, counters: list[str], public_key: str) -> list[str | None]:
+        """Refuse a client that is limited, else the key's secret, old secret and its deadline;
+        one round trip.
+
+        ``counters`` are the failures of this address (any key), of this key (any address) and
+        of this key from this address. An address with too many failures is refused. A key with
+        too many failures is under attack: addresses that failed on it are refused, which slows
+        guessing down to one try per address per window, while its owner, whose address has not
+        failed, keeps getting tokens.
+        """
         pipe = self.redis.pipeline(transaction=False)
         pipe.mget(counters)
         for name in counters:
             pipe.ttl(name)
-        counts, *ttls = pipe.execute()
-        waits = [
-            ttl
-            for count, ttl in zip(counts, ttls, strict=False)
-            if count is not None and int(count) >= self.settings.auth_max_failures
-        ]
-        if waits:
-            raise TooManyRequests(max(1, max(waits)))
+        pipe.hmget(self._k("key", public_key), "secret", "old_secret", "old_until")
+        counts, *ttls, stored = pipe.execute()
+        addr, key, key_addr = (int(count or 0) for count in counts)
+        limit = self.settings.auth_max_failures
+        if addr >= limit:
+            raise TooManyRequests(max(1, ttls[0]))
+        if key >= limit and key_addr >= 1:
+            raise TooManyRequests(max(1, min(ttls[1], ttls[2])))
+        return cast("list[str | None]", stored)
 
     def _record_failure(self, counters: list[str]) -> None:
         pipe = self.redis.pipeline(transaction=False)
@@ -302,5 +582,109 @@ class AuthStore:
             pipe.incr(name)
         pipe.execute()
 
-    def record_request(self, session: Session, model: str | None, status: int) -> None:
-        """Note one answered authenticated request (for per-key usage); never raises."""
+
+def utc(epoch: float | None) -> str:
+    """``epoch`` as an ISO 8601 UTC time, ``never`` for None."""
+    return "never" if epoch is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def describe_key(scopes: list[str] | None, label: str, expires: int | None, rate: Rate | None) -> str:
+    """A key's settings in one line, for the audit stream (never its secret)."""
+    models = ",".join(scopes) if scopes else "*"
+    return f"models={models} label={label!r} expires={utc(expires)} rate={rate or 'unlimited'}"
+
+
+class UsageRecorder:
+    """Counts answered requests per key, model and UTC day in this process; one background
+    thread per process adds every recorder's counts to Redis each :data:`USAGE_FLUSH_SECONDS`
+    and at exit. Counting costs a request no Redis round trip, and a Redis outage costs it
+    nothing at all: counts wait, bounded, for the next flush."""
+
+    MAX_PENDING = 100_000  # distinct (key, day, model) entries kept while Redis is unreachable
+
+    def __init__(self, client: redis.Redis, prefix: str) -> None:
+        self._redis = client
+        self._prefix = prefix
+        self._flush_script = client.register_script(_FLUSH_USAGE)
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[str, str, str], list[int]] = {}
+        self._pid = 0  # the process these counts belong to (a forked child starts afresh)
+
+    def add(self, public_key: str, model: str | None, error: bool) -> None:
+        """Count one request (an error when ``error``); never raises."""
+        try:
+            now = time.time()
+            entry_key = (public_key, time.strftime("%Y-%m-%d", time.gmtime(now)), model or "-")
+            with self._lock:
+                if self._pid != os.getpid():
+                    self._pid = os.getpid()
+                    self._counts = {}  # a fork's copy of the parent's pending counts is the parent's
+                    _flusher.watch(self)
+                entry = self._counts.get(entry_key)
+                if entry is None:
+                    entry = self._counts[entry_key] = [0, 0, 0]
+                entry[0] += 1
+                entry[1] += error
+                entry[2] = int(now)
+        except Exception:  # counting must never fail a request
+            log.exception("usage: cannot count a request")
+
+    def flush(self) -> None:
+        """Add the pending counts to Redis now; on failure keep them for the next flush."""
+        with self._lock:
+            pending, self._counts = self._counts, {}
+        if not pending:
+            return
+        args: list[str | int] = [self._prefix, (USAGE_DAYS + 1) * 86400]
+        for (public_key, day, model), (requests, errors, last) in pending.items():
+            args += [public_key, day, model, requests, errors, last]
+        try:
+            self._flush_script(keys=[self._prefix + "last-used"], args=args)
+        except redis.RedisError as exc:
+            log.warning("usage: cannot write counts to Redis (%s); will retry", type(exc).__name__)
+            with self._lock:
+                for entry_key, (requests, errors, last) in pending.items():
+                    if len(self._counts) >= self.MAX_PENDING and entry_key not in self._counts:
+                        break
+                    entry = self._counts.setdefault(entry_key, [0, 0, 0])
+                    entry[0] += requests
+                    entry[1] += errors
+                    entry[2] = max(entry[2], last)
+
+
+class _Flusher:
+    """The one thread per process that flushes every recorder in use, and the exit flush."""
+
+    def __init__(self) -> None:
+        self._recorders: weakref.WeakSet[UsageRecorder] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._pid = 0
+
+    def watch(self, recorder: UsageRecorder) -> None:
+        with self._lock:
+            self._recorders.add(recorder)
+            if self._pid != os.getpid():
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="thalamus-usage", daemon=True).start()
+                atexit.register(self.flush_all)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(USAGE_FLUSH_SECONDS)
+            self.flush_all()
+
+    def flush_all(self) -> None:
+        with self._lock:
+            recorders = list(self._recorders)
+        for recorder in recorders:
+            recorder.flush()
+
+    def after_fork(self) -> None:
+        # A fork copies locks in whatever state another thread held them: start the child afresh.
+        self._lock = threading.Lock()
+        for recorder in list(self._recorders):
+            recorder._lock = threading.Lock()
+
+
+_flusher = _Flusher()
+os.register_at_fork(after_in_child=_flusher.after_fork)

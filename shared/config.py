@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,32 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 class ConfigError(StartupError):
     """An environment variable holds a value Thalamus cannot use."""
+
+
+# Units a request rate may be given in, and their length in seconds.
+RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "min": 60, "minute": 60, "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
+_RATE_NAMES = {1: "s", 60: "min", 3600: "h", 86400: "d"}
+
+
+@dataclass(frozen=True)
+class Rate:
+    """A per-key request rate: at most ``limit`` requests in a window of ``window`` seconds."""
+
+    limit: int
+    window: int
+
+    def __str__(self) -> str:
+        return f"{self.limit}/{_RATE_NAMES.get(self.window, f'{self.window}s')}"
+
+    @classmethod
+    def parse(cls, text: str) -> Rate:
+        """``"600/min"`` (units ``s``, ``min``, ``h``, ``d``) → Rate; ValueError saying what is wrong."""
+        match = re.fullmatch(r"\s*([0-9]{1,9})\s*/\s*([a-z]+)\s*", text, re.IGNORECASE)
+        if not match or match[2].lower() not in RATE_UNITS:
+            raise ValueError(f"rate must look like 600/min (units s, min, h, d), got {text!r}")
+        if int(match[1]) < 1:
+            raise ValueError(f"rate must allow at least 1 request, got {text!r}")
+        return cls(int(match[1]), RATE_UNITS[match[2].lower()])
 
 
 @dataclass(frozen=True)
@@ -52,6 +79,8 @@ class Settings:
     # Networks of the proxies in front of us (gateway, ingress, activator, queue-proxy). Their
     # X-Forwarded-For entries are believed; empty means the socket peer is the client.
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    # The request rate ./keys.py -g gives a new key when --rate is not given; None = unlimited.
+    default_key_rate: Rate | None = None
     # Seconds a Redis connect/read may take before the request fails with 503.
     redis_timeout: float = 0.8
     # The server (shared/server.py): port, gunicorn worker processes and threads per worker.
@@ -78,6 +107,7 @@ class Settings:
         values["redis_url"] = self.redis_url_masked
         values["model_dir"] = str(self.bundle_dir) if self.model_name else None
         values["trusted_proxies"] = [str(network) for network in self.trusted_proxies]
+        values["default_key_rate"] = str(self.default_key_rate) if self.default_key_rate else None
         return values
 
     @property
@@ -147,6 +177,13 @@ def _networks(variable: str, raw: str) -> tuple[IPNetwork, ...]:
         raise ConfigError(f"{variable} must be comma-separated networks like 10.0.0.0/8: {exc}") from None
 
 
+def _rate(variable: str, raw: str) -> Rate:
+    try:
+        return Rate.parse(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{variable}: {exc}") from None
+
+
 # Environment variable → (Settings field, parser). The defaults live on the fields above.
 _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "REDIS_URL": ("redis_url", _text),
@@ -161,6 +198,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "AUTH_MAX_FAILURES": ("auth_max_failures", _positive_int),
     "AUTH_FAILURE_WINDOW": ("auth_failure_window", _positive_int),
     "TRUSTED_PROXIES": ("trusted_proxies", _networks),
+    "DEFAULT_KEY_RATE": ("default_key_rate", _rate),
     "PORT": ("port", _positive_int),
     "WORKERS": ("workers", _positive_int),
     "THREADS": ("threads", _positive_int),

@@ -77,10 +77,10 @@ class UnsupportedMediaType(ThalamusError):
 class TooManyRequests(ThalamusError):
     status = 429
 
-    def __init__(self, retry_after: int) -> None:
+    def __init__(self, retry_after: int, message: str = "", headers: dict[str, str] | None = None) -> None:
         super().__init__(
-            f"too many failed attempts; retry in {retry_after} s",
-            {"Retry-After": str(retry_after)},
+            message or f"too many failed attempts; retry in {retry_after} s",
+            {**(headers or {}), "Retry-After": str(retry_after)},
         )
 
 

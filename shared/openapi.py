@@ -26,6 +26,19 @@ UNAUTHORIZED = error("Missing, invalid or expired bearer token", "invalid or exp
 NOT_FOUND = error("Unknown path or model", "no such path: /nope")
 METHOD_NOT_ALLOWED = error("Wrong method for this path", "method not allowed; use POST")
 REDIS_DOWN = retry_error("Redis unreachable", "Redis unreachable at redis://127.0.0.1:6379/0")
+# Every authenticated answer of a key with a rate (./keys.py --rate) carries these.
+RATE_HEADERS = {
+    name: {"description": text, "schema": {"type": "integer"}}
+    for name, text in (
+        ("RateLimit-Limit", "requests the key may make per window (keys with a rate only)"),
+        ("RateLimit-Remaining", "requests left in the current window"),
+        ("RateLimit-Reset", "seconds until the window ends"),
+    )
+}
+RATE_LIMITED = retry_error(
+    "The key's request rate is used up", "this key's rate limit (600 requests) is used up; retry in 12 s"
+)
+RATE_LIMITED["headers"].update(RATE_HEADERS)
 
 
 def _v2_get(

@@ -3,9 +3,36 @@
 import time
 
 import pytest
+import scrypt
 
-from shared.auth import AuthStore, check_secret, hash_secret, parse_scopes, token_digest
-from shared.errors import BadRequest, InvalidCredentials, TooManyRequests, Unauthorized, UnknownKey
+from shared import auth as auth_module
+from shared.admin import KeyAdmin
+from shared.auth import Actor, AuthStore, check_secret, hash_secret, parse_scopes, token_digest
+from shared.config import Rate
+from shared.errors import BadRequest, Forbidden, InvalidCredentials, TooManyRequests, Unauthorized, UnknownKey
+
+WRONG_SK = "sk_" + "x" * 43
+
+
+@pytest.fixture
+def admin(settings):
+    store = KeyAdmin(settings, actor=Actor("tester", "box"))
+    yield store
+    store.purge()
+
+
+@pytest.fixture
+def scrypt_runs(monkeypatch):
+    """How many scrypt hashes the library computes (a spy on the real function)."""
+    runs = []
+    real = scrypt.hash
+
+    def counting(*args, **kwargs):
+        runs.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(auth_module.scrypt, "hash", counting)
+    return runs
 
 
 def test_keypair_format_and_secret_stored_only_hashed(auth, raw_redis, env):
@@ -45,15 +72,20 @@ def test_verify_returns_key_and_scopes(auth):
     assert session.public_key == pair.public_key
     assert session.scopes == ["arrows", "shapes"]
     assert session.allows("shapes") and not session.allows("other")
+    assert auth.verify_token(issued.token, "shapes").public_key == pair.public_key
+    with pytest.raises(Forbidden):
+        auth.verify_token(issued.token, "other")
 
 
-def test_wrong_unknown_and_revoked_keys_fail_alike(auth, keypair):
+def test_wrong_unknown_revoked_and_expired_keys_fail_alike(auth, keypair):
     other = auth.create_key()
     auth.revoke_key(other.public_key)
+    expired = auth.create_key(expires=int(time.time()) - 1)
     attempts = [
-        (keypair.public_key, "sk_" + "x" * 43),
+        (keypair.public_key, WRONG_SK),
         ("pk_" + "y" * 43, keypair.secret_key),
         (other.public_key, other.secret_key),
+        (expired.public_key, expired.secret_key),
     ]
     messages = set()
     for pk, sk in attempts:
@@ -63,9 +95,23 @@ def test_wrong_unknown_and_revoked_keys_fail_alike(auth, keypair):
     assert len(messages) == 1
 
 
-def test_malformed_keys_are_bad_requests(auth):
+@pytest.mark.parametrize(
+    "public_key, secret_key",
+    [("pk_short", "sk_short"), ("pk_" + "a" * 43 + "\n", WRONG_SK), ("pk_" + "a" * 43, WRONG_SK + "\n")],
+)
+def test_malformed_keys_are_bad_requests_without_scrypt(auth, scrypt_runs, public_key, secret_key):
     with pytest.raises(BadRequest):
-        auth.issue_token("pk_short", "sk_short", "a")
+        auth.issue_token(public_key, secret_key, "a")
+    assert scrypt_runs == []
+
+
+def test_unknown_key_costs_the_same_scrypt_run_as_a_wrong_secret(auth, keypair, scrypt_runs):
+    auth_module._dummy_hash()  # made once per process, on first use
+    scrypt_runs.clear()
+    for pk in (keypair.public_key, "pk_" + "u" * 43):
+        with pytest.raises(InvalidCredentials):
+            auth.issue_token(pk, WRONG_SK, "a")
+    assert len(scrypt_runs) == 2
 
 
 def test_revoke_kills_every_live_token(auth, keypair):
@@ -89,13 +135,185 @@ def test_expired_token_is_refused(settings):
     short.purge()
 
 
-def test_purge_removes_only_the_prefix(auth, keypair, raw_redis, env):
+def test_a_token_never_outlives_its_key(admin):
+    pair = admin.create_key(expires=int(time.time()) + 2)
+    issued = admin.issue_token(pair.public_key, pair.secret_key, "a")
+    assert 1 <= issued.ttl <= 2
+    assert admin.verify_token(issued.token).expires_in <= 2
+    time.sleep(2.2)
+    with pytest.raises(Unauthorized):
+        admin.verify_token(issued.token)
+    with pytest.raises(InvalidCredentials):
+        admin.issue_token(pair.public_key, pair.secret_key, "a")
+    # A key whose expiry is moved earlier cuts its live tokens short on their next request.
+    longer = admin.create_key()
+    token = admin.issue_token(longer.public_key, longer.secret_key, "a").token
+    admin.edit_key(longer.public_key, expires=int(time.time()) + 1)
+    assert admin.verify_token(token).expires_in <= 1
+    expired_events = [e for e in admin.audit_log() if e.action == "expired"]
+    assert [e.public_key for e in expired_events] == [pair.public_key]  # noted once
+
+
+def test_rotation_replaces_the_secret_and_keeps_the_rest(admin, scrypt_runs):
+    pair = admin.create_key(["shapes"], "team", rate=Rate(5, 60))
+    live = admin.issue_token(pair.public_key, pair.secret_key, "a").token
+    new, killed = admin.rotate_key(pair.public_key)
+    assert new.public_key == pair.public_key and new.secret_key != pair.secret_key and killed == 0
+    with pytest.raises(InvalidCredentials):
+        admin.issue_token(pair.public_key, pair.secret_key, "a")
+    issued = admin.issue_token(pair.public_key, new.secret_key, "b")
+    assert issued.session.scopes == ["shapes"]
+    assert admin.verify_token(live).public_key == pair.public_key  # live tokens keep working
+    [info] = admin.list_keys()
+    assert (info.label, info.scopes, info.rate) == ("team", ["shapes"], Rate(5, 60))
+
+    newer, killed = admin.rotate_key(pair.public_key, revoke_tokens=True)
+    assert killed == 2
+    with pytest.raises(Unauthorized):
+        admin.verify_token(live)
+
+
+def test_rotation_grace_keeps_the_old_secret_for_a_while_at_one_scrypt_run(admin, scrypt_runs):
+    pair = admin.create_key()
+    new, _ = admin.rotate_key(pair.public_key, grace=2)
+    scrypt_runs.clear()
+    assert admin.issue_token(pair.public_key, pair.secret_key, "a").token
+    assert admin.issue_token(pair.public_key, new.secret_key, "a").token
+    with pytest.raises(InvalidCredentials):
+        admin.issue_token(pair.public_key, WRONG_SK, "a")
+    assert len(scrypt_runs) == 3  # one each: the old and new hashes share their salt
+    time.sleep(2.2)
+    with pytest.raises(InvalidCredentials):
+        admin.issue_token(pair.public_key, pair.secret_key, "a")
+    assert admin.issue_token(pair.public_key, new.secret_key, "a").token
+
+
+def test_rotating_or_editing_an_unknown_or_expired_key_changes_nothing(admin):
+    ghost = "pk_" + "g" * 43
+    with pytest.raises(UnknownKey):
+        admin.rotate_key(ghost)
+    with pytest.raises(UnknownKey):
+        admin.edit_key(ghost, label="x")
+    expired = admin.create_key(expires=int(time.time()) - 1)
+    with pytest.raises(BadRequest):
+        admin.rotate_key(expired.public_key)
+    assert [e.action for e in admin.audit_log()] == ["create"]
+
+
+def test_lowered_scope_bites_live_tokens_at_once(admin):
+    pair = admin.create_key(["arrows", "shapes"])
+    token = admin.issue_token(pair.public_key, pair.secret_key, "a").token
+    assert admin.verify_token(token, "shapes")
+    admin.edit_key(pair.public_key, scopes=["arrows"])
+    with pytest.raises(Forbidden):
+        admin.verify_token(token, "shapes")
+    assert admin.verify_token(token).scopes == ["arrows"]
+    admin.edit_key(pair.public_key, scopes=None)
+    assert admin.verify_token(token, "shapes").scopes is None
+
+
+def test_rate_limit_counts_down_then_429(admin):
+    pair = admin.create_key(rate=Rate(3, 60))
+    token = admin.issue_token(pair.public_key, pair.secret_key, "a").token
+    remaining = []
+    for _ in range(3):
+        session = admin.verify_token(token)
+        assert session.headers["RateLimit-Limit"] == "3"
+        assert 1 <= int(session.headers["RateLimit-Reset"]) <= 60
+        remaining.append(session.headers["RateLimit-Remaining"])
+    assert remaining == ["2", "1", "0"]
+    with pytest.raises(TooManyRequests) as err:
+        admin.verify_token(token)
+    headers = err.value.headers
+    assert headers["RateLimit-Remaining"] == "0" and headers["RateLimit-Limit"] == "3"
+    assert 1 <= int(headers["Retry-After"]) <= 60 and headers["Retry-After"] == headers["RateLimit-Reset"]
+    # Raising the rate applies at once, with a fresh window.
+    admin.edit_key(pair.public_key, rate=Rate(10, 1))
+    assert admin.verify_token(token).headers["RateLimit-Remaining"] == "9"
+    admin.edit_key(pair.public_key, rate=None)
+    assert admin.verify_token(token).headers == {}
+
+
+def test_rate_window_ends(admin):
+    pair = admin.create_key(rate=Rate(1, 1))
+    token = admin.issue_token(pair.public_key, pair.secret_key, "a").token
+    admin.verify_token(token)
+    with pytest.raises(TooManyRequests):
+        admin.verify_token(token)
+    time.sleep(1.1)
+    assert admin.verify_token(token).headers["RateLimit-Remaining"] == "0"
+
+
+def test_usage_is_counted_per_key_model_and_day(admin):
+    pair = admin.create_key(label="billing")
+    session = admin.issue_token(pair.public_key, pair.secret_key, "a").session
+    for status in (200, 200, 400, 200):
+        admin.record_request(session, "shapes", status)
+    admin.record_request(session, None, 200)
+    admin.usage.flush()
+    rows = {(row.model, row.requests, row.errors) for row in admin.usage_report(pair.public_key)}
+    assert rows == {("shapes", 4, 1), ("-", 1, 0)}
+    [row] = [row for row in admin.usage_report() if row.model == "shapes"]
+    assert row.label == "billing" and time.time() - row.last_used < 5
+    assert admin.list_keys()[0].last_used == row.last_used
+    admin.revoke_key(pair.public_key)
+    assert {row.label for row in admin.usage_report()} == {"(revoked)"}  # history outlives the key
+    with pytest.raises(UnknownKey):
+        admin.usage_report("pk_" + "n" * 43)
+
+
+def test_usage_waits_out_a_redis_outage(own_redis, settings):
+    store = KeyAdmin(settings.replace(redis_url=own_redis.url))
+    pair = store.create_key()
+    session = store.issue_token(pair.public_key, pair.secret_key, "a").session
+    own_redis.stop()
+    store.record_request(session, "shapes", 200)  # never raises
+    store.usage.flush()  # fails, keeps the count
+    own_redis.start()  # empty: the throw-away server keeps no data
+    store.usage.flush()
+    assert [(r.requests, r.label) for r in store.usage_report(pair.public_key)] == [(1, "(revoked)")]
+
+
+def test_audit_records_who_did_what_and_never_a_secret(admin, raw_redis, env):
+    pair = admin.create_key(["shapes"], "ci", rate=Rate(5, 60))
+    admin.edit_key(pair.public_key, label="prod")
+    new, _ = admin.rotate_key(pair.public_key, grace=60)
+    admin.revoke_key(pair.public_key)
+    events = admin.audit_log()
+    assert [e.action for e in events] == ["create", "edit", "rotate", "revoke"]
+    assert {(e.user, e.host, e.public_key) for e in events} == {("tester", "box", pair.public_key)}
+    assert "models=shapes" in events[0].detail and "rate=5/min" in events[0].detail
+    stream = str(raw_redis.xrange(env["THALAMUS_PREFIX"] + "audit"))
+    for secret in (pair.secret_key, new.secret_key, "scrypt$"):
+        assert secret not in stream
+    assert admin.audit_log(since=time.time() + 5) == []
+    admin.purge()
+    assert [e.action for e in admin.audit_log()] == ["purge"]
+
+
+def test_audit_stream_is_capped(admin, raw_redis, env, monkeypatch):
+    pipe = raw_redis.pipeline()
+    for _ in range(auth_module.AUDIT_MAX_ENTRIES + 500):
+        pipe.xadd(env["THALAMUS_PREFIX"] + "audit", {"action": "filler"})
+    pipe.execute()
+    admin.create_key()
+    assert raw_redis.xlen(env["THALAMUS_PREFIX"] + "audit") < auth_module.AUDIT_MAX_ENTRIES + 200
+
+
+def test_purge_removes_only_the_prefix(admin, raw_redis, env):
     raw_redis.set("foreign:key", "keep me")
     raw_redis.set(env["THALAMUS_PREFIX"].rstrip(":") + "x", "near miss, keep me")
-    auth.issue_token(keypair.public_key, keypair.secret_key, "a")
+    pair = admin.create_key(rate=Rate(5, 60))
+    session = admin.verify_token(admin.issue_token(pair.public_key, pair.secret_key, "a").token)
+    admin.record_request(session, "shapes", 200)
+    admin.usage.flush()
+    with pytest.raises(InvalidCredentials):
+        admin.issue_token(pair.public_key, WRONG_SK, "a")
     try:
-        assert auth.purge() >= 3
-        assert list(raw_redis.scan_iter(env["THALAMUS_PREFIX"] + "*")) == []
+        assert admin.purge() >= 6  # key, token, key-tokens, rate, usage, last-used, failures, audit
+        assert [name[len(env["THALAMUS_PREFIX"]) :] for name in raw_redis.scan_iter(env["THALAMUS_PREFIX"] + "*")] == [
+            "audit"
+        ]  # the purge's own event
         assert raw_redis.get("foreign:key") == "keep me"
         assert raw_redis.get(env["THALAMUS_PREFIX"].rstrip(":") + "x") == "near miss, keep me"
     finally:
@@ -114,23 +332,42 @@ def test_prefix_with_glob_characters_purges_only_itself(settings, raw_redis):
 
 
 def test_list_keys_never_shows_secrets(auth):
-    pair = auth.create_key(["shapes"], "team a")
+    pair = auth.create_key(["shapes"], "team a", expires=2_000_000_000, rate=Rate(600, 60))
     auth.issue_token(pair.public_key, pair.secret_key, "a")
     [info] = auth.list_keys()
     assert (info.public_key, info.label, info.scopes, info.live_tokens) == (pair.public_key, "team a", ["shapes"], 1)
+    assert (info.expires, info.rate, info.last_used, info.expired()) == (2_000_000_000, Rate(600, 60), None, False)
 
 
-def test_failures_are_rate_limited_per_key(auth, keypair):
-    for _ in range(10):
+def test_an_address_that_fails_too_often_is_refused(auth, keypair):
+    for i in range(10):
         with pytest.raises(InvalidCredentials):
-            auth.issue_token(keypair.public_key, "sk_" + "x" * 43, f"addr-{_}")
+            auth.issue_token("pk_" + str(i) * 43, WRONG_SK, "198.51.100.1")
     with pytest.raises(TooManyRequests) as err:
-        auth.issue_token(keypair.public_key, keypair.secret_key, "fresh-addr")
+        auth.issue_token(keypair.public_key, keypair.secret_key, "198.51.100.1")
     assert 1 <= int(err.value.headers["Retry-After"]) <= 60
+    assert auth.issue_token(keypair.public_key, keypair.secret_key, "198.51.100.2").token
+
+
+def test_guessing_at_a_key_slows_the_guessers_not_its_owner(auth, keypair):
+    attackers = [f"203.0.113.{i}" for i in range(12)]
+    for address in attackers[:10]:
+        with pytest.raises(InvalidCredentials):
+            auth.issue_token(keypair.public_key, WRONG_SK, address)
+    # The key is under attack: an address that failed on it waits, a fresh one gets one try...
+    with pytest.raises(TooManyRequests):
+        auth.issue_token(keypair.public_key, WRONG_SK, attackers[0])
+    with pytest.raises(InvalidCredentials):
+        auth.issue_token(keypair.public_key, WRONG_SK, attackers[10])
+    with pytest.raises(TooManyRequests):
+        auth.issue_token(keypair.public_key, keypair.secret_key, attackers[10])
+    # ...while the owner, who has not failed, keeps getting tokens.
+    for _ in range(3):
+        assert auth.issue_token(keypair.public_key, keypair.secret_key, "192.0.2.10").token
 
 
 def test_parse_scopes():
-    assert parse_scopes(None) is None and parse_scopes("") is None
+    assert parse_scopes(None) is None and parse_scopes("") is None and parse_scopes("*") is None
     assert parse_scopes("shapes, arrows,shapes") == ["arrows", "shapes"]
     with pytest.raises(BadRequest):
         parse_scopes("Bad Name")

@@ -1,8 +1,14 @@
-"""The admin and client flow over real HTTP: keys.py + a functions-framework process."""
+"""The admin and client flow over real HTTP: keys.py + a functions-framework process, and the
+OAuth2 client libraries people use against it."""
 
 import json
 
+import pytest
 import requests
+from authlib.integrations.requests_client import OAuth2Session as AuthlibSession
+from authlib.integrations.requests_client import OAuthError
+from oauthlib.oauth2 import BackendApplicationClient, InvalidClientError
+from requests_oauthlib import OAuth2Session
 
 from tests.conftest import subprocess_env
 from tests.test_keys import keys
@@ -29,9 +35,10 @@ def test_keys_token_session_revoke_purge(env, serve_function, tmp_path, raw_redi
     raw_redis.set("foreign:e2e", "stays")
     try:
         run("-g", str(tmp_path / "second.json"))
-        assert run("-p").returncode == 0
+        assert run("-p", "--yes").returncode == 0
         assert raw_redis.get("foreign:e2e") == "stays"
-        assert list(raw_redis.scan_iter(env["THALAMUS_PREFIX"] + "*")) == []
+        # Everything under the prefix is gone; the purge's own audit event starts a new stream.
+        assert list(raw_redis.scan_iter(env["THALAMUS_PREFIX"] + "*")) == [env["THALAMUS_PREFIX"] + "audit"]
     finally:
         raw_redis.delete("foreign:e2e")
 
@@ -48,3 +55,48 @@ def test_oversized_upload_is_refused_without_reading_it(serve_function):
         f"{base}/token.json", data=endless(), timeout=20, headers={"Content-Type": "application/json"}
     )
     assert reply.status_code == 413 and "too large" in reply.json()["error"], reply.text
+
+
+@pytest.fixture
+def oauth_server(serve_function, keypair, monkeypatch):
+    """The token function over HTTP, a keypair, and the flag requests-oauthlib needs for http://."""
+    monkeypatch.setenv("OAUTHLIB_INSECURE_TRANSPORT", "1")  # authlib accepts loopback http by itself
+    return serve_function("token") + "/token.json", keypair
+
+
+@pytest.mark.parametrize("method", ["client_secret_basic", "client_secret_post"])
+def test_authlib_client_credentials(oauth_server, method):
+    url, pair = oauth_server
+    client = AuthlibSession(pair.public_key, pair.secret_key, token_endpoint_auth_method=method)
+    token = client.fetch_token(url, grant_type="client_credentials")
+    assert token["token_type"] == "Bearer" and token["expires_in"] == 3600
+    session = client.get(url.replace("token.json", "session.json"), timeout=10)  # sends the bearer token
+    assert session.status_code == 200 and session.json()["public_key"] == pair.public_key
+
+    wrong = AuthlibSession(pair.public_key, "sk_" + "w" * 43, token_endpoint_auth_method=method)
+    with pytest.raises(OAuthError) as err:
+        wrong.fetch_token(url, grant_type="client_credentials")
+    assert err.value.error == "invalid_client" and err.value.description
+
+
+@pytest.mark.parametrize("in_body", [False, True], ids=["basic", "body"])
+def test_requests_oauthlib_client_credentials(oauth_server, in_body):
+    url, pair = oauth_server
+    client = OAuth2Session(client=BackendApplicationClient(client_id=pair.public_key))
+    token = client.fetch_token(url, client_id=pair.public_key, client_secret=pair.secret_key, include_client_id=in_body)
+    assert token["token_type"] == "Bearer" and token["expires_in"] == 3600
+    session = client.get(url.replace("token.json", "session.json"), timeout=10)
+    assert session.status_code == 200 and session.json()["public_key"] == pair.public_key
+
+    with pytest.raises(InvalidClientError) as err:
+        OAuth2Session(client=BackendApplicationClient(client_id=pair.public_key)).fetch_token(
+            url, client_id=pair.public_key, client_secret="sk_" + "w" * 43, include_client_id=in_body
+        )
+    assert err.value.status_code == 401 and "invalid client_id" in err.value.description
+
+
+def test_curl_style_json_as_form_is_told_the_header(oauth_server):
+    url, pair = oauth_server
+    body = json.dumps({"public_key": pair.public_key, "secret_key": pair.secret_key})
+    reply = requests.post(url, data=body, headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=10)
+    assert reply.status_code == 415 and "Content-Type: application/json" in reply.json()["error"]

@@ -266,7 +266,9 @@ def test_deeply_nested_json_and_many_form_fields_are_400(serve, token_header):
     fields = "&".join(f"f{i}=v" for i in range(2000)) + "&grant_type=client_credentials"
     form = requests.post(token.base + "/token.json", data=fields, timeout=10,
                          headers={"Content-Type": "application/x-www-form-urlencoded"})  # fmt: skip
-    assert form.status_code == 400 and "client_id" in form.json()["error"]  # the real problem
+    # The real problem, as RFC 6749 §5.2 puts it: no client credentials.
+    assert form.status_code == 401 and form.json()["error"] == "invalid_client"
+    assert "client_id" in form.json()["error_description"]
     predict = serve("predict", MODEL_NAME="shapes")
     parts = {f"f{i}": (None, "v") for i in range(2000)}
     many = requests.post(predict.base + "/models/shapes/predict.json", files=parts, headers=token_header, timeout=10)

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import pty
 import shutil
 import socket
 import stat
@@ -67,12 +68,31 @@ def test_generate_bad_models_leaves_no_file(run, tmp_path, auth):
 
 def test_list_shows_keys_without_secrets(run, tmp_path):
     path = tmp_path / "k.json"
-    run("-g", str(path), "--label", "team-a", "--models", "shapes")
+    run("-g", str(path), "--label", "team-a", "--models", "shapes", "--rate", "600/min", "--expires", "90d")
     pair = json.loads(path.read_text())
     result = run("-l")
     assert result.returncode == 0
-    assert pair["public_key"] in result.stdout and "team-a" in result.stdout and "shapes" in result.stdout
+    header, row = result.stdout.splitlines()
+    assert header.split() == ["PUBLIC", "KEY", "LABEL", "MODELS", "RATE", "EXPIRES", "TOKENS", "LAST", "USED"]
+    assert pair["public_key"] in row and "team-a" in row and "shapes" in row and "600/min" in row
+    assert "(in 90d)" in row and row.endswith("never")
     assert pair["secret_key"] not in result.stdout and "scrypt" not in result.stdout
+
+
+def test_list_without_keys_says_so(run):
+    result = run("-l")
+    assert result.returncode == 0 and result.stdout.startswith("no keys under THALAMUS_PREFIX")
+    assert json.loads(run("-l", "--json").stdout) == []
+
+
+def test_list_json(run, tmp_path, auth):
+    run("-g", str(tmp_path / "k.json"), "--models", "shapes", "--expires", "2099-01-31")
+    pair = json.loads((tmp_path / "k.json").read_text())
+    auth.issue_token(pair["public_key"], pair["secret_key"], "t")
+    [key] = json.loads(run("-l", "--json").stdout)
+    assert key["public_key"] == pair["public_key"] and key["models"] == ["shapes"] and key["live_tokens"] == 1
+    assert key["expires"] == "2099-01-31T00:00:00Z" and key["expired"] is False
+    assert key["rate"] is None and key["last_used"] is None and key["created"].endswith("Z")
 
 
 def test_revoke_then_revoke_again(run, keypair, auth):
@@ -87,12 +107,38 @@ def test_revoke_then_revoke_again(run, keypair, auth):
 def test_purge_keeps_foreign_data(run, keypair, raw_redis):
     raw_redis.set("someone-else:data", "1")
     try:
-        result = run("-p")
+        result = run("-p", "--yes")
         assert result.returncode == 0 and "purged" in result.stdout
-        assert run("-l").stdout == ""
+        assert run("-l").stdout.startswith("no keys")
         assert raw_redis.get("someone-else:data") == "1"
     finally:
         raw_redis.delete("someone-else:data")
+
+
+def test_purge_needs_yes_when_stdin_is_not_a_terminal(run, keypair, auth):
+    result = run("-p")
+    assert result.returncode == 1 and "--yes" in result.stderr and len(result.stderr.splitlines()) == 1
+    assert len(auth.list_keys()) == 1
+
+
+@pytest.mark.parametrize("answer, deleted", [("n\n", False), ("y\n", True)])
+def test_purge_asks_on_a_terminal(env, keypair, auth, answer, deleted):
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "keys.py"), "-p"],
+        stdin=follower,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=subprocess_env(**env),
+        text=True,
+    )
+    os.close(follower)
+    os.write(leader, answer.encode())
+    out, _ = proc.communicate(timeout=60)
+    os.close(leader)
+    assert "Delete every key" in out and env["THALAMUS_PREFIX"] in out
+    assert proc.returncode == (0 if deleted else 1)
+    assert (auth.list_keys() == []) is deleted
 
 
 def test_unreachable_redis_names_the_url(tmp_path):
@@ -104,15 +150,36 @@ def test_unreachable_redis_names_the_url(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("args", [[], ["-g"], ["-l", "-p"], ["--models", "a", "-l"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["-g"],
+        ["-l", "-p"],
+        ["--models", "a", "-l"],
+        ["--rotate", "pk_x"],
+        ["--edit", "pk_x"],
+        ["--grace", "1h", "-l"],
+        ["--json", "-r", "pk_x"],
+        ["--yes", "-l"],
+        ["--days", "3", "-l"],
+        ["--since", "1d", "--usage"],
+    ],
+)
 def test_usage_errors(args):
     result = keys(*args)
     assert result.returncode == 2 and "usage" in result.stderr
 
 
-def test_help():
+def test_help_shows_every_option_with_an_example():
     result = keys("-h")
     assert result.returncode == 0 and "-g FILE" in result.stdout
+    options = ["-g", "-l", "--edit", "--rotate", "-r", "--usage", "--audit", "-p", "--models", "--label", "--rate"]
+    options += ["--expires", "-o", "--grace", "--revoke-tokens", "--days", "--since", "--json", "--yes"]
+    examples = result.stdout.split("examples:")[1]
+    for option in options:
+        assert option in result.stdout.split("examples:")[0]
+        assert f" {option} " in examples or f" {option}\n" in examples, option
 
 
 def test_runs_with_a_python_that_lacks_the_packages(tmp_path):
@@ -146,6 +213,7 @@ def test_starts_local_redis_and_keys_survive_restart(project_copy):
         gen = keys("-g", "k.json", env=local_env(), cwd=project_copy, script=project_copy / "keys.py")
         assert gen.returncode == 0, gen.stderr
         assert "started the local Redis" in gen.stderr and gen.stdout.startswith("pk_")
+        assert ".venv/bin/python -m local.redis_server stop" in gen.stderr
         assert (project_copy / ".thalamus" / "redis" / "appendonly.aof").exists() or (
             project_copy / ".thalamus" / "redis" / "appendonlydir"
         ).exists()

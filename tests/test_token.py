@@ -9,9 +9,13 @@ import redis
 from functions.token.service import create_service
 from local.helpers import free_port
 from shared.auth import AuthStore
+from shared.config import Rate
 from tests.conftest import function_client
 
 WRONG_SK = "sk_" + "x" * 43
+SOME_PK = "pk_" + "a" * 43
+FORM = "application/x-www-form-urlencoded"
+GRANT = {"grant_type": "client_credentials"}
 
 
 def post_json(client, body, **kw):
@@ -23,6 +27,7 @@ def test_json_keypair_gets_token_and_session(token_client, keypair):
     assert reply.status_code == 200
     body = reply.get_json()
     assert body["ttl"] == 3600 and len(body["token"]) == 43
+    assert reply.headers["Cache-Control"] == "no-store"
     session = token_client.get("/session.json", headers={"Authorization": f"Bearer {body['token']}"})
     assert session.status_code == 200
     assert session.get_json()["public_key"] == keypair.public_key
@@ -60,16 +65,89 @@ def test_oauth2_client_credentials_with_basic(token_client, keypair):
         ({"json": {"public_key": "pk_x"}}, 400, "secret_key"),
         ({"json": {"public_key": 5, "secret_key": "sk_x"}}, 400, "public_key"),
         ({"json": {"public_key": "pk_short", "secret_key": "sk_short"}}, 400, "43 characters"),
-        ({"data": {"grant_type": "password"}}, 400, "grant_type"),
-        ({"data": {"grant_type": "client_credentials"}}, 400, "client_id"),
+        ({"json": {"public_key": "pk_" + "a" * 43 + "\n", "secret_key": WRONG_SK}}, 400, "43 characters"),
         ({"data": "hello", "content_type": "text/plain"}, 415, "Content-Type"),
-        ({"headers": {"Authorization": "Basic !!!"}, "data": {"grant_type": "client_credentials"}}, 400, "Basic"),
+        # What `curl -d @client.json` sends: told to set the header, not about grant types.
+        (
+            {
+                "data": '{"public_key": "pk_x", "secret_key": "sk_y"}',
+                "content_type": "application/x-www-form-urlencoded",
+            },
+            415,
+            "Content-Type: application/json",
+        ),
     ],
 )
 def test_bad_input_gets_clear_json_error(token_client, kwargs, status, words):
     reply = token_client.post("/token.json", **kwargs)
     assert reply.status_code == status
     assert words in reply.get_json()["error"]
+
+
+def basic(user, password):
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+@pytest.mark.parametrize(
+    "kwargs, status, code",
+    [
+        ({"data": {"grant_type": "password"}}, 400, "unsupported_grant_type"),
+        ({"data": {"client_id": "pk_x", "client_secret": "sk_y"}}, 400, "invalid_request"),
+        ({"data": {"grant_type": "client_credentials"}}, 401, "invalid_client"),
+        ({"data": {"grant_type": "client_credentials", "client_id": "pk_" + "a" * 43}}, 401, "invalid_client"),
+        (
+            {"data": {"grant_type": "client_credentials", "client_id": "pk_x", "client_secret": "sk_y"}},
+            401,
+            "invalid_client",
+        ),
+        (
+            {"headers": {"Authorization": "Basic !!!"}, "data": {"grant_type": "client_credentials"}},
+            401,
+            "invalid_client",
+        ),
+        (
+            {
+                "headers": basic("pk_" + "a" * 43, WRONG_SK),
+                "data": {"grant_type": "client_credentials", "client_secret": "x"},
+            },
+            400,
+            "invalid_request",
+        ),
+        (
+            {"headers": basic("pk_" + "a" * 43, WRONG_SK), "json": {"grant_type": "client_credentials"}},
+            400,
+            "invalid_request",
+        ),
+    ],
+)
+def test_oauth2_errors_follow_rfc_6749(token_client, kwargs, status, code):
+    reply = token_client.post("/token.json", **kwargs)
+    assert reply.status_code == status
+    body = reply.get_json()
+    assert body["error"] == code and body["error_description"]
+    basic_used = "Authorization" in kwargs.get("headers", {})
+    assert (reply.headers.get("WWW-Authenticate") == 'Basic realm="thalamus"') == (status == 401 and basic_used)
+
+
+def test_oauth2_wrong_secret_is_invalid_client(token_client, keypair):
+    in_body = token_client.post(
+        "/token.json",
+        data={"grant_type": "client_credentials", "client_id": keypair.public_key, "client_secret": WRONG_SK},
+    )
+    with_basic = token_client.post(
+        "/token.json", data={"grant_type": "client_credentials"}, headers=basic(keypair.public_key, WRONG_SK)
+    )
+    assert in_body.status_code == with_basic.status_code == 401
+    assert (
+        in_body.get_json()
+        == with_basic.get_json()
+        == {
+            "error": "invalid_client",
+            "error_description": "invalid client_id or client_secret",
+        }
+    )
+    assert "WWW-Authenticate" not in in_body.headers
+    assert with_basic.headers["WWW-Authenticate"].startswith("Basic")
 
 
 def test_wrong_unknown_and_revoked_keys_get_identical_401(token_client, auth, keypair):
@@ -115,15 +193,20 @@ def test_revoked_key_token_gets_401(token_client, auth, keypair):
     assert token_client.get("/session.json", headers={"Authorization": f"Bearer {token}"}).status_code == 401
 
 
-def test_brute_force_per_key_gets_429(token_client, keypair):
+def test_guessing_at_a_key_does_not_lock_out_its_owner(token_client, keypair):
     body = {"public_key": keypair.public_key, "secret_key": WRONG_SK}
     for i in range(10):
         reply = post_json(token_client, body, environ_base={"REMOTE_ADDR": f"10.0.0.{i}"})
         assert reply.status_code == 401
-    # Even the right secret waits out the window: the key is under attack.
-    reply = post_json(token_client, {**body, "secret_key": keypair.secret_key})
+    # The key is under attack: its guessers wait, even with the right secret...
+    reply = post_json(
+        token_client, {**body, "secret_key": keypair.secret_key}, environ_base={"REMOTE_ADDR": "10.0.0.3"}
+    )
     assert reply.status_code == 429
     assert 1 <= int(reply.headers["Retry-After"]) <= 60
+    # ...and its owner, who has not failed, does not.
+    owner = post_json(token_client, {**body, "secret_key": keypair.secret_key})
+    assert owner.status_code == 200
 
 
 def test_brute_force_per_address_gets_429(token_client, auth):
@@ -145,6 +228,25 @@ def test_limits_are_configurable(settings, auth, keypair):
     client = function_client(create_service(settings.replace(auth_max_failures=2)))
     body = {"public_key": keypair.public_key, "secret_key": WRONG_SK}
     assert [post_json(client, body).status_code for _ in range(3)] == [401, 401, 429]
+
+
+def test_rate_limited_key_gets_ratelimit_headers_then_429(token_client, auth):
+    pair = auth.create_key(rate=Rate(2, 60))
+    token = auth.issue_token(pair.public_key, pair.secret_key, "t").token
+    headers = {"Authorization": f"Bearer {token}"}
+    replies = [token_client.get("/session.json", headers=headers) for _ in range(3)]
+    assert [r.status_code for r in replies] == [200, 200, 429]
+    assert [r.headers["RateLimit-Remaining"] for r in replies] == ["1", "0", "0"]
+    assert {r.headers["RateLimit-Limit"] for r in replies} == {"2"}
+    assert replies[2].headers["Retry-After"] == replies[2].headers["RateLimit-Reset"]
+    assert "rate limit" in replies[2].get_json()["error"]
+    unlimited = token_client.get("/session.json", headers={"Authorization": f"Bearer {token_for(auth)}"})
+    assert unlimited.status_code == 200 and "RateLimit-Limit" not in unlimited.headers
+
+
+def token_for(auth):
+    pair = auth.create_key()
+    return auth.issue_token(pair.public_key, pair.secret_key, "t").token
 
 
 def test_health_and_readiness(token_client):

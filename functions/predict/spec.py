@@ -28,6 +28,7 @@ def document(meta: dict[str, Any], input_name: str, output_name: str) -> dict[st
             "This function does not serve that model", f"no such model here: other (this function serves {name})"
         ),
         "405": openapi.METHOD_NOT_ALLOWED,
+        "429": openapi.RATE_LIMITED,
         "503": openapi.REDIS_DOWN,
     }
     predict_post = {

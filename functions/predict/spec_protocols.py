@@ -40,6 +40,7 @@ def paths(meta: dict[str, Any], input_name: str, output_name: str) -> tuple[dict
             "Another model, an unknown version or version label", f"model {name} has no version 7 (serving {version})"
         ),
         "405": openapi.METHOD_NOT_ALLOWED,
+        "429": openapi.RATE_LIMITED,
         "503": openapi.REDIS_DOWN,
     }
     body_errors = {

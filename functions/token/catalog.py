@@ -95,7 +95,12 @@ class Catalog:
 
 def paths() -> dict[str, Any]:
     """The catalog's operations for the token function's OpenAPI document."""
-    common = {"401": openapi.UNAUTHORIZED, "405": openapi.METHOD_NOT_ALLOWED, "503": openapi.REDIS_DOWN}
+    common = {
+        "401": openapi.UNAUTHORIZED,
+        "405": openapi.METHOD_NOT_ALLOWED,
+        "429": openapi.RATE_LIMITED,
+        "503": openapi.REDIS_DOWN,
+    }
     example = {
         "name": "shapes",
         "version": "20261126111257",

@@ -1,4 +1,10 @@
-"""The token function: trades a keypair for a bearer token and describes a token's session."""
+"""The token function: trades a keypair for a bearer token and describes a token's session.
+
+Two ways in: a JSON keypair (errors ``{"error": message}``, like every Thalamus answer), and the
+OAuth2 client-credentials grant (a form body, credentials in it or in HTTP Basic), whose errors
+take RFC 6749 §5.2's form, ``{"error": code, "error_description": message}``, because OAuth2
+client libraries read ``error`` as a code.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +16,22 @@ from urllib.parse import unquote
 import flask
 
 from functions.token import catalog, spec
-from shared.auth import AuthStore
+from shared.auth import AuthStore, IssuedToken
 from shared.config import Settings
-from shared.errors import BadRequest, UnsupportedMediaType
-from shared.http import Call, Route, Service, client_address, read_json
+from shared.errors import BadRequest, InvalidCredentials, UnsupportedMediaType
+from shared.http import Call, Route, Service, client_address, json_response, read_json
 from shared.worker import DeadlineWorker
+
+# RFC 6749 §5.1: token answers must not be cached.
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+
+class OAuthError(Exception):
+    """An RFC 6749 §5.2 error: ``code`` is what OAuth2 clients match on."""
+
+    def __init__(self, code: str, description: str, status: int = 400) -> None:
+        super().__init__(description)
+        self.code, self.description, self.status = code, description, status
 
 
 def create_service(settings: Settings, auth: AuthStore | None = None) -> Service:
@@ -22,18 +39,27 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
     auth = auth or AuthStore(settings)
     models = catalog.Catalog(settings.model_catalog)
 
-    def issue_token(call: Call) -> dict[str, Any]:
+    def issue_token(call: Call) -> flask.Response:
         """JSON keypair → {token, ttl}; OAuth2 client credentials → RFC 6749 token response."""
         request = call.request
-        basic = _basic_credentials(request)
         addr = client_address(request, settings.trusted_proxies)
-        if request.mimetype == "application/x-www-form-urlencoded" or basic:
-            form = request.form
-            if form.get("grant_type") != "client_credentials":
-                raise BadRequest("unsupported grant_type; use grant_type=client_credentials")
-            public_key, secret_key = basic or (_string_field(form, "client_id"), _string_field(form, "client_secret"))
-            issued = auth.issue_token(public_key, secret_key, addr)
-            return {"access_token": issued.token, "token_type": "Bearer", "expires_in": issued.ttl}
+        form = request.mimetype == "application/x-www-form-urlencoded"
+        if form and request.get_data(cache=True).lstrip().startswith(b"{"):
+            # What `curl -d @client.json` sends: a JSON keypair labelled as a form.
+            raise UnsupportedMediaType(
+                "the body is JSON but Content-Type says form: send it with Content-Type: application/json "
+                "(curl: -H 'Content-Type: application/json')"
+            )
+        if form or _scheme(request) == "basic":
+            basic = _scheme(request) == "basic"
+            try:
+                issued = auth.issue_token(*_client_credentials(request), addr)
+            except OAuthError as error:
+                return _oauth_error(error, basic)
+            except (BadRequest, InvalidCredentials):  # a malformed client_id is an unknown client
+                return _oauth_error(OAuthError("invalid_client", "invalid client_id or client_secret", 401), basic)
+            body = {"access_token": issued.token, "token_type": "Bearer", "expires_in": issued.ttl}
+            return json_response(body, headers=NO_STORE)
         if request.mimetype != "application/json":
             raise UnsupportedMediaType(
                 "Content-Type must be application/json (keypair) or "
@@ -41,7 +67,7 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
             )
         body = read_json(request)
         issued = auth.issue_token(_string_field(body, "public_key"), _string_field(body, "secret_key"), addr)
-        return {"token": issued.token, "ttl": issued.ttl, "token_type": "Bearer", "scopes": issued.session.scopes}
+        return json_response(_keypair_answer(issued), headers=NO_STORE)
 
     def session(call: Call) -> dict[str, Any]:
         """The public key, scopes and remaining lifetime of the caller's token."""
@@ -69,16 +95,53 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
     )
 
 
-def _basic_credentials(request: flask.Request) -> tuple[str, str] | None:
-    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "basic":
-        return None
+def _keypair_answer(issued: IssuedToken) -> dict[str, Any]:
+    return {"token": issued.token, "ttl": issued.ttl, "token_type": "Bearer", "scopes": issued.session.scopes}
+
+
+def _oauth_error(error: OAuthError, basic: bool) -> flask.Response:
+    # RFC 6749 §5.2: a client that authenticated with Basic gets 401 and a Basic challenge.
+    headers = dict(NO_STORE)
+    if error.status == 401 and basic:
+        headers["WWW-Authenticate"] = 'Basic realm="thalamus"'
+    return json_response({"error": error.code, "error_description": error.description}, error.status, headers)
+
+
+def _scheme(request: flask.Request) -> str:
+    return request.headers.get("Authorization", "").partition(" ")[0].lower()
+
+
+def _client_credentials(request: flask.Request) -> tuple[str, str]:
+    """The client-credentials grant's (client_id, client_secret), or OAuthError."""
+    basic = _basic_credentials(request) if _scheme(request) == "basic" else None
+    if request.mimetype != "application/x-www-form-urlencoded":
+        raise OAuthError("invalid_request", "send the grant as a form: Content-Type: application/x-www-form-urlencoded")
+    form = request.form
+    grant = form.get("grant_type")
+    if not grant:
+        raise OAuthError("invalid_request", "grant_type is required; use grant_type=client_credentials")
+    if grant != "client_credentials":
+        raise OAuthError("unsupported_grant_type", "only grant_type=client_credentials is supported")
+    if basic:
+        if form.get("client_secret") or form.get("client_id", basic[0]) != basic[0]:
+            raise OAuthError("invalid_request", "send the client credentials in HTTP Basic or in the body, not both")
+        return basic
+    client_id, client_secret = form.get("client_id"), form.get("client_secret")
+    if not client_id or not client_secret:
+        raise OAuthError(
+            "invalid_client", "client authentication required: HTTP Basic, or client_id and client_secret", 401
+        )
+    return client_id, client_secret
+
+
+def _basic_credentials(request: flask.Request) -> tuple[str, str]:
+    value = request.headers.get("Authorization", "").partition(" ")[2]
     try:
         user, sep, password = base64.b64decode(value, validate=True).decode().partition(":")
     except (binascii.Error, UnicodeDecodeError):
-        raise BadRequest("malformed HTTP Basic credentials") from None
+        sep = ""
     if not sep:
-        raise BadRequest("malformed HTTP Basic credentials")
+        raise OAuthError("invalid_client", "malformed HTTP Basic credentials", 401)
     # RFC 6749 2.3.1: client_id and client_secret are form-urlencoded inside Basic.
     return unquote(user), unquote(password)
 

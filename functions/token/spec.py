@@ -13,17 +13,65 @@ TOKEN = "Jq3v" + "x" * 39
 
 def document(settings: Settings) -> dict[str, Any]:
     """The token function's OpenAPI 3 document."""
-    bad_request = openapi.error(
-        "Malformed body, fields or grant type", "field 'secret_key' is required and must be a string"
-    )
+    no_store = {
+        "Cache-Control": {"description": "no-store (RFC 6749 §5.1)", "schema": {"type": "string"}},
+        "Pragma": {"description": "no-cache", "schema": {"type": "string"}},
+    }
+    either = {"anyOf": [{"$ref": "#/components/schemas/Error"}, {"$ref": "#/components/schemas/OAuthError"}]}
+    bad_request = {
+        "description": (
+            "JSON keypair: malformed body or fields. OAuth2 form: `invalid_request` (no or malformed "
+            "grant_type, credentials in Basic and body) or `unsupported_grant_type`"
+        ),
+        "content": {
+            "application/json": {
+                "schema": either,
+                "examples": {
+                    "json": {"value": {"error": "field 'secret_key' is required and must be a string"}},
+                    "oauth2": {
+                        "value": {
+                            "error": "unsupported_grant_type",
+                            "error_description": "only grant_type=client_credentials is supported",
+                        }
+                    },
+                },
+            }
+        },
+    }
+    unauthorized = {
+        "description": (
+            "Wrong, unknown, revoked or expired keypair: one identical answer for all. OAuth2 form: "
+            "`invalid_client`, with `WWW-Authenticate: Basic` when the credentials came in HTTP Basic"
+        ),
+        "headers": {
+            "WWW-Authenticate": {
+                "description": 'Basic realm="thalamus" (HTTP Basic only)',
+                "schema": {"type": "string"},
+            }
+        },
+        "content": {
+            "application/json": {
+                "schema": either,
+                "examples": {
+                    "json": {"value": {"error": "invalid public_key or secret_key"}},
+                    "oauth2": {
+                        "value": {"error": "invalid_client", "error_description": "invalid client_id or client_secret"}
+                    },
+                },
+            }
+        },
+    }
     token_post = {
         "summary": "Trade a keypair for a bearer token",
         "description": (
-            "JSON `{public_key, secret_key}` answers `{token, ttl}`. The OAuth2 "
-            "client-credentials grant (form body, credentials in the body or HTTP Basic) "
-            "answers in RFC 6749 form. Wrong, unknown and revoked keys get the same 401; "
-            f"more than {settings.auth_max_failures} failures in {settings.auth_failure_window} s "
-            "for one key or one address get 429."
+            "JSON `{public_key, secret_key}` answers `{token, ttl}`; errors are `{error: message}`. "
+            "The OAuth2 client-credentials grant (form body, credentials in the body or HTTP Basic) "
+            "answers in RFC 6749 form, and its 400/401 errors are RFC 6749 §5.2 codes "
+            "(`{error, error_description}`). Wrong, unknown, revoked and expired keys get the same "
+            "401. A token lives `TOKEN_TTL` seconds, or until its key expires if that is sooner. "
+            f"A client address with more than {settings.auth_max_failures} failures in "
+            f"{settings.auth_failure_window} s gets 429, and so does an address that failed on a key "
+            "that many others failed on; the key's owner keeps getting tokens."
         ),
         "tags": ["auth"],
         "security": [{}, {"basic": []}],
@@ -43,6 +91,7 @@ def document(settings: Settings) -> dict[str, Any]:
         "responses": {
             "200": {
                 "description": "A bearer token",
+                "headers": no_store,
                 "content": {
                     "application/json": {
                         "schema": {
@@ -72,10 +121,13 @@ def document(settings: Settings) -> dict[str, Any]:
                 },
             },
             "400": bad_request,
-            "401": openapi.error("Wrong, unknown or revoked keypair", "invalid public_key or secret_key"),
+            "401": unauthorized,
             "405": openapi.METHOD_NOT_ALLOWED,
             "413": openapi.error("Body too large", "request body too large (limit 16384 bytes)"),
-            "415": openapi.error("Neither JSON nor a form", "send Content-Type: application/json"),
+            "415": openapi.error(
+                "Neither JSON nor a form, or a JSON body sent as a form",
+                "the body is JSON but Content-Type says form: send it with Content-Type: application/json",
+            ),
             "429": openapi.retry_error("Too many failed attempts", "too many failed attempts; retry in 42 s"),
             "503": openapi.REDIS_DOWN,
         },
@@ -86,6 +138,7 @@ def document(settings: Settings) -> dict[str, Any]:
         "responses": {
             "200": {
                 "description": "The token's key, scopes and remaining lifetime",
+                "headers": openapi.RATE_HEADERS,
                 "content": {
                     "application/json": {
                         "schema": {"$ref": "#/components/schemas/Session"},
@@ -95,6 +148,7 @@ def document(settings: Settings) -> dict[str, Any]:
             },
             "401": openapi.UNAUTHORIZED,
             "405": openapi.METHOD_NOT_ALLOWED,
+            "429": openapi.RATE_LIMITED,
             "503": openapi.REDIS_DOWN,
         },
     }
@@ -137,6 +191,15 @@ def document(settings: Settings) -> dict[str, Any]:
                 "access_token": {"type": "string"},
                 "token_type": {"type": "string", "enum": ["Bearer"]},
                 "expires_in": {"type": "integer"},
+            },
+        },
+        "OAuthError": {
+            "type": "object",
+            "description": "RFC 6749 §5.2 error (OAuth2 client-credentials requests)",
+            "required": ["error", "error_description"],
+            "properties": {
+                "error": {"type": "string", "enum": ["invalid_request", "invalid_client", "unsupported_grant_type"]},
+                "error_description": {"type": "string"},
             },
         },
         "Session": {

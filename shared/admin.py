@@ -1,0 +1,294 @@
+"""What only ``keys.py`` does to keys: edit, rotate, and read usage and the audit stream.
+
+Functions never import this module (their images do not hold it); the request path lives in
+:mod:`shared.auth`, whose Redis layout this module shares.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, cast
+
+from shared import store
+from shared.auth import (
+    AUDIT_LUA,
+    AuthStore,
+    KeyInfo,
+    Keypair,
+    hash_secret,
+    rate_field,
+    salt_of,
+    utc,
+)
+from shared.config import Rate
+from shared.errors import BadRequest, UnknownKey
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class Unchanged:
+    """The value of an :meth:`KeyAdmin.edit_key` argument that is not being changed."""
+
+
+UNCHANGED = Unchanged()
+
+# KEYS: key, rate counter, audit. ARGV: user, host, detail, rate changed, expiry changed, then
+# field/value pairs. → 0 for no such key, 1 done
+_EDIT = (
+    AUDIT_LUA
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+if ARGV[4] == '1' then redis.call('DEL', KEYS[2]) end
+if ARGV[5] == '1' then redis.call('HDEL', KEYS[1], 'expiry_noted') end
+audit(KEYS[3], ARGV[1], ARGV[2], 'edit', string.match(KEYS[1], 'key:(.*)$'), ARGV[3])
+return 1
+"""
+)
+
+# KEYS: key, key-tokens, audit. ARGV: new hash, grace deadline ('' = none), revoke tokens ('1'),
+# token prefix, user, host, detail, now. → tokens killed | -1 no such key | -2 expired
+_ROTATE = (
+    AUDIT_LUA
+    + """
+local k = redis.call('HMGET', KEYS[1], 'secret', 'expires')
+if not k[1] then return -1 end
+if k[2] and k[2] ~= '' and tonumber(k[2]) <= tonumber(ARGV[8]) then return -2 end
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[1], 'old_secret', k[1], 'old_until', ARGV[2])
+else
+  redis.call('HDEL', KEYS[1], 'old_secret', 'old_until')
+end
+redis.call('HSET', KEYS[1], 'secret', ARGV[1])
+local killed = 0
+if ARGV[3] == '1' then
+  local hashes = redis.call('ZRANGE', KEYS[2], 0, -1)
+  for _, h in ipairs(hashes) do redis.call('DEL', ARGV[4] .. h) end
+  redis.call('DEL', KEYS[2])
+  killed = #hashes
+end
+audit(KEYS[3], ARGV[5], ARGV[6], 'rotate', string.match(KEYS[1], 'key:(.*)$'), ARGV[7])
+return killed
+"""
+)
+
+# KEYS: key, audit. ARGV: host, pk. Notes "expiry reached" once for an expired key.
+_NOTE_EXPIRY = (
+    AUDIT_LUA
+    + """
+local expires = redis.call('HGET', KEYS[1], 'expires')
+if expires and expires ~= '' then note_expiry(KEYS[1], KEYS[2], ARGV[1], ARGV[2], expires) end
+"""
+)
+
+
+def parse_duration(text: str) -> int:
+    """``"90d"``, ``"1h"``, ``"30m"``, ``"45s"`` → seconds; ValueError unless a positive duration."""
+    match = re.fullmatch(r"(-?[0-9]{1,9})([smhd])", text.strip())
+    if not match:
+        raise ValueError(f"duration must look like 90d, 12h, 30m or 45s, got {text!r}")
+    seconds = int(match[1]) * DURATION_UNITS[match[2]]
+    if seconds <= 0:
+        raise ValueError(f"duration must be more than zero, got {text!r}")
+    return seconds
+
+
+def parse_expiry(text: str, now: float | None = None) -> int | None:
+    """When a key given ``--expires text`` stops working, in epoch seconds; None for ``never``.
+
+    ``text`` is a duration from now (``90d``), an ISO 8601 date (``2027-01-31``: midnight UTC
+    starting that day) or date-time (``2027-01-31T12:00``, UTC unless it names its offset).
+    ValueError when malformed or not in the future.
+    """
+    now = time.time() if now is None else now
+    if text.strip().lower() in ("never", "none"):
+        return None
+    if re.fullmatch(r"\s*-?[0-9]+[a-z]*\s*", text, re.IGNORECASE):
+        return int(now) + parse_duration(text)
+    try:
+        when = datetime.datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"expiry must be a duration (90d, 12h) or an ISO date (2027-01-31[T12:00]), got {text!r}"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    expires = int(when.timestamp())
+    if expires <= now:
+        raise ValueError(f"expiry {text!r} is in the past")
+    return expires
+
+
+@dataclass(frozen=True)
+class UsageRow:
+    public_key: str
+    label: str  # "(revoked)" when the key is gone
+    model: str  # "-" for requests that name no model
+    requests: int
+    errors: int
+    last_used: int
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    time: float  # epoch seconds (the stream entry's ID)
+    action: str
+    public_key: str
+    user: str
+    host: str
+    detail: str
+
+
+class KeyAdmin(AuthStore):
+    """The key store as an admin sees it: :class:`AuthStore` plus edit, rotate, usage and audit."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._edit = self.redis.register_script(_EDIT)
+        self._rotate = self.redis.register_script(_ROTATE)
+        self._note_expiry = self.redis.register_script(_NOTE_EXPIRY)
+
+    @store.unavailable_when_down
+    def edit_key(
+        self,
+        public_key: str,
+        *,
+        scopes: list[str] | None | Unchanged = UNCHANGED,
+        label: str | Unchanged = UNCHANGED,
+        rate: Rate | None | Unchanged = UNCHANGED,
+        expires: int | None | Unchanged = UNCHANGED,
+    ) -> None:
+        """Change what is given (None: all models, unlimited, never expires). Live tokens
+        follow on their next request. UnknownKey when there is no such key."""
+        fields: dict[str, str] = {}
+        shown: list[str] = []
+        if not isinstance(scopes, Unchanged):
+            fields["scopes"] = json.dumps(scopes) if scopes else ""
+            shown.append(f"models={','.join(scopes) if scopes else '*'}")
+        if not isinstance(label, Unchanged):
+            fields["label"] = label
+            shown.append(f"label={label!r}")
+        if not isinstance(rate, Unchanged):
+            fields["rate"] = rate_field(rate)
+            shown.append(f"rate={rate or 'unlimited'}")
+        if not isinstance(expires, Unchanged):
+            fields["expires"] = "" if expires is None else str(int(expires))
+            shown.append(f"expires={utc(expires)}")
+        if not fields:
+            raise BadRequest("nothing to change")
+        done = self._edit(
+            keys=[self._k("key", public_key), self._k("rate", public_key), self._k("audit")],
+            args=[
+                *self._actor_args(),
+                " ".join(shown),
+                "1" if "rate" in fields else "",
+                "1" if "expires" in fields else "",
+                *[item for pair in fields.items() for item in pair],
+            ],
+        )
+        if not done:
+            raise UnknownKey(f"no such key: {public_key}")
+
+    @store.unavailable_when_down
+    def rotate_key(self, public_key: str, *, grace: int = 0, revoke_tokens: bool = False) -> tuple[Keypair, int]:
+        """A new secret for ``public_key`` (scopes, label, expiry and rate kept): the old one
+        stops working at once, or after ``grace`` seconds. Live tokens keep working unless
+        ``revoke_tokens``. Returns the new keypair and how many tokens died."""
+        current = self.redis.hget(self._k("key", public_key), "secret")
+        if current is None:
+            raise UnknownKey(f"no such key: {public_key}")
+        secret = "sk_" + secrets.token_urlsafe(32)
+        # With a grace period both secrets are checked: the same salt lets one scrypt run do it.
+        new_hash = hash_secret(secret, salt_of(str(current)) if grace else None)
+        now = int(time.time())
+        detail = f"grace={grace}s revoke_tokens={'yes' if revoke_tokens else 'no'}"
+        killed = self._rotate(
+            keys=[self._k("key", public_key), self._k("key-tokens", public_key), self._k("audit")],
+            args=[
+                new_hash,
+                str(now + grace) if grace else "",
+                "1" if revoke_tokens else "",
+                self._k("token", ""),
+                *self._actor_args(),
+                detail,
+                now,
+            ],
+        )
+        if killed == -1:
+            raise UnknownKey(f"no such key: {public_key}")
+        if killed == -2:
+            raise BadRequest(f"{public_key} has expired; extend it first with --edit {public_key} --expires 90d")
+        return Keypair(public_key, secret), int(killed)
+
+    @store.unavailable_when_down
+    def key(self, public_key: str) -> KeyInfo:
+        """One key's description; UnknownKey when there is none."""
+        for info in self.list_keys():
+            if info.public_key == public_key:
+                return info
+        raise UnknownKey(f"no such key: {public_key}")
+
+    @store.unavailable_when_down
+    def note_expired(self, keys: list[KeyInfo]) -> None:
+        """Record "expiry reached" in the audit stream for expired keys not yet noted."""
+        host = self.actor.host if self.actor else ""
+        for info in keys:
+            if info.expired():
+                self._note_expiry(
+                    keys=[self._k("key", info.public_key), self._k("audit")], args=[host, info.public_key]
+                )
+
+    @store.unavailable_when_down
+    def usage_report(self, public_key: str | None = None, days: int = 30) -> list[UsageRow]:
+        """Requests and errors per key and model over the last ``days`` UTC days (today
+        included), with the last use; revoked keys' usage too. UnknownKey for a ``public_key``
+        that has neither a key nor usage."""
+        today = datetime.datetime.now(datetime.UTC).date()
+        wanted = {str(today - datetime.timedelta(days=n)) for n in range(days)}
+        if public_key:
+            names = [self._k("usage", public_key, day) for day in sorted(wanted)]
+        else:
+            names = [n for n in self.redis.scan_iter(match=self._glob("usage:*"), count=1000) if n[-10:] in wanted]
+        pipe = self.redis.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(name)
+        totals: dict[tuple[str, str], list[int]] = {}
+        for name, fields in zip(names, pipe.execute(), strict=True):
+            owner = name[len(self.settings.prefix) + len("usage:") : -11]
+            for field_name, value in fields.items():
+                kind, _, model = field_name.partition(":")
+                entry = totals.setdefault((owner, model), [0, 0, 0])
+                slot = {"r": 0, "e": 1, "t": 2}.get(kind)
+                if slot == 2:
+                    entry[2] = max(entry[2], int(value))
+                elif slot is not None:
+                    entry[slot] += int(value)
+        labels = {info.public_key: info.label for info in self.list_keys()}
+        if public_key and public_key not in labels and not totals:
+            raise UnknownKey(f"no such key: {public_key}")
+        return [
+            UsageRow(pk, labels.get(pk, "(revoked)"), model, *counts) for (pk, model), counts in sorted(totals.items())
+        ]
+
+    @store.unavailable_when_down
+    def audit_log(self, since: float | None = None) -> list[AuditEvent]:
+        """The audit stream's events from ``since`` (epoch seconds; None = all), oldest first."""
+        start = f"{int(since * 1000)}-0" if since else "-"
+        entries = cast("list[tuple[str, dict[str, str]]]", self.redis.xrange(self._k("audit"), min=start))
+        return [_event(entry_id, fields) for entry_id, fields in entries]
+
+
+def _event(entry_id: str, fields: dict[str, str]) -> AuditEvent:
+    return AuditEvent(
+        int(entry_id.split("-")[0]) / 1000,
+        fields.get("action", ""),
+        fields.get("public_key", ""),
+        fields.get("user", ""),
+        fields.get("host", ""),
+        fields.get("detail", ""),
+    )
