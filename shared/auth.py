@@ -44,7 +44,7 @@ from typing import Any, cast
 import redis
 import scrypt
 
-from shared import store
+from shared import metrics, store
 from shared.config import Rate, Settings
 from shared.errors import BadRequest, Forbidden, InvalidCredentials, TooManyRequests, Unauthorized, UnknownKey
 
@@ -510,6 +510,7 @@ class AuthStore:
         TooManyRequests (the key's rate is used up) otherwise. One Redis round trip."""
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
+            metrics.AUTH_FAILURES.labels("missing").inc()
             raise Unauthorized("missing bearer token; send Authorization: Bearer <token>")
         return self.verify_token(token.strip(), model)
 
@@ -517,16 +518,21 @@ class AuthStore:
     def verify_token(self, token: str, model: str | None = None) -> Session:
         """The session a bearer token stands for (see :meth:`authenticate`)."""
         if not TOKEN_RE.fullmatch(token):
+            metrics.AUTH_FAILURES.labels("invalid").inc()
             raise Unauthorized()
         reply = self._authenticate(
             keys=[self._k("token", token_digest(token)), self._k("audit")],
             args=[self.settings.prefix, int(time.time()), model or "", self._host],
         )
-        if reply[0] == 0:
+        if reply[0] == 0:  # unknown or expired token, revoked or expired key
+            metrics.AUTH_FAILURES.labels("invalid").inc()
             raise Unauthorized()
         public_key, scopes = reply[1], json.loads(reply[2]) if reply[2] else None
         if reply[0] == 1:
-            raise Forbidden(f"this key may not call model {model}")
+            metrics.AUTH_FAILURES.labels("forbidden").inc()
+            forbidden = Forbidden(f"this key may not call model {model}")
+            forbidden.public_key = public_key
+            raise forbidden
         headers = {}
         if len(reply) > 4:
             limit, count, pttl = int(reply[4]), int(reply[5]), int(reply[6])
@@ -537,10 +543,13 @@ class AuthStore:
                 "RateLimit-Reset": str(reset),
             }
             if reply[0] == 3:
+                metrics.AUTH_FAILURES.labels("rate_limited").inc()
                 self.usage.add(public_key, model, error=True)
-                raise TooManyRequests(
+                limited = TooManyRequests(
                     reset, f"this key's rate limit ({limit} requests) is used up; retry in {reset} s", headers
                 )
+                limited.public_key = public_key
+                raise limited
         return Session(public_key, scopes, int(reply[3]), headers)
 
     def record_request(self, session: Session, model: str | None, status: int) -> None:

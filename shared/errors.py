@@ -15,6 +15,9 @@ class ThalamusError(Exception):
     """Base of every error a client may see."""
 
     status = 500
+    # The caller's public key, when the error is about a key the caller proved it holds (a
+    # valid token refused for its scopes or rate): for the access log, never for the answer.
+    public_key: str | None = None
 
     def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)

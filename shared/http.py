@@ -244,7 +244,11 @@ class Service:
             raise NotFound(f"no such model here: {exchange.model} (this function serves {self._model})")
         if route.auth:
             assert self._auth is not None  # checked in __init__
-            exchange.session = self._auth.authenticate(request.headers.get("Authorization"), exchange.model)
+            try:
+                exchange.session = self._auth.authenticate(request.headers.get("Authorization"), exchange.model)
+            except ThalamusError as refused:
+                exchange.public_key = refused.public_key
+                raise
         if _has_body(request):
             _read_body(request, self.max_body)
         result = route.handler(Call(request, args, exchange.session))
@@ -288,7 +292,7 @@ def _leave_body_unread(request: flask.Request, response: flask.Response) -> None
         close_connection()
 
 
-def entry_point(service: Service) -> Callable[[flask.Request], flask.Response]:
+def entry_point(service: Service, observe: bool = True) -> Callable[[flask.Request], flask.Response]:
     """The ``handle`` function that functions-framework serves for ``service``.
 
     Called while functions-framework loads ``main.py`` (inside ``create_app``), it also makes the
@@ -301,7 +305,8 @@ def entry_point(service: Service) -> Callable[[flask.Request], flask.Response]:
         app.url_map.merge_slashes = False
         app.register_error_handler(wz.HTTPException, _framework_error)
         app.register_error_handler(ThalamusError, error_response)
-        app.wsgi_app = AccessLog(app.wsgi_app, service.function)  # type: ignore[method-assign]
+        if observe:  # False only to measure what the access log and request metrics cost (bench/)
+            app.wsgi_app = AccessLog(app.wsgi_app, service.function)  # type: ignore[method-assign]
 
     def handle(request: flask.Request) -> flask.Response:
         return service(request)

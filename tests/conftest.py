@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -144,19 +145,42 @@ def shapes_client(settings: Settings) -> FlaskClient:
 # -- functions over real HTTP ------------------------------------------------------------------
 
 
+# -- logs: every line a server writes in the run is kept, and checked for secrets at the end ----
+
+SECRET_SHAPES = {
+    "a secret key": re.compile(r"sk_[A-Za-z0-9_-]{43}"),
+    "a bearer token": re.compile(r"(?<![A-Za-z0-9_-])(?<!pk_)[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])"),
+    "a token's SHA-256": re.compile(r"(?<![0-9a-f])[0-9a-f]{64}(?![0-9a-f])"),
+}
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Where the servers the tests start write their output. When the run ends, no line of it
+    may hold anything shaped like a secret key, a bearer token or a token's hash."""
+    folder = tmp_path_factory.mktemp("server-logs")
+    yield folder
+    leaks = [
+        f"{path.name}: {what}: {line.strip()[:200]}"
+        for path in sorted(folder.iterdir())
+        for line in path.read_text(errors="replace").splitlines()
+        for what, shape in SECRET_SHAPES.items()
+        if shape.search(line)
+    ]
+    assert leaks == [], "secrets in server logs:\n" + "\n".join(leaks)
+
+
 @pytest.fixture
-def serve_function(env: dict[str, str]) -> Iterator[Callable[..., str]]:
+def serve_function(env: dict[str, str], log_dir: Path) -> Iterator[Callable[..., str]]:
     """Start a function as the images do (``python -m shared.server``); returns its base URL."""
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(name: str, **extra: str) -> str:
         port = free_port()
-        proc = subprocess.Popen(
-            function_command(name, port),
-            env=subprocess_env(**env, **extra),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        with (log_dir / f"{name}-{port}.log").open("wb") as log:
+            proc = subprocess.Popen(
+                function_command(name, port), env=subprocess_env(**env, **extra), stdout=log, stderr=subprocess.STDOUT
+            )
         procs.append(proc)
         base = f"http://127.0.0.1:{port}"
         wait_http(base + "/healthz", proc)
@@ -267,10 +291,11 @@ def stop_stack(stack: RunningStack) -> None:
 
 
 @pytest.fixture(scope="session")
-def running_stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[RunningStack]:
+def running_stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str, log_dir: Path) -> Iterator[RunningStack]:
     """./start.sh in a temporary copy of the project, on free ports, against the test Redis."""
     folder = copy_project(tmp_path_factory.mktemp("stack") / "thalamus")
     env = subprocess_env(REDIS_URL=redis_url, THALAMUS_PREFIX=f"test-{uuid.uuid4().hex[:12]}:")
     stack = start_stack(folder, free_port_range(2 + len(DEMO_MODELS)), env)
     yield stack
     stop_stack(stack)
+    (log_dir / "start.sh.log").write_text("".join(stack.output))

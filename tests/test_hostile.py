@@ -37,13 +37,13 @@ class Server:
 
 
 @pytest.fixture
-def serve(env, tmp_path) -> Iterator:
+def serve(env, log_dir) -> Iterator:
     """Start a function with short deadlines, its stderr kept; afterwards assert no traceback."""
     servers: list[Server] = []
 
     def start(function: str, **extra: str) -> Server:
         port = free_port()
-        log = open(tmp_path / f"{function}-{port}.log", "w+b")  # noqa: SIM115 (closed below)
+        log = open(log_dir / f"{function}-{port}.log", "w+b")  # noqa: SIM115 (closed below)
         deadlines = {"REQUEST_HEADER_TIMEOUT": str(DEADLINE), "REQUEST_BODY_TIMEOUT": str(DEADLINE)}
         proc = subprocess.Popen(function_command(function, port), env=subprocess_env(**env, **deadlines, **extra),
                                 stdout=log, stderr=subprocess.STDOUT)  # fmt: skip

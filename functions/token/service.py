@@ -16,9 +16,11 @@ from urllib.parse import unquote
 import flask
 
 from functions.token import catalog, spec
-from shared.auth import AuthStore, IssuedToken
+from shared import metrics
+from shared.access import exchange_of
+from shared.auth import PUBLIC_KEY_RE, AuthStore, IssuedToken
 from shared.config import Settings
-from shared.errors import BadRequest, InvalidCredentials, UnsupportedMediaType
+from shared.errors import BadRequest, InvalidCredentials, TooManyRequests, UnsupportedMediaType
 from shared.http import Call, Route, Service, client_address, json_response, read_json
 from shared.worker import DeadlineWorker
 
@@ -39,10 +41,26 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
     auth = auth or AuthStore(settings)
     models = catalog.Catalog(settings.model_catalog)
 
+    def issue(call: Call, public_key: str, secret_key: str) -> IssuedToken:
+        """``auth.issue_token`` for the caller, counted by outcome and noted for the access line."""
+        exchange_of(call.request.environ).public_key = public_key if PUBLIC_KEY_RE.fullmatch(public_key) else None
+        try:
+            issued = auth.issue_token(public_key, secret_key, client_address(call.request, settings.trusted_proxies))
+        except InvalidCredentials:
+            metrics.TOKENS.labels("invalid").inc()
+            raise
+        except TooManyRequests:
+            metrics.TOKENS.labels("limited").inc()
+            raise
+        except BadRequest:
+            metrics.TOKENS.labels("bad_request").inc()
+            raise
+        metrics.TOKENS.labels("issued").inc()
+        return issued
+
     def issue_token(call: Call) -> flask.Response:
         """JSON keypair → {token, ttl}; OAuth2 client credentials → RFC 6749 token response."""
         request = call.request
-        addr = client_address(request, settings.trusted_proxies)
         form = request.mimetype == "application/x-www-form-urlencoded"
         if form and request.get_data(cache=True).lstrip().startswith(b"{"):
             # What `curl -d @client.json` sends: a JSON keypair labelled as a form.
@@ -53,7 +71,7 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
         if form or _scheme(request) == "basic":
             basic = _scheme(request) == "basic"
             try:
-                issued = auth.issue_token(*_client_credentials(request), addr)
+                issued = issue(call, *_client_credentials(request))
             except OAuthError as error:
                 return _oauth_error(error, basic)
             except (BadRequest, InvalidCredentials):  # a malformed client_id is an unknown client
@@ -66,7 +84,7 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
                 "application/x-www-form-urlencoded (OAuth2 client credentials)"
             )
         body = read_json(request)
-        issued = auth.issue_token(_string_field(body, "public_key"), _string_field(body, "secret_key"), addr)
+        issued = issue(call, _string_field(body, "public_key"), _string_field(body, "secret_key"))
         return json_response(_keypair_answer(issued), headers=NO_STORE)
 
     def session(call: Call) -> dict[str, Any]:

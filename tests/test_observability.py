@@ -1,0 +1,237 @@
+"""What an operator sees, over real HTTP: one JSON access line per request with the right
+fields, request ids kept and passed on, Prometheus metrics that count exactly, with 2 workers
+too, and never a secret, a token or its hash in a log line."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from local.helpers import demo_image, encode, free_port, function_command, wait_http
+from shared.auth import token_digest
+from tests.conftest import subprocess_env
+
+
+@dataclass
+class Function:
+    base: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def lines(self) -> list[dict]:
+        """Every line it logged, parsed (each must be one JSON object)."""
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+
+    def access(self, request_id: str) -> list[dict]:
+        return [line for line in self.lines() if line.get("event") == "access" and line["request_id"] == request_id]
+
+
+@pytest.fixture
+def function(env, log_dir) -> Iterator:
+    """Start a function with JSON logs on stdout, kept in a file (checked for secrets at the end)."""
+    started: list[Function] = []
+
+    def start(name: str, **extra: str) -> Function:
+        port = free_port()
+        log = log_dir / f"{name}-{port}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(function_command(name, port), stdout=out, stderr=subprocess.STDOUT,
+                                    env=subprocess_env(**{**env, "LOG_FORMAT": "json", **extra}))  # fmt: skip
+        started.append(Function(f"http://127.0.0.1:{port}", proc, log))
+        wait_http(started[-1].base + "/healthz", proc)
+        return started[-1]
+
+    yield start
+    for each in started:
+        each.proc.terminate()
+        each.proc.wait(20)
+
+
+def rid() -> str:
+    return uuid.uuid4().hex
+
+
+def settle(function: Function, request_id: str, timeout: float = 5) -> list[dict]:
+    """The access lines of ``request_id`` once written (a line is written when the answer is out)."""
+    deadline = time.monotonic() + timeout
+    while not (lines := function.access(request_id)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return lines
+
+
+def test_one_access_line_per_request_with_its_fields(function, auth, own_redis, settings):
+    token_fn = function("token", AUTH_MAX_FAILURES="2")
+    predict = function("predict", MODEL_NAME="shapes", MAX_UPLOAD_BYTES="60000")
+    pair = auth.create_key()
+    scoped = auth.create_key(["arrows"])
+    image = encode(demo_image("shapes", "circle", 2))
+    secrets_seen = [pair.secret_key, scoped.secret_key]
+
+    def call(target: Function, method: str, path: str, **kwargs) -> tuple[str, requests.Response]:
+        request_id = rid()
+        headers = {"X-Request-Id": request_id, **kwargs.pop("headers", {})}
+        reply = requests.request(method, target.base + path, headers=headers, timeout=30, **kwargs)
+        assert reply.headers["X-Request-Id"] == request_id
+        return request_id, reply
+
+    good = {"public_key": pair.public_key, "secret_key": pair.secret_key}
+    issued_id, issued = call(token_fn, "POST", "/token.json", json=good)
+    token = issued.json()["token"]
+    scoped_token = auth.issue_token(scoped.public_key, scoped.secret_key, "t").token
+    bearer, files = {"Authorization": f"Bearer {token}"}, {"file": ("c.png", image)}
+    wrong = {**good, "secret_key": "sk_" + "w" * 43}
+    token_call = (token_fn, "/token.json", pair.public_key, None)
+    scenario = [
+        ("token issued", issued_id, issued, *token_call),
+        ("wrong secret", *call(token_fn, "POST", "/token.json", json=wrong), *token_call),
+        ("wrong again", *call(token_fn, "POST", "/token.json", json=wrong), *token_call),
+        ("limited", *call(token_fn, "POST", "/token.json", json=wrong), *token_call),
+        ("prediction", *call(predict, "POST", "/models/shapes/predict.json", headers=bearer, files=files), predict,
+         "/models/<name>/predict.json", pair.public_key, "shapes"),
+        ("no token", *call(predict, "POST", "/models/shapes/predict.json", files=files), predict,
+         "/models/<name>/predict.json", None, "shapes"),
+        ("other model's key", *call(predict, "GET", "/models/shapes.json",
+                                    headers={"Authorization": f"Bearer {scoped_token}"}),
+         predict, "/models/<name>.json", scoped.public_key, "shapes"),
+        ("too large", *call(predict, "POST", "/models/shapes/predict.json", headers=bearer, data=b"x" * 70000),
+         predict, "unmatched", None, None),
+        ("unknown path", *call(predict, "GET", "/nope"), predict, "unmatched", None, None),
+    ]  # fmt: skip
+    statuses = [reply.status_code for _, _, reply, *_ in scenario]
+    assert statuses == [200, 401, 401, 429, 200, 401, 403, 413, 404]
+    for what, request_id, reply, target, route, public_key, model in scenario:
+        (line,) = settle(target, request_id)  # exactly one
+        assert line["status"] == reply.status_code and line["route"] == route, what
+        assert line["method"] in ("GET", "POST") and line["level"] == "INFO" and line["function"]
+        assert line["latency_ms"] > 0 and line["bytes_out"] == len(reply.content), what
+        assert line.get("public_key") == public_key and line.get("model") == model, (what, line)
+        if reply.status_code >= 400:
+            assert line["error"] == reply.json()["error"], what
+        else:
+            assert "error" not in line
+    assert settle(predict, scenario[4][1])[0]["bytes_in"] > len(image)
+
+    # Redis stopped: a token function on a Redis that is gone answers 503, and logs it once.
+    down = function("token", REDIS_URL=own_redis.url)
+    own_redis.stop()
+    request_id, reply = call(down, "GET", "/session.json", headers=bearer)
+    assert reply.status_code == 503
+    (line,) = settle(down, request_id)
+    assert line["status"] == 503 and "Redis unreachable" in line["error"]
+
+    start = next(line for line in predict.lines() if line.get("event") == "start")
+    assert start["settings"]["model_name"] == "shapes" and "redis_url" in start["settings"]
+    assert any(line.get("event") == "model_loaded" and line["version"] for line in predict.lines())
+    everything = "".join(f.log.read_text() for f in (token_fn, predict, down))
+    for secret in [*secrets_seen, token, scoped_token, token_digest(token), token_digest(scoped_token)]:
+        assert secret not in everything
+    assert settings.redis_url.split("@")[-1] in everything  # the URL is logged (no password to mask here)
+
+
+def test_request_ids_from_traceparent_or_made_up(function):
+    token_fn = function("token")
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    reply = requests.get(token_fn.base + "/healthz", timeout=5,
+                         headers={"traceparent": f"00-{trace}-00f067aa0ba902b7-01"})  # fmt: skip
+    assert reply.headers["X-Request-Id"] == trace and settle(token_fn, trace)
+    made = requests.get(token_fn.base + "/healthz", timeout=5, headers={"X-Request-Id": "not;an id" + "x" * 200})
+    assert re.fullmatch(r"[0-9a-f]{32}", made.headers["X-Request-Id"])
+
+
+def scrape(base: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of GET /metrics, parsed by prometheus_client's own parser."""
+    text = requests.get(base + "/metrics", timeout=5).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def total(samples: dict, name: str, **labels: str) -> float:
+    return sum(value for (n, key), value in samples.items() if n == name and labels.items() <= dict(key).items())
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_metrics_count_exactly_across_workers(function, auth, workers):
+    predict = function("predict", MODEL_NAME="shapes", WORKERS=workers)
+    pair = auth.create_key()
+    bearer = {"Authorization": "Bearer " + auth.issue_token(pair.public_key, pair.secret_key, "t").token}
+    before = scrape(predict.base)
+    image = encode(demo_image("shapes", "square", 3))
+    route = {"function": "predict", "route": "/models/<name>/predict.json", "method": "POST"}
+    two = [("file", ("a.png", image)), ("file", ("b.png", image))]
+    for _ in range(7):  # new connections: with 2 workers both answer some
+        reply = requests.post(predict.base + "/models/shapes/predict.json", headers=bearer, timeout=30, files=two)
+        assert reply.status_code == 200
+    for _ in range(3):
+        assert requests.post(predict.base + "/models/shapes/predict.json", timeout=30,
+                             files={"file": ("a.png", io.BytesIO(image))}).status_code == 401  # fmt: skip
+    time.sleep(0.3)  # the last answers' lines and samples are written after their last byte
+    after = scrape(predict.base)
+    delta = lambda name, **labels: total(after, name, **labels) - total(before, name, **labels)  # noqa: E731
+    assert delta("thalamus_requests_total", **route, status="200") == 7
+    assert delta("thalamus_requests_total", **route, status="401") == 3
+    assert delta("thalamus_request_duration_seconds_count", **route, status="200") == 7
+    assert delta("thalamus_inference_batch_size_count", model="shapes") == 7  # one model call per request
+    assert delta("thalamus_inference_batch_size_sum", model="shapes") == 14
+    assert delta("thalamus_image_decode_duration_seconds_count", model="shapes") == 14
+    assert delta("thalamus_auth_failures_total", reason="missing") == 3
+    assert total(after, "thalamus_model_info", model="shapes") == 1
+    assert total(after, "thalamus_worker_processes") == int(workers)
+    assert total(after, "thalamus_process_starts_total", function="predict") == int(workers)
+    assert total(after, "process_resident_memory_bytes") > 10e6
+    assert total(after, "thalamus_redis_command_duration_seconds_count") >= 10
+
+
+def test_token_outcomes_are_counted(function, auth):
+    token_fn = function("token", AUTH_MAX_FAILURES="2")
+    pair = auth.create_key()
+    good = {"public_key": pair.public_key, "secret_key": pair.secret_key}
+    statuses = [
+        requests.post(token_fn.base + "/token.json", json=body, timeout=10).status_code
+        for body in [good, {**good, "secret_key": "sk_" + "v" * 43}, {**good, "secret_key": "sk_" + "v" * 43},
+                     {**good, "secret_key": "sk_" + "v" * 43}, {"public_key": "pk_short", "secret_key": "sk_x"}]
+    ]  # fmt: skip
+    assert statuses == [200, 401, 401, 429, 400]
+    samples = scrape(token_fn.base)
+    counts = {
+        o: total(samples, "thalamus_tokens_total", outcome=o) for o in ("issued", "invalid", "limited", "bad_request")
+    }
+    assert counts == {"issued": 1, "invalid": 2, "limited": 1, "bad_request": 1}
+
+
+def test_metrics_scrapes_are_left_out_of_the_access_log(function):
+    token_fn = function("token")
+    request_id = rid()
+    requests.get(token_fn.base + "/metrics", headers={"X-Request-Id": request_id}, timeout=5)
+    requests.get(token_fn.base + "/healthz", headers={"X-Request-Id": request_id}, timeout=5)
+    lines = settle(token_fn, request_id)
+    assert [line["route"] for line in lines] == ["/healthz"]
+
+
+@pytest.mark.slow
+def test_the_gateway_passes_the_request_id_on_and_both_log_it(running_stack):
+    request_id = rid()
+    reply = requests.get(running_stack.gateway + "/session.json", headers={"X-Request-Id": request_id}, timeout=10)
+    assert reply.status_code == 401 and reply.headers["X-Request-Id"] == request_id
+    assert reply.raw.headers.getlist("X-Request-Id") == [request_id]  # once, not once per hop
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        mentions = [line for line in running_stack.output if request_id in line]
+        if len(mentions) >= 2:
+            break
+        time.sleep(0.1)
+    assert sorted(line.split("|")[0].strip() for line in mentions) == ["gateway", "token"]
+    assert all("401 GET" in line for line in mentions)
