@@ -1,207 +1,327 @@
-"""Prediction figures for each demo model, on this machine, next to the monolith baseline.
+"""Figures of one predict function (one replica), next to the monolith it replaces and KServe.
 
-    .venv/bin/python bench/bench_predict.py [--runs 5] [--requests 200] [--no-baseline]
+    .venv/bin/python bench/bench_predict.py [--models shapes,arrows,reference] [--seconds 30]
+                                            [--runs 5] [--requests 300] [--no-baseline] [--no-kserve]
 
-For each model in models/ (default: the demo models):
-- cold start: spawn of the production command (functions-framework, gunicorn) to the first
-  authenticated 200 on predict, median of --runs runs;
-- warm latency p50/p99 over real HTTP for a 640x480 JPEG, sequential requests on one keep-alive
-  connection from a lean client (http.client, body encoded once);
-- the floor: in-process decode + preprocess + model call for the same image, and the ratio;
-- memory of the serving processes after warm-up (gunicorn master + worker): RSS and PSS;
-- the same for the baseline (bench/baseline_app.py: FastAPI + Keras model.predict, TensorFlow),
-  built with the same network architecture (weights are not trained: speed and memory do not
-  depend on their values).
+For each model (``reference`` is a network the size of the original Thalamus classifier:
+180x180x3, three conv blocks, dense 128, 5 classes, imported with ``train.py --import``), with a
+640x480 JPEG:
+
+- floor: in-process decode + preprocess + one model call (what no server can go below);
+- cold start: spawn of the server to the first authenticated 200, median of --runs;
+- warm p50/p99 on one keep-alive connection (a lean client: body encoded once), and the same
+  function without its access log and request metrics (``bench/unobserved_function.py``);
+- under load, ``wrk`` with 8 connections for --seconds: requests/s, p50/p99, errors, the
+  servers' CPU per request, and their PSS (gunicorn master + workers: shared pages split)
+  afterwards; throughput is also shown against the machine's compute limit
+  (cores x 1000 / floor ms);
+- the same for the monolith (FastAPI + Keras ``model.predict``, TensorFlow: bench/baseline_app.py)
+  and for KServe's Python server running the same ``.tflite`` on LiteRT (bench/kserve_app.py,
+  V1 JSON with a base64 image, no token).
+
+Installs nothing into the project venv: ``pip install -r requirements-bench.txt`` once (FastAPI
+for the monolith), ``wrk`` from Debian; KServe gets its own venv on first use (bench/kserve_env.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import http.client
 import json
 import os
+import shutil
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
-
-import psutil
-import requests
 
 from functions.predict import pipeline
 from functions.predict.model import load_model
 from local import ROOT
-from local.helpers import RedisServer, free_port, function_command, percentile_ms, photo_jpeg
+from local.helpers import RedisServer, free_port, percentile_ms, photo_jpeg
 from shared import imaging
 from shared.auth import AuthStore
 from shared.config import Settings
 
 BIN = Path(sys.executable).parent
+WRK_SCRIPT = """
+wrk.method = "POST"
+local f = io.open("{body}", "rb"); wrk.body = f:read("*all"); f:close()
+{headers}
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("WRK %d %d %d %d %d %d %.3f %.3f %.3f\\n", summary.requests, summary.duration,
+    e.connect + e.read + e.write + e.timeout, e.status, 0, 0,
+    latency:percentile(50) / 1000, latency:percentile(99) / 1000, latency.mean / 1000))
+end
+"""
 
 
-def encode_multipart(photo: bytes) -> tuple[bytes, str]:
-    boundary = "thalamusbench"
-    body = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="photo.jpg"\r\n'
-            f"Content-Type: image/jpeg\r\n\r\n"
-        ).encode()
-        + photo
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    return body, f"multipart/form-data; boundary={boundary}"
+@dataclass
+class Target:
+    """A server to measure and the request that exercises it."""
+
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    path: str
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
 
 
-def memory_mb(pid: int) -> tuple[float, float]:
-    """RSS and PSS of ``pid`` and its children, in MB. RSS counts pages a forked worker shares
-    with its gunicorn master twice; PSS splits them, so it sums to what the processes really use."""
-    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    infos = [p.memory_full_info() for p in procs]
-    return sum(i.rss for i in infos) / 2**20, sum(i.pss for i in infos) / 2**20
+def multipart(photo: bytes) -> tuple[bytes, str]:
+    head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="p.jpg"\r\nContent-Type: image/jpeg\r\n\r\n'
+    return head + photo + b"\r\n--b--\r\n", "multipart/form-data; boundary=b"
 
 
-def spawn_until_200(
-    args: list[str], env: dict, url: str, files: dict, headers: dict, timeout: float = 120
-) -> tuple[subprocess.Popen, float]:
-    http = requests.Session()
+def connect(port: int) -> http.client.HTTPConnection:
+    """A keep-alive connection that sends at once (TCP_NODELAY), as curl, urllib3, Go and wrk do:
+    without it, the last segment of an upload waits for the server's delayed ACK (up to 40 ms)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.connect()
+    assert conn.sock is not None
+    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return conn
+
+
+def post(port: int, target: Target, conn: http.client.HTTPConnection | None = None) -> int:
+    conn = conn or connect(port)
+    conn.request("POST", target.path, body=target.body, headers=target.headers)
+    reply = conn.getresponse()
+    reply.read()
+    return reply.status
+
+
+def start(target: Target) -> tuple[subprocess.Popen[bytes], int, float]:
+    """Spawn ``target`` and poll until it answers its request with 200: (process, port, seconds)."""
+    port = free_port()
+    command = [part.replace("{port}", str(port)) for part in target.command]
     started = time.perf_counter()
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while time.perf_counter() - started < timeout:
+    proc = subprocess.Popen(command, env=target.env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while time.perf_counter() - started < 180:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{target.name} exited with {proc.returncode}: {' '.join(command)}")
         try:
-            if http.post(url, files=files, headers=headers, timeout=30).status_code == 200:
-                return proc, time.perf_counter() - started
-        except requests.ConnectionError:
-            time.sleep(0.005)
+            if post(port, target) == 200:
+                return proc, port, time.perf_counter() - started
+        except OSError:
+            time.sleep(0.002)
     proc.kill()
-    raise TimeoutError(f"{args[0]} never answered 200 at {url}")
+    raise TimeoutError(target.name)
 
 
-def measure(args: list[str], env: dict, url: str, photo: bytes, headers: dict, runs: int, requests_n: int) -> dict:
-    files = {"file": ("photo.jpg", photo, "image/jpeg")}
-    colds = []
-    for run in range(runs):
-        proc, cold = spawn_until_200(args, env, url, files, headers)
-        colds.append(cold)
-        if run < runs - 1:
-            proc.terminate()
-            proc.wait()
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
     try:
-        # Warm requests go through a lean client (one keep-alive connection, body encoded once),
-        # as a load generator would send them: the figure is the server's, not the client library's.
-        body, content_type = encode_multipart(photo)
-        parsed = urlsplit(url)
-        conn = http.client.HTTPConnection(parsed.hostname, parsed.port)
-        send_headers = {**headers, "Content-Type": content_type}
-        warm = []
-        for i in range(20 + requests_n):
-            t = time.perf_counter()
-            conn.request("POST", parsed.path, body=body, headers=send_headers)
-            reply = conn.getresponse()
-            reply.read()
-            assert reply.status == 200
-            if i >= 20:
-                warm.append(time.perf_counter() - t)
-        conn.close()
-        rss, pss = memory_mb(proc.pid)
-    finally:
-        proc.terminate()
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
         proc.wait()
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            parents.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        found.append(current := todo.pop())
+        todo += parents.get(current, [])
+    return found
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
+def pss_mb(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+            total += next(int(line.split()[1]) for line in lines if line.startswith("Pss:"))
+        except (OSError, StopIteration, ValueError):
+            continue
+    return total / 1024
+
+
+def warm(port: int, target: Target, n: int) -> tuple[float, float]:
+    conn = connect(port)
+    times = []
+    for i in range(n + 30):
+        started = time.perf_counter()
+        assert post(port, target, conn) == 200
+        if i >= 30:
+            times.append(time.perf_counter() - started)
+    conn.close()
+    return percentile_ms(times, 0.5), percentile_ms(times, 0.99)
+
+
+def load(port: int, proc: subprocess.Popen[bytes], target: Target, seconds: int, connections: int) -> dict[str, float]:
+    """wrk against ``target``: requests/s, latency, errors, CPU per request, PSS afterwards."""
+    with tempfile.TemporaryDirectory() as tmp:
+        body = Path(tmp) / "body"
+        body.write_bytes(target.body)
+        headers = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in target.headers.items())
+        script = Path(tmp) / "post.lua"
+        script.write_text(WRK_SCRIPT.format(body=body, headers=headers))
+        pids = tree(proc.pid)
+        cpu_before = cpu_seconds(pids)
+        out = subprocess.run(["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds}s", "-s", str(script),
+                              f"http://127.0.0.1:{port}{target.path}"], capture_output=True, text=True, check=True)  # fmt: skip
+        cpu = cpu_seconds(tree(proc.pid)) - cpu_before
+    numbers = next(line for line in out.stdout.splitlines() if line.startswith("WRK ")).split()[1:]
+    done, micros, broken, bad_status = int(numbers[0]), int(numbers[1]), int(numbers[2]), int(numbers[3])
     return {
-        "cold": statistics.median(colds) * 1000,
-        "p50": percentile_ms(warm, 0.5),
-        "p99": percentile_ms(warm, 0.99),
-        "rss": rss,
-        "pss": pss,
+        "rps": done / (micros / 1e6),
+        "p50": float(numbers[6]),
+        "p99": float(numbers[7]),
+        "errors": broken + bad_status,
+        "cpu_ms": cpu / max(done, 1) * 1000,
+        "pss": pss_mb(tree(proc.pid)),
     }
 
 
-def floor_ms(model: str, photo: bytes, n: int) -> float:
-    """In-process decode + preprocess + one model call: what no server can go below."""
-    bundle = load_model(Settings(model_name=model))
-    upload = [pipeline.Upload(photo)]
+def floor_ms(bundle: Path, photo: bytes, n: int) -> float:
+    """In-process decode + preprocess + one model call for ``photo``: what no server goes below."""
+    model = load_model(Settings(model_name=bundle.name, model_dir=bundle))
+    upload, limits = [pipeline.Upload(photo)], imaging.Limits(40_000_000)
     times = []
-    for _ in range(n + 20):
-        t = time.perf_counter()
-        pipeline.infer(bundle, pipeline.decode(bundle, upload, imaging.Limits(40_000_000)))
-        times.append(time.perf_counter() - t)
-    return percentile_ms(times[20:], 0.5)
+    for i in range(n + 30):
+        started = time.perf_counter()
+        pipeline.infer(model, pipeline.decode(model, upload, limits))
+        if i >= 30:
+            times.append(time.perf_counter() - started)
+    return percentile_ms(times, 0.5)
 
 
-def baseline_model(model: str, tmp: Path) -> tuple[Path, str]:
-    meta = json.loads((ROOT / "models" / model / "model.json").read_text())
-    spec = meta["input"]
-    path = tmp / f"{model}.keras"
-    script = (
-        f"import tensorflow as tf, train; train.build_model(tf, {spec!r}, {len(meta['labels'])}).save({str(path)!r})"
-    )
-    subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, cwd=ROOT)
-    return path, f"{spec['height']}x{spec['width']}x{spec['channels']}"
+def targets(model: str, bundle: Path, photo: bytes, env: dict[str, str], bearer: str, args: argparse.Namespace,
+            tmp: Path) -> list[Target]:  # fmt: skip
+    body, content_type = multipart(photo)
+    function = {**env, "MODEL_NAME": model, "MODEL_DIR": str(bundle), "WORKERS": "1", "THREADS": "4"}
+    thalamus_headers = {"Content-Type": content_type, "Authorization": f"Bearer {bearer}"}
+    path = f"/models/{model}/predict.json"
+    server = [sys.executable, "-m", "shared.server"]
+    found = [
+        Target("thalamus", [*server, "functions/predict/main.py", "--host", "127.0.0.1", "--port", "{port}"],
+               function, path, body, thalamus_headers),
+        Target("thalamus without access log and metrics",
+               [*server, "bench/unobserved_function.py", "--host", "127.0.0.1", "--port", "{port}"],
+               function, path, body, thalamus_headers),
+    ]  # fmt: skip
+    if not args.no_baseline:
+        meta = json.loads((bundle / "model.json").read_text())
+        spec = meta["input"]
+        keras = tmp / f"{model}.keras"
+        script = f"import tensorflow as tf, train; train.build_model(tf, {spec!r}, {len(meta['labels'])}).save({str(keras)!r})"
+        subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, cwd=ROOT)
+        size = f"{spec['height']}x{spec['width']}x{spec['channels']}"
+        found.append(Target("monolith (FastAPI + Keras, TensorFlow)",
+                            [str(BIN / "uvicorn"), "bench.baseline_app:app", "--port", "{port}", "--log-level", "error"],
+                            {**env, "BASELINE_MODEL": str(keras), "BASELINE_SIZE": size, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                            "/predict", body, {"Content-Type": content_type}))  # fmt: skip
+    if not args.no_kserve:
+        import kserve_env  # noqa: PLC0415 (bench/ sibling, only when KServe is measured)
+
+        v1 = json.dumps({"instances": [{"b64": base64.b64encode(photo).decode()}]}).encode()
+        found.append(Target("KServe Python server (LiteRT, V1 JSON, no token)",
+                            kserve_env.kserve_command(bundle, "{port}"), env, f"/v1/models/{model}:predict", v1,
+                            {"Content-Type": "application/json"}))  # fmt: skip
+    return found
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--models", default="shapes,arrows")
-    parser.add_argument("--no-baseline", action="store_true")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="shapes,arrows,reference")
+    parser.add_argument("--runs", type=int, default=5, help="cold starts per server (median)")
+    parser.add_argument("--requests", type=int, default=300, help="sequential warm requests")
+    parser.add_argument("--seconds", type=int, default=30, help="wrk duration")
+    parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--no-baseline", action="store_true", help="skip the FastAPI + Keras monolith")
+    parser.add_argument("--no-kserve", action="store_true", help="skip KServe's Python server")
     args = parser.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("bench_predict.py: wrk is missing (Debian: apt-get install wrk)")
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        server = RedisServer(free_port(), tmp / "redis").start()
-        env = {**os.environ, "REDIS_URL": server.url, "WORKERS": "1", "THREADS": "4", "TF_CPP_MIN_LOG_LEVEL": "3"}
-        auth = AuthStore(Settings(redis_url=server.url))
+        redis_server = RedisServer(free_port(), tmp / "redis").start()
+        env = {**os.environ, "REDIS_URL": redis_server.url, "LOG_LEVEL": "WARNING"}
+        auth = AuthStore(Settings(redis_url=redis_server.url))
         pair = auth.create_key()
-        headers = {"Authorization": f"Bearer {auth.issue_token(pair.public_key, pair.secret_key, 'b').token}"}
+        bearer = auth.issue_token(pair.public_key, pair.secret_key, "bench").token
         try:
             for model in args.models.split(","):
-                photo = photo_jpeg(model)
-                port = free_port()
-                thalamus = measure(
-                    function_command("predict", port),
-                    {**env, "MODEL_NAME": model},
-                    f"http://127.0.0.1:{port}/models/{model}/predict.json",
-                    photo,
-                    headers,
-                    args.runs,
-                    args.requests,
-                )
-                thalamus["floor"] = floor_ms(model, photo, args.requests)
-                rows.append((model, "thalamus (functions-framework + LiteRT)", thalamus))
-                if not args.no_baseline:
-                    path, size = baseline_model(model, tmp)
-                    port = free_port()
-                    baseline = measure(
-                        [str(BIN / "uvicorn"), "bench.baseline_app:app", "--port", str(port), "--log-level", "error"],
-                        {**env, "BASELINE_MODEL": str(path), "BASELINE_SIZE": size},
-                        f"http://127.0.0.1:{port}/predict",
-                        photo,
-                        {},
-                        max(1, args.runs // 2),
-                        args.requests,
-                    )
-                    rows.append((model, "baseline (FastAPI + Keras, TensorFlow)", baseline))
+                if model == "reference":
+                    import reference_model  # noqa: PLC0415 (bench/ sibling, builds on first use)
+
+                    bundle = reference_model.build(ROOT / "bench" / ".cache")
+                else:
+                    bundle = ROOT / "models" / model
+                name = bundle.name
+                photo = photo_jpeg("shapes")
+                floor = floor_ms(bundle, photo, args.requests)
+                for target in targets(name, bundle, photo, env, bearer, args, tmp):
+                    row = {"model": model, "server": target.name, "floor": floor}
+                    colds = []
+                    for run in range(args.runs if "without" not in target.name else 1):
+                        proc, port, seconds = start(target)
+                        colds.append(seconds)
+                        if run < args.runs - 1 and "without" not in target.name:
+                            stop(proc)
+                    row["cold"] = statistics.median(colds) * 1000
+                    row["p50"], row["p99"] = warm(port, target, args.requests)
+                    if "without" not in target.name:
+                        row.update(load(port, proc, target, args.seconds, args.connections))
+                    stop(proc)
+                    rows.append(row)
+                    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}),
+                          flush=True)  # fmt: skip
         finally:
             auth.purge()
-            server.stop()
-    print(
-        f"\n{'model':<8} {'server':<40} {'cold start':>10} {'warm p50':>9} {'warm p99':>9} "
-        f"{'floor':>7} {'p50/floor':>9} {'RSS':>8} {'PSS':>8}"
-    )
-    for model, name, r in rows:
-        floor = f"{r['floor']:6.2f}" if "floor" in r else "     -"
-        ratio = f"{r['p50'] / r['floor']:8.2f}x" if "floor" in r else "        -"
-        print(
-            f"{model:<8} {name:<40} {r['cold']:8.0f}ms {r['p50']:7.2f}ms {r['p99']:7.2f}ms "
-            f"{floor}ms {ratio} {r['rss']:6.0f}MB {r['pss']:6.0f}MB"
-        )
-    print(
-        f"\n{args.requests} sequential warm requests of a 640x480 JPEG, cold start median of {args.runs} "
-        f"runs (baseline: {max(1, args.runs // 2)}), on {os.cpu_count()} CPUs."
-    )
+            redis_server.stop()
+    report(rows, args)
+
+
+def report(rows: list[dict], args: argparse.Namespace) -> None:
+    cores = os.cpu_count() or 1
+    print(f"\n{args.connections} connections for {args.seconds} s (wrk); warm = {args.requests} sequential "
+          f"requests on one connection; cold start = median of {args.runs}; a 640x480 JPEG; {cores} CPUs.\n")  # fmt: skip
+    header = ("model", "server", "cold start", "warm p50", "p50/floor", "CPU/req", "req/s", "of limit", "p99 load",
+              "errors", "PSS")  # fmt: skip
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in rows:
+        limit = cores * 1000 / r["floor"]
+        load_cells = (
+            [f"{r['cpu_ms']:.2f} ms", f"{r['rps']:.0f}", f"{r['rps'] / limit:.2f}", f"{r['p99']:.1f} ms",
+             str(r["errors"]), f"{r['pss']:.0f} MB"]
+            if "rps" in r else ["–"] * 6
+        )  # fmt: skip
+        cells = [r["model"], r["server"], f"{r['cold']:.0f} ms", f"{r['p50']:.2f} ms", f"{r['p50'] / r['floor']:.2f}x",
+                 *load_cells]  # fmt: skip
+        print("| " + " | ".join(cells) + " |")
+    floors = {r["model"]: r["floor"] for r in rows}
+    print("\nfloors (decode + preprocess + one model call, in-process): "
+          + ", ".join(f"{m} {f:.2f} ms" for m, f in floors.items()))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ it before their body is read, enforces ``MAX_UPLOAD_BYTES``, and maps every
 
 from __future__ import annotations
 
+import functools
 import io
 import ipaddress
 import json
@@ -164,19 +165,20 @@ class Service:
         settings: Settings,
         routes: Iterable[Route],
         *,
-        openapi: dict[str, Any],
+        openapi: Callable[[], dict[str, Any]],
         auth: AuthStore | None = None,
         model: str | None = None,
         max_body: int | None = None,
         function: str = "function",
     ) -> None:
-        """``auth`` checks tokens on ``auth=True`` routes; ``model`` is the one model this
-        function serves (a path naming another is 404); ``max_body`` lowers MAX_UPLOAD_BYTES
-        for a function whose requests are small; ``function`` names it in logs and metrics."""
+        """``openapi`` builds the function's OpenAPI document (called once, when first asked for);
+        ``auth`` checks tokens on ``auth=True`` routes; ``model`` is the one model this function
+        serves (a path naming another is 404); ``max_body`` lowers MAX_UPLOAD_BYTES for a
+        function whose requests are small; ``function`` names it in logs and metrics."""
         self.settings = settings
         self.function = function
         self.max_body = min(max_body or settings.max_upload_bytes, settings.max_upload_bytes)
-        self.openapi = openapi
+        self._openapi = openapi
         self._auth = auth
         self._model = model
         table = [
@@ -207,6 +209,11 @@ class Service:
             strict_slashes=False,
             merge_slashes=False,
         )
+
+    @functools.cached_property
+    def openapi(self) -> dict[str, Any]:
+        """The function's OpenAPI document, built on first use: nobody waits for it at a cold start."""
+        return self._openapi()
 
     def __call__(self, request: flask.Request) -> flask.Response:
         """Route ``request`` and answer; never lets an exception escape as an HTML 500."""

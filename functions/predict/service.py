@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from functions.predict import pipeline, spec
@@ -61,7 +62,7 @@ def create_service(settings: Settings, model: Model, auth: AuthStore | None = No
             Route("/v2/models/<name>/infer", ("POST",), v2.infer, auth=True),
             Route("/v2/models/<name>/versions/<version>/infer", ("POST",), v2.infer, auth=True),
         ],
-        openapi=spec.document(model.meta, model.input_name, model.output_name),
+        openapi=functools.partial(spec.document, model.meta, model.input_name, model.output_name),
         auth=auth,
         model=model.name,
         function="predict",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from typing import Any
 from urllib.parse import unquote
 
@@ -104,7 +105,7 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
             Route("/models.json", ("GET",), models.models_json, auth=True),
             Route("/v1/models", ("GET",), models.kserve_list, auth=True),
         ],
-        openapi=spec.document(settings),
+        openapi=functools.partial(spec.document, settings),
         auth=auth,
         function="token",
         # A keypair or an OAuth2 form is well under 1 KB. Bodies up to this size are read by the
