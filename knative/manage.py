@@ -4,6 +4,7 @@
     knative/manage.py add-model NAME [--image REF]   # functions/models/NAME.yaml, its image, the catalog, routing
     knative/manage.py set-image FUNCTION REF         # FUNCTION = token or a model; REF = repo@sha256:… or repo:tag
     knative/manage.py catalog                        # rewrite functions/models.json from models/*/model.json
+    knative/manage.py render                         # re-render functions/models/*.yaml after editing the template
     knative/manage.py routing [--host HOST]          # re-render routing/virtualservice.yaml (local/routes.py)
     knative/manage.py canary start FUNCTION --image REF [--percent 10] [--current REVISION]
     knative/manage.py canary set FUNCTION PERCENT    # the candidate's share: 100 promotes, 0 rolls back
@@ -209,6 +210,20 @@ def write_catalog() -> None:
     (FUNCTIONS / "models.json").write_text(json.dumps(catalog, indent=2) + "\n")
 
 
+def render_model(name: str) -> str:
+    """functions/models/NAME.yaml's text: model-template.yaml with MODEL replaced by ``name``."""
+    template = (FUNCTIONS / "model-template.yaml").read_text().split("\n", 1)[1]  # drop the comment line
+    return f"# Predict function for model {name} (rendered by knative/manage.py add-model).\n" + template.replace(
+        "MODEL", name
+    )
+
+
+def render_models() -> None:
+    """Re-render every deployed model's Service from the template (after editing the template)."""
+    for name in models():
+        (FUNCTIONS / "models" / f"{name}.yaml").write_text(render_model(name))
+
+
 def add_model(name: str, ref: str | None) -> None:
     if not _NAME.fullmatch(name) or name == "token":
         raise fail(f"invalid model name {name!r} (lowercase letters, digits, -; not 'token')")
@@ -220,11 +235,7 @@ def add_model(name: str, ref: str | None) -> None:
     images = read_images((FUNCTIONS / "kustomization.yaml").read_text())
     if ref:
         images[f"thalamus/{name}"] = resolve(ref)
-    template = (FUNCTIONS / "model-template.yaml").read_text().split("\n", 1)[1]  # drop the comment line
-    out.write_text(
-        f"# Predict function for model {name} (rendered by knative/manage.py add-model).\n"
-        + template.replace("MODEL", name)
-    )
+    out.write_text(render_model(name))
     write_functions(images)
     write_catalog()
     write_routing()
@@ -370,6 +381,7 @@ def main() -> None:
     image.add_argument("function", help="token or a model name")
     image.add_argument("image", help="repo@sha256:… (or repo:tag, resolved with skopeo/podman)")
     sub.add_parser("catalog", help="rewrite functions/models.json (the token function's model catalog)")
+    sub.add_parser("render", help="re-render functions/models/*.yaml from model-template.yaml")
     routing = sub.add_parser("routing", help="re-render routing/virtualservice.yaml")
     routing.add_argument("--host", help=f"the public host name (default: the current one, else {DEFAULT_HOST})")
     can = sub.add_parser("canary", help="start, shift, finish or abort a canary")
@@ -391,6 +403,9 @@ def main() -> None:
         set_image(args.function, args.image)
     elif args.command == "catalog":
         write_catalog()
+    elif args.command == "render":
+        render_models()
+        print(f"re-rendered {len(models())} model Services from functions/model-template.yaml")
     elif args.command == "routing":
         write_routing(args.host)
     else:

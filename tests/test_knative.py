@@ -481,6 +481,20 @@ def test_add_model_renders_a_valid_service_its_image_catalog_and_route(project):
     assert not (project / "knative/functions/models/letters.yaml").exists()
 
 
+def test_model_services_are_rendered_from_the_template(project):
+    for name in manage.models():
+        committed = (KNATIVE / "functions/models" / f"{name}.yaml").read_text()
+        assert committed == manage.render_model(name), f"run knative/manage.py render ({name})"
+    template = project / "knative/functions/model-template.yaml"
+    template.write_text(template.read_text().replace('max-scale: "20"', 'max-scale: "7"'))
+    result = run_manage(project, "render")
+    assert result.returncode == 0, result.stderr
+    for service in knative_services(kustomize(project / "knative")):
+        annotations = service["spec"]["template"]["metadata"]["annotations"]
+        expected = "10" if service["metadata"]["name"] == "thalamus-token" else "7"
+        assert annotations["autoscaling.knative.dev/max-scale"] == expected
+
+
 def test_routing_host_is_set_once(project):
     assert run_manage(project, "routing", "--host", "api.example.org").returncode == 0
     docs = kustomize(project / "knative/routing")
