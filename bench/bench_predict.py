@@ -185,8 +185,23 @@ def load(port: int, proc: subprocess.Popen[bytes], target: Target, seconds: int,
         script.write_text(WRK_SCRIPT.format(body=body, headers=headers))
         pids = tree(proc.pid)
         cpu_before = cpu_seconds(pids)
-        out = subprocess.run(["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds}s", "-s", str(script),
-                              f"http://127.0.0.1:{port}{target.path}"], capture_output=True, text=True, check=True)  # fmt: skip
+        out = subprocess.run(
+            [
+                "wrk",
+                "-t",
+                "2",
+                "-c",
+                str(connections),
+                "-d",
+                f"{seconds}s",
+                "-s",
+                str(script),
+                f"http://127.0.0.1:{port}{target.path}",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         cpu = cpu_seconds(tree(proc.pid)) - cpu_before
     numbers = next(line for line in out.stdout.splitlines() if line.startswith("WRK ")).split()[1:]
     done, micros, broken, bad_status = int(numbers[0]), int(numbers[1]), int(numbers[2]), int(numbers[3])
@@ -213,38 +228,64 @@ def floor_ms(bundle: Path, photo: bytes, n: int) -> float:
     return percentile_ms(times, 0.5)
 
 
-def targets(model: str, bundle: Path, photo: bytes, env: dict[str, str], bearer: str, args: argparse.Namespace,
-            tmp: Path) -> list[Target]:  # fmt: skip
+def targets(
+    model: str, bundle: Path, photo: bytes, env: dict[str, str], bearer: str, args: argparse.Namespace, tmp: Path
+) -> list[Target]:
     body, content_type = multipart(photo)
     function = {**env, "MODEL_NAME": model, "MODEL_DIR": str(bundle), "WORKERS": "1", "THREADS": "4"}
     thalamus_headers = {"Content-Type": content_type, "Authorization": f"Bearer {bearer}"}
     path = f"/models/{model}/predict.json"
     server = [sys.executable, "-m", "shared.server"]
     found = [
-        Target("thalamus", [*server, "functions/predict/main.py", "--host", "127.0.0.1", "--port", "{port}"],
-               function, path, body, thalamus_headers),
-        Target("thalamus without access log and metrics",
-               [*server, "bench/unobserved_function.py", "--host", "127.0.0.1", "--port", "{port}"],
-               function, path, body, thalamus_headers),
-    ]  # fmt: skip
+        Target(
+            "thalamus",
+            [*server, "functions/predict/main.py", "--host", "127.0.0.1", "--port", "{port}"],
+            function,
+            path,
+            body,
+            thalamus_headers,
+        ),
+        Target(
+            "thalamus without access log and metrics",
+            [*server, "bench/unobserved_function.py", "--host", "127.0.0.1", "--port", "{port}"],
+            function,
+            path,
+            body,
+            thalamus_headers,
+        ),
+    ]
     if not args.no_baseline:
         meta = json.loads((bundle / "model.json").read_text())
         spec = meta["input"]
         keras = tmp / f"{model}.keras"
-        script = f"import tensorflow as tf, train; train.build_model(tf, {spec!r}, {len(meta['labels'])}).save({str(keras)!r})"
+        build = f"train.build_model(tf, {spec!r}, {len(meta['labels'])}).save({str(keras)!r})"
+        script = f"import tensorflow as tf, train; {build}"
         subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, cwd=ROOT)
         size = f"{spec['height']}x{spec['width']}x{spec['channels']}"
-        found.append(Target("monolith (FastAPI + Keras, TensorFlow)",
-                            [str(BIN / "uvicorn"), "bench.baseline_app:app", "--port", "{port}", "--log-level", "error"],
-                            {**env, "BASELINE_MODEL": str(keras), "BASELINE_SIZE": size, "TF_CPP_MIN_LOG_LEVEL": "3"},
-                            "/predict", body, {"Content-Type": content_type}))  # fmt: skip
+        found.append(
+            Target(
+                "monolith (FastAPI + Keras, TensorFlow)",
+                [str(BIN / "uvicorn"), "bench.baseline_app:app", "--port", "{port}", "--log-level", "error"],
+                {**env, "BASELINE_MODEL": str(keras), "BASELINE_SIZE": size, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                "/predict",
+                body,
+                {"Content-Type": content_type},
+            )
+        )
     if not args.no_kserve:
         import kserve_env  # noqa: PLC0415 (bench/ sibling, only when KServe is measured)
 
         v1 = json.dumps({"instances": [{"b64": base64.b64encode(photo).decode()}]}).encode()
-        found.append(Target("KServe Python server (LiteRT, V1 JSON, no token)",
-                            kserve_env.kserve_command(bundle, "{port}"), env, f"/v1/models/{model}:predict", v1,
-                            {"Content-Type": "application/json"}))  # fmt: skip
+        found.append(
+            Target(
+                "KServe Python server (LiteRT, V1 JSON, no token)",
+                kserve_env.kserve_command(bundle, "{port}"),
+                env,
+                f"/v1/models/{model}:predict",
+                v1,
+                {"Content-Type": "application/json"},
+            )
+        )
     return found
 
 
@@ -293,8 +334,9 @@ def main() -> None:
                         row.update(load(port, proc, target, args.seconds, args.connections))
                     stop(proc)
                     rows.append(row)
-                    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}),
-                          flush=True)  # fmt: skip
+                    print(
+                        json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True
+                    )
         finally:
             auth.purge()
             redis_server.stop()
@@ -303,25 +345,53 @@ def main() -> None:
 
 def report(rows: list[dict], args: argparse.Namespace) -> None:
     cores = os.cpu_count() or 1
-    print(f"\n{args.connections} connections for {args.seconds} s (wrk); warm = {args.requests} sequential "
-          f"requests on one connection; cold start = median of {args.runs}; a 640x480 JPEG; {cores} CPUs.\n")  # fmt: skip
-    header = ("model", "server", "cold start", "warm p50", "p50/floor", "CPU/req", "req/s", "of limit", "p99 load",
-              "errors", "PSS")  # fmt: skip
+    print(
+        f"\n{args.connections} connections for {args.seconds} s (wrk); warm = {args.requests} sequential "
+        f"requests on one connection; cold start = median of {args.runs}; a 640x480 JPEG; {cores} CPUs.\n"
+    )
+    header = (
+        "model",
+        "server",
+        "cold start",
+        "warm p50",
+        "p50/floor",
+        "CPU/req",
+        "req/s",
+        "of limit",
+        "p99 load",
+        "errors",
+        "PSS",
+    )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
         limit = cores * 1000 / r["floor"]
         load_cells = (
-            [f"{r['cpu_ms']:.2f} ms", f"{r['rps']:.0f}", f"{r['rps'] / limit:.2f}", f"{r['p99']:.1f} ms",
-             str(r["errors"]), f"{r['pss']:.0f} MB"]
-            if "rps" in r else ["–"] * 6
-        )  # fmt: skip
-        cells = [r["model"], r["server"], f"{r['cold']:.0f} ms", f"{r['p50']:.2f} ms", f"{r['p50'] / r['floor']:.2f}x",
-                 *load_cells]  # fmt: skip
+            [
+                f"{r['cpu_ms']:.2f} ms",
+                f"{r['rps']:.0f}",
+                f"{r['rps'] / limit:.2f}",
+                f"{r['p99']:.1f} ms",
+                str(r["errors"]),
+                f"{r['pss']:.0f} MB",
+            ]
+            if "rps" in r
+            else ["–"] * 6
+        )
+        cells = [
+            r["model"],
+            r["server"],
+            f"{r['cold']:.0f} ms",
+            f"{r['p50']:.2f} ms",
+            f"{r['p50'] / r['floor']:.2f}x",
+            *load_cells,
+        ]
         print("| " + " | ".join(cells) + " |")
     floors = {r["model"]: r["floor"] for r in rows}
-    print("\nfloors (decode + preprocess + one model call, in-process): "
-          + ", ".join(f"{m} {f:.2f} ms" for m, f in floors.items()))  # fmt: skip
+    print(
+        "\nfloors (decode + preprocess + one model call, in-process): "
+        + ", ".join(f"{m} {f:.2f} ms" for m, f in floors.items())
+    )
 
 
 if __name__ == "__main__":

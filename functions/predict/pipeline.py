@@ -40,20 +40,17 @@ def decode(model: Model, uploads: Sequence[Upload], limits: imaging.Limits) -> n
     if len(uploads) > MAX_FILES:
         raise BadRequest(f"too many images: {len(uploads)} (limit {MAX_FILES} per request)")
     spec, preprocessing = model.meta["input"], model.meta["preprocessing"]
-    costs = []
-    for upload in uploads:
-        with _named(upload):
-            costs.append(imaging.header_cost(upload.data, limits, (spec["width"], spec["height"])))
-    imaging.check_request(costs, limits)
+    if len(uploads) > 1:  # several: refuse the request from their headers, before any decode
+        costs = []
+        for upload in uploads:
+            with _named(upload):
+                costs.append(imaging.header_cost(upload.data, limits, (spec["width"], spec["height"])))
+        imaging.check_request(costs, limits)
     rows = []
     for upload in uploads:
         with _named(upload), metrics.DECODE_SECONDS.labels(model.name).time():
             rows.append(imaging.model_input(upload.data, limits, spec, preprocessing))
-    batch = np.stack(rows)
-    if sum(cost.pixels for cost in costs) >= imaging.TRIM_AFTER_PIXELS:
-        del rows
-        imaging.release_memory()  # decoders' buffers (libjpeg's at full size, say) go back too
-    return batch
+    return np.stack(rows)
 
 
 @contextmanager
