@@ -9,14 +9,16 @@ import json
 import random
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import requests
-from PIL import Image
+from PIL import Image, ImageDraw
 
 import demo_data
 from local import ROOT, redis_server
@@ -124,6 +126,56 @@ def first_label(model: str) -> str:
 def photo_jpeg(model: str, size: tuple[int, int] = (640, 480)) -> bytes:
     """A demo image of the model's first label as a photo-sized JPEG."""
     return encode(demo_image(model, first_label(model), 4242).resize(size), "JPEG", quality=90)
+
+
+# -- worst-case images -------------------------------------------------------------------------
+
+SIDE = 6324  # 6324² = 39,992,976 pixels: just under MAX_IMAGE_PIXELS (40 Mpx)
+
+
+def flat(mode: str, background: object, shape: object) -> Image.Image:
+    """A 40 Mpx image of one colour with a rectangle of another: kilobytes once compressed."""
+    image = Image.new(mode, (SIDE, SIDE), background)  # type: ignore[arg-type]
+    ImageDraw.Draw(image).rectangle((SIDE // 3, SIDE // 4, SIDE - 1, SIDE * 3 // 4), fill=shape)  # type: ignore[arg-type]
+    return image
+
+
+def png16_grey() -> bytes:
+    """A 16-bit grey PNG (Pillow opens it as I;16), written scanline by scanline."""
+    row = b"\0" + struct.pack(f">{SIDE}H", *([1000] * (SIDE // 3) + [60000] * (SIDE - SIDE // 3)))
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row) for _ in range(SIDE)) + compressor.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", SIDE, SIDE, 16, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def worst_case_images() -> dict[str, bytes]:
+    """The costliest image of each format and mode a predict function accepts at its default limits
+    (40 Mpx, under MAX_UPLOAD_BYTES): flat colours, kilobytes on the wire."""
+    palette = flat("P", 1, 2)
+    palette.putpalette([0, 0, 0, 200, 30, 30, 30, 160, 60] + [0] * 759)
+    images = {
+        "png-rgba": encode(flat("RGBA", (10, 20, 30, 0), (200, 100, 50, 255))),
+        "png-la": encode(flat("LA", (40, 255), (200, 90))),
+        "png-16bit-grey": png16_grey(),
+        "png-palette-transparent": encode(palette, transparency=1),
+        "png-1bit": encode(flat("1", 0, 1)),
+        "gif": encode(palette, "GIF"),
+        "bmp-1bit": encode(flat("1", 0, 1), "BMP"),
+        "jpeg-progressive-444": encode(
+            flat("RGB", (10, 20, 30), (200, 100, 50)), "JPEG", progressive=True, subsampling=0, quality=50
+        ),  # fmt: skip
+        "jpeg-cmyk": encode(flat("CMYK", (10, 20, 30, 40), (200, 100, 50, 0)), "JPEG", quality=50),
+        "webp-rgba": encode(
+            flat("RGBA", (10, 20, 30, 0), (200, 100, 50, 255)).resize((4000, 4000)), "WEBP", lossless=True
+        ),  # fmt: skip
+    }
+    assert all(len(data) < 10 * 1024 * 1024 for data in images.values())
+    return images
 
 
 # -- containers --------------------------------------------------------------------------------

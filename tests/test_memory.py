@@ -8,24 +8,20 @@ from __future__ import annotations
 import io
 import os
 import re
-import struct
 import subprocess
 import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import requests
-from PIL import Image, ImageDraw
 
 from local import ROOT
-from local.helpers import demo_image, encode, free_port, function_command, wait_http
+from local.helpers import demo_image, encode, free_port, function_command, wait_http, worst_case_images
 from tests.conftest import subprocess_env
 
 pytestmark = pytest.mark.slow
-SIDE = 6324  # 6324² = 39,992,976 pixels: just under MAX_IMAGE_PIXELS (40 Mpx)
 THREADS = 4
 
 
@@ -37,53 +33,9 @@ def manifest_memory_limit() -> int:
     return int(value.group(1)) << 20
 
 
-def flat(mode: str, background: object, shape: object) -> Image.Image:
-    """A 40 Mpx image of one colour with a rectangle of another: kilobytes once compressed."""
-    image = Image.new(mode, (SIDE, SIDE), background)  # type: ignore[arg-type]
-    ImageDraw.Draw(image).rectangle((SIDE // 3, SIDE // 4, SIDE - 1, SIDE * 3 // 4), fill=shape)  # type: ignore[arg-type]
-    return image
-
-
-def png16_grey() -> bytes:
-    """A 16-bit grey PNG (Pillow opens it as I;16), written scanline by scanline."""
-    row = b"\0" + struct.pack(f">{SIDE}H", *([1000] * (SIDE // 3) + [60000] * (SIDE - SIDE // 3)))
-    compressor = zlib.compressobj(9)
-    data = b"".join(compressor.compress(row) for _ in range(SIDE)) + compressor.flush()
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    header = struct.pack(">IIBBBBB", SIDE, SIDE, 16, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
-
-
 @pytest.fixture(scope="module")
 def worst_images() -> dict[str, bytes]:
-    return make_worst_images()
-
-
-def make_worst_images() -> dict[str, bytes]:
-    """The costliest image of each kind the function accepts (all under MAX_UPLOAD_BYTES)."""
-    palette = flat("P", 1, 2)
-    palette.putpalette([0, 0, 0, 200, 30, 30, 30, 160, 60] + [0] * 759)
-    images = {
-        "png-rgba": encode(flat("RGBA", (10, 20, 30, 0), (200, 100, 50, 255))),
-        "png-la": encode(flat("LA", (40, 255), (200, 90))),
-        "png-16bit-grey": png16_grey(),
-        "png-palette-transparent": encode(palette, transparency=1),
-        "png-1bit": encode(flat("1", 0, 1)),
-        "gif": encode(palette, "GIF"),
-        "bmp-1bit": encode(flat("1", 0, 1), "BMP"),
-        "jpeg-progressive-444": encode(
-            flat("RGB", (10, 20, 30), (200, 100, 50)), "JPEG", progressive=True, subsampling=0, quality=50
-        ),  # fmt: skip
-        "jpeg-cmyk": encode(flat("CMYK", (10, 20, 30, 40), (200, 100, 50, 0)), "JPEG", quality=50),
-        "webp-rgba": encode(
-            flat("RGBA", (10, 20, 30, 0), (200, 100, 50, 255)).resize((4000, 4000)), "WEBP", lossless=True
-        ),  # fmt: skip
-    }
-    assert all(len(data) < 10 * 1024 * 1024 for data in images.values())
-    return images
+    return worst_case_images()
 
 
 class MemoryCgroup:
