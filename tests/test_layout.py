@@ -24,7 +24,12 @@ def imports_of(path: Path) -> set[str]:
 
 
 def python_files(folder: str) -> list[Path]:
-    return sorted((ROOT / folder).rglob("*.py"))
+    return sorted(path for path in (ROOT / folder).rglob("*.py") if not hidden(path))
+
+
+def hidden(path: Path) -> bool:
+    """Under a dot folder: venvs (.venv, bench/.venv-kserve) and caches, never the project's code."""
+    return any(part.startswith(".") for part in path.relative_to(ROOT).parts)
 
 
 def project_imports(path: Path) -> set[str]:
@@ -105,6 +110,6 @@ def test_no_sys_path_edits():
     offenders = [
         str(path.relative_to(ROOT))
         for path in ROOT.rglob("*.py")
-        if ".venv" not in path.parts and "sys.path.insert" in path.read_text() and path != Path(__file__)
+        if not hidden(path) and "sys.path.insert" in path.read_text() and path != Path(__file__)
     ]
     assert offenders == []
