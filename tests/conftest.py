@@ -145,20 +145,26 @@ def shapes_client(settings: Settings) -> FlaskClient:
 
 
 @pytest.fixture
-def serve_function(env: dict[str, str]) -> Iterator[Callable[..., str]]:
-    """Start a function as the images do (``python -m shared.server``); returns its base URL."""
+def function_logs() -> dict[str, Path]:
+    """The log (stdout and stderr) of each function ``serve_function`` started, by base URL."""
+    return {}
+
+
+@pytest.fixture
+def serve_function(env: dict[str, str], tmp_path: Path, function_logs: dict[str, Path]) -> Iterator[Callable[..., str]]:
+    """Start a function as the images do (``python -m shared.server``); returns its base URL.
+    Its output goes to a file in ``tmp_path`` (see ``function_logs``)."""
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(name: str, **extra: str) -> str:
         port = free_port()
-        proc = subprocess.Popen(
-            function_command(name, port),
-            env=subprocess_env(**env, **extra),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        procs.append(proc)
         base = f"http://127.0.0.1:{port}"
+        function_logs[base] = tmp_path / f"{name}-{port}.log"
+        with function_logs[base].open("wb") as log:
+            proc = subprocess.Popen(
+                function_command(name, port), env=subprocess_env(**env, **extra), stdout=log, stderr=subprocess.STDOUT
+            )
+        procs.append(proc)
         wait_http(base + "/healthz", proc)
         return base
 
