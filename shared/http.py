@@ -21,7 +21,7 @@ from typing import Any, cast
 import flask
 import functions_framework
 from werkzeug import exceptions as wz
-from werkzeug.routing import Map, Rule
+from werkzeug.routing import BaseConverter, Map, Rule
 
 from shared import docs, metrics
 from shared.access import AccessLog, Exchange, exchange_of
@@ -157,6 +157,14 @@ def _read_body(request: flask.Request, limit: int) -> None:
     environ["thalamus.body_read"] = True
 
 
+class _Segment(BaseConverter):
+    """A path variable: one segment without ``:``, which ends a name before TF Serving's
+    ``:predict`` verb; otherwise ``/v1/models/<name>`` would also match ``shapes:predict`` and
+    405 answers would list its GET in ``Allow``."""
+
+    regex = "[^/:]+"
+
+
 class Service:
     """One function's HTTP surface: its routes plus health, readiness and docs."""
 
@@ -208,6 +216,7 @@ class Service:
             [Rule(route.rule, methods=list(route.methods), endpoint=route.rule) for route in table],
             strict_slashes=False,
             merge_slashes=False,
+            converters={"default": _Segment},
         )
 
     @functools.cached_property

@@ -1,34 +1,59 @@
-"""Pieces of the OpenAPI 3 documents every function serves at ``/openapi.json``."""
+"""Pieces of the OpenAPI 3 documents every function serves at ``/openapi.json``.
+
+Each document says what its function accepts and every answer it gives: an operation's own
+answers, plus the ones the server gives to any request (:func:`server_answers`), each error with
+its exact body (``{"error": message}``, nothing else) and the headers that always come with it
+marked ``required``. tests/test_openapi.py checks real answers against the documents, and
+tests/test_fuzz.py runs schemathesis, with all its checks, against them.
+"""
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 ERROR = {"$ref": "#/components/schemas/Error"}
 
 
-def error(description: str, example: str) -> dict[str, Any]:
-    """An error response: ``{"error": ...}`` with an example message."""
-    return {
+def header(description: str, kind: str = "integer", required: bool = False) -> dict[str, Any]:
+    """A response header; ``required`` when every such answer carries it."""
+    return {"description": description, "schema": {"type": kind}, **({"required": True} if required else {})}
+
+
+def error(description: str, example: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    """An error response: ``{"error": ...}`` with an example message (and ``headers``)."""
+    response: dict[str, Any] = {
         "description": description,
         "content": {"application/json": {"schema": ERROR, "example": {"error": example}}},
     }
-
-
-def retry_error(description: str, example: str) -> dict[str, Any]:
-    """An error response that carries a Retry-After header (429, 503)."""
-    response = error(description, example)
-    response["headers"] = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
+    if headers:
+        response["headers"] = headers
     return response
 
 
-UNAUTHORIZED = error("Missing, invalid or expired bearer token", "invalid or expired token")
-NOT_FOUND = error("Unknown path or model", "no such path: /nope")
-METHOD_NOT_ALLOWED = error("Wrong method for this path", "method not allowed; use POST")
+def retry_error(description: str, example: str) -> dict[str, Any]:
+    """An error response that always carries a Retry-After header (429, 503)."""
+    return error(description, example, {"Retry-After": header("seconds to wait", required=True)})
+
+
+UNAUTHORIZED = error(
+    "Missing, invalid or expired bearer token, or its key revoked or expired",
+    "invalid or expired token",
+    {"WWW-Authenticate": header('Bearer realm="thalamus"', "string", required=True)},
+)
+METHOD_NOT_ALLOWED = error(
+    "Wrong method for this path", "method not allowed; use POST", {"Allow": header("the methods", "string", True)}
+)
 REDIS_DOWN = retry_error("Redis unreachable", "Redis unreachable at redis://127.0.0.1:6379/0")
+# Routes that decode images also answer 503 when the process's decode budget stays taken.
+BUSY = retry_error(
+    "Redis unreachable, or the process's image-decode memory budget taken by other large images for "
+    "longer than a request may wait",
+    "busy decoding other large images; retry shortly",
+)
 # Every authenticated answer of a key with a rate (./keys.py --rate) carries these.
 RATE_HEADERS = {
-    name: {"description": text, "schema": {"type": "integer"}}
+    name: header(text)
     for name, text in (
         ("RateLimit-Limit", "requests the key may make per window (keys with a rate only)"),
         ("RateLimit-Remaining", "requests left in the current window"),
@@ -38,7 +63,23 @@ RATE_HEADERS = {
 RATE_LIMITED = retry_error(
     "The key's request rate is used up", "this key's rate limit (600 requests) is used up; retry in 12 s"
 )
-RATE_LIMITED["headers"].update(RATE_HEADERS)
+RATE_LIMITED["headers"].update({name: {**value, "required": True} for name, value in RATE_HEADERS.items()})
+
+
+def server_answers(max_body: int) -> dict[str, Any]:
+    """The errors the server gives to any request, whatever its operation (shared/worker.py and
+    shared/http.py): a malformed request, a head or body that does not arrive in time, a body
+    over ``max_body`` bytes, a request line or headers over gunicorn's limits."""
+    return {
+        "400": error("Malformed HTTP request (request line, headers or body framing)", "malformed request"),
+        "408": error(
+            "The request head or body did not arrive within REQUEST_HEADER_TIMEOUT / REQUEST_BODY_TIMEOUT",
+            "request body not received in time",
+        ),
+        "413": error(f"Body over {max_body} bytes", f"request body too large (limit {max_body} bytes)"),
+        "414": error("Request line too long (over gunicorn's limit_request_line)", "request line too long"),
+        "431": error("Request headers too many or too large", "request headers too large"),
+    }
 
 
 def _v2_get(
@@ -84,9 +125,13 @@ V2_SERVER_PATHS = {
 }
 
 
-def document(title: str, description: str, paths: dict[str, Any], schemas: dict[str, Any]) -> dict[str, Any]:
-    """A complete OpenAPI 3.0 document: the function's ``paths`` plus health and docs paths,
-    the shared Error schema and the Bearer and OAuth2 client-credentials security schemes."""
+def document(
+    title: str, description: str, paths: dict[str, Any], schemas: dict[str, Any], max_body: int
+) -> dict[str, Any]:
+    """A complete OpenAPI 3.0 document: the function's ``paths`` plus health paths, the server's
+    own answers (:func:`server_answers`, bodies up to ``max_body`` bytes) on every operation,
+    the rate headers on the successful answers of authenticated operations, the shared Error
+    schema and the Bearer and OAuth2 client-credentials security schemes."""
     health = {
         "/healthz": {
             "get": {
@@ -128,17 +173,28 @@ def document(title: str, description: str, paths: dict[str, Any], schemas: dict[
         },
         **V2_SERVER_PATHS,
     }
+    every = copy.deepcopy({**paths, **health})  # the shared pieces above stay as they are
+    for item in every.values():
+        for operation in item.values():
+            responses = operation["responses"]
+            for status, answer in {**server_answers(max_body), "405": METHOD_NOT_ALLOWED}.items():
+                responses.setdefault(status, answer)
+            if "security" not in operation:  # the document's: a bearer token
+                for status, answer in responses.items():
+                    if status.startswith("2"):
+                        answer["headers"] = {**RATE_HEADERS, **answer.get("headers", {})}
     return {
         "openapi": "3.0.3",
         "info": {"title": title, "version": "1.0.0", "description": description},
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}, {"oauth2": []}],
-        "paths": {**paths, **health},
+        "paths": every,
         "components": {
             "schemas": {
                 "Error": {
                     "type": "object",
                     "required": ["error"],
+                    "additionalProperties": False,
                     "properties": {"error": {"type": "string", "description": "what went wrong"}},
                 },
                 **schemas,

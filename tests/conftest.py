@@ -171,18 +171,26 @@ def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 
 @pytest.fixture
-def serve_function(env: dict[str, str], log_dir: Path) -> Iterator[Callable[..., str]]:
-    """Start a function as the images do (``python -m shared.server``); returns its base URL."""
+def function_logs() -> dict[str, Path]:
+    """The log (stdout and stderr) of each function ``serve_function`` started, by base URL."""
+    return {}
+
+
+@pytest.fixture
+def serve_function(env: dict[str, str], log_dir: Path, function_logs: dict[str, Path]) -> Iterator[Callable[..., str]]:
+    """Start a function as the images do (``python -m shared.server``); returns its base URL.
+    Its output goes to a file in ``log_dir`` (see ``function_logs``), checked for secrets at the end."""
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(name: str, **extra: str) -> str:
         port = free_port()
-        with (log_dir / f"{name}-{port}.log").open("wb") as log:
+        base = f"http://127.0.0.1:{port}"
+        function_logs[base] = log_dir / f"{name}-{port}.log"
+        with function_logs[base].open("wb") as log:
             proc = subprocess.Popen(
                 function_command(name, port), env=subprocess_env(**env, **extra), stdout=log, stderr=subprocess.STDOUT
             )
         procs.append(proc)
-        base = f"http://127.0.0.1:{port}"
         wait_http(base + "/healthz", proc)
         return base
 

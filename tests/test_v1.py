@@ -144,6 +144,7 @@ BAD = {
     "images and tensors mixed": ({"instances": [{"b64": b64(b"x")}, ONE]}, 400, "all images"),
     "unknown input name": ({"instances": [{"image_bytes": {"b64": "aGk="}}]}, 400, "'keras_tensor'"),
     "unknown signature": ({"signature_name": "predict_images", "instances": [ONE]}, 400, "'predict_images' not found"),
+    "signature not a string": ({"signature_name": {}, "instances": [ONE]}, 400, "signature_name must be a string"),
 }
 
 

@@ -293,6 +293,10 @@ BAD = {
         "'classification'",
     ),
     "id not a string": ({"id": 7, "inputs": [fp32([1, 64, 64, 3], ZEROS)]}, {}, 400, "'id'"),
+    # Otherwise valid requests: a wrong type is refused, not read as "absent" (null is absent).
+    "parameters a list": ({"inputs": [fp32([1, 64, 64, 3], ZEROS)], "parameters": []}, {}, 400, "must be an object"),
+    "input parameters false": ({"inputs": [fp32([1, 64, 64, 3], ZEROS, parameters=False)]}, {}, 400, "an object"),
+    "outputs 0": ({"inputs": [fp32([1, 64, 64, 3], ZEROS)], "outputs": 0}, {}, 400, "'outputs' must be a list"),
     "shared memory": (
         {"inputs": [fp32([1, 64, 64, 3], ZEROS, parameters={"shared_memory_region": "r"})]},
         {},
@@ -349,6 +353,15 @@ def test_bad_request(shapes_client, bearer, case):
     reply = shapes_client.post(f"/v2/models/{MODEL}/infer", headers={**bearer, **headers}, data=data)
     assert reply.status_code == status, reply.get_json()
     assert message in reply.get_json()["error"]
+    check(shapes_client.get("/openapi.json").get_json(), f"/v2/models/{MODEL}/infer", "post", reply)
+
+
+def test_null_optional_fields_are_absent_ones(shapes_client, bearer):
+    # KServe's own server (pydantic, Optional[...]) reads null as absent; so does this one, and
+    # its OpenAPI document says they are nullable.
+    body = {"id": None, "parameters": None, "outputs": None, "inputs": [fp32([1, 64, 64, 3], ZEROS, parameters=None)]}
+    reply = shapes_client.post(f"/v2/models/{MODEL}/infer", headers=bearer, json=body)
+    assert reply.status_code == 200 and "id" not in reply.get_json()
     check(shapes_client.get("/openapi.json").get_json(), f"/v2/models/{MODEL}/infer", "post", reply)
 
 

@@ -62,7 +62,9 @@ def create_service(settings: Settings, model: Model, auth: AuthStore | None = No
             Route("/v2/models/<name>/infer", ("POST",), v2.infer, auth=True),
             Route("/v2/models/<name>/versions/<version>/infer", ("POST",), v2.infer, auth=True),
         ],
-        openapi=functools.partial(spec.document, model.meta, model.input_name, model.output_name),
+        openapi=functools.partial(
+            spec.document, model.meta, model.input_name, model.output_name, settings.max_upload_bytes
+        ),
         auth=auth,
         model=model.name,
         function="predict",

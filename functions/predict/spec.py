@@ -2,13 +2,17 @@
 
 from typing import Any
 
-from functions.predict import spec_protocols
+from functions.predict import pipeline, spec_protocols
 from shared import openapi
 
+# The image formats shared.imaging decodes, as multipart part types.
+IMAGE_TYPES = "image/jpeg, image/png, image/webp, image/gif, image/bmp"
 
-def document(meta: dict[str, Any], input_name: str, output_name: str) -> dict[str, Any]:
+
+def document(meta: dict[str, Any], input_name: str, output_name: str, max_body: int) -> dict[str, Any]:
     """The predict function's OpenAPI 3 document for the model described by ``meta``, whose
-    tensors the inference protocols name ``input_name`` and ``output_name``."""
+    tensors the inference protocols name ``input_name`` and ``output_name``, taking request
+    bodies up to ``max_body`` bytes (MAX_UPLOAD_BYTES)."""
     name, labels = meta["name"], meta["labels"]
     spec = meta["input"]
     shares = [97.12, 2.41, 0.47][: len(labels)]
@@ -36,7 +40,8 @@ def document(meta: dict[str, Any], input_name: str, output_name: str) -> dict[st
         "description": (
             f"Labels: {', '.join(labels)}. Images (JPEG, PNG, WebP, GIF first frame, BMP; any "
             f"colour mode; EXIF orientation applied) are resized to {spec['width']}x{spec['height']}. "
-            "Several `file` parts are answered as `results`, in upload order, in one model call."
+            f"Up to {pipeline.MAX_FILES} `file` parts, {max_body} bytes in all; several are answered as "
+            "`results`, in upload order, in one model call."
         ),
         "tags": [name],
         "parameters": [model_param],
@@ -50,11 +55,14 @@ def document(meta: dict[str, Any], input_name: str, output_name: str) -> dict[st
                         "properties": {
                             "file": {
                                 "type": "array",
+                                "minItems": 1,
+                                "maxItems": pipeline.MAX_FILES,
                                 "items": {"type": "string", "format": "binary"},
-                                "description": "one or more images (up to 32)",
+                                "description": f"1 to {pipeline.MAX_FILES} images: JPEG, PNG, WebP, GIF or BMP",
                             }
                         },
                     },
+                    "encoding": {"file": {"contentType": IMAGE_TYPES}},
                 }
             },
         },
@@ -77,14 +85,15 @@ def document(meta: dict[str, Any], input_name: str, output_name: str) -> dict[st
                 },
             },
             "400": openapi.error(
-                "No file, empty file, not an image, truncated image, too many pixels",
+                f"No file, more than {pipeline.MAX_FILES}, an empty file, not an image (or not one of these "
+                "formats), a truncated image, too many pixels, too costly to decode together; or a malformed request",
                 "file 'cat.txt': not an image; send JPEG, PNG, WebP, GIF or BMP",
             ),
-            "413": openapi.error("Body over MAX_UPLOAD_BYTES", "request body too large (limit 10485760 bytes)"),
             "415": openapi.error(
                 "Not multipart/form-data", "send multipart/form-data with the image(s) in field 'file'"
             ),
             **common,
+            "503": openapi.BUSY,
         },
     }
     metadata_get = {
@@ -147,7 +156,7 @@ def document(meta: dict[str, Any], input_name: str, output_name: str) -> dict[st
             },
         },
     }
-    protocol_paths, protocol_schemas = spec_protocols.paths(meta, input_name, output_name)
+    protocol_paths, protocol_schemas = spec_protocols.paths(meta, input_name, output_name, max_body)
     return openapi.document(
         f"Thalamus model {name}",
         f"Predictions from model `{name}` (version {meta['version']}). Get a token at "
@@ -159,4 +168,5 @@ def document(meta: dict[str, Any], input_name: str, output_name: str) -> dict[st
             **protocol_paths,
         },
         {**schemas, **protocol_schemas},
+        max_body,
     )

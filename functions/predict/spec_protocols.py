@@ -21,8 +21,11 @@ def _object(properties: dict[str, Any], required: list[str] | None = None, **ext
     return {"type": "object", "required": required or list(properties), "properties": properties, **extra}
 
 
-def paths(meta: dict[str, Any], input_name: str, output_name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(paths, schemas) of V1 and V2 for the model ``meta`` describes."""
+def paths(
+    meta: dict[str, Any], input_name: str, output_name: str, max_body: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(paths, schemas) of V1 and V2 for the model ``meta`` describes, with bodies up to
+    ``max_body`` bytes (after decompression too)."""
     name, version, labels = meta["name"], str(meta["version"]), meta["labels"]
     spec = meta["input"]
     shape = [spec["height"], spec["width"], spec["channels"]]
@@ -45,17 +48,18 @@ def paths(meta: dict[str, Any], input_name: str, output_name: str) -> tuple[dict
     }
     body_errors = {
         "413": openapi.error(
-            "Body over MAX_UPLOAD_BYTES, on the wire or after gzip/deflate decompression",
-            "request body after gzip decompression too large (limit 10485760 bytes)",
+            f"Body over {max_body} bytes (MAX_UPLOAD_BYTES), on the wire or after gzip/deflate decompression",
+            f"request body after gzip decompression too large (limit {max_body} bytes)",
         ),
         "415": openapi.error("A Content-Encoding other than gzip or deflate", "Content-Encoding 'br' is not supported"),
+        "503": openapi.BUSY,  # examples that are image files are decoded under the process's budget
     }
 
     def operation(
         method: str, tag: str, summary: str, ok: dict[str, Any], extra: dict[str, Any] | None = None, **more: Any
     ) -> dict[str, Any]:
         return {
-            method: {"summary": summary, "tags": [tag], "responses": {"200": ok, **(extra or {}), **errors}, **more}
+            method: {"summary": summary, "tags": [tag], "responses": {"200": ok, **errors, **(extra or {})}, **more}
         }
 
     def forms(
@@ -197,6 +201,13 @@ def paths(meta: dict[str, Any], input_name: str, output_name: str) -> tuple[dict
         'Classification extension: `"parameters": {"classification": k}` on the output answers '
         '`"score:index:label"` strings. Any Content-Type; `Content-Encoding: gzip` or `deflate` too.'
     )
+    header_length = {
+        "name": "Inference-Header-Content-Length",
+        "in": "header",
+        "required": False,
+        "description": "binary tensor data extension: the length of the JSON that starts the body",
+        "schema": {"type": "integer", "minimum": 1},
+    }
     v2: dict[str, Any] = {}
     v2 |= forms(
         "/v2/models/{name}",
@@ -257,7 +268,7 @@ def paths(meta: dict[str, Any], input_name: str, output_name: str) -> tuple[dict
                 },
             },
             {"400": v2_400, **body_errors},
-            parameters=params,
+            parameters=[*params, header_length],
             description=infer_description,
             requestBody={
                 "required": True,
@@ -289,11 +300,27 @@ def paths(meta: dict[str, Any], input_name: str, output_name: str) -> tuple[dict
         ),
         "/infer",
     )
-    return {**v1, **v2}, _schemas(labels)
+    return {**v1, **v2}, _schemas(labels, input_name, output_name)
 
 
-def _schemas(labels: list[str]) -> dict[str, Any]:
-    tensor = {"description": 'nested lists of numbers, or an image file {"b64": "..."}'}
+def _schemas(labels: list[str], input_name: str, output_name: str) -> dict[str, Any]:
+    # A V1 example: nested lists of numbers (the model's input) or an image file, bare or named
+    # after the model's input (TF Serving's named form). `inputs` (columnar) holds the batch.
+    numbers = {"type": "array", "description": "nested lists of numbers"}
+    image = {
+        "type": "object",
+        "required": ["b64"],
+        "additionalProperties": False,
+        "properties": {"b64": {"type": "string", "description": "an image file (JPEG, PNG, WebP, GIF, BMP), base64"}},
+    }
+    named = {
+        "type": "object",
+        "required": [input_name],
+        "additionalProperties": False,
+        "properties": {input_name: {"oneOf": [numbers, image]}},
+    }
+    tensor = {"oneOf": [numbers, image, named]}
+    parameters = {"type": "object", "nullable": True}
     output = _object(
         {
             "name": {"type": "string"},
@@ -314,11 +341,13 @@ def _schemas(labels: list[str]) -> dict[str, Any]:
         ),
         "V1PredictRequest": {
             "type": "object",
+            "description": "exactly one of `instances` (row form) and `inputs` (columnar form)",
             "properties": {
                 "signature_name": {"type": "string", "enum": ["", "serving_default", "serving_labels"]},
-                "instances": {"type": "array", "items": tensor, "maxItems": pipeline.MAX_FILES},
+                "instances": {"type": "array", "items": tensor, "minItems": 1, "maxItems": pipeline.MAX_FILES},
                 "inputs": tensor,
             },
+            "oneOf": [{"required": ["instances"]}, {"required": ["inputs"]}],
         },
         "V1PredictResponse": {
             "type": "object",
@@ -357,8 +386,8 @@ def _schemas(labels: list[str]) -> dict[str, Any]:
         ),
         "V2InferRequest": _object(
             {
-                "id": {"type": "string"},
-                "parameters": {"type": "object"},
+                "id": {"type": "string", "nullable": True},
+                "parameters": parameters,
                 "inputs": {
                     "type": "array",
                     "minItems": 1,
@@ -369,14 +398,17 @@ def _schemas(labels: list[str]) -> dict[str, Any]:
                             "datatype": {"type": "string", "enum": ["FP32", "FP16", "FP64", "UINT8", "BYTES"]},
                             "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
                             "data": {"type": "array", "items": {}},
-                            "parameters": {"type": "object"},
+                            "parameters": parameters,
                         },
                         ["name", "datatype", "shape"],
                     ),
                 },
                 "outputs": {
                     "type": "array",
-                    "items": _object({"name": {"type": "string"}, "parameters": {"type": "object"}}, ["name"]),
+                    "nullable": True,
+                    "items": _object(
+                        {"name": {"type": "string", "enum": [output_name]}, "parameters": parameters}, ["name"]
+                    ),
                 },
             },
             ["inputs"],

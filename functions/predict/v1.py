@@ -81,7 +81,10 @@ class V1:
         doc = tensors.parse_json(tensors.read_body(call.request, self.max_body))
         if not isinstance(doc, dict):
             raise BadRequest("body must be a JSON object with 'instances' or 'inputs'")
-        signature = doc.get("signature_name") or DEFAULT
+        signature = doc.get("signature_name", "")
+        if not isinstance(signature, str):
+            raise BadRequest("signature_name must be a string")
+        signature = signature or DEFAULT
         if signature not in (DEFAULT, LABELS):
             raise BadRequest(f"signature_name {signature!r} not found; use {DEFAULT!r} or {LABELS!r}")
         if "instances" in doc and "inputs" in doc:

@@ -117,11 +117,10 @@ class V2:
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise BadRequest("inputs[0]: missing 'name'")
         where = f"input {spec['name']!r}"
-        datatype, shape, params = spec.get("datatype"), spec.get("shape"), spec.get("parameters") or {}
+        datatype, shape = spec.get("datatype"), spec.get("shape")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise BadRequest(f"{where}: 'shape' must be a list of non-negative integers")
-        if not isinstance(params, dict):
-            raise BadRequest(f"{where}: 'parameters' must be an object")
+        params = _parameters(spec, where)
         if any(key.startswith("shared_memory") for key in params):
             raise BadRequest(f"{where}: shared memory is not supported; send the data in the request")
         if datatype == "BYTES":
@@ -180,12 +179,10 @@ class V2:
 
     def _outputs(self, doc: dict[str, Any]) -> list[tuple[bool, int]]:
         """The requested outputs, in order, as (binary, classification count); all by default."""
-        params = doc.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise BadRequest("'parameters' must be an object")
+        params = _parameters(doc, "request")
         default_binary = _flag(params, "binary_data_output", False, "parameters")
         wanted = doc.get("outputs")
-        if not wanted:
+        if wanted is None or wanted == []:
             return [(default_binary, 0)]
         if not isinstance(wanted, list):
             raise BadRequest("'outputs' must be a list of {\"name\": ...}")
@@ -198,9 +195,7 @@ class V2:
                     f"unexpected inference output {output['name']!r} for model {self.model.name!r} "
                     f"(its output is {self.model.output_name!r})"
                 )
-            options = output.get("parameters") or {}
-            if not isinstance(options, dict):
-                raise BadRequest(f"outputs[{i}]: 'parameters' must be an object")
+            options = _parameters(output, f"outputs[{i}]")
             if any(key.startswith("shared_memory") for key in options):
                 raise BadRequest(f"outputs[{i}]: shared memory is not supported")
             classes = options.get("classification", 0)
@@ -274,6 +269,16 @@ def _section(params: dict[str, Any], binary: memoryview, where: str) -> memoryvi
     if size < len(binary):
         raise BadRequest(f"{len(binary) - size} bytes of binary data left over after {where}")
     return binary
+
+
+def _parameters(holder: dict[str, Any], where: str) -> dict[str, Any]:
+    """``holder``'s ``parameters`` object; absent or null (as KServe allows) is an empty one."""
+    params = holder.get("parameters")
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise BadRequest(f"{where}: 'parameters' must be an object")
+    return params
 
 
 def _flag(params: dict[str, Any], key: str, default: bool, where: str) -> bool:

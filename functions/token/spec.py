@@ -5,17 +5,22 @@ from typing import Any
 from functions.token import catalog
 from shared import openapi
 from shared.config import Settings
+from shared.worker import DeadlineWorker
 
 PK = "pk_" + "A" * 43
 SK = "sk_" + "B" * 43
 TOKEN = "Jq3v" + "x" * 39
+# A key as shared.auth checks it: the prefix and 43 url-safe characters, nothing before or after.
+KEY_PATTERN = "^{}_[A-Za-z0-9_-]{{43}}$"
 
 
 def document(settings: Settings) -> dict[str, Any]:
     """The token function's OpenAPI 3 document."""
+    # The token function's Service takes bodies up to the size the server reads before dispatch.
+    max_body = min(DeadlineWorker.preread_body, settings.max_upload_bytes)
     no_store = {
-        "Cache-Control": {"description": "no-store (RFC 6749 §5.1)", "schema": {"type": "string"}},
-        "Pragma": {"description": "no-cache", "schema": {"type": "string"}},
+        "Cache-Control": openapi.header("no-store (RFC 6749 §5.1)", "string", required=True),
+        "Pragma": openapi.header("no-cache", "string", required=True),
     }
     either = {"anyOf": [{"$ref": "#/components/schemas/Error"}, {"$ref": "#/components/schemas/OAuthError"}]}
     bad_request = {
@@ -77,6 +82,7 @@ def document(settings: Settings) -> dict[str, Any]:
         "security": [{}, {"basic": []}],
         "requestBody": {
             "required": True,
+            "description": f"At most {max_body} bytes.",
             "content": {
                 "application/json": {
                     "schema": {"$ref": "#/components/schemas/KeypairRequest"},
@@ -123,7 +129,6 @@ def document(settings: Settings) -> dict[str, Any]:
             "400": bad_request,
             "401": unauthorized,
             "405": openapi.METHOD_NOT_ALLOWED,
-            "413": openapi.error("Body too large", "request body too large (limit 16384 bytes)"),
             "415": openapi.error(
                 "Neither JSON nor a form, or a JSON body sent as a form",
                 "the body is JSON but Content-Type says form: send it with Content-Type: application/json",
@@ -138,7 +143,6 @@ def document(settings: Settings) -> dict[str, Any]:
         "responses": {
             "200": {
                 "description": "The token's key, scopes and remaining lifetime",
-                "headers": openapi.RATE_HEADERS,
                 "content": {
                     "application/json": {
                         "schema": {"$ref": "#/components/schemas/Session"},
@@ -152,7 +156,8 @@ def document(settings: Settings) -> dict[str, Any]:
             "503": openapi.REDIS_DOWN,
         },
     }
-    key = {"type": "string", "minLength": 46, "maxLength": 46}
+    public_key = {"type": "string", "pattern": KEY_PATTERN.format("pk"), "example": PK}
+    secret_key = {"type": "string", "pattern": KEY_PATTERN.format("sk"), "example": SK}
     scopes = {
         "type": "array",
         "items": {"type": "string"},
@@ -163,15 +168,15 @@ def document(settings: Settings) -> dict[str, Any]:
         "KeypairRequest": {
             "type": "object",
             "required": ["public_key", "secret_key"],
-            "properties": {"public_key": {**key, "pattern": "^pk_"}, "secret_key": {**key, "pattern": "^sk_"}},
+            "properties": {"public_key": public_key, "secret_key": secret_key},
         },
         "ClientCredentialsRequest": {
             "type": "object",
             "required": ["grant_type"],
             "properties": {
                 "grant_type": {"type": "string", "enum": ["client_credentials"]},
-                "client_id": key,
-                "client_secret": key,
+                "client_id": public_key,
+                "client_secret": secret_key,
             },
         },
         "TokenResponse": {
@@ -197,6 +202,7 @@ def document(settings: Settings) -> dict[str, Any]:
             "type": "object",
             "description": "RFC 6749 §5.2 error (OAuth2 client-credentials requests)",
             "required": ["error", "error_description"],
+            "additionalProperties": False,
             "properties": {
                 "error": {"type": "string", "enum": ["invalid_request", "invalid_client", "unsupported_grant_type"]},
                 "error_description": {"type": "string"},
@@ -213,6 +219,7 @@ def document(settings: Settings) -> dict[str, Any]:
         "Issue bearer tokens for API keys. Keys come from `./keys.py -g FILE`.",
         {"/token.json": {"post": token_post}, "/session.json": {"get": session_get}, **catalog.paths()},
         {**schemas, **catalog.SCHEMAS},
+        max_body,
     )
     doc["components"]["securitySchemes"]["basic"] = {
         "type": "http",
