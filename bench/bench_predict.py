@@ -12,9 +12,10 @@ For each model (``reference`` is a network the size of the original Thalamus cla
 - warm p50/p99 on one keep-alive connection (a lean client: body encoded once), and the same
   function without its access log and request metrics (``bench/unobserved_function.py``);
 - under load, ``wrk`` with 8 connections for --seconds: requests/s, p50/p99, errors, the
-  servers' CPU per request, and their PSS (gunicorn master + workers: shared pages split)
-  afterwards; throughput is also shown against the machine's compute limit
-  (cores x 1000 / floor ms);
+  servers' CPU per request, and afterwards their PSS and RSS (all of a server's processes: with
+  one process, RSS is everything it holds; PSS splits the pages it shares, its libraries' code
+  mostly, with other processes on the machine); throughput is also shown against the machine's
+  compute limit (cores x 1000 / floor ms);
 - the same for the monolith (FastAPI + Keras ``model.predict``, TensorFlow: bench/baseline_app.py)
   and for KServe's Python server running the same ``.tflite`` on LiteRT (bench/kserve_app.py,
   V1 JSON with a base64 image, no token).
@@ -40,11 +41,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from functions.predict import pipeline
-from functions.predict.model import load_model
 from local import ROOT
-from local.helpers import RedisServer, free_port, percentile_ms, photo_jpeg
-from shared import imaging
+from local.helpers import RedisServer, free_port, percentile_ms
 from shared.auth import AuthStore
 from shared.config import Settings
 
@@ -152,12 +150,13 @@ def cpu_seconds(pids: list[int]) -> float:
     return total
 
 
-def pss_mb(pids: list[int]) -> float:
+def memory_mb(pids: list[int], field: str) -> float:
+    """``field`` (``Pss`` or ``Rss``) of ``pids`` added up, in MB."""
     total = 0
     for pid in pids:
         try:
             lines = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
-            total += next(int(line.split()[1]) for line in lines if line.startswith("Pss:"))
+            total += next(int(line.split()[1]) for line in lines if line.startswith(f"{field}:"))
         except (OSError, StopIteration, ValueError):
             continue
     return total / 1024
@@ -207,16 +206,63 @@ def load(port: int, proc: subprocess.Popen[bytes], target: Target, seconds: int,
     done, micros, broken, bad_status = int(numbers[0]), int(numbers[1]), int(numbers[2]), int(numbers[3])
     return {
         "rps": done / (micros / 1e6),
-        "p50": float(numbers[6]),
-        "p99": float(numbers[7]),
+        "load_p50": float(numbers[6]),
+        "load_p99": float(numbers[7]),
         "errors": broken + bad_status,
         "cpu_ms": cpu / max(done, 1) * 1000,
-        "pss": pss_mb(tree(proc.pid)),
+        "pss": memory_mb(tree(proc.pid), "Pss"),
+        "rss": memory_mb(tree(proc.pid), "Rss"),
     }
 
 
+def observability_cost(target: Target, n: int, rounds: int = 5) -> tuple[float, float]:
+    """Warm p50 of ``target`` and of the same function without its access log and request
+    metrics (bench/unobserved_function.py), both running, their requests interleaved so that
+    the machine's noise falls on each alike; medians over ``rounds``."""
+    bare = Target(
+        target.name,
+        [*target.command[:3], "bench/unobserved_function.py", *target.command[4:]],
+        target.env,
+        target.path,
+        target.body,
+        target.headers,
+    )
+    (with_proc, with_port, _), (bare_proc, bare_port, _) = start(target), start(bare)
+    try:
+        observed, unobserved = [], []
+        for _ in range(rounds):
+            conns, times = (connect(with_port), connect(bare_port)), ([], [])
+            for i in range(n + 30):
+                for which in (0, 1):
+                    started = time.perf_counter()
+                    assert post(0, target, conns[which]) == 200
+                    if i >= 30:
+                        times[which].append(time.perf_counter() - started)
+            observed.append(percentile_ms(times[0], 0.5))
+            unobserved.append(percentile_ms(times[1], 0.5))
+        return statistics.median(observed), statistics.median(unobserved)
+    finally:
+        stop(with_proc)
+        stop(bare_proc)
+
+
 def floor_ms(bundle: Path, photo: bytes, n: int) -> float:
-    """In-process decode + preprocess + one model call for ``photo``: what no server goes below."""
+    """In-process decode + preprocess + one model call for ``photo``: what no server goes below.
+    Measured in a child process, so that this one never maps NumPy, Pillow or LiteRT: pages it
+    shared with the servers would lower their PSS."""
+    with tempfile.NamedTemporaryFile(suffix=".jpg") as file:
+        file.write(photo)
+        file.flush()
+        command = [sys.executable, __file__, "--floor-of", str(bundle), file.name, str(n)]
+        return float(subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout)
+
+
+def measure_floor(bundle: Path, photo: bytes, n: int) -> float:
+    """The floor, in this process (``--floor-of``)."""
+    from functions.predict import pipeline  # noqa: PLC0415 (only in the child process)
+    from functions.predict.model import load_model  # noqa: PLC0415
+    from shared import imaging  # noqa: PLC0415
+
     model = load_model(Settings(model_name=bundle.name, model_dir=bundle))
     upload, limits = [pipeline.Upload(photo)], imaging.Limits(40_000_000)
     times = []
@@ -226,6 +272,12 @@ def floor_ms(bundle: Path, photo: bytes, n: int) -> float:
         if i >= 30:
             times.append(time.perf_counter() - started)
     return percentile_ms(times, 0.5)
+
+
+def sample_photo() -> bytes:
+    """The 640x480 JPEG every server gets (made in a child process, as the floor is)."""
+    script = "import sys; from local.helpers import photo_jpeg; sys.stdout.buffer.write(photo_jpeg('shapes'))"
+    return subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, cwd=ROOT).stdout
 
 
 def targets(
@@ -240,14 +292,6 @@ def targets(
         Target(
             "thalamus",
             [*server, "functions/predict/main.py", "--host", "127.0.0.1", "--port", "{port}"],
-            function,
-            path,
-            body,
-            thalamus_headers,
-        ),
-        Target(
-            "thalamus without access log and metrics",
-            [*server, "bench/unobserved_function.py", "--host", "127.0.0.1", "--port", "{port}"],
             function,
             path,
             body,
@@ -304,14 +348,20 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--no-baseline", action="store_true", help="skip the FastAPI + Keras monolith")
     parser.add_argument("--no-kserve", action="store_true", help="skip KServe's Python server")
+    parser.add_argument("--floor-of", nargs=3, metavar=("BUNDLE", "JPEG", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.floor_of:
+        bundle, jpeg, n = args.floor_of
+        print(measure_floor(Path(bundle), Path(jpeg).read_bytes(), int(n)))
+        return
     if not shutil.which("wrk"):
         raise SystemExit("bench_predict.py: wrk is missing (Debian: apt-get install wrk)")
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         redis_server = RedisServer(free_port(), tmp / "redis").start()
-        env = {**os.environ, "REDIS_URL": redis_server.url, "LOG_LEVEL": "WARNING"}
+        # As the images run: JSON access lines at INFO on stdout (to /dev/null here).
+        env = {**os.environ, "REDIS_URL": redis_server.url, "LOG_LEVEL": "INFO", "LOG_FORMAT": "json"}
         auth = AuthStore(Settings(redis_url=redis_server.url))
         pair = auth.create_key()
         bearer = auth.issue_token(pair.public_key, pair.secret_key, "bench").token
@@ -324,21 +374,22 @@ def main() -> None:
                 else:
                     bundle = ROOT / "models" / model
                 name = bundle.name
-                photo = photo_jpeg("shapes")
+                photo = sample_photo()
                 floor = floor_ms(bundle, photo, args.requests)
                 for target in targets(name, bundle, photo, env, bearer, args, tmp):
                     row = {"model": model, "server": target.name, "floor": floor}
                     colds = []
-                    for run in range(args.runs if "without" not in target.name else 1):
+                    for run in range(args.runs):
                         proc, port, seconds = start(target)
                         colds.append(seconds)
-                        if run < args.runs - 1 and "without" not in target.name:
+                        if run < args.runs - 1:
                             stop(proc)
                     row["cold"] = statistics.median(colds) * 1000
                     row["p50"], row["p99"] = warm(port, target, args.requests)
-                    if "without" not in target.name:
-                        row.update(load(port, proc, target, args.seconds, args.connections))
+                    row.update(load(port, proc, target, args.seconds, args.connections))
                     stop(proc)
+                    if target.name == "thalamus":
+                        row["observed"], row["unobserved"] = observability_cost(target, args.requests)
                     rows.append(row)
                     print(
                         json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True
@@ -364,9 +415,10 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
         "CPU/req",
         "req/s",
         "of limit",
-        "p99 load",
+        "p50 / p99 under load",
         "errors",
         "PSS",
+        "RSS",
     )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -377,12 +429,13 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
                 f"{r['cpu_ms']:.2f} ms",
                 f"{r['rps']:.0f}",
                 f"{r['rps'] / limit:.2f}",
-                f"{r['p99']:.1f} ms",
+                f"{r['load_p50']:.1f} / {r['load_p99']:.1f} ms",
                 str(r["errors"]),
                 f"{r['pss']:.0f} MB",
+                f"{r['rss']:.0f} MB",
             ]
             if "rps" in r
-            else ["–"] * 6
+            else ["–"] * 7
         )
         cells = [
             r["model"],
@@ -393,6 +446,12 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
             *load_cells,
         ]
         print("| " + " | ".join(cells) + " |")
+    for r in rows:
+        if "observed" in r:
+            print(
+                f"{r['model']}: access log + request metrics add {r['observed'] - r['unobserved']:+.3f} ms to the warm "
+                f"p50 ({r['unobserved']:.3f} → {r['observed']:.3f} ms, interleaved, median of 5 rounds)"
+            )
     floors = {r["model"]: r["floor"] for r in rows}
     print(
         "\nfloors (decode + preprocess + one model call, in-process): "

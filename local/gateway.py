@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     logs.setup("gateway", settings.log_level, settings.log_format)
     app = AccessLog(Gateway(args.token, dict(spec.split("=", 1) for spec in args.model), source=args.source), "gateway")
     # Many more threads than a function: a proxy thread mostly waits on a function.
-    Gunicorn(app, gunicorn_options(settings, args.host, args.port, threads=64)).run()
+    Gunicorn(app, gunicorn_options(settings, args.host, args.port, threads=64)).serve()
 
 
 if __name__ == "__main__":

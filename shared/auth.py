@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis
-import scrypt
 
 from shared import metrics, store
 from shared.config import Rate, Settings
@@ -179,6 +178,8 @@ def hash_secret(secret: str, salt: bytes | None = None) -> str:
 
     ``salt`` defaults to 16 fresh random bytes.
     """
+    import scrypt  # noqa: PLC0415 (as in matching_hash)
+
     salt = salt or secrets.token_bytes(16)
     digest = scrypt.hash(secret.encode(), salt, SCRYPT_N, SCRYPT_R, SCRYPT_P, SCRYPT_LEN)
     b64 = base64.urlsafe_b64encode
@@ -199,6 +200,10 @@ def matching_hash(secret: str, hashes: list[str]) -> str | None:
     Hashes that share salt and parameters (a rotation with a grace period keeps the salt) cost
     one scrypt run together, so an old secret during its grace costs no more than the new one.
     """
+    # Imported here, not at the top: only token issuance and keys.py hash secrets, so a predict
+    # function never loads it (3 MB resident and 4 ms of its cold start).
+    import scrypt  # noqa: PLC0415
+
     digests: dict[tuple[str, ...], bytes] = {}
     found = None
     for encoded in hashes:

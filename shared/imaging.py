@@ -35,12 +35,12 @@ import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from shared import cgroup
 from shared.config import Settings
 from shared.errors import BadRequest, ServiceUnavailable
 
@@ -143,27 +143,9 @@ class Limits:
         (every format and mode up to 40 Mpx but WebP), 512 MiB → 288 MiB."""
         budget = settings.decode_memory_mb << 20 if settings.decode_memory_mb else None
         if budget is None:
-            limit = memory_limit()
+            limit = cgroup.memory_limit()
             budget = max(64 << 20, limit - (224 << 20)) if limit else 160 << 20
         return cls(settings.max_image_pixels, DecodeBudget(budget))
-
-
-def memory_limit() -> int | None:
-    """This process's memory limit in bytes (its cgroup's, v2 or v1), or None when unlimited."""
-    candidates = []
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/cgroup").read_text().splitlines():
-            _, controllers, path = line.split(":", 2)
-            if controllers == "":  # cgroup v2
-                candidates.append(f"/sys/fs/cgroup{path.rstrip('/')}/memory.max")
-            elif "memory" in controllers.split(","):
-                candidates.append(f"/sys/fs/cgroup/memory{path.rstrip('/')}/memory.limit_in_bytes")
-    for candidate in candidates:
-        with contextlib.suppress(OSError, ValueError):
-            value = int(Path(candidate).read_text().strip())  # "max" (v2, no limit) fails here
-            if value < 1 << 60:  # v1 says "no limit" with a huge number
-                return value
-    return None
 
 
 # -- the header and the cost -------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Prometheus metrics of a function, served at ``GET /metrics``.
 
-With several gunicorn workers each worker counts on its own, so the server
+With several gunicorn workers (WORKERS > 1) each worker counts on its own, so the server
 (:mod:`shared.server`) points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh folder before anything
 imports prometheus_client: every worker then writes its samples there and ``/metrics``, whichever
 worker answers it, adds them up. Without it (tests, one process) the default registry is used.
@@ -17,6 +17,9 @@ from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import REGISTRY, Collector, CollectorRegistry
 
+# The server's own process: shared.server loads the function, and so this module, before gunicorn
+# forks any worker (WORKERS > 1), which inherit the value.
+SERVER_PID = os.getpid()
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -45,18 +48,24 @@ REDIS_ERRORS = Counter("thalamus_redis_errors", "Auth-store operations that foun
 MODEL_INFO = Gauge(
     "thalamus_model_info", "The model this function serves", ["model", "version"], multiprocess_mode="max"
 )
+MODEL_INTERPRETERS = Gauge("thalamus_model_interpreters", "LiteRT interpreters this process holds (one per usable CPU)",
+                           ["model"], multiprocess_mode="livesum")  # fmt: skip
 MODEL_LOAD_SECONDS = Gauge("thalamus_model_load_seconds", "Time to load the model at start", ["model"],
                            multiprocess_mode="max")  # fmt: skip
 STARTS = Counter("thalamus_process_starts", "Worker processes started (a scale-from-zero start is one)", ["function"])
 
 
 class ProcessTree(Collector):
-    """Memory, CPU and file descriptors of the gunicorn master and all its workers, added up
-    (prometheus_client's process collector sees one process; a function is several)."""
+    """Memory, CPU and file descriptors of the server's process and its forked workers, added
+    up (prometheus_client's process collector sees one process; with WORKERS > 1 a function is
+    several). ``root`` is the server's own process (shared.server), which workers inherit."""
+
+    def __init__(self, root: int) -> None:
+        self.root = root
 
     def collect(self) -> Iterator[Metric]:
-        master = os.getppid()
-        pids = [master, *(pid for pid in _pids() if _parent(pid) == master)]
+        workers = [pid for pid in _pids() if _parent(pid) == self.root]
+        pids = [self.root, *workers]
         rss = cpu = fds = 0.0
         page, ticks = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_CLK_TCK")
         for pid in pids:
@@ -67,10 +76,11 @@ class ProcessTree(Collector):
                 fds += len(os.listdir(f"/proc/{pid}/fd"))
             except (OSError, IndexError, ValueError):
                 continue  # a worker that just exited
-        yield GaugeMetricFamily("process_resident_memory_bytes", "Resident memory of master and workers", rss)
-        yield GaugeMetricFamily("process_cpu_seconds_total", "CPU seconds of master and workers", cpu)
-        yield GaugeMetricFamily("process_open_fds", "Open file descriptors of master and workers", fds)
-        yield GaugeMetricFamily("thalamus_worker_processes", "Live gunicorn workers", len(pids) - 1)
+        yield GaugeMetricFamily("process_resident_memory_bytes", "Resident memory of the server's processes", rss)
+        yield GaugeMetricFamily("process_cpu_seconds_total", "CPU seconds of the server's processes", cpu)
+        yield GaugeMetricFamily("process_open_fds", "Open file descriptors of the server's processes", fds)
+        # One process serving on its own (WORKERS=1) is one worker.
+        yield GaugeMetricFamily("thalamus_worker_processes", "Processes serving requests", len(workers) or 1)
 
 
 def _pids() -> Iterator[int]:
@@ -93,5 +103,5 @@ def exposition() -> bytes:
         return generate_latest(REGISTRY)
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    registry.register(ProcessTree())
+    registry.register(ProcessTree(SERVER_PID))
     return generate_latest(registry)

@@ -6,6 +6,12 @@ This is what the images run and what ``./start.sh`` starts. It is functions-fram
 ``create_app`` (the same app ``functions-framework --target handle --source …`` serves), with
 the server settings in one place instead of the framework's fixed ones, and one line on stderr
 instead of a traceback when the function cannot start (no ``MODEL_NAME``, a broken bundle).
+
+With ``WORKERS=1`` (every manifest's setting: Knative scales out by replicas, not processes) the
+gunicorn worker runs in this very process, without gunicorn's master: a forked worker would
+hold a second copy of every page it writes to (the model's arenas, the heap under Python's
+reference counts), and a master only restarts a dead worker, which Kubernetes does for the
+container. ``WORKERS`` > 1 runs gunicorn's master and forked workers.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import gc
 import logging
 import os
 import shutil
@@ -24,6 +31,7 @@ from typing import Any
 import functions_framework
 import gunicorn.app.base
 import gunicorn.glogging
+import gunicorn.sock
 
 from shared import config, logs
 from shared.config import Settings
@@ -59,6 +67,26 @@ class Gunicorn(gunicorn.app.base.BaseApplication):  # type: ignore[misc]  # guni
 
     def load(self) -> Any:
         return self._app
+
+    def serve(self) -> None:
+        """Serve until SIGTERM (graceful) or SIGINT/SIGQUIT: one worker runs in this process
+        (see the module's docstring), more are forked by gunicorn's master."""
+        if self.cfg.workers > 1:
+            gc.freeze()  # the forked workers' collections then never write to the pages loaded here
+            self.run()
+            return
+        # What gunicorn's master does for a worker after forking: same class, settings, hooks.
+        # The worker also stops when this process's parent changes (the stack that started it died).
+        cfg = self.cfg
+        logger = cfg.logger_class(cfg)
+        sockets = gunicorn.sock.create_sockets(cfg, logger)
+        worker = cfg.worker_class(1, os.getppid(), sockets, self, cfg.timeout / 2.0, cfg, logger)
+        worker.pid = os.getpid()
+        try:
+            worker.init_process()  # serves until told to stop
+        finally:
+            worker.tmp.close()
+            cfg.on_exit(self)
 
 
 def gunicorn_options(settings: Settings, host: str, port: int, threads: int | None = None) -> dict[str, Any]:
@@ -134,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     options = gunicorn_options(settings, args.host, args.port or settings.port)
     logs.event(log, f"{function} serving on {options['bind']}", event="start", settings=settings.summary())
-    Gunicorn(app, {**options, **_hooks(function, metrics_dir)}).run()
+    Gunicorn(app, {**options, **_hooks(function, metrics_dir)}).serve()
     return 0
 
 

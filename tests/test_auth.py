@@ -31,7 +31,7 @@ def scrypt_runs(monkeypatch):
         runs.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(auth_module.scrypt, "hash", counting)
+    monkeypatch.setattr(scrypt, "hash", counting)
     return runs
 
 

@@ -2,6 +2,7 @@
 OAuth2 client libraries people use against it."""
 
 import json
+import time
 
 import pytest
 import requests
@@ -32,6 +33,11 @@ def test_keys_token_session_revoke_purge(env, serve_function, tmp_path, raw_redi
     after = requests.get(f"{base}/session.json", headers=auth, timeout=10)
     assert after.status_code == 401 and after.json()["error"]
 
+    # The function adds its usage counts to Redis once a second: let that land before the purge,
+    # or it would write them after it.
+    deadline = time.monotonic() + 10
+    while not raw_redis.exists(env["THALAMUS_PREFIX"] + "last-used") and time.monotonic() < deadline:
+        time.sleep(0.1)
     raw_redis.set("foreign:e2e", "stays")
     try:
         run("-g", str(tmp_path / "second.json"))

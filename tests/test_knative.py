@@ -18,6 +18,8 @@ import pytest
 import yaml
 
 from local import ROOT, routes
+from shared.config import Settings
+from shared.server import gunicorn_options
 
 KNATIVE = ROOT / "knative"
 SCHEMA = json.loads((ROOT / "tests/schemas/service-serving.knative.dev-v1.json").read_text())
@@ -45,7 +47,7 @@ AUTOSCALING_KEYS = {
 }
 DIGEST = re.compile(r"@sha256:[0-9a-f]{64}$")
 QUEUE_PROXY_DRAIN = 30  # seconds the queue-proxy drains before the container gets SIGTERM
-GUNICORN_GRACE = 30  # gunicorn's graceful_timeout (its default; shared/server.py does not change it)
+GUNICORN_GRACE = gunicorn_options(Settings(), "", 0)["graceful_timeout"]  # in-flight requests' time after SIGTERM
 
 
 def load_manage():

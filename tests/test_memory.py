@@ -19,7 +19,7 @@ import requests
 
 from local import ROOT
 from local.helpers import demo_image, encode, free_port, function_command, wait_http, worst_case_images
-from tests.conftest import subprocess_env
+from tests.conftest import in_cgroup, remove_cgroup, subprocess_env
 
 pytestmark = pytest.mark.slow
 THREADS = 4
@@ -63,25 +63,14 @@ class MemoryCgroup:
         return int(dict(line.split() for line in (self.path / name).read_text().splitlines()).get("oom_kill", 0))
 
     def remove(self) -> None:
-        for _ in range(50):
-            try:
-                self.path.rmdir()
-                return
-            except OSError:
-                time.sleep(0.1)
+        remove_cgroup(self.path)
 
 
 @pytest.fixture
 def predict_server(env, auth):
     cgroup = MemoryCgroup(manifest_memory_limit())
     port = free_port()
-    command = [
-        "sh",
-        "-c",
-        f'echo $$ > {cgroup.path}/cgroup.procs && exec "$@"',
-        "sh",
-        *function_command("predict", port),
-    ]
+    command = in_cgroup(cgroup.path, function_command("predict", port))
     settings = {"MODEL_NAME": "shapes", "THREADS": str(THREADS), "WORKERS": "1"}
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=subprocess_env(**env, **settings))  # fmt: skip

@@ -109,7 +109,7 @@ def test_a_dying_function_is_reported(tmp_path, stack_env):
             for p in processes_under(folder)
             if f"--port {port + 2} " in Path(f"/proc/{p}/cmdline").read_text().replace("\0", " ")
         ]
-        os.kill(min(first_model), signal.SIGKILL)  # the functions-framework master
+        os.kill(min(first_model), signal.SIGKILL)  # the function's process
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and "exited" not in "".join(stack.output):
             time.sleep(0.1)
@@ -117,7 +117,7 @@ def test_a_dying_function_is_reported(tmp_path, stack_env):
         assert report and report[0].startswith(f"start.sh: predict-{sorted(DEMO_MODELS)[0]} ")
         assert stack.proc.poll() is None  # the rest keeps running
         assert requests.get(f"{stack.gateway}/healthz", timeout=5).status_code == 200
-        # Its gunicorn worker notices the master is gone within about a second and exits too.
+        # The gateway finds nothing answering on its port.
         deadline = time.monotonic() + 10
         while (
             dead := requests.get(f"{stack.gateway}/models/{sorted(DEMO_MODELS)[0]}.json", timeout=10)

@@ -7,9 +7,10 @@ threads never share an interpreter, and no thread waits for another's model call
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import logging
-import math
 import os
 import queue
 import time
@@ -21,13 +22,14 @@ from typing import Any
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from shared import logs, metrics
+from shared import cgroup, logs, metrics
 from shared.config import Settings
 from shared.errors import StartupError
 
 log = logging.getLogger("thalamus.model")
 
 REQUIRED = ("name", "version", "labels", "input", "preprocessing")
+MADV_DONTNEED = 4  # <sys/mman.h> on Linux
 
 
 class BundleError(StartupError):
@@ -53,8 +55,10 @@ def load_model(settings: Settings) -> Model:
     version = str(model.meta["version"])
     metrics.MODEL_INFO.labels(model.name, version).set(1)
     metrics.MODEL_LOAD_SECONDS.labels(model.name).set(seconds)
-    logs.event(log, f"loaded model {model.name} {version} in {seconds * 1000:.1f} ms", event="model_loaded",
-               model=model.name, version=version, load_ms=round(seconds * 1000, 2))  # fmt: skip
+    metrics.MODEL_INTERPRETERS.labels(model.name).set(model.interpreters)
+    message = f"loaded model {model.name} {version} in {seconds * 1000:.1f} ms, {model.interpreters} interpreters"
+    logs.event(log, message, event="model_loaded", model=model.name, version=version, load_ms=round(seconds * 1000, 2),
+               interpreters=model.interpreters)  # fmt: skip
     return model
 
 
@@ -94,20 +98,21 @@ def _native_stderr_silenced() -> Iterator[None]:
         os.close(saved)
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on: its affinity, capped by a cgroup CPU quota (a pod's
-    ``limits.cpu``), at least one."""
-    cpus = len(os.sched_getaffinity(0))
-    quota = None
-    with contextlib.suppress(OSError, ValueError):  # cgroup v2: "max 100000" or "150000 100000"
-        limit, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        quota = None if limit == "max" else int(limit) / int(period)
-    if quota is None:
-        with contextlib.suppress(OSError, ValueError):  # cgroup v1
-            limit_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-            period_us = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
-            quota = limit_us / period_us if limit_us > 0 else None
-    return max(1, min(cpus, math.ceil(quota) if quota else cpus))
+def release_mapped_pages(path: Path) -> None:
+    """Let go of this process's resident pages of the file at ``path`` (``madvise(MADV_DONTNEED)``
+    on each of its mappings). The interpreters map the flatbuffer, but once XNNPACK has packed
+    the weights into its own buffers they never read it again: without this, a copy of the whole
+    file (16 MB for a 4-million-weight dense layer) would stay resident for nothing. A page an
+    operator does read later is simply read back from the page cache."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    target = str(path.resolve())
+    with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].rstrip("\n") == target:
+                start, end = (int(address, 16) for address in fields[0].split("-"))
+                libc.madvise(start, end - start, MADV_DONTNEED)
 
 
 class Model:
@@ -117,8 +122,8 @@ class Model:
     and its own activation arena, so the pool has as many as the CPUs the process may use
     (more would only wait for a core, and cost memory): a request thread borrows one for its
     model call, waiting for it with nothing else held (its images are decoded by then). They
-    are created at start, before gunicorn forks its workers, so their packed weights are shared
-    with the worker; each runs one image at a time, so its arena never grows past one input.
+    are created once, at start, in the process that serves (shared.server runs one); each runs
+    one image at a time, so its arena never grows past one input.
     """
 
     def __init__(self, bundle: Path, interpreters: int | None = None) -> None:
@@ -129,12 +134,13 @@ class Model:
         if not self._path.is_file():
             raise BundleError(f"{self._path} not found")
         self._pool: queue.SimpleQueue[Interpreter] = queue.SimpleQueue()
-        self.interpreters = interpreters or usable_cpus()
+        self.interpreters = interpreters or cgroup.usable_cpus()
         with _native_stderr_silenced():
             created = [self._new_interpreter() for _ in range(self.interpreters)]  # fails here if broken
         self._check_shapes(created[0])
         for interpreter in created:
             self._pool.put(interpreter)
+        release_mapped_pages(self._path)
 
     def _new_interpreter(self) -> Interpreter:
         try:

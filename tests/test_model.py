@@ -1,0 +1,156 @@
+"""The loaded model (functions/predict/model.py): what keeps a replica's memory bounded whatever
+it is sent. One interpreter per CPU the process may use, never one per thread or per request;
+the flatbuffer not kept resident once XNNPACK has packed its weights."""
+
+from __future__ import annotations
+
+import gc
+import io
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+from ai_edge_litert.interpreter import Interpreter
+from prometheus_client.parser import text_string_to_metric_families
+
+from functions.predict.model import Model
+from functions.predict.service import create_service
+from local import ROOT
+from local.helpers import demo_image, encode, free_port, function_command, wait_http
+from shared import cgroup
+from tests.conftest import function_client, in_cgroup, remove_cgroup, subprocess_env
+
+SHAPES = ROOT / "models" / "shapes"
+
+
+def live_interpreters() -> int:
+    gc.collect()
+    return sum(isinstance(thing, Interpreter) for thing in gc.get_objects())
+
+
+def test_one_interpreter_per_usable_cpu_and_none_per_request(settings, bearer):
+    before = live_interpreters()
+    model = Model(SHAPES)
+    assert model.interpreters == cgroup.usable_cpus()
+    assert live_interpreters() - before == model.interpreters
+    client = function_client(create_service(settings.replace(model_name="shapes", model_dir=SHAPES), model))
+    labels = ["circle", "square", "triangle"] * 8
+    answers: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        data = {"file": (io.BytesIO(encode(demo_image("shapes", labels[i], 300 + i))), f"{i}.png")}
+        reply = client.post("/models/shapes/predict.json", data=data, headers=bearer)
+        answers[i] = reply.get_json()["prediction"] if reply.status_code == 200 else str(reply.status_code)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(labels))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [answers[i] for i in range(len(labels))] == labels
+    # 24 requests at once, 8 more than twice the threads a server has: still the same interpreters.
+    assert live_interpreters() - before == model.interpreters
+
+
+def test_interpreters_follow_the_cpu_affinity():
+    script = (
+        "import os, sys\n"
+        "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+        "from pathlib import Path\n"
+        "from functions.predict.model import Model\n"
+        "print(Model(Path(sys.argv[1])).interpreters)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(SHAPES)], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1"
+
+
+class CpuCgroup:
+    """A cgroup with a CPU quota of one CPU (cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``)."""
+
+    def __init__(self) -> None:
+        name = f"thalamus-cpu-test-{os.getpid()}"
+        v2 = cgroup.MOUNT / "cgroup.controllers"
+        try:
+            if v2.exists():
+                if "cpu" not in (cgroup.MOUNT / "cgroup.subtree_control").read_text().split():
+                    raise OSError("the cpu controller is not enabled for child groups")
+                self.path = cgroup.MOUNT / name
+                self.path.mkdir(exist_ok=True)
+                (self.path / "cpu.max").write_text("100000 100000")
+            else:
+                self.path = cgroup.MOUNT / "cpu" / name
+                self.path.mkdir(exist_ok=True)
+                (self.path / "cpu.cfs_period_us").write_text("100000")
+                (self.path / "cpu.cfs_quota_us").write_text("100000")
+        except OSError as exc:
+            pytest.skip(f"cannot create a CPU cgroup here ({exc}); run as root on Linux")
+
+    def remove(self) -> None:
+        remove_cgroup(self.path)
+
+
+def scrape(base: str, name: str) -> float:
+    text = requests.get(f"{base}/metrics", timeout=10).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+def test_a_cpu_quota_bounds_the_interpreters_of_a_server(env):
+    """A pod with ``limits.cpu: 1`` on a 2-core node: one interpreter, not one per core."""
+    group = CpuCgroup()
+    port = free_port()
+    command = in_cgroup(group.path, function_command("predict", port))
+    proc = subprocess.Popen(command, env=subprocess_env(**env, MODEL_NAME="shapes"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_http(base + "/healthz", proc)
+        assert scrape(base, "thalamus_model_interpreters") == 1
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=20)
+        group.remove()
+    assert b"Traceback" not in stderr
+
+
+def resident_kb(pid: int, path: Path) -> int:
+    """Resident kB of ``pid``'s mappings of the file at ``path``."""
+    total, inside = 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header line
+            inside = len(fields) >= 6 and fields[5] == str(path)
+        elif inside and fields[0] == "Rss:":
+            total += int(fields[1])
+    return total
+
+
+def server_pid(port: int) -> int:
+    wanted = f"--port\0{port}\0"
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if "shared.server" in (cmdline := (entry / "cmdline").read_text()) and wanted in cmdline:
+                    return int(entry.name)
+            except OSError:
+                continue
+    raise LookupError(port)
+
+
+@pytest.mark.parametrize("model", ["shapes", "arrows"])
+def test_the_model_file_is_not_kept_in_memory_while_serving(model, serve_function, bearer):
+    base = serve_function("predict", MODEL_NAME=model)
+    pid = server_pid(int(base.rsplit(":", 1)[1]))
+    label = requests.get(f"{base}/models/{model}.json", headers=bearer, timeout=10).json()["labels"][0]
+    for i in range(20):
+        files = {"file": (f"{i}.png", encode(demo_image(model, label, 500 + i)))}
+        reply = requests.post(f"{base}/models/{model}/predict.json", files=files, headers=bearer, timeout=30)
+        assert reply.status_code == 200
+    bundle_file = (ROOT / "models" / model / "model.tflite").resolve()
+    # XNNPACK reads the weights once, to pack them; what an operator still reads (a few small
+    # tensors, and the kernel's read-around of 64 kB at each) comes back, the weights do not.
+    assert resident_kb(pid, bundle_file) * 1024 < os.path.getsize(bundle_file) / 3

@@ -1,0 +1,68 @@
+"""The launcher (shared/server.py): one process per function unless WORKERS asks for more, that
+stops with whatever started it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import requests
+
+from local.helpers import free_port, function_command, wait_http
+from tests.conftest import subprocess_env
+from tests.test_model import scrape, server_pid
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def test_one_process_serves_by_default(serve_function, bearer):
+    base = serve_function("predict", MODEL_NAME="shapes")
+    pid = server_pid(int(base.rsplit(":", 1)[1]))
+    assert requests.get(f"{base}/models/shapes.json", headers=bearer, timeout=10).status_code == 200
+    assert children(pid) == []  # no gunicorn master holding a second copy of what it loaded
+    assert scrape(base, "thalamus_worker_processes") == 1
+    assert scrape(base, "thalamus_process_starts_total") == 1
+
+
+def test_workers_2_runs_a_master_and_two_forked_workers(serve_function, bearer):
+    base = serve_function("predict", MODEL_NAME="shapes", WORKERS="2")
+    pid = server_pid(int(base.rsplit(":", 1)[1]))
+    deadline = time.monotonic() + 10
+    while len(children(pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(children(pid)) == 2
+    for _ in range(6):
+        assert requests.get(f"{base}/models/shapes.json", headers=bearer, timeout=10).status_code == 200
+    assert scrape(base, "thalamus_worker_processes") == 2
+
+
+def test_a_server_stops_when_whatever_started_it_dies(env):
+    """kill -9 of the parent (start.sh's stack, a shell): the function notices within seconds and
+    exits instead of serving on as an orphan."""
+    port = free_port()
+    command = " ".join(function_command("token", port))
+    parent = subprocess.Popen(["sh", "-c", f"{command} & wait"], env=subprocess_env(**env),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    wait_http(f"http://127.0.0.1:{port}/healthz", parent)
+    pid = server_pid(port)
+    parent.kill()
+    parent.wait(10)
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if Path(f"/proc/{pid}").exists():
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("the function kept running after its parent died")
