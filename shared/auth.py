@@ -6,8 +6,9 @@ Layout (``P`` is the prefix; everything Thalamus writes is under it, so purge fi
   grace ``old_secret`` and ``old_until``, ``scopes`` (JSON list of model names, empty for all),
   ``label``, ``created``, ``expires`` (epoch seconds, empty for never), ``rate``
   (``limit/window seconds``, empty for unlimited);
-- ``P token:<sha256 of token>``: hash ``pk``, ``exp``, expiring with the token. A token holds no
-  rights of its own: every request reads its key's scopes, expiry and rate in the same script;
+- ``P token:<sha256 of token>``: hash ``pk``, expiring with the token (Redis's own, millisecond
+  expiry is the token's life). A token holds no rights of its own: every request reads its key's
+  scopes, expiry and rate in the same script;
 - ``P key-tokens:<pk>``: sorted set of that key's token hashes scored by expiry (revocation);
 - ``P rate:<pk>``: requests in the key's current rate window, expiring with the window;
 - ``P fail:addr:<address>``, ``P fail:key:<pk>``, ``P fail:key-addr:<pk>:<address>``: failed
@@ -91,10 +92,11 @@ if k[4] and k[4] ~= '' then
   if left <= 0 then note_expiry(KEYS[1], KEYS[4], ARGV[6], ARGV[1], k[4]); return {-1} end
   if left < ttl then ttl = left end
 end
-redis.call('HSET', KEYS[2], 'pk', ARGV[1], 'exp', now + ttl)
+redis.call('HSET', KEYS[2], 'pk', ARGV[1])
 redis.call('EXPIRE', KEYS[2], ttl)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-redis.call('ZADD', KEYS[3], now + ttl, ARGV[5])
+-- now is whole seconds, the token's clock starts inside this script: one second to spare.
+redis.call('ZADD', KEYS[3], now + ttl + 1, ARGV[5])
 if redis.call('TTL', KEYS[3]) < ttl then redis.call('EXPIRE', KEYS[3], ttl) end
 return {1, ttl, k[5] or ''}
 """
@@ -106,13 +108,13 @@ return {1, ttl, k[5] or ''}
 _AUTHENTICATE = (
     AUDIT_LUA
     + """
-local t = redis.call('HMGET', KEYS[1], 'pk', 'exp')
+local t = redis.call('HMGET', KEYS[1], 'pk')
+if not t[1] then return {0} end
 local now = tonumber(ARGV[2])
-if not t[1] or tonumber(t[2]) <= now then return {0} end
 local key = ARGV[1] .. 'key:' .. t[1]
 local k = redis.call('HMGET', key, 'created', 'scopes', 'expires', 'rate')
 if not k[1] then return {0} end
-local exp = tonumber(t[2])
+local exp = now + math.floor(redis.call('PTTL', KEYS[1]) / 1000)
 if k[3] and k[3] ~= '' then
   if tonumber(k[3]) <= now then note_expiry(key, KEYS[2], ARGV[4], t[1], k[3]); return {0} end
   exp = math.min(exp, tonumber(k[3]))
@@ -501,7 +503,8 @@ class AuthStore:
                 self._k("key-tokens", public_key),
                 self._k("audit"),
             ],
-            args=[public_key, matched, now, self.settings.token_ttl, token_digest(token), self._host],
+            # The time again: the scrypt run took a while.
+            args=[public_key, matched, int(time.time()), self.settings.token_ttl, token_digest(token), self._host],
         )
         if reply[0] != 1:  # revoked, rotated or expired: the same answer as a wrong secret
             raise InvalidCredentials()
