@@ -2,7 +2,7 @@
 
 - ``shapes``: one filled circle, square or triangle of random size, position, rotation and
   colours on a random (plain, gradient or noisy) background, at the sizes and aspect ratios
-  people upload — small icons to 640x480 photos.
+  people upload — small icons to 1024x768 photos.
 - ``arrows``: an arrow pointing up, down, left or right (±25°), any colours, any size.
 
     python demo_data.py shapes OUT_DIR --per-class 100 [--seed 1]

@@ -28,9 +28,14 @@ if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
   if ! command -v chromium >/dev/null; then
     apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
   fi
-  if [[ -f ../shared/tools/container-setup ]] && ! podman image exists docker.io/library/python:3.11-slim 2>/dev/null; then
-    bash ../shared/tools/container-setup
-  fi
+  # The machine's podman setup sits beside the repository, or beside the one this is a clone of.
+  origin=$(git config --get remote.origin.url 2>/dev/null || true)
+  for setup in ../shared/tools/container-setup "${origin:-/nonexistent}/../shared/tools/container-setup"; do
+    if [[ -f $setup ]]; then
+      podman image exists docker.io/library/python:3.11-slim 2>/dev/null || bash "$setup"
+      break
+    fi
+  done
 fi
 
 # The habits ARCHITECTURE.md asks for: lint, formatting and types fail the run like a test.

@@ -29,6 +29,7 @@ from shared.config import Rate
 from shared.errors import BadRequest, UnknownKey
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+EXPIRY_DETAIL = re.compile(r"expiry reached at (\d+)")  # auth.AUDIT_LUA's note, epoch seconds
 
 
 class Unchanged:
@@ -284,11 +285,14 @@ class KeyAdmin(AuthStore):
 
 
 def _event(entry_id: str, fields: dict[str, str]) -> AuditEvent:
+    detail = fields.get("detail", "")
+    if expiry := EXPIRY_DETAIL.fullmatch(detail):  # written by a Lua script, which cannot format times
+        detail = f"expiry reached at {utc(int(expiry.group(1)))}"
     return AuditEvent(
         int(entry_id.split("-")[0]) / 1000,
         fields.get("action", ""),
         fields.get("public_key", ""),
         fields.get("user", ""),
         fields.get("host", ""),
-        fields.get("detail", ""),
+        detail,
     )

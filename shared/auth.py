@@ -436,6 +436,8 @@ class AuthStore:
         for name, fields, live in zip(names, replies[::2], replies[1::2], strict=True):
             label, scopes, created, expires, rate = fields
             public_key = name.rsplit(":", 1)[1]
+            if expires and int(expires) <= now:
+                live = 0  # an expired key's tokens are refused: none of them is live
             used = last_used.get(public_key)
             keys.append(
                 KeyInfo(

@@ -160,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{function}: {exc}", file=sys.stderr)
         shutil.rmtree(metrics_dir, ignore_errors=True)
         return 1
-    options = gunicorn_options(settings, args.host, args.port or settings.port)
+    if args.port:  # the start-up line shows the port really served
+        settings = settings.replace(port=args.port)
+    options = gunicorn_options(settings, args.host, settings.port)
     logs.event(log, f"{function} serving on {options['bind']}", event="start", settings=settings.summary())
     Gunicorn(app, {**options, **_hooks(function, metrics_dir)}).serve()
     return 0

@@ -79,6 +79,24 @@ def test_list_shows_keys_without_secrets(run, tmp_path):
     assert pair["secret_key"] not in result.stdout and "scrypt" not in result.stdout
 
 
+def test_a_reader_that_leaves_early_is_no_error(env, tmp_path):
+    # keys.py --audit | head: the pipe closes under keys.py; no traceback, no "Exception ignored".
+    for n in range(3):
+        keys("-g", str(tmp_path / f"k{n}.json"), env=subprocess_env(**env))
+    read, write = os.pipe()
+    os.close(read)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "keys.py"), "--audit"],
+        stdout=write,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(**env),
+        timeout=60,
+    )
+    os.close(write)
+    assert proc.returncode == 1 and proc.stderr == ""
+
+
 def test_list_without_keys_says_so(run):
     result = run("-l")
     assert result.returncode == 0 and result.stdout.startswith("no keys under THALAMUS_PREFIX")

@@ -42,7 +42,12 @@ def test_expires_caps_the_token_and_the_key_then_stops_working(generate, auth, r
         auth.issue_token(pair["public_key"], pair["secret_key"], "t")
     listed = run("-l").stdout
     assert "EXPIRED" in listed and "ago" in listed
-    assert [e["action"] for e in json.loads(run("--audit", "--json").stdout)] == ["create", "expired"]
+    # Its token still sits in Redis until its TTL, but is refused: not listed as live.
+    assert [key["live_tokens"] for key in json.loads(run("-l", "--json").stdout)] == [0]
+    events = json.loads(run("--audit", "--json").stdout)
+    assert [e["action"] for e in events] == ["create", "expired"]
+    expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(auth.list_keys()[0].expires))
+    assert events[1]["detail"] == f"expiry reached at {expires}"
 
 
 @pytest.mark.parametrize("when", ["2099-12-31", "2099-12-31T12:30", "2099-12-31T12:30:00+02:00"])

@@ -132,6 +132,7 @@ def test_one_access_line_per_request_with_its_fields(function, auth, own_redis, 
 
     start = next(line for line in predict.lines() if line.get("event") == "start")
     assert start["settings"]["model_name"] == "shapes" and "redis_url" in start["settings"]
+    assert predict.base.endswith(f":{start['settings']['port']}")  # the port served (--port), not $PORT's default
     assert any(line.get("event") == "model_loaded" and line["version"] for line in predict.lines())
     everything = "".join(f.log.read_text() for f in (token_fn, predict, down))
     for secret in [*secrets_seen, token, scoped_token, token_digest(token), token_digest(scoped_token)]:
