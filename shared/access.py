@@ -25,6 +25,9 @@ log = logging.getLogger("thalamus.access")
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 TRACEPARENT_RE = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+# Metric labels come from bounded sets: any other method (a client may send any token) is "other",
+# or each made-up one would add series to every scrape for the life of the process.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
 
 
 @dataclass
@@ -87,13 +90,13 @@ class AccessLog:
         seconds = time.perf_counter() - started
         route = exchange.route or "unmatched"
         method = str(environ.get("REQUEST_METHOD", ""))
-        labels = (self.function, route, method, str(status))
+        labels = (self.function, route, method if method in METHODS else "other", str(status))
         metrics.REQUESTS.labels(*labels).inc()
         metrics.REQUEST_SECONDS.labels(*labels).observe(seconds)
         session = exchange.session
         fields = {
             "event": "access",
-            "method": method,
+            "method": method[:16],
             "route": route,
             "status": status,
             "latency_ms": round(seconds * 1000, 2),

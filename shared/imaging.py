@@ -100,13 +100,14 @@ class DecodeBudget:
         self._queue: deque[object] = deque()
 
     @contextlib.contextmanager
-    def reserve(self, nbytes: int, wait: float = BUDGET_WAIT_SECONDS) -> Iterator[None]:
-        """Hold ``nbytes`` of the budget meanwhile: BadRequest if they can never fit,
-        ServiceUnavailable (503, Retry-After) if they do not fit within ``wait`` seconds."""
+    def reserve(
+        self, nbytes: int, wait: float = BUDGET_WAIT_SECONDS, what: str = "image", hint: str = "send a smaller image"
+    ) -> Iterator[None]:
+        """Hold ``nbytes`` of the budget meanwhile: BadRequest (naming ``what``, with ``hint``) if
+        they can never fit, ServiceUnavailable (503, Retry-After) if they do not fit within ``wait``
+        seconds."""
         if nbytes > self.total:
-            raise BadRequest(
-                f"image needs ~{nbytes >> 20} MiB to decode (limit {self.total >> 20} MiB); send a smaller image"
-            )
+            raise BadRequest(f"{what} needs ~{nbytes >> 20} MiB to decode (limit {self.total >> 20} MiB); {hint}")
         ticket = object()
         with self._condition:
             self._queue.append(ticket)
@@ -118,7 +119,7 @@ class DecodeBudget:
                 self._used += nbytes
             self._condition.notify_all()
         if not fits:
-            raise ServiceUnavailable("busy decoding other large images; retry shortly")
+            raise ServiceUnavailable("busy decoding other large requests; retry shortly")
         try:
             yield
         finally:

@@ -1,12 +1,15 @@
 """The Redis connection every function and the CLI share, and what a Redis outage looks like.
 
 Timeouts are short and retries few on purpose: when Redis is down a request must fail with
-503 within about two seconds, and the pool reconnects by itself once Redis is back.
+503 within about two seconds, and the pool reconnects by itself once Redis is back. A Redis that
+hangs (accepts, then says nothing) costs one request that wait, not every request: see
+:class:`Breaker`.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast
@@ -67,13 +70,69 @@ def connect(settings: Settings) -> redis.Redis:
     )
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class Breaker:
+    """After a Redis timeout, requests fail at once (503) for ``cooldown`` seconds; then one
+    request at a time tries Redis again (the others still fail at once) until one gets through.
+
+    Without it every thread of a function waits out the timeout on a hung Redis, requests queue
+    behind them for many times that, and so does ``/healthz``: Kubernetes would restart pods
+    that are fine. A refused connection fails fast by itself and does not open the breaker.
+    """
+
+    def __init__(self, cooldown: float = 1.0) -> None:
+        self.cooldown = cooldown
+        self._open_until: float | None = None  # None: closed
+        self._probe = threading.Lock()
+
+    def call(self, attempt: Callable[[], R]) -> R:
+        """``attempt()``; while the breaker is open, refused at once instead."""
+        if self._open_until is None:
+            return self._observe(attempt)
+        if time.monotonic() < self._open_until or not self._probe.acquire(blocking=False):
+            raise _FastFail()
+        try:
+            return self._observe(attempt)
+        finally:
+            self._probe.release()
+
+    def _observe(self, attempt: Callable[[], R]) -> R:
+        try:
+            result = attempt()
+        except redis.TimeoutError:
+            self._open_until = time.monotonic() + self.cooldown
+            raise
+        except REDIS_DOWN:
+            raise  # refused or loading: still down, and failing fast by itself
+        except Exception:
+            self._open_until = None  # Redis answered; the error is about the request
+            raise
+        self._open_until = None
+        return result
+
+
+class _FastFail(Exception):
+    """Refused by an open :class:`Breaker` without trying Redis."""
+
+
+_BREAKERS: dict[str, Breaker] = {}  # one per Redis server: a hung server is hung for everyone here
+_BREAKERS_LOCK = threading.Lock()
+
+
+def breaker(url: str) -> Breaker:
+    """The process's :class:`Breaker` for the Redis at ``url``."""
+    with _BREAKERS_LOCK:
+        return _BREAKERS.setdefault(url, Breaker())
+
+
 class _UsesRedis(Protocol):
     settings: Settings
 
 
 S = TypeVar("S", bound=_UsesRedis)
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
 def unavailable_when_down(method: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P], R]:
@@ -83,8 +142,8 @@ def unavailable_when_down(method: Callable[Concatenate[S, P], R]) -> Callable[Co
     @functools.wraps(method)
     def guarded(self: S, *args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            return method(self, *args, **kwargs)
-        except REDIS_DOWN:
+            return breaker(self.settings.redis_url).call(lambda: method(self, *args, **kwargs))
+        except (*REDIS_DOWN, _FastFail):
             metrics.REDIS_ERRORS.labels(method.__name__).inc()
             raise ServiceUnavailable(f"Redis unreachable at {self.settings.redis_url_masked}") from None
         except redis.ResponseError as exc:

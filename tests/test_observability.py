@@ -196,6 +196,17 @@ def test_metrics_count_exactly_across_workers(function, auth, workers):
     assert total(after, "thalamus_redis_command_duration_seconds_count") >= 10
 
 
+def test_made_up_methods_add_no_series(function):
+    token_fn = function("token")
+    for n in range(3):
+        reply = requests.request(f"BREW{n}", token_fn.base + "/healthz", timeout=5)
+        assert reply.status_code == 405
+    time.sleep(0.3)
+    exposition = requests.get(token_fn.base + "/metrics", timeout=5).text
+    assert "BREW" not in exposition
+    assert total(scrape(token_fn.base), "thalamus_requests_total", method="other", status="405") == 3
+
+
 def test_token_outcomes_are_counted(function, auth):
     token_fn = function("token", AUTH_MAX_FAILURES="2")
     pair = auth.create_key()

@@ -9,7 +9,7 @@ import redis
 from functions.token.service import create_service
 from local.helpers import free_port
 from shared.auth import AuthStore
-from shared.config import Rate
+from shared.config import Rate, Settings
 from tests.conftest import function_client
 
 WRONG_SK = "sk_" + "x" * 43
@@ -105,6 +105,12 @@ def basic(user, password):
             401,
             "invalid_client",
         ),
+        (  # not ASCII: not base64 either
+            {"headers": {"Authorization": "Basic \xe9\xe9"}, "data": {"grant_type": "client_credentials"}},
+            401,
+            "invalid_client",
+        ),
+        ({"data": {"grant_type": ["client_credentials", "password"]}}, 400, "invalid_request"),
         (
             {
                 "headers": basic("pk_" + "a" * 43, WRONG_SK),
@@ -298,6 +304,26 @@ def test_a_full_redis_gives_503_and_keeps_what_it_has(own_redis, settings):
     assert client.get("/session.json", headers={"Authorization": f"Bearer {token}"}).status_code == 200
     full.config_set("maxmemory", 0)
     assert post_json(client, body).status_code == 200
+
+
+def test_a_hung_redis_costs_one_wait_then_fast_answers_until_it_is_back(own_redis):
+    settings = Settings(redis_url=own_redis.url, redis_url_is_default=False, prefix="hung:")
+    auth = AuthStore(settings)
+    pair = auth.create_key()
+    bearer = {"Authorization": "Bearer " + auth.issue_token(pair.public_key, pair.secret_key, "t").token}
+    client = function_client(create_service(settings))
+    assert client.get("/session.json", headers=bearer).status_code == 200
+    redis.Redis.from_url(own_redis.url).execute_command("CLIENT", "PAUSE", 3000, "ALL")  # hangs, as a frozen server
+    started = time.monotonic()
+    assert client.get("/session.json", headers=bearer).status_code == 503  # this one waits out the timeout
+    waited = time.monotonic() - started
+    for _ in range(5):  # the others are told at once, so threads and /healthz do not queue behind them
+        started = time.monotonic()
+        reply = client.get("/session.json", headers=bearer)
+        assert reply.status_code == 503 and reply.headers["Retry-After"]
+        assert time.monotonic() - started < waited / 4
+    time.sleep(3.2)  # Redis answers again: the next request tries it, and gets through
+    assert client.get("/session.json", headers=bearer).status_code == 200
 
 
 def test_redis_that_never_answers_gives_503_not_a_hang(settings):

@@ -183,3 +183,17 @@ def test_auth_model_verb_and_size_errors(settings, shapes_client, bearer, auth):
     reply = small.post(f"/v1/models/{MODEL}:predict", headers={**bearer, "Content-Encoding": "gzip"}, data=bomb)
     assert reply.status_code == 413 and "after gzip decompression" in reply.get_json()["error"]
     check(spec, f"/v1/models/{MODEL}:predict", "post", reply)
+
+
+@pytest.mark.parametrize("filler", [b"{}", b"[]"])
+def test_json_that_would_swell_in_memory_is_refused_before_parsing(shapes_client, bearer, filler):
+    # 10 KB of gzip inflating to ~10 MB of tiny values: millions of Python objects, 30 times the
+    # text, outside the image decode budget unless counted against it.
+    text = b'{"instances": [' + b",".join([filler] * 3_000_000) + b"]}"
+    headers = {**bearer, "Content-Encoding": "gzip"}
+    reply = shapes_client.post(f"/v1/models/{MODEL}:predict", headers=headers, data=gzip.compress(text))
+    assert reply.status_code == 400
+    assert "this JSON body needs ~" in reply.get_json()["error"] and "instances" in reply.get_json()["error"]
+    v2 = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [3000000], "data": [' + text[15:-2] + b"]}]}"
+    reply = shapes_client.post(f"/v2/models/{MODEL}/infer", headers=headers, data=gzip.compress(v2))
+    assert reply.status_code == 400 and "this inference request needs ~" in reply.get_json()["error"]

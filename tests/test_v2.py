@@ -292,6 +292,18 @@ BAD = {
         400,
         "'classification'",
     ),
+    "output requested twice": (
+        {"inputs": [fp32([1, 64, 64, 3], ZEROS)], "outputs": [{"name": "output_0"}] * 2},
+        {},
+        400,
+        "'output_0' requested twice",
+    ),
+    "values the model overflows on": (
+        {"inputs": [fp32([1, 64, 64, 3], np.random.default_rng(0).choice([3.4e38, -3.4e38], 64 * 64 * 3).tolist())]},
+        {},
+        400,
+        "not a number for these inputs",
+    ),
     "id not a string": ({"id": 7, "inputs": [fp32([1, 64, 64, 3], ZEROS)]}, {}, 400, "'id'"),
     # Otherwise valid requests: a wrong type is refused, not read as "absent" (null is absent).
     "parameters a list": ({"inputs": [fp32([1, 64, 64, 3], ZEROS)], "parameters": []}, {}, 400, "must be an object"),

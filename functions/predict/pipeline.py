@@ -64,10 +64,16 @@ def _named(upload: Upload) -> Iterator[None]:
 
 
 def infer(model: Model, batch: np.ndarray) -> np.ndarray:
-    """The model's class probabilities for ``batch``: float32 of shape (n, len(labels))."""
+    """The model's class probabilities for ``batch``: float32 of shape (n, len(labels)).
+    BadRequest when they are not numbers: finite inputs far outside what the model takes (a
+    numeric tensor of ±3e38, say) overflow inside it, and NaN is neither an answer nor JSON."""
     metrics.BATCH_SIZE.labels(model.name).observe(len(batch))
     with metrics.INFERENCE_SECONDS.labels(model.name).time():
-        return model.predict(batch)
+        probabilities = model.predict(batch)
+    if not np.isfinite(probabilities).all():
+        raise BadRequest("the model's output is not a number for these inputs: send values in the range its "
+                         "preprocessing produces (see the model's metadata)")  # fmt: skip
+    return probabilities
 
 
 def encode(model: Model, probabilities: np.ndarray, uploads: Sequence[Upload], top_k: int = 5) -> dict[str, Any]:

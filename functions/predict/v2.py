@@ -89,6 +89,12 @@ class V2:
         self._resolve(call)
         body = tensors.read_body(call.request, self.max_body)
         header, binary = _split(body, call.request.headers.get(HEADER_LENGTH))
+        # The parsed document can be 30 times its text: it holds its share of the decode budget.
+        hint = "send the tensor as binary data (binary_data_size) or fewer examples"
+        with self.limits.budget.reserve(tensors.json_cost(header), what="this inference request", hint=hint):
+            return self._infer(call, header, binary)
+
+    def _infer(self, call: Call, header: bytes | memoryview, binary: memoryview) -> dict[str, Any] | flask.Response:
         try:
             doc = tensors.parse_json(header, "inference request")
         except BadRequest as exc:
@@ -186,10 +192,14 @@ class V2:
             return [(default_binary, 0)]
         if not isinstance(wanted, list):
             raise BadRequest("'outputs' must be a list of {\"name\": ...}")
-        chosen = []
+        chosen, named = [], set()
         for i, output in enumerate(wanted):
             if not isinstance(output, dict) or not isinstance(output.get("name"), str):
                 raise BadRequest(f"outputs[{i}]: missing 'name'")
+            # As Triton: each output once (a few bytes of gzip could ask for a million answers).
+            if output["name"] in named:
+                raise BadRequest(f"outputs[{i}]: output {output['name']!r} requested twice")
+            named.add(output["name"])
             if output["name"] != self.model.output_name:
                 raise BadRequest(
                     f"unexpected inference output {output['name']!r} for model {self.model.name!r} "
@@ -200,7 +210,7 @@ class V2:
                 raise BadRequest(f"outputs[{i}]: shared memory is not supported")
             classes = options.get("classification", 0)
             if type(classes) is not int or classes < 0:
-                raise BadRequest(f"outputs[{i}]: 'classification' must be a positive integer (the top k)")
+                raise BadRequest(f"outputs[{i}]: 'classification' must be an integer ≥ 0 (the top k; 0 = none)")
             chosen.append((_flag(options, "binary_data", default_binary, f"outputs[{i}]"), classes))
         return chosen
 

@@ -9,7 +9,6 @@ client libraries read ``error`` as a code.
 from __future__ import annotations
 
 import base64
-import binascii
 import functools
 from typing import Any
 from urllib.parse import unquote
@@ -136,6 +135,9 @@ def _client_credentials(request: flask.Request) -> tuple[str, str]:
     if request.mimetype != "application/x-www-form-urlencoded":
         raise OAuthError("invalid_request", "send the grant as a form: Content-Type: application/x-www-form-urlencoded")
     form = request.form
+    repeated = [name for name in ("grant_type", "client_id", "client_secret", "scope") if len(form.getlist(name)) > 1]
+    if repeated:  # RFC 6749 3.2: a parameter sent twice is an invalid request, whichever would win
+        raise OAuthError("invalid_request", f"parameter {repeated[0]} given more than once")
     grant = form.get("grant_type")
     if not grant:
         raise OAuthError("invalid_request", "grant_type is required; use grant_type=client_credentials")
@@ -157,7 +159,7 @@ def _basic_credentials(request: flask.Request) -> tuple[str, str]:
     value = request.headers.get("Authorization", "").partition(" ")[2]
     try:
         user, sep, password = base64.b64decode(value, validate=True).decode().partition(":")
-    except (binascii.Error, UnicodeDecodeError):
+    except ValueError:  # not base64 (binascii.Error), not ASCII (UnicodeEncodeError), not UTF-8
         sep = ""
     if not sep:
         raise OAuthError("invalid_client", "malformed HTTP Basic credentials", 401)
