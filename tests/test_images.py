@@ -1,5 +1,6 @@
 """Uploads as careful users and careless ones send them: formats, modes, orientation, bad data."""
 
+import io
 import struct
 import zlib
 
@@ -133,6 +134,14 @@ def test_missing_file_field_and_wrong_content_type(shapes_client, bearer):
         "/models/shapes/predict.json", data={"other": "x"}, headers=bearer, content_type="multipart/form-data"
     )
     assert no_file.status_code == 400 and "'file'" in no_file.get_json()["error"]
+    assert "this body has other" in no_file.get_json()["error"]
+    unclosed = b'--b\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n' + encode(circle())
+    reply = shapes_client.post("/models/shapes/predict.json", data=unclosed, headers=bearer,
+                               content_type="multipart/form-data; boundary=b")  # fmt: skip
+    assert reply.status_code == 400 and "closing boundary" in reply.get_json()["error"]
+    gzipped = shapes_client.post("/models/shapes/predict.json", data={"file": (io.BytesIO(b"x"), "a.png")},
+                                 headers={**bearer, "Content-Encoding": "gzip"})  # fmt: skip
+    assert gzipped.status_code == 415 and "Content-Encoding" in gzipped.get_json()["error"]
     raw = shapes_client.post(
         "/models/shapes/predict.json", data=encode(circle()), headers=bearer, content_type="image/png"
     )

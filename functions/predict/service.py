@@ -26,9 +26,17 @@ def create_service(settings: Settings, model: Model, auth: AuthStore | None = No
         request = call.request
         if request.mimetype != "multipart/form-data":
             raise UnsupportedMediaType("send multipart/form-data with the image(s) in field 'file'")
+        if request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+            raise UnsupportedMediaType("send uploads without Content-Encoding (images are compressed already)")
         uploads = [pipeline.Upload(f.read(), f.filename) for f in request.files.getlist("file")]
         if not uploads:
-            raise BadRequest("no file: send the image(s) in multipart field 'file'")
+            fields = sorted({*request.files, *request.form})
+            raise BadRequest(
+                f"no file: send the image(s) in multipart field 'file' (this body has {', '.join(fields)})"
+                if fields
+                else "no file: no multipart part could be read (is the body whole, with its closing boundary?); "
+                "send the image(s) in field 'file'"
+            )
         batch = pipeline.decode(model, uploads, limits)
         return pipeline.encode(model, pipeline.infer(model, batch), uploads)
 
