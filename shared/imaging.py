@@ -100,14 +100,13 @@ class DecodeBudget:
         self._queue: deque[object] = deque()
 
     @contextlib.contextmanager
-    def reserve(
-        self, nbytes: int, wait: float = BUDGET_WAIT_SECONDS, what: str = "image", hint: str = "send a smaller image"
-    ) -> Iterator[None]:
-        """Hold ``nbytes`` of the budget meanwhile: BadRequest (naming ``what``, with ``hint``) if
-        they can never fit, ServiceUnavailable (503, Retry-After) if they do not fit within ``wait``
-        seconds."""
+    def reserve(self, nbytes: int, wait: float = BUDGET_WAIT_SECONDS) -> Iterator[None]:
+        """Hold ``nbytes`` of the budget meanwhile: BadRequest if they can never fit,
+        ServiceUnavailable (503, Retry-After) if they do not fit within ``wait`` seconds."""
         if nbytes > self.total:
-            raise BadRequest(f"{what} needs ~{nbytes >> 20} MiB to decode (limit {self.total >> 20} MiB); {hint}")
+            raise BadRequest(
+                f"image needs ~{nbytes >> 20} MiB to decode (limit {self.total >> 20} MiB); send a smaller image"
+            )
         ticket = object()
         with self._condition:
             self._queue.append(ticket)
@@ -119,7 +118,7 @@ class DecodeBudget:
                 self._used += nbytes
             self._condition.notify_all()
         if not fits:
-            raise ServiceUnavailable("busy decoding other large requests; retry shortly")
+            raise ServiceUnavailable("busy decoding other large images; retry shortly")
         try:
             yield
         finally:
@@ -147,6 +146,13 @@ class Limits:
             limit = cgroup.memory_limit()
             budget = max(64 << 20, limit - (224 << 20)) if limit else 160 << 20
         return cls(settings.max_image_pixels, DecodeBudget(budget))
+
+    @property
+    def max_json_bytes(self) -> int:
+        """The most memory one V1/V2 JSON document may take once parsed (estimated from its text
+        before parsing): half the decode budget. Bounded per request, not held in the budget: the
+        images inside such a document draw on the budget themselves."""
+        return self.budget.total // 2
 
 
 # -- the header and the cost -------------------------------------------------------------------

@@ -86,14 +86,16 @@ class Breaker:
     def __init__(self, cooldown: float = 1.0) -> None:
         self.cooldown = cooldown
         self._open_until: float | None = None  # None: closed
-        self._probe = threading.Lock()
+        # Reentrant: a guarded method that calls another is one probe, not a probe refused by itself.
+        self._probe = threading.RLock()
 
     def call(self, attempt: Callable[[], R]) -> R:
         """``attempt()``; while the breaker is open, refused at once instead."""
-        if self._open_until is None:
+        open_until = self._open_until  # read once: another thread's probe may close it meanwhile
+        if open_until is None:
             return self._observe(attempt)
-        if time.monotonic() < self._open_until or not self._probe.acquire(blocking=False):
-            raise _FastFail()
+        if time.monotonic() < open_until or not self._probe.acquire(blocking=False):
+            raise FastFail()
         try:
             return self._observe(attempt)
         finally:
@@ -114,7 +116,7 @@ class Breaker:
         return result
 
 
-class _FastFail(Exception):
+class FastFail(Exception):
     """Refused by an open :class:`Breaker` without trying Redis."""
 
 
@@ -143,7 +145,7 @@ def unavailable_when_down(method: Callable[Concatenate[S, P], R]) -> Callable[Co
     def guarded(self: S, *args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return breaker(self.settings.redis_url).call(lambda: method(self, *args, **kwargs))
-        except (*REDIS_DOWN, _FastFail):
+        except (*REDIS_DOWN, FastFail):
             metrics.REDIS_ERRORS.labels(method.__name__).inc()
             raise ServiceUnavailable(f"Redis unreachable at {self.settings.redis_url_masked}") from None
         except redis.ResponseError as exc:

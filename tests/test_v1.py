@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import base64
 import gzip
+import io
 import json
 
 import numpy as np
 import pytest
 import requests
+from PIL import Image
 
 from local.helpers import demo_image, encode
 from tests.conftest import demo_model, predict_client
@@ -185,15 +187,30 @@ def test_auth_model_verb_and_size_errors(settings, shapes_client, bearer, auth):
     check(spec, f"/v1/models/{MODEL}:predict", "post", reply)
 
 
-@pytest.mark.parametrize("filler", [b"{}", b"[]"])
+@pytest.mark.parametrize("filler", [b"{}", b"[]", b'{"a":0.5}', b'"ab"'])
 def test_json_that_would_swell_in_memory_is_refused_before_parsing(shapes_client, bearer, filler):
-    # 10 KB of gzip inflating to ~10 MB of tiny values: millions of Python objects, 30 times the
-    # text, outside the image decode budget unless counted against it.
-    text = b'{"instances": [' + b",".join([filler] * 3_000_000) + b"]}"
+    # ~10 KB of gzip inflating to ~10 MB of tiny values: millions of Python objects, 10 to 30 times
+    # the text. Refused from an estimate made before parsing.
+    text = b'{"instances": [' + b",".join([filler] * (8_000_000 // (len(filler) + 1))) + b"]}"
     headers = {**bearer, "Content-Encoding": "gzip"}
     reply = shapes_client.post(f"/v1/models/{MODEL}:predict", headers=headers, data=gzip.compress(text))
     assert reply.status_code == 400
-    assert "this JSON body needs ~" in reply.get_json()["error"] and "instances" in reply.get_json()["error"]
-    v2 = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [3000000], "data": [' + text[15:-2] + b"]}]}"
+    assert "body would take ~" in reply.get_json()["error"] and "fewer examples" in reply.get_json()["error"]
+    v2 = b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [' + text[15:-2] + b"]}]}"
     reply = shapes_client.post(f"/v2/models/{MODEL}/infer", headers=headers, data=gzip.compress(v2))
-    assert reply.status_code == 400 and "this inference request needs ~" in reply.get_json()["error"]
+    assert reply.status_code == 400 and "inference request would take ~" in reply.get_json()["error"]
+
+
+def test_a_large_image_in_json_is_decoded_like_an_upload(settings, bearer):
+    # An image that needs most of the decode budget: as b64 in JSON it gets the same answer as
+    # uploaded (the JSON around it holds nothing back from the budget).
+    client = predict_client(settings, MODEL, decode_memory_mb=64)
+    photo = io.BytesIO()
+    Image.new("RGB", (3800, 3800), (200, 30, 30)).save(photo, "PNG")
+    upload = client.post(
+        f"/models/{MODEL}/predict.json", headers=bearer, data={"file": (io.BytesIO(photo.getvalue()), "a.png")}
+    )
+    assert upload.status_code == 200
+    body = {"instances": [{"b64": base64.b64encode(photo.getvalue()).decode()}]}
+    reply = client.post(f"/v1/models/{MODEL}:predict", headers=bearer, json=body)
+    assert reply.status_code == 200, reply.get_json()

@@ -12,6 +12,7 @@ import base64
 import binascii
 import json
 import math
+import re
 import struct
 import zlib
 from collections.abc import Iterator
@@ -24,6 +25,8 @@ from functions.predict import pipeline
 from functions.predict.model import Model
 from shared import imaging
 from shared.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+
+NON_BMP = re.compile(rb"[\xf0-\xf4]")  # the lead byte of a 4-byte UTF-8 character
 
 
 def read_body(request: flask.Request, limit: int) -> bytes:
@@ -48,20 +51,31 @@ def read_body(request: flask.Request, limit: int) -> bytes:
     return data
 
 
-def json_cost(data: bytes | memoryview) -> int:
-    """Bytes of memory parsing ``data`` may take. Python's objects are much larger than their JSON
-    (``{},`` is 3 bytes of text and ~72 of dict and list slot): ~64 bytes a container, ~32 a value
-    (a float and its slot), plus the text. Counted from the brackets and commas, not parsed."""
-    text = bytes(data)
-    return len(text) + 64 * (text.count(b"[") + text.count(b"{")) + 32 * text.count(b",")
+def json_cost(text: bytes) -> int:
+    """Bytes of memory parsing ``text`` may take, estimated without parsing it. Python's objects
+    are much larger than their JSON (``{},`` is 3 bytes of text and ~70 of dict and list slot):
+    the text decoded (1, 2 or 4 bytes a character) and the strings in it, ~64 bytes a container,
+    ~100 a dict entry, ~50 a string and ~32 a value (a float and its slot)."""
+    width = 1 if text.isascii() else 4 if NON_BMP.search(text) else 2
+    containers = text.count(b"[") + text.count(b"{")
+    return (
+        2 * width * len(text) + 64 * containers + 100 * text.count(b":") + 25 * text.count(b'"') + 32 * text.count(b",")
+    )
 
 
-def parse_json(data: bytes | memoryview, what: str = "body") -> Any:
-    """``data`` parsed as JSON, or BadRequest saying why not (deep nesting included)."""
+def parse_json(data: bytes | memoryview, what: str = "body", max_cost: int | None = None) -> Any:
+    """``data`` parsed as JSON, or BadRequest saying why not (deep nesting included, and a
+    document whose objects would take more than ``max_cost`` bytes: refused before parsing)."""
     if not len(data):
         raise BadRequest(f"{what} is empty; send a JSON object")
+    text = bytes(data) if isinstance(data, memoryview) else data
+    if max_cost is not None and (cost := json_cost(text)) > max_cost:
+        raise BadRequest(
+            f"{what} would take ~{cost >> 20} MiB of memory to parse (limit {max_cost >> 20} MiB): send images "
+            "as b64 or BYTES, tensors as V2 binary data (binary_data_size), or fewer examples"
+        )
     try:
-        return json.loads(bytes(data) if isinstance(data, memoryview) else data)
+        return json.loads(text)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"{what} is not valid JSON ({exc})") from None
     except RecursionError:

@@ -25,7 +25,6 @@ from shared.http import Call
 
 DEFAULT = "serving_default"
 LABELS = "serving_labels"  # the same model, answering each example's label next to its probabilities
-JSON_HINT = 'send fewer instances, or images as {"b64": ...} rather than pixel lists'
 VERSION_LABELS = ("latest",)  # the one version a function serves is its latest
 
 
@@ -79,12 +78,7 @@ class V1:
         self._resolve(call)
         if call.args["verb"] != "predict":
             raise BadRequest(f"':{call.args['verb']}' is not served here; use ':predict'")
-        body = tensors.read_body(call.request, self.max_body)
-        # The parsed document can be 30 times its text: it holds its share of the decode budget.
-        with self.limits.budget.reserve(tensors.json_cost(body), what="this JSON body", hint=JSON_HINT):
-            return self._predict(tensors.parse_json(body))
-
-    def _predict(self, doc: Any) -> dict[str, Any]:
+        doc = tensors.parse_json(tensors.read_body(call.request, self.max_body), max_cost=self.limits.max_json_bytes)
         if not isinstance(doc, dict):
             raise BadRequest("body must be a JSON object with 'instances' or 'inputs'")
         signature = doc.get("signature_name", "")

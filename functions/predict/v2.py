@@ -89,14 +89,8 @@ class V2:
         self._resolve(call)
         body = tensors.read_body(call.request, self.max_body)
         header, binary = _split(body, call.request.headers.get(HEADER_LENGTH))
-        # The parsed document can be 30 times its text: it holds its share of the decode budget.
-        hint = "send the tensor as binary data (binary_data_size) or fewer examples"
-        with self.limits.budget.reserve(tensors.json_cost(header), what="this inference request", hint=hint):
-            return self._infer(call, header, binary)
-
-    def _infer(self, call: Call, header: bytes | memoryview, binary: memoryview) -> dict[str, Any] | flask.Response:
         try:
-            doc = tensors.parse_json(header, "inference request")
+            doc = tensors.parse_json(header, "inference request", self.limits.max_json_bytes)
         except BadRequest as exc:
             if HEADER_LENGTH not in call.request.headers:
                 raise
