@@ -120,14 +120,10 @@ class FastFail(Exception):
     """Refused by an open :class:`Breaker` without trying Redis."""
 
 
-_BREAKERS: dict[str, Breaker] = {}  # one per Redis server: a hung server is hung for everyone here
-_BREAKERS_LOCK = threading.Lock()
-
-
+@functools.cache  # one per Redis server: a hung server is hung for everyone here
 def breaker(url: str) -> Breaker:
     """The process's :class:`Breaker` for the Redis at ``url``."""
-    with _BREAKERS_LOCK:
-        return _BREAKERS.setdefault(url, Breaker())
+    return Breaker()
 
 
 class _UsesRedis(Protocol):
