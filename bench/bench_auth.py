@@ -147,7 +147,8 @@ def main() -> None:
     total = args.requests + 50
     print(
         f"\nRedis round trips per request, all three configurations together: "
-        f"{statistics.median(calls) / (3 * total):.3f} (one auth script each; usage flushes once a second)"
+        f"{statistics.median(calls) / (3 * total):.3f} (the rated key's script each; the unlimited keys' "
+        "tokens are in the function's token cache; usage flushes once a second)"
     )
     unlimited, rated, hgetall = (percentile_ms(v, 0.5) * 1000 for v in verify)
     print(

@@ -83,6 +83,8 @@ class Settings:
     default_key_rate: Rate | None = None
     # Seconds a Redis connect/read may take before the request fails with 503.
     redis_timeout: float = 0.8
+    # Predict functions answer known tokens from a cache Redis keeps current (CLIENT TRACKING).
+    token_cache: bool = True
     # The server (shared/server.py): port, gunicorn worker processes and threads per worker.
     port: int = 8080
     workers: int = 1
@@ -161,6 +163,14 @@ def _positive_int(variable: str, raw: str) -> int:
     return value
 
 
+def _switch(variable: str, raw: str) -> bool:
+    if raw.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{variable} must be 1 or 0 (true/false, on/off), got {raw!r}")
+
+
 def _choice(*allowed: str) -> Callable[[str, str], str]:
     def parse(variable: str, raw: str) -> str:
         if raw.lower() not in allowed and raw.upper() not in allowed:
@@ -199,6 +209,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "AUTH_FAILURE_WINDOW": ("auth_failure_window", _positive_int),
     "TRUSTED_PROXIES": ("trusted_proxies", _networks),
     "DEFAULT_KEY_RATE": ("default_key_rate", _rate),
+    "TOKEN_CACHE": ("token_cache", _switch),
     "PORT": ("port", _positive_int),
     "WORKERS": ("workers", _positive_int),
     "THREADS": ("threads", _positive_int),

@@ -40,6 +40,9 @@ DECODE_SECONDS = Histogram(
     "thalamus_image_decode_duration_seconds", "Decoding and preprocessing one image", ["model"], buckets=LATENCY
 )
 TOKENS = Counter("thalamus_tokens", "Token requests by outcome", ["outcome"])  # issued, invalid, limited, bad_request
+TOKEN_CACHE = Counter(
+    "thalamus_token_cache_lookups", "Bearer checks answered from the process's token cache (hit) or not", ["result"]
+)
 AUTH_FAILURES = Counter("thalamus_auth_failures", "Refused bearer tokens by reason", ["reason"])
 REDIS_SECONDS = Histogram(
     "thalamus_redis_command_duration_seconds", "One Redis round trip (a command, script or pipeline)", buckets=LATENCY

@@ -183,9 +183,18 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
         super().__init__(*args, **kwargs)
         self.waiting: dict[Any, None] = {}  # connections the main thread owns: head, idle, closing
         self.next_sweep = 0.0
+        self.next_notify = 0.0
         self.stopped_at: float | None = None
 
     # -- main thread -------------------------------------------------------------------------
+
+    def notify(self) -> None:
+        # gunicorn calls this on every turn of the main loop, several times a request, and each
+        # is a syscall (utime of the heartbeat file); the master needs one within `timeout`.
+        now = time.monotonic()
+        if now >= self.next_notify:
+            self.next_notify = now + 1.0
+            super().notify()
 
     def accept(self, listener: socket.socket) -> None:
         try:

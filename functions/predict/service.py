@@ -18,7 +18,7 @@ from shared.http import Call, Route, Service
 
 def create_service(settings: Settings, model: Model, auth: AuthStore | None = None) -> Service:
     """The predict function's service for ``model`` (``auth`` defaults to the settings' Redis)."""
-    auth = auth or AuthStore(settings)
+    auth = auth or AuthStore(settings, token_cache=True)
     limits = imaging.Limits.from_settings(settings)  # one decode budget for the whole process
 
     def predict(call: Call) -> dict[str, Any]:

@@ -1,0 +1,164 @@
+"""The predict functions' token cache (shared/tokencache.py): a known token costs no Redis round
+trip, and whatever changes its key or token reaches every function before its next request."""
+
+import json
+import threading
+import time
+
+import pytest
+import redis
+
+from shared.auth import AuthStore
+from shared.errors import Unauthorized
+from shared.tokencache import CHECK_SECONDS
+from tests.conftest import predict_client, subprocess_env
+from tests.test_keys import keys
+
+
+def scripts_run(url):
+    """Scripts Redis has run so far: one per bearer check that was not answered from a cache."""
+    return redis.Redis.from_url(url).info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+
+
+def metadata(client, bearer, model="shapes"):
+    """An authenticated request that reads no body: the bearer check is what it costs."""
+    return client.get(f"/models/{model}.json", headers=bearer)
+
+
+@pytest.fixture
+def own(own_redis, settings):
+    """Settings on a Redis of this test alone (its command counts are this test's)."""
+    return settings.replace(redis_url=own_redis.url)
+
+
+def bearer_of(auth, pair):
+    return {"Authorization": "Bearer " + auth.issue_token(pair.public_key, pair.secret_key, "t").token}
+
+
+def test_a_known_token_costs_no_redis_round_trip(own):
+    auth = AuthStore(own)
+    bearer = bearer_of(auth, auth.create_key())
+    client = predict_client(own, "shapes")
+    assert metadata(client, bearer).status_code == 200  # checked by the script, then cached
+    before = scripts_run(own.redis_url)
+    for _ in range(20):
+        assert metadata(client, bearer).status_code == 200
+    assert scripts_run(own.redis_url) == before
+    assert 'thalamus_token_cache_lookups_total{result="hit"}' in client.get("/metrics").get_data(as_text=True)
+    # Off (TOKEN_CACHE=0), or on a RESP2 connection (no pushes): every check is a round trip.
+    for uncached in (
+        predict_client(own, "shapes", token_cache=False),
+        predict_client(own, "shapes", redis_url=own.redis_url + "?protocol=2"),
+    ):
+        before = scripts_run(own.redis_url)
+        for _ in range(5):
+            assert metadata(uncached, bearer).status_code == 200
+        assert scripts_run(own.redis_url) == before + 5
+
+
+@pytest.mark.parametrize(
+    ("change", "shapes_status", "arrows_status"),
+    [
+        (["-r"], 401, 401),
+        (["--edit", "{pk}", "--models", "arrows"], 403, 200),
+        (["--edit", "{pk}", "--expires", "1s"], 401, 401),  # checked once that second is over
+        (["--rotate", "{pk}", "-o", "{tmp}/new.json", "--revoke-tokens"], 401, 401),
+    ],
+    ids=["revoke", "scopes", "expiry", "rotate"],
+)
+def test_a_key_change_reaches_cached_tokens_before_the_next_request(
+    auth, settings, env, tmp_path, change, shapes_status, arrows_status
+):
+    pair = auth.create_key(["shapes", "arrows"])
+    bearer = bearer_of(auth, pair)
+    functions = {"shapes": predict_client(settings, "shapes"), "arrows": predict_client(settings, "arrows")}
+    for model, client in functions.items():
+        for _ in range(3):  # the second and third are answered from the cache
+            assert metadata(client, bearer, model).status_code == 200
+    args = [arg.format(pk=pair.public_key, tmp=tmp_path) for arg in change]
+    if args == ["-r"]:
+        args.append(pair.public_key)
+    done = keys(*args, env=subprocess_env(**env))
+    assert done.returncode == 0, done.stderr
+    if "--expires" in args:
+        time.sleep(1.1)
+    assert metadata(functions["shapes"], bearer, "shapes").status_code == shapes_status
+    assert metadata(functions["arrows"], bearer, "arrows").status_code == arrows_status
+
+
+def test_a_new_rate_applies_to_cached_tokens_at_once(auth, settings, env):
+    pair = auth.create_key()
+    bearer = bearer_of(auth, pair)
+    client = predict_client(settings, "shapes")
+    for _ in range(3):
+        assert "RateLimit-Limit" not in metadata(client, bearer).headers
+    assert keys("--edit", pair.public_key, "--rate", "2/min", env=subprocess_env(**env)).returncode == 0
+    answers = [metadata(client, bearer) for _ in range(3)]
+    assert [a.status_code for a in answers] == [200, 200, 429]
+    assert answers[0].headers["RateLimit-Limit"] == "2"
+
+
+def test_a_token_that_expires_stops_working_while_cached(auth, settings):
+    pair = auth.create_key()
+    bearer = bearer_of(AuthStore(settings.replace(token_ttl=1)), pair)
+    client = predict_client(settings, "shapes")
+    for _ in range(3):
+        assert metadata(client, bearer).status_code == 200
+    time.sleep(1.05)
+    assert metadata(client, bearer).status_code == 401
+
+
+def test_revocation_under_concurrent_checks_leaves_no_later_success(auth, settings, env):
+    """Threads checking a cached token while keys.py revokes its key: no check that starts after
+    keys.py returns succeeds."""
+    pair = auth.create_key()
+    token = auth.issue_token(pair.public_key, pair.secret_key, "t").token
+    function = AuthStore(settings, token_cache=True)
+    function.verify_token(token, "shapes")
+    outcomes, stop = [], threading.Event()
+
+    def check():
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                function.verify_token(token, "shapes")
+                outcomes.append((started, True))
+            except Unauthorized:
+                outcomes.append((started, False))
+
+    threads = [threading.Thread(target=check) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    assert keys("-r", pair.public_key, env=subprocess_env(**env)).returncode == 0
+    revoked = time.monotonic()
+    time.sleep(0.3)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert any(ok for started, ok in outcomes if started < revoked)  # the cache was answering
+    assert not [started for started, ok in outcomes if ok and started > revoked]
+    assert any(not ok for _, ok in outcomes)
+
+
+def test_redis_gone_or_silent_is_not_papered_over_by_the_cache(own, own_redis):
+    auth = AuthStore(own)
+    bearer = bearer_of(auth, auth.create_key())
+    client = predict_client(own, "shapes")
+    for _ in range(2):
+        assert metadata(client, bearer).status_code == 200
+    # Its connection killed (a failover, a proxy restart): the cache starts again, nothing is lost.
+    redis.Redis.from_url(own.redis_url).client_kill_filter(_type="normal", skipme=True)
+    before = scripts_run(own.redis_url)
+    assert [metadata(client, bearer).status_code for _ in range(4)] == [200] * 4
+    assert scripts_run(own.redis_url) == before + 1
+    # Frozen: after CHECK_SECONDS a cached token is not trusted until Redis answers again.
+    redis.Redis.from_url(own.redis_url).execute_command("CLIENT", "PAUSE", 4000, "ALL")
+    time.sleep(CHECK_SECONDS + 0.1)
+    assert metadata(client, bearer).status_code == 503
+    time.sleep(4.0)
+    assert metadata(client, bearer).status_code == 200
+    # Stopped: the next request knows.
+    own_redis.stop()
+    reply = metadata(client, bearer)
+    assert reply.status_code == 503 and "Redis unreachable" in json.loads(reply.get_data())["error"]
