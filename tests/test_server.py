@@ -66,3 +66,29 @@ def test_a_server_stops_when_whatever_started_it_dies(env):
     if Path(f"/proc/{pid}").exists():
         os.kill(pid, signal.SIGKILL)
         raise AssertionError("the function kept running after its parent died")
+
+
+def test_warm_predictions_reuse_their_memory(serve_function, bearer):
+    """A warm prediction's image and tensors come from heap the process already has: glibc must
+    not hand those pages back after each request and fault them in again (it did, ~250 page
+    faults a request, when pinning the mmap threshold had left its trim threshold at 128 KiB)."""
+    from local.helpers import demo_image, encode, first_label
+
+    base = serve_function("predict", MODEL_NAME="shapes")
+    pid = server_pid(int(base.rsplit(":", 1)[1]))
+    photo = encode(demo_image("shapes", first_label("shapes"), 7).resize((800, 600)), "PNG")  # decoded at full size
+    files = {"file": ("p.png", photo, "image/png")}
+    session = requests.Session()
+
+    def faults() -> int:
+        return sum(
+            int((task / "stat").read_text().rsplit(")", 1)[1].split()[7])
+            for task in Path(f"/proc/{pid}/task").iterdir()
+        )
+
+    for _ in range(30):
+        assert session.post(f"{base}/models/shapes/predict.json", files=files, headers=bearer, timeout=10).ok
+    before = faults()
+    for _ in range(100):
+        assert session.post(f"{base}/models/shapes/predict.json", files=files, headers=bearer, timeout=10).ok
+    assert (faults() - before) / 100 < 10
