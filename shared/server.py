@@ -25,8 +25,6 @@ if __name__ == "__main__":
     gc.disable()
 
 import argparse
-import ctypes
-import ctypes.util
 import logging
 import os
 import shutil
@@ -40,7 +38,7 @@ import gunicorn.app.base
 import gunicorn.glogging
 import gunicorn.sock
 
-from shared import config, logs
+from shared import config, libc, logs
 from shared.config import Settings
 from shared.errors import StartupError
 from shared.worker import DeadlineWorker
@@ -143,12 +141,10 @@ def compact_heap() -> None:
       pins glibc's trim threshold at 128 KiB, so every request gave its image and tensor pages
       back and faulted them in again (measured: 252 page faults and 0.7 ms of system CPU per
       request on the reference network; with it, none). Large decodes still trim explicitly."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
-    mallopt = getattr(libc, "mallopt", None)
-    if mallopt is not None:
-        mallopt(-8, 1)  # M_ARENA_MAX
-        mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
-        mallopt(-1, 8 << 20)  # M_TRIM_THRESHOLD
+    if libc.mallopt is not None:
+        libc.mallopt(-8, 1)  # M_ARENA_MAX
+        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 8 << 20)  # M_TRIM_THRESHOLD
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,8 +7,6 @@ threads never share an interpreter, and no thread waits for another's model call
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import json
 import logging
 import os
@@ -22,7 +20,7 @@ from typing import Any
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from shared import cgroup, logs, metrics
+from shared import cgroup, libc, logs, metrics
 from shared.config import Settings
 from shared.errors import StartupError
 
@@ -104,8 +102,6 @@ def release_mapped_pages(path: Path) -> None:
     the weights into its own buffers they never read it again: without this, a copy of the whole
     file (16 MB for a 4-million-weight dense layer) would stay resident for nothing. A page an
     operator does read later is simply read back from the page cache."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     target = str(path.resolve())
     with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
         for line in maps:

@@ -121,7 +121,7 @@ def model_input(array: np.ndarray, model: Model, where: str, *, pixels: bool = F
     if pixels:
         if array.size and (array.min() < 0 or array.max() > 255):
             raise BadRequest(f"{where}: pixel values must be within 0..255")
-        return imaging.scale(array.astype(np.float32), model.meta["preprocessing"])
+        return imaging.scale(array, model.meta["preprocessing"])
     with np.errstate(over="ignore", invalid="ignore"):  # overflow becomes inf, refused below
         batch = array.astype(np.float32, copy=False)
     if not np.isfinite(batch).all():
