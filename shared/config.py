@@ -71,6 +71,9 @@ class Settings:
     model_catalog: Path | None = None
     max_upload_bytes: int = 10 * 1024 * 1024
     max_image_pixels: int = 40_000_000
+    # LiteRT interpreters a predict process holds (each with its own packed weights), at most
+    # one per CPU it may use; None: one per such CPU.
+    model_interpreters: int | None = None
     # Bytes of images a predict process decodes at once, in MiB; None: from its memory limit.
     decode_memory_mb: int | None = None
     # Brute-force protection for POST /token.json: failures allowed per window.
@@ -205,6 +208,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "MAX_UPLOAD_BYTES": ("max_upload_bytes", _positive_int),
     "MAX_IMAGE_PIXELS": ("max_image_pixels", _positive_int),
     "DECODE_MEMORY_MB": ("decode_memory_mb", _positive_int),
+    "MODEL_INTERPRETERS": ("model_interpreters", _positive_int),
     "AUTH_MAX_FAILURES": ("auth_max_failures", _positive_int),
     "AUTH_FAILURE_WINDOW": ("auth_failure_window", _positive_int),
     "TRUSTED_PROXIES": ("trusted_proxies", _networks),

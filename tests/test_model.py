@@ -17,7 +17,7 @@ import requests
 from ai_edge_litert.interpreter import Interpreter
 from prometheus_client.parser import text_string_to_metric_families
 
-from functions.predict.model import Model
+from functions.predict.model import Model, load_model
 from functions.predict.service import create_service
 from local import ROOT
 from local.helpers import demo_image, encode, free_port, function_command, wait_http
@@ -154,3 +154,13 @@ def test_the_model_file_is_not_kept_in_memory_while_serving(model, serve_functio
     # XNNPACK reads the weights once, to pack them; what an operator still reads (a few small
     # tensors, and the kernel's read-around of 64 kB at each) comes back, the weights do not.
     assert resident_kb(pid, bundle_file) * 1024 < os.path.getsize(bundle_file) / 3
+
+
+def test_model_interpreters_chooses_fewer_never_more_than_the_cpus(settings):
+    """MODEL_INTERPRETERS trades throughput for memory (each interpreter packs its own weights);
+    asking for more than the usable CPUs gets one per CPU."""
+    before = live_interpreters()
+    one = load_model(settings.replace(model_name="shapes", model_dir=SHAPES, model_interpreters=1))
+    assert one.interpreters == 1 and live_interpreters() - before == 1
+    many = load_model(settings.replace(model_name="shapes", model_dir=SHAPES, model_interpreters=64))
+    assert many.interpreters == cgroup.usable_cpus()

@@ -44,7 +44,7 @@ def load_model(settings: Settings) -> Model:
         raise StartupError("MODEL_NAME is required (the model this function serves)")
     started = time.perf_counter()
     try:
-        model = Model(settings.bundle_dir)
+        model = Model(settings.bundle_dir, settings.model_interpreters)
     except BundleError as exc:
         raise BundleError(f"cannot load model {settings.model_name!r}: {exc}") from None
     if model.name != settings.model_name:
@@ -123,6 +123,8 @@ class Model:
     """
 
     def __init__(self, bundle: Path, interpreters: int | None = None) -> None:
+        """``interpreters``: how many to hold (MODEL_INTERPRETERS), at most one per usable CPU;
+        None: one per usable CPU."""
         self.meta = read_metadata(bundle)
         self.name: str = self.meta["name"]
         self.labels: list[str] = self.meta["labels"]
@@ -130,7 +132,7 @@ class Model:
         if not self._path.is_file():
             raise BundleError(f"{self._path} not found")
         self._pool: queue.SimpleQueue[Interpreter] = queue.SimpleQueue()
-        self.interpreters = interpreters or cgroup.usable_cpus()
+        self.interpreters = min(interpreters or cgroup.usable_cpus(), cgroup.usable_cpus())
         with _native_stderr_silenced():
             created = [self._new_interpreter() for _ in range(self.interpreters)]  # fails here if broken
         self._check_shapes(created[0])
