@@ -31,7 +31,7 @@ from typing import Any
 
 try:
     from local import redis_server
-    from shared import config
+    from shared import config, tokencache
     from shared.admin import UNCHANGED, KeyAdmin, parse_duration, parse_expiry
     from shared.auth import PUBLIC_KEY_RE, Actor, KeyInfo, Keypair, parse_scopes, utc
     from shared.errors import ThalamusError
@@ -285,8 +285,17 @@ def purge(admin: KeyAdmin, confirmed: bool) -> int:
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing deleted")
             return 1
-    print(f"purged {admin.purge()} Redis key(s) under {where}")
+    purged = admin.purge()
+    in_force_everywhere()
+    print(f"purged {purged} Redis key(s) under {where}")
     return 0
+
+
+def in_force_everywhere() -> None:
+    """Predict functions answer tokens they know from their token cache, which Redis updates
+    with a push: wait out the longest before every function has seen it (shared/tokencache.py),
+    so that what this command took away is gone everywhere once it has printed."""
+    time.sleep(tokencache.PROPAGATION_SECONDS)
 
 
 def run(args: argparse.Namespace, admin: KeyAdmin, settings: config.Settings) -> int:
@@ -298,6 +307,8 @@ def run(args: argparse.Namespace, admin: KeyAdmin, settings: config.Settings) ->
         pk = public_key(args.edit)
         changes = key_settings(args, settings)
         admin.edit_key(pk, **{name: changes.get(name, UNCHANGED) for name in ("scopes", "label", "rate", "expires")})
+        if any(getattr(args, name) is not None for name in ("models", "rate", "expires")):
+            in_force_everywhere()
         info = admin.key(pk)
         print(
             f"edited {pk}: models={','.join(info.scopes) if info.scopes else '*'} label={info.label!r} "
@@ -315,12 +326,15 @@ def run(args: argparse.Namespace, admin: KeyAdmin, settings: config.Settings) ->
             return pair
 
         write_keypair(Path(args.output), rotate)
+        if args.revoke_tokens:
+            in_force_everywhere()
         old = f"works until {utc(time.time() + grace)}" if grace else "stopped working"
         tokens = f"{killed} live token(s) invalidated" if args.revoke_tokens else "live tokens keep working"
         print(f"rotated {pk}: new secret in {args.output}; the old secret {old}; {tokens}")
     elif args.action == "revoke":
         pk = public_key(args.revoke)
         killed = admin.revoke_key(pk)
+        in_force_everywhere()
         print(f"revoked {pk} ({killed} live token(s) invalidated)")
     elif args.action == "list":
         list_keys(admin, args.json)

@@ -2,12 +2,16 @@
 trip, and whatever changes its key or token reaches every function before its next request."""
 
 import json
+import os
+import signal
+import socket
 import threading
 import time
 
 import pytest
 import redis
 
+from shared import tokencache
 from shared.auth import AuthStore
 from shared.errors import Unauthorized
 from shared.tokencache import CHECK_SECONDS
@@ -162,3 +166,127 @@ def test_redis_gone_or_silent_is_not_papered_over_by_the_cache(own, own_redis):
     own_redis.stop()
     reply = metadata(client, bearer)
     assert reply.status_code == 503 and "Redis unreachable" in json.loads(reply.get_data())["error"]
+
+
+class SlowLink:
+    """A TCP proxy to ``port`` that delivers what the server sends ``delay`` seconds late (a slow
+    or lossy network: one TCP retransmission costs 200 ms), in order."""
+
+    def __init__(self, port: int, delay: float) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
+        self.port, self.delay = port, delay
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.port))
+            except OSError:  # Redis already stopped: the test is over
+                client.close()
+                continue
+            threading.Thread(target=self._pump, args=(client, upstream, 0.0), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, self.delay), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket, delay: float) -> None:
+        try:
+            while data := source.recv(65536):
+                time.sleep(delay)  # holds what follows too: the stream stays in order
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            source.close()
+            sink.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_keys_py_returns_once_a_late_invalidation_is_in_force(auth, settings, env):
+    """The invalidation of a revocation reaches a function 300 ms late: keys.py has waited that
+    out (tokencache.PROPAGATION_SECONDS) before it says the key is revoked."""
+    link = SlowLink(int(settings.redis_url.rsplit(":", 1)[1].split("/")[0]), 0.3)
+    try:
+        pair = auth.create_key()
+        bearer = bearer_of(auth, pair)
+        client = predict_client(settings, "shapes", redis_url=link.url)
+        assert [metadata(client, bearer).status_code for _ in range(2)] == [200, 200]  # filled, then cached
+        assert keys("-r", pair.public_key, env=subprocess_env(**env)).returncode == 0
+        assert metadata(client, bearer).status_code == 401
+    finally:
+        link.close()
+
+
+def test_what_tracking_cannot_see_lasts_max_age_seconds(own, monkeypatch):
+    """SWAPDB sends no invalidation: an entry is read again after MAX_AGE_SECONDS anyway."""
+    monkeypatch.setattr(tokencache, "MAX_AGE_SECONDS", 0.5)
+    auth = AuthStore(own)
+    bearer = bearer_of(auth, auth.create_key())
+    client = predict_client(own, "shapes")
+    assert [metadata(client, bearer).status_code for _ in range(2)] == [200, 200]
+    redis.Redis.from_url(own.redis_url).swapdb(0, 1)  # db 0, where the key was, is now empty
+    time.sleep(0.6)
+    assert metadata(client, bearer).status_code == 401
+
+
+def test_the_cache_connection_takes_no_pool_slot(own):
+    """Reconnecting the cache's connection (here: killed five times) never uses up a pool
+    limited by REDIS_URL's max_connections."""
+    auth = AuthStore(own)
+    bearer = bearer_of(auth, auth.create_key())
+    client = predict_client(own, "shapes", redis_url=own.redis_url + "?max_connections=3")
+    admin = redis.Redis.from_url(own.redis_url)
+    for _ in range(5):
+        assert metadata(client, bearer).status_code == 200
+        admin.client_kill_filter(_type="normal", skipme=True)
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(metadata(client, bearer).status_code)) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers == [200, 200, 200]
+
+
+def test_redis_refusing_tracking_leaves_the_script_and_no_connections(own):
+    """An ACL (or a proxy) that refuses CLIENT TRACKING: every check runs the script, and the
+    function does not open a connection per request trying."""
+    admin = redis.Redis.from_url(own.redis_url)
+    admin.execute_command("ACL", "SETUSER", "fn", "on", ">pw", "~*", "&*", "+@all", "-client")
+    auth = AuthStore(own)
+    bearer = bearer_of(auth, auth.create_key())
+    client = predict_client(own, "shapes", redis_url=own.redis_url.replace("redis://", "redis://fn:pw@"))
+    before = scripts_run(own.redis_url)
+    assert [metadata(client, bearer).status_code for _ in range(30)] == [200] * 30
+    assert scripts_run(own.redis_url) - before >= 30  # (and the usage flush, once a second)
+    assert admin.info("clients")["connected_clients"] <= 4  # this one, the pool's, the usage flusher's
+
+
+def test_a_hung_redis_costs_no_extra_wait_for_the_cache(own, own_redis):
+    auth = AuthStore(own)
+    bearer = bearer_of(auth, auth.create_key())
+    client = predict_client(own, "shapes")
+    assert [metadata(client, bearer).status_code for _ in range(2)] == [200, 200]
+    time.sleep(CHECK_SECONDS + 0.1)  # the next check PINGs first
+    os.kill(own_redis.proc.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        assert metadata(client, bearer).status_code == 503
+        # PING_TIMEOUT, then the script's timeout and its one retry: about two seconds, as without a cache
+        assert time.monotonic() - started < 2 * own.redis_timeout + tokencache.PING_TIMEOUT + 0.5
+    finally:
+        os.kill(own_redis.proc.pid, signal.SIGCONT)
+
+
+def test_a_key_record_the_cache_cannot_read_is_left_to_the_script(auth, settings, raw_redis):
+    pair = auth.create_key()
+    raw_redis.hset(settings.prefix + "key:" + pair.public_key, "expires", "4102444800.5")  # Lua reads it, int() not
+    bearer = bearer_of(auth, pair)
+    client = predict_client(settings, "shapes")
+    assert [metadata(client, bearer).status_code for _ in range(3)] == [200] * 3
