@@ -51,7 +51,7 @@ REDIS_ERRORS = Counter("thalamus_redis_errors", "Auth-store operations that foun
 MODEL_INFO = Gauge(
     "thalamus_model_info", "The model this function serves", ["model", "version"], multiprocess_mode="max"
 )
-MODEL_INTERPRETERS = Gauge("thalamus_model_interpreters", "LiteRT interpreters this process holds (one per usable CPU)",
+MODEL_INTERPRETERS = Gauge("thalamus_model_interpreters", "LiteRT interpreters this process holds (up to one per CPU)",
                            ["model"], multiprocess_mode="livesum")  # fmt: skip
 MODEL_LOAD_SECONDS = Gauge("thalamus_model_load_seconds", "Time to load the model at start", ["model"],
                            multiprocess_mode="max")  # fmt: skip

@@ -12,6 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 from ai_edge_litert.interpreter import Interpreter
@@ -32,11 +33,11 @@ def live_interpreters() -> int:
     return sum(isinstance(thing, Interpreter) for thing in gc.get_objects())
 
 
-def test_one_interpreter_per_usable_cpu_and_none_per_request(settings, bearer):
+def test_interpreters_grow_with_concurrency_up_to_the_cpus_and_never_per_request(settings, bearer):
     before = live_interpreters()
     model = Model(SHAPES)
-    assert model.interpreters == cgroup.usable_cpus()
-    assert live_interpreters() - before == model.interpreters
+    assert (model.interpreters, model.max_interpreters) == (1, cgroup.usable_cpus())
+    assert live_interpreters() - before == 1  # a replica that never sees two requests at once holds one
     client = function_client(create_service(settings.replace(model_name="shapes", model_dir=SHAPES), model))
     labels = ["circle", "square", "triangle"] * 8
     answers: dict[int, str] = {}
@@ -52,8 +53,31 @@ def test_one_interpreter_per_usable_cpu_and_none_per_request(settings, bearer):
     for thread in threads:
         thread.join(60)
     assert [answers[i] for i in range(len(labels))] == labels
-    # 24 requests at once, 8 more than twice the threads a server has: still the same interpreters.
-    assert live_interpreters() - before == model.interpreters
+    # 24 requests at once, 8 more than twice the threads a server has: at most one per CPU.
+    assert live_interpreters() - before == model.interpreters <= model.max_interpreters
+
+
+def test_a_request_that_finds_every_interpreter_busy_adds_one_up_to_the_cpus():
+    model = Model(SHAPES)
+    if model.max_interpreters < 2:
+        pytest.skip("one usable CPU: the pool never grows")
+    batch = np.zeros((1, 64, 64, 3), np.float32)
+    with model.borrowed():  # the only interpreter is busy
+        probabilities = model.predict(batch)
+    assert model.interpreters == 2 and probabilities.shape == (1, 3)
+    held = [model.borrowed() for _ in range(model.max_interpreters)]
+    for interpreter in held:
+        interpreter.__enter__()
+    assert model.interpreters == model.max_interpreters  # grown to the limit, and no further
+    finished = threading.Event()
+    waiter = threading.Thread(target=lambda: (model.predict(batch), finished.set()))
+    waiter.start()
+    assert not finished.wait(0.3)  # past the limit, a request waits for one to come back
+    held.pop().__exit__(None, None, None)
+    assert finished.wait(10) and model.interpreters == model.max_interpreters
+    for interpreter in held:
+        interpreter.__exit__(None, None, None)
+    waiter.join()
 
 
 def test_interpreters_follow_the_cpu_affinity():
@@ -62,7 +86,7 @@ def test_interpreters_follow_the_cpu_affinity():
         "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
         "from pathlib import Path\n"
         "from functions.predict.model import Model\n"
-        "print(Model(Path(sys.argv[1])).interpreters)\n"
+        "print(Model(Path(sys.argv[1])).max_interpreters)\n"
     )
     done = subprocess.run([sys.executable, "-c", script, str(SHAPES)], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
@@ -104,17 +128,19 @@ def test_a_cpu_quota_bounds_the_interpreters_of_a_server(env):
     group = CpuCgroup()
     port = free_port()
     command = in_cgroup(group.path, function_command("predict", port))
-    proc = subprocess.Popen(command, env=subprocess_env(**env, MODEL_NAME="shapes"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    proc = subprocess.Popen(command, env=subprocess_env(**env, MODEL_NAME="shapes", LOG_FORMAT="json"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     try:
         base = f"http://127.0.0.1:{port}"
         wait_http(base + "/healthz", proc)
         assert scrape(base, "thalamus_model_interpreters") == 1
     finally:
         proc.terminate()
-        _, stderr = proc.communicate(timeout=20)
+        stdout, stderr = proc.communicate(timeout=20)
         group.remove()
     assert b"Traceback" not in stderr
+    loaded = next(line for line in stdout.decode().splitlines() if '"model_loaded"' in line)
+    assert "up to 1 as concurrent requests need them" in loaded
 
 
 def resident_kb(pid: int, path: Path) -> int:
@@ -161,6 +187,6 @@ def test_model_interpreters_chooses_fewer_never_more_than_the_cpus(settings):
     asking for more than the usable CPUs gets one per CPU."""
     before = live_interpreters()
     one = load_model(settings.replace(model_name="shapes", model_dir=SHAPES, model_interpreters=1))
-    assert one.interpreters == 1 and live_interpreters() - before == 1
+    assert one.max_interpreters == 1 and live_interpreters() - before == 1
     many = load_model(settings.replace(model_name="shapes", model_dir=SHAPES, model_interpreters=64))
-    assert many.interpreters == cgroup.usable_cpus()
+    assert many.max_interpreters == cgroup.usable_cpus()

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import queue
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,7 +55,8 @@ def load_model(settings: Settings) -> Model:
     metrics.MODEL_INFO.labels(model.name, version).set(1)
     metrics.MODEL_LOAD_SECONDS.labels(model.name).set(seconds)
     metrics.MODEL_INTERPRETERS.labels(model.name).set(model.interpreters)
-    message = f"loaded model {model.name} {version} in {seconds * 1000:.1f} ms, {model.interpreters} interpreters"
+    message = (f"loaded model {model.name} {version} in {seconds * 1000:.1f} ms: {model.interpreters} interpreter, "
+               f"up to {model.max_interpreters} as concurrent requests need them")  # fmt: skip
     logs.event(log, message, event="model_loaded", model=model.name, version=version, load_ms=round(seconds * 1000, 2),
                interpreters=model.interpreters)  # fmt: skip
     return model
@@ -112,32 +114,35 @@ def release_mapped_pages(path: Path) -> None:
 
 
 class Model:
-    """One loaded bundle: metadata plus a fixed pool of LiteRT interpreters.
+    """One loaded bundle: metadata plus a pool of LiteRT interpreters.
 
     LiteRT interpreters are not thread-safe, and each holds its own copy of the packed weights
-    and its own activation arena, so the pool has as many as the CPUs the process may use
-    (more would only wait for a core, and cost memory): a request thread borrows one for its
-    model call, waiting for it with nothing else held (its images are decoded by then). They
-    are created once, at start, in the process that serves (shared.server runs one); each runs
-    one image at a time, so its arena never grows past one input.
+    and its own activation arena, so the pool holds at most as many as the CPUs the process may
+    use (more would only wait for a core, and cost memory): a request thread borrows one for
+    its model call, waiting for it with nothing else held (its images are decoded by then).
+    The first is made at start; the others when a request finds every one busy, so a replica
+    that never sees concurrent requests holds one (and starts sooner). They live in the process
+    that serves (shared.server runs one); each runs one image at a time, so its arena never
+    grows past one input.
     """
 
     def __init__(self, bundle: Path, interpreters: int | None = None) -> None:
-        """``interpreters``: how many to hold (MODEL_INTERPRETERS), at most one per usable CPU;
-        None: one per usable CPU."""
+        """``interpreters``: how many to hold at most (MODEL_INTERPRETERS), never more than one
+        per usable CPU; None: one per usable CPU."""
         self.meta = read_metadata(bundle)
         self.name: str = self.meta["name"]
         self.labels: list[str] = self.meta["labels"]
         self._path = bundle / "model.tflite"
         if not self._path.is_file():
             raise BundleError(f"{self._path} not found")
+        self.max_interpreters = min(interpreters or cgroup.usable_cpus(), cgroup.usable_cpus())
         self._pool: queue.SimpleQueue[Interpreter] = queue.SimpleQueue()
-        self.interpreters = min(interpreters or cgroup.usable_cpus(), cgroup.usable_cpus())
+        self._growing = threading.Lock()
         with _native_stderr_silenced():
-            created = [self._new_interpreter() for _ in range(self.interpreters)]  # fails here if broken
-        self._check_shapes(created[0])
-        for interpreter in created:
-            self._pool.put(interpreter)
+            first = self._new_interpreter()  # fails here if the bundle is broken
+        self._check_shapes(first)
+        self._pool.put(first)
+        self.interpreters = 1
         release_mapped_pages(self._path)
 
     def _new_interpreter(self) -> Interpreter:
@@ -174,13 +179,41 @@ class Model:
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Class probabilities, one row per input (batch of shape (n, h, w, c), float32)."""
-        interpreter = self._pool.get()  # blocks while every interpreter is busy
-        try:
+        with self.borrowed() as interpreter:
             rows = []
             for row in batch.astype(self._input_dtype, copy=False):
                 interpreter.set_tensor(self._input_index, row[None])
                 interpreter.invoke()
                 rows.append(interpreter.get_tensor(self._output_index)[0].copy())
             return np.stack(rows)
+
+    @contextmanager
+    def borrowed(self) -> Iterator[Interpreter]:
+        """An interpreter of the pool for this thread alone meanwhile: a free one, else a new one
+        while the pool is below ``max_interpreters``, else the first to come back."""
+        try:
+            interpreter = self._pool.get_nowait()
+        except queue.Empty:
+            interpreter = self._grow() or self._pool.get()
+        try:
+            yield interpreter
         finally:
             self._pool.put(interpreter)
+
+    def _grow(self) -> Interpreter | None:
+        if self.interpreters >= self.max_interpreters or not self._growing.acquire(blocking=False):
+            return None  # one at a time: a thread that finds another growing the pool waits for one
+        try:
+            if self.interpreters >= self.max_interpreters:
+                return None
+            with _native_stderr_silenced():
+                interpreter = self._new_interpreter()
+            release_mapped_pages(self._path)  # XNNPACK has packed its weights: the file again goes
+            self.interpreters += 1
+        except BundleError:
+            log.exception("model %s: cannot add an interpreter; waiting for one instead", self.name)
+            return None
+        finally:
+            self._growing.release()
+        metrics.MODEL_INTERPRETERS.labels(self.name).set(self.interpreters)
+        return interpreter
