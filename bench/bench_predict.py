@@ -299,17 +299,6 @@ def targets(
             thalamus_headers,
         ),
     ]
-    if model == "flowers":  # the reference network: what one interpreter instead of one per CPU gives
-        found.append(
-            Target(
-                "thalamus, MODEL_INTERPRETERS=1",
-                found[0].command,
-                {**function, "MODEL_INTERPRETERS": "1"},
-                path,
-                body,
-                thalamus_headers,
-            )
-        )
     if not args.no_baseline:
         meta = json.loads((bundle / "model.json").read_text())
         spec = meta["input"]
