@@ -294,7 +294,8 @@ def purge(admin: KeyAdmin, confirmed: bool) -> int:
 def in_force_everywhere() -> None:
     """Predict functions answer tokens they know from their token cache, which Redis updates
     with a push: wait out the longest before every function has seen it (shared/tokencache.py),
-    so that what this command took away is gone everywhere once it has printed."""
+    so that what this command took away is gone everywhere once it has printed. Every edit of
+    models, rate or expiry waits, whether it narrows them or not."""
     time.sleep(tokencache.PROPAGATION_SECONDS)
 
 

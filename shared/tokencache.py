@@ -8,11 +8,14 @@ an invalidation on that connection. Before using an entry, a check reads whateve
 (a poll, no round trip), and:
 
 - a connection that breaks, closes or reconnects drops every entry (its invalidations may be
-  lost), and so does one that has said nothing for :data:`CHECK_SECONDS` and does not answer a
-  ``PING`` within :data:`PING_TIMEOUT` (the answer comes after every invalidation Redis sent
-  before it). No entry is so used more than :data:`CHECK_SECONDS` after a change, however late
-  its invalidation: ``keys.py`` waits :data:`PROPAGATION_SECONDS` after a change before it
-  returns;
+  lost);
+- entries are used only while the last command this process *sent* on the connection (a fill or
+  a ``PING``) went out less than :data:`CHECK_SECONDS` ago and has been answered: Redis wrote
+  every invalidation of a change made before that command ahead of its answer, so such a change
+  has been applied. Past that, a ``PING`` goes out first, and an answer later than
+  :data:`PING_TIMEOUT` drops every entry. No entry is so used more than :data:`CHECK_SECONDS`
+  after a change, however late its invalidation travels: ``keys.py`` waits
+  :data:`PROPAGATION_SECONDS` after a change before it returns;
 - an entry is used for :data:`MAX_AGE_SECONDS` at most, then read again: what tracking cannot
   see (``SWAPDB`` sends no invalidation) lasts no longer than that;
 - only the common answer is given from here: a live token of a key that exists, has not
@@ -73,14 +76,15 @@ class TokenCache:
         # token digest → (public key, dies at, read at); public key → (scopes, expires)
         self._tokens: dict[str, tuple[str, float, float]] = {}
         self._keys: dict[str, tuple[list[str] | None, int | None]] = {}
-        self._heard = 0.0  # when the tracking connection last answered (monotonic)
+        self._heard = 0.0  # when the last command since answered was sent (monotonic)
         self._unavailable_until = 0.0  # RESP2, or CLIENT TRACKING refused: no cache until then
         self._told: set[str] = set()
 
     def lookup(self, digest: str, model: str | None) -> Entry | None:
         """The entry for the token with ``digest`` when it can answer a request for ``model``
-        on its own (see the module's doc), else None. Never raises; waits on Redis for one
-        PING at most, and only after a second without news from it."""
+        on its own (see the module's doc), else None. Never raises; waits on Redis at most
+        PING_TIMEOUT (a PING once a second, or the rest of a push that has begun to arrive), and
+        on another thread's check at most LOCK_WAIT_SECONDS."""
         entry = None
         try:
             if self._pid != os.getpid():
@@ -126,7 +130,7 @@ class TokenCache:
                     ("HMGET", key_name, "created", "scopes", "expires", "rate")]  # fmt: skip
         connection.send_packed_command(connection.pack_commands(commands))
         owner, pttl, (created, scopes, expires, rate) = (connection.read_response() for _ in commands)
-        self._heard = time.monotonic()
+        self._heard = sent
         if owner != public_key or pttl <= 0 or not created or rate:
             return  # gone meanwhile, or a rate: the script answers those
         key = (json.loads(scopes) if scopes else None, int(float(expires)) if expires else None)
@@ -175,13 +179,13 @@ class TokenCache:
             if connection._sock is None:
                 raise redis.ConnectionError("tracking connection closed")
             while connection.can_read(timeout=0):
-                connection.read_response(push_request=True)
-                self._heard = time.monotonic()
+                connection.read_response(push_request=True, timeout=PING_TIMEOUT)
             if time.monotonic() - self._heard > CHECK_SECONDS:
+                sent = time.monotonic()
                 connection.send_command("PING")
                 if connection.read_response(timeout=PING_TIMEOUT) != "PONG":  # pushes ahead are applied
                     raise redis.ConnectionError("unexpected answer to PING")
-                self._heard = time.monotonic()
+                self._heard = sent
         except (redis.RedisError, OSError, ValueError):
             self._drop()
             return False
@@ -214,8 +218,12 @@ class TokenCache:
             self._connection = None
 
     def _drop_safely(self) -> None:
+        if not self._lock.acquire(timeout=LOCK_WAIT_SECONDS):
+            self._tokens, self._keys = {}, {}  # the holder's connection is dropped by its own check
+            return
         try:
-            with self._lock:
-                self._drop()
+            self._drop()
         except Exception:
-            self._tokens, self._keys = {}, {}
+            self._tokens, self._keys, self._connection = {}, {}, None
+        finally:
+            self._lock.release()

@@ -1,7 +1,8 @@
 """A model bundle (``model.tflite`` + ``model.json``) served with the LiteRT interpreter.
 
 LiteRT interpreters are not thread-safe, so each request borrows one from a pool: gunicorn's
-threads never share an interpreter, and no thread waits for another's model call.
+threads never share an interpreter, and the pool grows (up to the usable CPUs) only while the
+model is what requests wait for.
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ def release_mapped_pages(path: Path) -> None:
     the weights into its own buffers they never read it again: without this, a copy of the whole
     file (16 MB for a 4-million-weight dense layer) would stay resident for nothing. A page an
     operator does read later is simply read back from the page cache."""
+    if libc.madvise is None:
+        return
     target = str(path.resolve())
     with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
         for line in maps:
@@ -248,7 +251,8 @@ class Model:
                 self.interpreters += 1
                 self._busy, self._window_start, self._utilization = 0.0, time.monotonic(), 0.0
         except BundleError:
-            log.exception("model %s: cannot add an interpreter; waiting for one instead", self.name)
+            log.exception("model %s: cannot add an interpreter; keeping %d", self.name, self.interpreters)
+            self.max_interpreters = self.interpreters  # once is enough: no retry every second
             return None
         finally:
             self._growing.release()
