@@ -70,7 +70,7 @@ class TokenCache:
         self._setup()
 
     def _setup(self) -> None:
-        self._pid = os.getpid()  # a forked worker starts with no connection and no entries
+        self._pid = os.getpid()
         self._lock = threading.Lock()
         self._connection: Any = None
         # token digest → (public key, dies at, read at); public key → (scopes, expires)
@@ -87,8 +87,7 @@ class TokenCache:
         on another thread's check at most LOCK_WAIT_SECONDS."""
         entry = None
         try:
-            if self._pid != os.getpid():
-                self._setup()
+            self._in_this_process()
             if self._lock.acquire(timeout=LOCK_WAIT_SECONDS):
                 try:
                     token = self._tokens.get(digest) if self._current() else None
@@ -112,8 +111,7 @@ class TokenCache:
         """Read the token with ``digest`` and its key on the tracking connection and keep them,
         after the script has accepted the token. Never raises: a failure only drops the cache."""
         try:
-            if self._pid != os.getpid():
-                self._setup()
+            self._in_this_process()
             if time.monotonic() < self._unavailable_until:
                 return
             with self._lock:
@@ -121,6 +119,10 @@ class TokenCache:
         except Exception:  # Redis gone meanwhile, or a record the script reads but we cannot
             log.debug("token cache: cannot fill", exc_info=True)
             self._drop_safely()
+
+    def _in_this_process(self) -> None:
+        if self._pid != os.getpid():  # forked: the parent's connection and entries are not ours
+            self._setup()
 
     def _fill(self, digest: str, public_key: str) -> None:
         token_name, key_name = f"{self._prefix}token:{digest}", f"{self._prefix}key:{public_key}"

@@ -131,9 +131,9 @@ class Model:
     its model call, waiting for it with nothing else held (its images are decoded by then).
     The first is made at start; the others when a request finds every one busy while they have
     been busy :data:`GROW_WHEN_BUSY` of the last second (the model is the bottleneck), so a
-    replica whose requests mostly wait on other things holds one (and starts sooner). They live in the process
-    that serves (shared.server runs one); each runs one image at a time, so its arena never
-    grows past one input.
+    replica whose requests mostly wait on other things holds one (and starts sooner). They live
+    in the process that serves (shared.server runs one); each runs one image at a time, so its
+    arena never grows past one input.
     """
 
     def __init__(self, bundle: Path, interpreters: int | None = None) -> None:
@@ -212,7 +212,8 @@ class Model:
             yield interpreter
         finally:
             self._pool.put(interpreter)
-            self._count_busy(started)
+            if self.interpreters < self.max_interpreters:  # only a pool that may grow needs the tally
+                self._count_busy(started)
 
     def _wait_or_grow(self) -> Interpreter:
         while (interpreter := self._grow()) is None:
