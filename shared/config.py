@@ -32,7 +32,6 @@ class ConfigError(StartupError):
 # Units a request rate may be given in, and their length in seconds.
 RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "min": 60, "minute": 60, "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
 _RATE_NAMES = {1: "s", 60: "min", 3600: "h", 86400: "d"}
-MAX_BATCH_WAIT_MS = 100  # longer is added latency, not batching
 
 
 @dataclass(frozen=True)
@@ -75,10 +74,6 @@ class Settings:
     # LiteRT interpreters a predict process holds (each with its own packed weights), at most
     # one per CPU it may use; None: one per such CPU.
     model_interpreters: int | None = None
-    # Most images in one model call: requests that queue while the model is busy share a call
-    # (1: each image alone); and how long a call may wait for more, in milliseconds.
-    model_max_batch: int = 4
-    model_batch_wait_ms: float = 0.0
     # Bytes of images a predict process decodes at once, in MiB; None: from its memory limit.
     decode_memory_mb: int | None = None
     # Brute-force protection for POST /token.json: failures allowed per window.
@@ -171,16 +166,6 @@ def _positive_int(variable: str, raw: str) -> int:
     return value
 
 
-def _wait_ms(variable: str, raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{variable} must be a number of milliseconds, got {raw!r}") from None
-    if not 0 <= value <= MAX_BATCH_WAIT_MS:
-        raise ConfigError(f"{variable} must be between 0 and {MAX_BATCH_WAIT_MS} ms, got {raw}")
-    return value
-
-
 def _switch(variable: str, raw: str) -> bool:
     if raw.strip().lower() in ("1", "true", "yes", "on"):
         return True
@@ -224,8 +209,6 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "MAX_IMAGE_PIXELS": ("max_image_pixels", _positive_int),
     "DECODE_MEMORY_MB": ("decode_memory_mb", _positive_int),
     "MODEL_INTERPRETERS": ("model_interpreters", _positive_int),
-    "MODEL_MAX_BATCH": ("model_max_batch", _positive_int),
-    "MODEL_BATCH_WAIT_MS": ("model_batch_wait_ms", _wait_ms),
     "AUTH_MAX_FAILURES": ("auth_max_failures", _positive_int),
     "AUTH_FAILURE_WINDOW": ("auth_failure_window", _positive_int),
     "TRUSTED_PROXIES": ("trusted_proxies", _networks),

@@ -11,9 +11,9 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -52,8 +52,7 @@ def load_model(settings: Settings) -> Model:
         raise StartupError("MODEL_NAME is required (the model this function serves)")
     started = time.perf_counter()
     try:
-        model = Model(settings.bundle_dir, settings.model_interpreters, settings.model_max_batch,
-                      settings.model_batch_wait_ms / 1000)
+        model = Model(settings.bundle_dir, settings.model_interpreters)
     except BundleError as exc:
         raise BundleError(f"cannot load model {settings.model_name!r}: {exc}") from None
     if model.name != settings.model_name:
@@ -123,57 +122,23 @@ def release_mapped_pages(path: Path) -> None:
                 libc.madvise(start, end - start, MADV_DONTNEED)
 
 
-class _Slot:
-    """An interpreter of the pool and the batch size its input is set to. Setting another size
-    costs about 0.05 ms once the interpreter's arena has held that many rows; growing the arena
-    happens once per new largest batch."""
-
-    __slots__ = ("interpreter", "rows")
-
-    def __init__(self, interpreter: Interpreter) -> None:
-        self.interpreter, self.rows = interpreter, 1
-
-
-class _Job:
-    """Rows of one request waiting for, or in, a model call; the call fills in the answer."""
-
-    __slots__ = ("rows", "probabilities", "error")
-
-    def __init__(self, rows: np.ndarray) -> None:
-        self.rows = rows
-        self.probabilities: np.ndarray | None = None
-        self.error: BaseException | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.probabilities is not None or self.error is not None
-
-
 class Model:
-    """One loaded bundle: metadata plus a pool of LiteRT interpreters that batches requests.
+    """One loaded bundle: metadata plus a pool of LiteRT interpreters.
 
     LiteRT interpreters are not thread-safe, and each holds its own copy of the packed weights
     and its own activation arena, so the pool holds at most as many as the CPUs the process may
-    use (more would only wait for a core, and cost memory). A request queues its rows (its
-    images are decoded by then; it holds nothing else) and, when an interpreter is free, the
-    thread that takes it runs every queued row it can, up to ``max_batch``, as one model call:
-    requests that arrive while the model is busy are answered together, which streams the
-    weights through the caches once instead of once per image. A lone request runs at once,
-    alone; ``batch_wait`` (seconds, default 0) lets a call wait that long for company.
-
-    The first interpreter is made at start; the others when a request finds every one busy
-    while they have been busy :data:`GROW_WHEN_BUSY` of the last second (the model is the
-    bottleneck), so a replica whose requests mostly wait on other things holds one (and starts
-    sooner). They live in the process that serves (shared.server runs one).
+    use (more would only wait for a core, and cost memory): a request thread borrows one for
+    its model call, waiting for it with nothing else held (its images are decoded by then).
+    The first is made at start; the others when a request finds every one busy while they have
+    been busy :data:`GROW_WHEN_BUSY` of the last second (the model is the bottleneck), so a
+    replica whose requests mostly wait on other things holds one (and starts sooner). They live
+    in the process that serves (shared.server runs one); each runs one image at a time, so its
+    arena never grows past one input.
     """
 
-    def __init__(
-        self, bundle: Path, interpreters: int | None = None, max_batch: int = 1, batch_wait: float = 0.0
-    ) -> None:
+    def __init__(self, bundle: Path, interpreters: int | None = None) -> None:
         """``interpreters``: how many to hold at most (MODEL_INTERPRETERS), never more than one
-        per usable CPU; None: one per usable CPU. ``max_batch``: most rows per model call
-        (MODEL_MAX_BATCH; 1 for a model whose batch dimension is fixed). ``batch_wait``: how
-        long a call may wait for more rows (MODEL_BATCH_WAIT_MS, in seconds here)."""
+        per usable CPU; None: one per usable CPU."""
         self.meta = read_metadata(bundle)
         self.name: str = self.meta["name"]
         self.labels: list[str] = self.meta["labels"]
@@ -181,21 +146,14 @@ class Model:
         if not self._path.is_file():
             raise BundleError(f"{self._path} not found")
         self.max_interpreters = min(interpreters or cgroup.usable_cpus(), cgroup.usable_cpus())
-        # One lock for the queue, the free interpreters and the busy tally; waiting threads are
-        # woken when a call ends (their rows may be answered, an interpreter is free).
-        self._lock = threading.Condition(threading.Lock())
-        self._queue: deque[_Job] = deque()
-        self._growing = False
+        self._pool: queue.SimpleQueue[Interpreter] = queue.SimpleQueue()
+        self._growing = threading.Lock()
+        self._tally = threading.Lock()  # model-call seconds in the current window
         self._busy, self._window_start, self._utilization = 0.0, time.monotonic(), 0.0
         with _native_stderr_silenced():
             first = self._new_interpreter()  # fails here if the bundle is broken
         self._check_shapes(first)
-        # Rows of a batch share a call only when the graph takes any batch size (shape
-        # signature -1, as Keras exports); a fixed one may hard-code it in a reshape.
-        dynamic = first.get_input_details()[0]["shape_signature"][0] == -1
-        self.max_batch = max_batch if dynamic else 1
-        self.batch_wait = batch_wait
-        self._free = [_Slot(first)]
+        self._pool.put(first)
         self.interpreters = 1
         release_mapped_pages(self._path)
 
@@ -205,7 +163,7 @@ class Model:
             interpreter = Interpreter(model_path=str(self._path), num_threads=1)
             interpreter.allocate_tensors()
             inp = interpreter.get_input_details()[0]
-            if inp["shape"][0] != 1:  # the arena grows only when a bigger batch comes
+            if inp["shape"][0] != 1:  # one image per call
                 interpreter.resize_tensor_input(inp["index"], [1, *inp["shape"][1:]])
                 interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
@@ -230,112 +188,74 @@ class Model:
         self.output_tensor: str = out["name"]
         self._input_index, self._output_index = inp["index"], out["index"]
         self._input_dtype = inp["dtype"]
-        self._row_shape = want
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
-        """Class probabilities, one row per input (batch of shape (n, h, w, c), float32).
+        """Class probabilities, one row per input (batch of shape (n, h, w, c), float32)."""
+        with self.borrowed() as interpreter:
+            rows = []
+            for row in batch.astype(self._input_dtype, copy=False):
+                interpreter.set_tensor(self._input_index, row[None])
+                interpreter.invoke()
+                rows.append(interpreter.get_tensor(self._output_index)[0].copy())
+            return np.stack(rows)
 
-        The rows go in model calls of at most ``max_batch``, possibly together with other
-        requests' rows; each row's answer is the one it would get alone."""
-        batch = batch.astype(self._input_dtype, copy=False)
-        mine = [_Job(batch[i : i + self.max_batch]) for i in range(0, len(batch), self.max_batch)]
-        with self._lock:
-            self._queue.extend(mine)
-            if self.batch_wait:
-                self._lock.notify_all()  # a call waiting for company
-            while not all(job.finished for job in mine):
-                if self._queue and self._free:
-                    self._lead(self._free.pop())
-                elif self._queue and self._may_grow():
-                    self._grow()
-                else:  # a long wait is itself news: look again whether the model is the bottleneck
-                    self._lock.wait(BUSY_WINDOW_SECONDS)
-        for job in mine:
-            if job.error is not None:
-                raise RuntimeError(f"model {self.name}: the model call failed ({job.error})")
-        return mine[0].probabilities if len(mine) == 1 else np.concatenate([job.probabilities for job in mine])
-
-    def _lead(self, slot: _Slot) -> None:
-        """With the lock held: run the queued rows as one call on ``slot``, the lock released
-        meanwhile, then give the interpreter back and wake the waiting threads."""
-        jobs = self._take_batch()
-        started = time.monotonic()
-        self._lock.release()
+    @contextmanager
+    def borrowed(self) -> Iterator[Interpreter]:
+        """An interpreter of the pool for this thread alone meanwhile: a free one, else a new one
+        when the pool is below ``max_interpreters`` and saturated, else the first to come back."""
         try:
-            self._call(slot, jobs)
-        except Exception as exc:  # each request in the call answers for it; none waits forever
-            for job in jobs:
-                job.error = exc
+            interpreter = self._pool.get_nowait()
+        except queue.Empty:
+            interpreter = self._wait_or_grow()
+        started = time.monotonic()
+        try:
+            yield interpreter
         finally:
-            self._lock.acquire()
-            self._free.append(slot)
+            self._pool.put(interpreter)
             if self.interpreters < self.max_interpreters:  # only a pool that may grow needs the tally
                 self._count_busy(started)
-            self._lock.notify_all()
 
-    def _take_batch(self) -> list[_Job]:
-        """With the lock held: queued jobs, oldest first, as many as fit in ``max_batch`` rows,
-        after waiting up to ``batch_wait`` for more when the batch is not full."""
-        jobs: list[_Job] = []
-        rows, deadline = 0, time.monotonic() + self.batch_wait
-        while True:
-            while self._queue and rows + len(self._queue[0].rows) <= self.max_batch:
-                jobs.append(job := self._queue.popleft())
-                rows += len(job.rows)
-            remaining = deadline - time.monotonic()
-            if rows == self.max_batch or self._queue or remaining <= 0:
-                return jobs
-            self._lock.wait(remaining)
-
-    def _call(self, slot: _Slot, jobs: list[_Job]) -> None:
-        rows = jobs[0].rows if len(jobs) == 1 else np.concatenate([job.rows for job in jobs])
-        interpreter = slot.interpreter
-        if slot.rows != len(rows):
-            interpreter.resize_tensor_input(self._input_index, [len(rows), *self._row_shape])
-            interpreter.allocate_tensors()
-            slot.rows = len(rows)
-        metrics.BATCH_SIZE.labels(self.name).observe(len(rows))
-        interpreter.set_tensor(self._input_index, rows)
-        interpreter.invoke()
-        probabilities = interpreter.get_tensor(self._output_index)  # a copy: the next call reuses the tensor
-        start = 0
-        for job in jobs:
-            job.probabilities = probabilities[start : start + len(job.rows)]
-            start += len(job.rows)
+    def _wait_or_grow(self) -> Interpreter:
+        while (interpreter := self._grow()) is None:
+            try:  # a long wait is itself news: look again whether the model is the bottleneck
+                return self._pool.get(timeout=BUSY_WINDOW_SECONDS)
+            except queue.Empty:
+                continue
+        return interpreter
 
     def _count_busy(self, started: float) -> None:
-        now = time.monotonic()
-        self._busy += now - started
-        if (elapsed := now - self._window_start) >= BUSY_WINDOW_SECONDS:
-            self._utilization = self._busy / (elapsed * self.interpreters)
-            self._busy, self._window_start = 0.0, now
+        with self._tally:
+            now = time.monotonic()
+            self._busy += now - started
+            if (elapsed := now - self._window_start) >= BUSY_WINDOW_SECONDS:
+                self._utilization = self._busy / (elapsed * self.interpreters)
+                self._busy, self._window_start = 0.0, now
 
-    def _may_grow(self) -> bool:
-        """With the lock held: below the limit, nobody adding one already, and every interpreter
-        was busy GROW_WHEN_BUSY of the last window, which is recent."""
-        recent = time.monotonic() - self._window_start < 2 * BUSY_WINDOW_SECONDS
-        return (self.interpreters < self.max_interpreters and not self._growing and recent
-                and self._utilization >= GROW_WHEN_BUSY)  # fmt: skip
+    def _saturated(self) -> bool:
+        """Every interpreter was busy GROW_WHEN_BUSY of the last window, and that is recent."""
+        with self._tally:
+            recent = time.monotonic() - self._window_start < 2 * BUSY_WINDOW_SECONDS
+            return recent and self._utilization >= GROW_WHEN_BUSY
 
-    def _grow(self) -> None:
-        """With the lock held: add an interpreter to the free ones (made with the lock released:
-        it takes tens of milliseconds). One that cannot be made stops the growing."""
-        self._growing = True
-        self._lock.release()
+    def _grow(self) -> Interpreter | None:
+        if self.interpreters >= self.max_interpreters or not self._saturated():
+            return None
+        if not self._growing.acquire(blocking=False):
+            return None  # one at a time: a thread that finds another growing the pool waits for one
         try:
+            if self.interpreters >= self.max_interpreters:
+                return None
             with _native_stderr_silenced():
                 interpreter = self._new_interpreter()
             release_mapped_pages(self._path)  # XNNPACK has packed its weights: the file again goes
+            with self._tally:
+                self.interpreters += 1
+                self._busy, self._window_start, self._utilization = 0.0, time.monotonic(), 0.0
         except BundleError:
             log.exception("model %s: cannot add an interpreter; keeping %d", self.name, self.interpreters)
-            interpreter = None
-        finally:
-            self._lock.acquire()
-            self._growing = False
-        if interpreter is None:
             self.max_interpreters = self.interpreters  # once is enough: no retry every second
-            return
-        self._free.append(_Slot(interpreter))
-        self.interpreters += 1
-        self._busy, self._window_start, self._utilization = 0.0, time.monotonic(), 0.0
+            return None
+        finally:
+            self._growing.release()
         metrics.MODEL_INTERPRETERS.labels(self.name).set(self.interpreters)
+        return interpreter

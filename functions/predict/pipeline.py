@@ -67,6 +67,7 @@ def infer(model: Model, batch: np.ndarray) -> np.ndarray:
     """The model's class probabilities for ``batch``: float32 of shape (n, len(labels)).
     BadRequest when they are not numbers: finite inputs far outside what the model takes (a
     numeric tensor of ±3e38, say) overflow inside it, and NaN is neither an answer nor JSON."""
+    metrics.BATCH_SIZE.labels(model.name).observe(len(batch))
     with metrics.INFERENCE_SECONDS.labels(model.name).time():
         probabilities = model.predict(batch)
     if not np.isfinite(probabilities).all():
