@@ -285,7 +285,7 @@ def targets(
     model: str, bundle: Path, photo: bytes, env: dict[str, str], bearer: str, args: argparse.Namespace, tmp: Path
 ) -> list[Target]:
     body, content_type = multipart(photo)
-    function = {**env, "MODEL_NAME": model, "MODEL_DIR": str(bundle), "WORKERS": "1", "THREADS": "4"}
+    function = {**env, "MODEL_NAME": model, "MODEL_DIR": str(bundle), "WORKERS": "1"}
     thalamus_headers = {"Content-Type": content_type, "Authorization": f"Bearer {bearer}"}
     path = f"/models/{model}/predict.json"
     server = [sys.executable, "-m", "shared.server"]

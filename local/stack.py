@@ -118,7 +118,6 @@ class Stack:
             "LOG_FORMAT": "text",  # a person reads these lines, prefixed with the function's name
             **os.environ,
             "WORKERS": "1",
-            "THREADS": "4",
             "REDIS_URL": settings.redis_url,
         }
         if child.name == "gateway":

@@ -88,10 +88,11 @@ class Settings:
     redis_timeout: float = 0.8
     # Predict functions answer known tokens from a cache Redis keeps current (CLIENT TRACKING).
     token_cache: bool = True
-    # The server (shared/server.py): port, gunicorn worker processes and threads per worker.
+    # The server (shared/server.py): port, gunicorn worker processes and threads per worker
+    # (None: one per CPU the process may use, at least 2; see shared.server.serving_threads).
     port: int = 8080
     workers: int = 1
-    threads: int = 4
+    threads: int | None = None
     # Seconds a client has to send a request's headers, and its body (a body that keeps
     # flowing earns more time); then 408 and the thread is free again.
     header_timeout: int = 10

@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from local.helpers import demo_image, encode, free_port, function_command, wait_http
+from shared.worker import JOIN_BODY_BYTES, DeadlineSocket
 from tests.conftest import subprocess_env
 
 DEADLINE = 2  # REQUEST_HEADER_TIMEOUT and REQUEST_BODY_TIMEOUT of the servers under attack
@@ -168,7 +169,7 @@ def token_header(auth) -> dict[str, str]:
 
 
 def test_slow_headers_and_small_bodies_do_not_hold_a_thread(serve, token_header):
-    server = serve("token")  # 4 threads
+    server = serve("token")  # a thread per CPU: fewer than the slow clients by far
     small = request("POST", "/token.json", "Content-Type: application/json", "Content-Length: 500")
     with (
         Tricklers(server.port, 40, b"GET /session.json HTTP/1.1\r\nHost: x\r\n"),
@@ -305,3 +306,47 @@ def test_gateway_answers_odd_paths_in_json(running_stack):
         code, headers, body = exchange(port, request("GET", path))
         assert code in (404, 414) and headers["content-type"] == "application/json", (path, code, body)
     assert requests.get(running_stack.gateway + "/openapi.json", timeout=10).json()["openapi"].startswith("3.")
+
+
+# -- how answers are sent --------------------------------------------------------------------
+
+
+def test_an_answer_head_waits_for_its_body_and_goes_out_with_it():
+    """One send per answer: the client is woken once, with the whole answer (a head alone would
+    cost the server a second syscall and a GIL hand-off, and the client a second wake-up)."""
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        sock = DeadlineSocket(ours.family, ours.type, ours.proto, fileno=ours.detach())
+        theirs.setblocking(False)
+        body = b'{"ok": true}'
+        sock.begin(5, 5, 0)
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+        with pytest.raises(BlockingIOError):
+            theirs.recv(1)  # nothing yet: the head waits for the body
+        sock.sendall(body)
+        assert theirs.recv(100) == b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n" + body  # in one piece
+        sock.end()
+        sock.begin(5, 5, 0)
+        sock.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+        sock.end()  # an answer without a body: its head goes at the end of the request
+        assert theirs.recv(100) == b"HTTP/1.1 204 No Content\r\n\r\n"
+        sock.close()
+
+
+def test_bodiless_and_large_answers_arrive_whole_on_one_connection(serve):
+    """HEAD, the API description (too large to join its head), a health check and a 404, one after
+    the other on one kept-alive connection: each answer complete, none delayed to the next."""
+    server = serve("predict", MODEL_NAME="shapes")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock, sock.makefile("rb") as answers:
+        for method, path, status in [("HEAD", "/healthz", 200), ("GET", "/openapi.json", 200),
+                                     ("GET", "/healthz", 200), ("GET", "/nowhere", 404)]:  # fmt: skip
+            sock.sendall(request(method, path))
+            assert answers.readline().split()[1] == str(status).encode()
+            length = 0
+            while (line := answers.readline()) != b"\r\n":
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            body = answers.read(length) if method != "HEAD" else b""
+            assert len(body) == (length if method != "HEAD" else 0)
+            if path == "/openapi.json":
+                assert length > JOIN_BODY_BYTES and json.loads(body)["openapi"].startswith("3.")

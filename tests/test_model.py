@@ -5,6 +5,7 @@ the flatbuffer not kept resident once XNNPACK has packed its weights."""
 from __future__ import annotations
 
 import gc
+import hashlib
 import io
 import os
 import subprocess
@@ -19,7 +20,7 @@ import requests
 from ai_edge_litert.interpreter import Interpreter
 from prometheus_client.parser import text_string_to_metric_families
 
-from functions.predict.model import Model, load_model
+from functions.predict.model import GROW_WHEN_BUSY, Model, load_model
 from functions.predict.service import create_service
 from local import ROOT
 from local.helpers import demo_image, encode, free_port, function_command, wait_http
@@ -85,6 +86,40 @@ def test_a_saturated_model_gets_an_interpreter_per_cpu_and_no_more():
         thread.join()
     assert model.interpreters == model.max_interpreters
     assert live_interpreters() - before == model.max_interpreters
+
+
+def test_a_saturated_model_gets_no_second_interpreter_when_the_cpus_are_busy():
+    """The model is busy all the time, but so are the CPUs (threads hashing, which hold no GIL,
+    as decoding does): a second interpreter would have no core to run on, only its weights to
+    hold, so none is made."""
+    model = Model(SHAPES)
+    if model.max_interpreters < 2:
+        pytest.skip("one usable CPU: the pool never grows")
+    batch = np.zeros((16, 64, 64, 3), np.float32)
+    stop = threading.Event()
+
+    def saturate() -> None:
+        while not stop.is_set():
+            model.predict(batch)
+
+    def burn() -> None:
+        data = os.urandom(1 << 20)
+        while not stop.is_set():
+            hashlib.sha256(data).digest()
+
+    threads = [threading.Thread(target=saturate) for _ in range(3)]
+    threads += [threading.Thread(target=burn) for _ in range(model.usable_cpus)]
+    for thread in threads:
+        thread.start()
+    busiest, deadline = 0.0, time.monotonic() + 4
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        busiest = max(busiest, model._utilization)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert busiest >= GROW_WHEN_BUSY  # the model was the bottleneck all along
+    assert model.interpreters == 1
 
 
 def test_interpreters_follow_the_cpu_affinity():

@@ -29,11 +29,14 @@ from shared.errors import StartupError
 log = logging.getLogger("thalamus.model")
 
 REQUIRED = ("name", "version", "labels", "input", "preprocessing")
-# Another interpreter is made when a request finds every one busy and they were busy this share
-# of the last second: the model, not decoding or Python, is then what requests wait for. Below
-# it, one more would only add its copy of the weights (measured on the reference network: one
-# interpreter busy ~80 % serves within noise of two, with 22 MB less).
+# Another interpreter is made when a request finds every one busy, they were busy this share of
+# the last second (the model, not decoding or Python, is what requests wait for), and the
+# process left at least this much of a CPU unused meanwhile (one more has a core to run on).
+# Otherwise one more would only add its copy of the weights: on 2 CPUs under 8 connections the
+# reference network's interpreter is ~80-90 % busy while the process uses ~1.6 CPUs, and two
+# interpreters served no more than one (266 against 273 req/s), with 22 MB more.
 GROW_WHEN_BUSY = 0.9
+GROW_WHEN_CPU_FREE = 0.5
 BUSY_WINDOW_SECONDS = 1.0
 MADV_DONTNEED = 4  # <sys/mman.h> on Linux
 
@@ -130,8 +133,10 @@ class Model:
     use (more would only wait for a core, and cost memory): a request thread borrows one for
     its model call, waiting for it with nothing else held (its images are decoded by then).
     The first is made at start; the others when a request finds every one busy while they have
-    been busy :data:`GROW_WHEN_BUSY` of the last second (the model is the bottleneck), so a
-    replica whose requests mostly wait on other things holds one (and starts sooner). They live
+    been busy :data:`GROW_WHEN_BUSY` of the last second (the model is the bottleneck) and the
+    process left :data:`GROW_WHEN_CPU_FREE` of a CPU unused (one more has a core to run on), so
+    a replica whose requests mostly wait on other things, or whose CPUs are already busy, holds
+    one (and starts sooner). They live
     in the process that serves (shared.server runs one); each runs one image at a time, so its
     arena never grows past one input.
     """
@@ -145,11 +150,13 @@ class Model:
         self._path = bundle / "model.tflite"
         if not self._path.is_file():
             raise BundleError(f"{self._path} not found")
-        self.max_interpreters = min(interpreters or cgroup.usable_cpus(), cgroup.usable_cpus())
+        self.usable_cpus = cgroup.usable_cpus()
+        self.max_interpreters = min(interpreters or self.usable_cpus, self.usable_cpus)
         self._pool: queue.SimpleQueue[Interpreter] = queue.SimpleQueue()
         self._growing = threading.Lock()
         self._tally = threading.Lock()  # model-call seconds in the current window
         self._busy, self._window_start, self._utilization = 0.0, time.monotonic(), 0.0
+        self._window_cpu, self._cpu_free = time.process_time(), 0.0
         with _native_stderr_silenced():
             first = self._new_interpreter()  # fails here if the bundle is broken
         self._check_shapes(first)
@@ -228,14 +235,17 @@ class Model:
             now = time.monotonic()
             self._busy += now - started
             if (elapsed := now - self._window_start) >= BUSY_WINDOW_SECONDS:
+                cpu = time.process_time()  # every thread's CPU time
                 self._utilization = self._busy / (elapsed * self.interpreters)
-                self._busy, self._window_start = 0.0, now
+                self._cpu_free = self.usable_cpus - (cpu - self._window_cpu) / elapsed
+                self._busy, self._window_start, self._window_cpu = 0.0, now, cpu
 
     def _saturated(self) -> bool:
-        """Every interpreter was busy GROW_WHEN_BUSY of the last window, and that is recent."""
+        """Every interpreter was busy GROW_WHEN_BUSY of the last window while the process left
+        GROW_WHEN_CPU_FREE of a CPU unused, and that is recent."""
         with self._tally:
             recent = time.monotonic() - self._window_start < 2 * BUSY_WINDOW_SECONDS
-            return recent and self._utilization >= GROW_WHEN_BUSY
+            return recent and self._utilization >= GROW_WHEN_BUSY and self._cpu_free >= GROW_WHEN_CPU_FREE
 
     def _grow(self) -> Interpreter | None:
         if self.interpreters >= self.max_interpreters or not self._saturated():
@@ -251,6 +261,7 @@ class Model:
             with self._tally:
                 self.interpreters += 1
                 self._busy, self._window_start, self._utilization = 0.0, time.monotonic(), 0.0
+                self._window_cpu = time.process_time()
         except BundleError:
             log.exception("model %s: cannot add an interpreter; keeping %d", self.name, self.interpreters)
             self.max_interpreters = self.interpreters  # once is enough: no retry every second
