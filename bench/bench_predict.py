@@ -7,7 +7,8 @@ For each model (``reference`` is a network the size of the original Thalamus cla
 180x180x3, three conv blocks, dense 128, 5 classes, imported with ``train.py --import``), with a
 640x480 JPEG:
 
-- floor: in-process decode + preprocess + one model call (what no server can go below);
+- floor: in-process decode + preprocess + one model call (what no server can go below), measured
+  again next to each server, as the machine's speed drifts;
 - cold start: spawn of the server to the first authenticated 200, median of --runs;
 - warm p50/p99 on one keep-alive connection (a lean client: body encoded once), and the same
   function without its access log and request metrics (``bench/unobserved_function.py``);
@@ -380,9 +381,10 @@ def main() -> None:
                     bundle = ROOT / "models" / model
                 name = bundle.name
                 photo = sample_photo()
-                floor = floor_ms(bundle, photo, args.requests)
                 for target in targets(name, bundle, photo, env, bearer, args, tmp):
-                    row = {"model": model, "server": target.name, "floor": floor}
+                    # The floor is measured again next to each server (this machine's speed drifts
+                    # by tens of percent within minutes), while that server is idle.
+                    row = {"model": model, "server": target.name}
                     colds = []
                     for run in range(args.runs):
                         proc, port, seconds = start(target)
@@ -390,6 +392,7 @@ def main() -> None:
                         if run < args.runs - 1:
                             stop(proc)
                     row["cold"] = statistics.median(colds) * 1000
+                    row["floor"] = floor_ms(bundle, photo, args.requests)
                     row["p50"], row["p99"] = warm(port, target, args.requests)
                     row.update(load(port, proc, target, args.seconds, args.connections))
                     stop(proc)
@@ -457,10 +460,9 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
                 f"{r['model']}: access log + request metrics add {r['observed'] - r['unobserved']:+.3f} ms to the warm "
                 f"p50 ({r['unobserved']:.3f} → {r['observed']:.3f} ms, interleaved, median of 5 rounds)"
             )
-    floors = {r["model"]: r["floor"] for r in rows}
     print(
-        "\nfloors (decode + preprocess + one model call, in-process): "
-        + ", ".join(f"{m} {f:.2f} ms" for m, f in floors.items())
+        "\nfloors (decode + preprocess + one model call, in-process, measured next to each server): "
+        + ", ".join(f"{r['model']} {r['floor']:.2f} ms ({r['server'].split(' (')[0]})" for r in rows)
     )
 
 

@@ -136,9 +136,8 @@ class Model:
     been busy :data:`GROW_WHEN_BUSY` of the last second (the model is the bottleneck) and the
     process left :data:`GROW_WHEN_CPU_FREE` of a CPU unused (one more has a core to run on), so
     a replica whose requests mostly wait on other things, or whose CPUs are already busy, holds
-    one (and starts sooner). They live
-    in the process that serves (shared.server runs one); each runs one image at a time, so its
-    arena never grows past one input.
+    one (and starts sooner). They live in the process that serves (shared.server runs one); each
+    runs one image at a time, so its arena never grows past one input.
     """
 
     def __init__(self, bundle: Path, interpreters: int | None = None) -> None:
