@@ -56,6 +56,24 @@ def cpu_quota() -> float | None:
 
 def usable_cpus() -> int:
     """CPUs this process may run on: its affinity, capped by its CPU quota, at least one."""
+    return max(1, math.ceil(cpu_capacity()))
+
+
+def cpu_capacity() -> float:
+    """CPU time this process may use per second: its affinity, capped by its quota (1.5 for
+    "1500m"; :func:`usable_cpus` rounds it up to whole CPUs)."""
     cpus = len(os.sched_getaffinity(0))
     quota = cpu_quota()
-    return max(1, min(cpus, math.ceil(quota) if quota else cpus))
+    return min(cpus, quota) if quota else float(cpus)
+
+
+def runqueue_wait() -> float:
+    """Seconds this process's threads have spent runnable but waiting for a CPU (the kernel's
+    schedstat), 0.0 where the kernel does not say: it grows when the CPUs are all busy, with this
+    process's work or anyone else's."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                total += int(Path(f"/proc/self/task/{task}/schedstat").read_text().split()[1])
+    return total / 1e9

@@ -20,6 +20,7 @@ _keepalive_after) of that version, and tests/test_hostile.py exercises each path
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import selectors
@@ -102,10 +103,20 @@ class DeadlineSocket(socket.socket):
         self.held = b""
 
     def end(self) -> None:
-        self._send_held()  # an answer with no body: its head alone
-        self.deadlines = None
+        try:
+            self.send_held()  # normally sent already (DeadlineWorker._keepalive_after)
+        finally:
+            self.deadlines = None
 
-    def _send_held(self) -> None:
+    def shutdown(self, how: int) -> None:
+        # gunicorn closes this way when the application fails after its answer began; what the
+        # client was sent of it stays what it was sent.
+        with contextlib.suppress(OSError):
+            self.send_held()
+        super().shutdown(how)
+
+    def send_held(self) -> None:
+        """Send the answer's head if it is still held (an answer with no body)."""
         if self.held:
             held, self.held = self.held, b""
             self._bounded("send", super().sendall, held)
@@ -124,7 +135,7 @@ class DeadlineSocket(socket.socket):
         return bytes(self._bounded("recv", super().recv, size, *args))
 
     def send(self, data: Any, *args: Any) -> int:
-        self._send_held()
+        self.send_held()
         return int(self._bounded("send", super().send, data, *args))
 
     def sendall(self, data: Any, *args: Any) -> None:
@@ -136,7 +147,7 @@ class DeadlineSocket(socket.socket):
             return
         if self.held and len(data) <= JOIN_BODY_BYTES:
             data, self.held = self.held + bytes(data), b""
-        self._send_held()
+        self.send_held()
         self._bounded("send", super().sendall, data, *args)
 
     def sendfile(self, file: Any, offset: int = 0, count: int | None = None) -> int:
@@ -375,9 +386,11 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
             return False
 
     def _keepalive_after(self, conn: Any, keepalive: bool) -> bool:
-        # The answer is out. An unread body that cannot be drained closes the connection:
-        # gunicorn would otherwise send a second (error) answer after the first.
+        # The answer is out (a bodiless one's head goes now, before any draining). An unread
+        # body that cannot be drained closes the connection: gunicorn would otherwise send a
+        # second (error) answer after the first.
         try:
+            conn.sock.send_held()
             return bool(super()._keepalive_after(conn, keepalive))
         except (ThalamusError, parse_errors.ParseException, OSError):
             return False

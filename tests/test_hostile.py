@@ -330,6 +330,12 @@ def test_an_answer_head_waits_for_its_body_and_goes_out_with_it():
         sock.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
         sock.end()  # an answer without a body: its head goes at the end of the request
         assert theirs.recv(100) == b"HTTP/1.1 204 No Content\r\n\r\n"
+        sock.begin(5, 5, 0)
+        sock.sendall(b"HTTP/1.1 204 No Content\r\n\r\n")
+        theirs.close()  # the client has gone: the request still ends, its deadlines lifted
+        with pytest.raises(OSError):
+            sock.end()
+        assert sock.deadlines is None and sock.held == b""
         sock.close()
 
 

@@ -6,12 +6,15 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import requests
 
+from local import ROOT
 from local.helpers import free_port, function_command, wait_http
+from shared import cgroup
 from tests.conftest import subprocess_env
 from tests.test_model import scrape, server_pid
 
@@ -92,3 +95,18 @@ def test_warm_predictions_reuse_their_memory(serve_function, bearer):
     for _ in range(100):
         assert session.post(f"{base}/models/shapes/predict.json", files=files, headers=bearer, timeout=10).ok
     assert (faults() - before) / 100 < 10
+
+
+def test_threads_are_one_per_usable_cpu_and_at_least_two():
+    """THREADS unset: a thread per CPU the process may use (more would queue for the GIL), but
+    two on one CPU, so that one can read or send while the other computes; THREADS wins."""
+    script = (
+        "import os, sys\n"
+        "from shared.config import Settings\n"
+        "from shared.server import serving_threads\n"
+        "print(serving_threads(Settings()), end=' ')\n"
+        "os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+        "print(serving_threads(Settings()), serving_threads(Settings.from_env({'THREADS': '3'})))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.split() == [str(max(2, cgroup.usable_cpus())), "2", "3"]

@@ -30,11 +30,13 @@ log = logging.getLogger("thalamus.model")
 
 REQUIRED = ("name", "version", "labels", "input", "preprocessing")
 # Another interpreter is made when a request finds every one busy, they were busy this share of
-# the last second (the model, not decoding or Python, is what requests wait for), and the
-# process left at least this much of a CPU unused meanwhile (one more has a core to run on).
-# Otherwise one more would only add its copy of the weights: on 2 CPUs under 8 connections the
-# reference network's interpreter is ~80-90 % busy while the process uses ~1.6 CPUs, and two
-# interpreters served no more than one (266 against 273 req/s), with 22 MB more.
+# the last second (the model, not decoding or Python, is what requests wait for), and at least
+# this much of a CPU was left free meanwhile: the process's CPU capacity less the CPU time it used
+# and the time its threads waited for a CPU (the machine's other work shows there). One more then
+# has a core to run on. Otherwise it would only add its copy of the weights: on 2 CPUs under 8
+# connections the reference network's interpreter is ~80-90 % busy while the process uses ~1.65
+# CPUs and waits ~0.15, and two interpreters served no more than one (266 against 273 req/s),
+# with 22 MB more.
 GROW_WHEN_BUSY = 0.9
 GROW_WHEN_CPU_FREE = 0.5
 BUSY_WINDOW_SECONDS = 1.0
@@ -55,7 +57,7 @@ def load_model(settings: Settings) -> Model:
         raise StartupError("MODEL_NAME is required (the model this function serves)")
     started = time.perf_counter()
     try:
-        model = Model(settings.bundle_dir, settings.model_interpreters)
+        model = Model(settings.bundle_dir, settings.model_interpreters, settings.workers)
     except BundleError as exc:
         raise BundleError(f"cannot load model {settings.model_name!r}: {exc}") from None
     if model.name != settings.model_name:
@@ -130,32 +132,35 @@ class Model:
 
     LiteRT interpreters are not thread-safe, and each holds its own copy of the packed weights
     and its own activation arena, so the pool holds at most as many as the CPUs the process may
-    use (more would only wait for a core, and cost memory): a request thread borrows one for
-    its model call, waiting for it with nothing else held (its images are decoded by then).
-    The first is made at start; the others when a request finds every one busy while they have
-    been busy :data:`GROW_WHEN_BUSY` of the last second (the model is the bottleneck) and the
-    process left :data:`GROW_WHEN_CPU_FREE` of a CPU unused (one more has a core to run on), so
-    a replica whose requests mostly wait on other things, or whose CPUs are already busy, holds
-    one (and starts sooner). They live in the process that serves (shared.server runs one); each
-    runs one image at a time, so its arena never grows past one input.
+    use, its share of them when WORKERS > 1 (more would only wait for a core, and cost memory):
+    a request thread borrows one for its model call, waiting for it with nothing else held (its
+    images are decoded by then). The first is made at start; the others when a request finds
+    every one busy while they have been busy :data:`GROW_WHEN_BUSY` of the last second (the
+    model is the bottleneck) and :data:`GROW_WHEN_CPU_FREE` of a CPU was left free (one more
+    has a core to run on), so a replica whose requests mostly wait on other things, or whose
+    CPUs are already busy, holds one (and starts sooner). They live in the process that serves
+    (shared.server runs one); each runs one image at a time, so its arena never grows past one
+    input.
     """
 
-    def __init__(self, bundle: Path, interpreters: int | None = None) -> None:
+    def __init__(self, bundle: Path, interpreters: int | None = None, workers: int = 1) -> None:
         """``interpreters``: how many to hold at most (MODEL_INTERPRETERS), never more than one
-        per usable CPU; None: one per usable CPU."""
+        per usable CPU; None: one per usable CPU. ``workers``: processes sharing those CPUs
+        (WORKERS), each holding its share."""
         self.meta = read_metadata(bundle)
         self.name: str = self.meta["name"]
         self.labels: list[str] = self.meta["labels"]
         self._path = bundle / "model.tflite"
         if not self._path.is_file():
             raise BundleError(f"{self._path} not found")
-        self.usable_cpus = cgroup.usable_cpus()
-        self.max_interpreters = min(interpreters or self.usable_cpus, self.usable_cpus)
+        cpus = max(1, cgroup.usable_cpus() // workers)
+        self.max_interpreters = min(interpreters or cpus, cpus)
+        self._capacity = cgroup.cpu_capacity() / workers  # CPU seconds per second
         self._pool: queue.SimpleQueue[Interpreter] = queue.SimpleQueue()
         self._growing = threading.Lock()
         self._tally = threading.Lock()  # model-call seconds in the current window
         self._busy, self._window_start, self._utilization = 0.0, time.monotonic(), 0.0
-        self._window_cpu, self._cpu_free = time.process_time(), 0.0
+        self._window_cpu, self._cpu_free = self._cpu_spent(), 0.0
         with _native_stderr_silenced():
             first = self._new_interpreter()  # fails here if the bundle is broken
         self._check_shapes(first)
@@ -234,14 +239,19 @@ class Model:
             now = time.monotonic()
             self._busy += now - started
             if (elapsed := now - self._window_start) >= BUSY_WINDOW_SECONDS:
-                cpu = time.process_time()  # every thread's CPU time
+                cpu = self._cpu_spent()
                 self._utilization = self._busy / (elapsed * self.interpreters)
-                self._cpu_free = self.usable_cpus - (cpu - self._window_cpu) / elapsed
+                self._cpu_free = self._capacity - (cpu - self._window_cpu) / elapsed
                 self._busy, self._window_start, self._window_cpu = 0.0, now, cpu
 
+    @staticmethod
+    def _cpu_spent() -> float:
+        """CPU seconds every thread of the process used, plus those they waited for a CPU."""
+        return time.process_time() + cgroup.runqueue_wait()
+
     def _saturated(self) -> bool:
-        """Every interpreter was busy GROW_WHEN_BUSY of the last window while the process left
-        GROW_WHEN_CPU_FREE of a CPU unused, and that is recent."""
+        """Every interpreter was busy GROW_WHEN_BUSY of the last window while GROW_WHEN_CPU_FREE
+        of a CPU was left free, and that is recent."""
         with self._tally:
             recent = time.monotonic() - self._window_start < 2 * BUSY_WINDOW_SECONDS
             return recent and self._utilization >= GROW_WHEN_BUSY and self._cpu_free >= GROW_WHEN_CPU_FREE
@@ -260,7 +270,7 @@ class Model:
             with self._tally:
                 self.interpreters += 1
                 self._busy, self._window_start, self._utilization = 0.0, time.monotonic(), 0.0
-                self._window_cpu = time.process_time()
+                self._window_cpu = self._cpu_spent()
         except BundleError:
             log.exception("model %s: cannot add an interpreter; keeping %d", self.name, self.interpreters)
             self.max_interpreters = self.interpreters  # once is enough: no retry every second
