@@ -382,8 +382,6 @@ def main() -> None:
                 name = bundle.name
                 photo = sample_photo()
                 for target in targets(name, bundle, photo, env, bearer, args, tmp):
-                    # The floor is measured again next to each server (this machine's speed drifts
-                    # by tens of percent within minutes), while that server is idle.
                     row = {"model": model, "server": target.name}
                     colds = []
                     for run in range(args.runs):
@@ -392,6 +390,8 @@ def main() -> None:
                         if run < args.runs - 1:
                             stop(proc)
                     row["cold"] = statistics.median(colds) * 1000
+                    # Measured again next to each server, while it waits idle: this machine's speed
+                    # drifts by tens of percent within minutes.
                     row["floor"] = floor_ms(bundle, photo, args.requests)
                     row["p50"], row["p99"] = warm(port, target, args.requests)
                     row.update(load(port, proc, target, args.seconds, args.connections))

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +62,35 @@ def test_requests_that_wait_on_decoding_share_one_interpreter(settings, bearer):
     assert model.interpreters == 1 and live_interpreters() - before == 1
 
 
+@contextmanager
+def saturating(model: Model, callers: int, burners: int = 0) -> Iterator[None]:
+    """Meanwhile ``callers`` threads do nothing but call the model (16 images a call: the model
+    is the work) and ``burners`` threads keep CPUs busy hashing (which, like decoding, holds no
+    GIL)."""
+    batch = np.zeros((16, 64, 64, 3), np.float32)
+    stop = threading.Event()
+
+    def call() -> None:
+        while not stop.is_set():
+            assert model.predict(batch).shape == (16, 3)
+
+    def burn() -> None:
+        data = os.urandom(1 << 20)
+        while not stop.is_set():
+            hashlib.sha256(data).digest()
+
+    threads = [threading.Thread(target=call) for _ in range(callers)]
+    threads += [threading.Thread(target=burn) for _ in range(burners)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+
+
 def test_a_saturated_model_gets_an_interpreter_per_cpu_and_no_more():
     """Threads that do nothing but call the model keep its interpreter busy: the pool grows, one
     at a time, to the usable CPUs and stops there."""
@@ -67,23 +98,11 @@ def test_a_saturated_model_gets_an_interpreter_per_cpu_and_no_more():
     if model.max_interpreters < 2:
         pytest.skip("one usable CPU: the pool never grows")
     before = live_interpreters() - 1
-    batch = np.zeros((16, 64, 64, 3), np.float32)  # 16 model calls a request: the model is the work
-    stop = threading.Event()
-
-    def saturate() -> None:
-        while not stop.is_set():
-            assert model.predict(batch).shape == (16, 3)
-
-    threads = [threading.Thread(target=saturate) for _ in range(model.max_interpreters + 2)]
-    for thread in threads:
-        thread.start()
-    deadline = time.monotonic() + 20
-    while model.interpreters < model.max_interpreters and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(2.5)  # saturated still: no interpreter beyond the CPUs
-    stop.set()
-    for thread in threads:
-        thread.join()
+    with saturating(model, callers=model.max_interpreters + 2):
+        deadline = time.monotonic() + 20
+        while model.interpreters < model.max_interpreters and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(2.5)  # saturated still: no interpreter beyond the CPUs
     assert model.interpreters == model.max_interpreters
     assert live_interpreters() - before == model.max_interpreters
 
@@ -95,29 +114,11 @@ def test_a_saturated_model_gets_no_second_interpreter_when_the_cpus_are_busy():
     model = Model(SHAPES)
     if model.max_interpreters < 2:
         pytest.skip("one usable CPU: the pool never grows")
-    batch = np.zeros((16, 64, 64, 3), np.float32)
-    stop = threading.Event()
-
-    def saturate() -> None:
-        while not stop.is_set():
-            model.predict(batch)
-
-    def burn() -> None:
-        data = os.urandom(1 << 20)
-        while not stop.is_set():
-            hashlib.sha256(data).digest()
-
-    threads = [threading.Thread(target=saturate) for _ in range(3)]
-    threads += [threading.Thread(target=burn) for _ in range(cgroup.usable_cpus())]
-    for thread in threads:
-        thread.start()
     busiest, deadline = 0.0, time.monotonic() + 4
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        busiest = max(busiest, model._utilization)
-    stop.set()
-    for thread in threads:
-        thread.join()
+    with saturating(model, callers=3, burners=cgroup.usable_cpus()):
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            busiest = max(busiest, model._utilization)
     assert model.interpreters == 1
     assert busiest >= GROW_WHEN_BUSY  # and yet the model was the bottleneck all along
 
