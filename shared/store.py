@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.driver_info import DriverInfo
 from redis.retry import Retry
 
 from shared import metrics
@@ -67,6 +68,10 @@ def connect(settings: Settings) -> redis.Redis:
         # No health_check_interval: its PING before a command doubles the wait on a hung server,
         # and the retry above already replaces a dead pooled connection.
         decode_responses=True,
+        # What each connection tells Redis it is (CLIENT SETINFO), given once: left to itself,
+        # redis-py looks its own version up in the installed packages' metadata for every new
+        # connection (2.5 ms for the first, 0.6 ms each after, on a cold start and pool growth).
+        driver_info=DriverInfo(lib_version=redis.__version__),
     )
 
 
