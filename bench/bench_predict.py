@@ -9,7 +9,10 @@ For each model (``reference`` is a network the size of the original Thalamus cla
 
 - floor: in-process decode + preprocess + one model call (what no server can go below), measured
   again next to each server, as the machine's speed drifts;
-- cold start: spawn of the server to the first authenticated 200, median of --runs;
+- cold start: spawn of the server to the first authenticated 200, median of --runs; for
+  Thalamus also the import floor: a Python that only imports the function's third-party
+  packages (functions-framework, Flask, redis-py, NumPy, LiteRT, Pillow, prometheus-client,
+  gunicorn) and exits, with the collector off as the server starts, runs alternated with them;
 - warm p50/p99 on one keep-alive connection (a lean client: body encoded once), and the same
   function without its access log and request metrics (``bench/unobserved_function.py``);
 - under load, ``wrk`` with 8 connections for --seconds: requests/s, p50/p99, errors, the
@@ -248,6 +251,21 @@ def observability_cost(target: Target, n: int, rounds: int = 5) -> tuple[float, 
         stop(bare_proc)
 
 
+# What a predict function imports from other projects, all of it needed by its first request.
+STACK_IMPORTS = (
+    "functions_framework, flask, redis, numpy, ai_edge_litert.interpreter, PIL.Image, prometheus_client, "
+    "gunicorn.workers.gthread, pythonjsonlogger.json"
+)
+
+
+def import_floor() -> float:
+    """Seconds for a Python to start, import STACK_IMPORTS (collector off, as shared.server
+    starts) and exit: what no cold start of this stack goes below."""
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", f"import gc; gc.disable(); import {STACK_IMPORTS}"], check=True, cwd=ROOT)
+    return time.perf_counter() - started
+
+
 def floor_ms(bundle: Path, photo: bytes, n: int) -> float:
     """In-process decode + preprocess + one model call for ``photo``: what no server goes below.
     Measured in a child process, so that this one never maps NumPy, Pillow or LiteRT: pages it
@@ -383,13 +401,17 @@ def main() -> None:
                 photo = sample_photo()
                 for target in targets(name, bundle, photo, env, bearer, args, tmp):
                     row = {"model": model, "server": target.name}
-                    colds = []
+                    colds, imports = [], []
                     for run in range(args.runs):
+                        if target.name == "thalamus":
+                            imports.append(import_floor())
                         proc, port, seconds = start(target)
                         colds.append(seconds)
                         if run < args.runs - 1:
                             stop(proc)
                     row["cold"] = statistics.median(colds) * 1000
+                    if imports:
+                        row["import_floor"] = statistics.median(imports) * 1000
                     # Measured again next to each server, while it waits idle: this machine's speed
                     # drifts by tens of percent within minutes.
                     row["floor"] = floor_ms(bundle, photo, args.requests)
@@ -459,6 +481,12 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
             print(
                 f"{r['model']}: access log + request metrics add {r['observed'] - r['unobserved']:+.3f} ms to the warm "
                 f"p50 ({r['unobserved']:.3f} → {r['observed']:.3f} ms, interleaved, median of 5 rounds)"
+            )
+    for r in rows:
+        if "import_floor" in r:
+            print(
+                f"{r['model']}: cold start {r['cold']:.0f} ms; a Python that only imports the function's "
+                f"third-party packages (STACK_IMPORTS) takes {r['import_floor']:.0f} ms"
             )
     print(
         "\nfloors (decode + preprocess + one model call, in-process, measured next to each server): "
