@@ -18,9 +18,10 @@ is left is the function's own code. Each layer is timed without the layers it ca
 - the answer: ``pipeline.encode`` and its JSON.
 
 Three columns: the model stubbed and requests back to back (the code in a tight loop), the model
-stubbed with --gap-ms of idle before each request, and the real model. Then the floor
-(decode + one model call in a tight loop, as ``bench_predict.py`` measures it) and the same two
-calls inside the function. Medians of --requests, after 100 unmeasured.
+stubbed with --gap-ms of idle before each request, and the real model. Then the floor's two
+parts (decode, one model call) in a tight loop, as ``bench_predict.py`` measures the floor, and
+with --gap-ms of idle before each, next to the same two inside the function. Medians of
+--requests, after 100 unmeasured.
 """
 
 from __future__ import annotations
@@ -131,6 +132,27 @@ def instrument(layers: Layers) -> None:
     layers.wrap(shared.http, "json_response", LAYERS[9])
 
 
+def floor_parts(model: Any, photo: bytes, n: int, gap: float) -> tuple[float, float]:
+    """Median µs of decoding ``photo`` and of one model call, in a loop with ``gap`` s of idle
+    before each pair."""
+    from functions.predict import pipeline  # noqa: PLC0415
+    from shared import imaging  # noqa: PLC0415
+
+    upload, limits = [pipeline.Upload(photo)], imaging.Limits(40_000_000)
+    decodes, calls = [], []
+    for i in range(n + 30):
+        if gap:
+            time.sleep(gap)
+        started = time.perf_counter()
+        batch = pipeline.decode(model, upload, limits)
+        decoded = time.perf_counter()
+        pipeline.infer(model, batch)
+        if i >= 30:
+            decodes.append(decoded - started)
+            calls.append(time.perf_counter() - decoded)
+    return statistics.median(decodes) * 1e6, statistics.median(calls) * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1000)
@@ -193,7 +215,7 @@ def report(app: Any, bundle: Path, photo: bytes, bearer: str, args: argparse.Nam
 
     model = load_model(Settings(model_name=bundle.name, model_dir=bundle))
     upload, limits = [pipeline.Upload(photo)], imaging.Limits(40_000_000)
-    floor = bench_predict.measure_floor(bundle, photo, args.requests)
+    tight, idle = (floor_parts(model, photo, args.requests, gap) for gap in (0.0, args.gap_ms / 1000))
     instrument(layers)
     real = pipeline.decode, pipeline.infer
     batch = pipeline.decode(model, upload, limits)
@@ -210,11 +232,16 @@ def report(app: Any, bundle: Path, photo: bytes, bearer: str, args: argparse.Nam
     for label in (*LAYERS, "total"):
         print(f"{label:42s}" + "".join(f"{col[label]:26.0f}" for col in columns))
     measured = columns[2]
-    inside = measured["decode"] + measured["model call"]
-    print(
-        f"\nfloor (decode + model call in a tight loop): {floor * 1000:.0f} µs; the same two inside the function: "
-        f"{inside:.0f} µs; the rest of the function: {measured['total'] - inside:.0f} µs"
-    )
+    print(f"\n{'decode + model call, µs':42s}{'decode':>12s}{'model call':>12s}{'both':>12s}")
+    rows = [
+        ("floor: in a tight loop", *tight),
+        (f"floor: {args.gap_ms:g} ms idle before each", *idle),
+        ("inside the function (real model)", measured["decode"], measured["model call"]),
+    ]
+    for label, decode, call in rows:
+        print(f"{label:42s}{decode:12.0f}{call:12.0f}{decode + call:12.0f}")
+    rest = measured["total"] - measured["decode"] - measured["model call"]
+    print(f"the rest of the function (real model): {rest:.0f} µs")
 
 
 if __name__ == "__main__":
