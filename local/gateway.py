@@ -22,6 +22,7 @@ from local import routes
 from shared import config, docs, logs
 from shared.access import AccessLog, exchange_of
 from shared.errors import BadGateway, NotFound, ThalamusError
+from shared.http import has_body
 from shared.server import Gunicorn, gunicorn_options
 
 log = logging.getLogger("thalamus.gateway")
@@ -62,10 +63,6 @@ def _json(start_response: StartResponse, status: int, body: Any, headers: list[t
         f"{status} {reason}", [("Content-Type", "application/json"), ("Content-Length", str(len(data))), *extra]
     )
     return [data]
-
-
-def _has_body(environ: Environ) -> bool:
-    return bool(environ.get("CONTENT_LENGTH", "0") not in ("", "0") or environ.get("wsgi.input_terminated"))
 
 
 class Gateway:
@@ -110,7 +107,7 @@ class Gateway:
         return self._proxy(environ, start_response, self.model_urls[str(model)])
 
     def _local(self, environ: Environ, start_response: StartResponse, path: str) -> Iterable[bytes]:
-        close = _has_body(environ)  # these never read a body: do not let gunicorn wait for one
+        close = has_body(environ)  # these never read a body: do not let gunicorn wait for one
         if environ["REQUEST_METHOD"] not in ("GET", "HEAD"):
             raise NotFound(f"no such path: {path}")
         if path == "/healthz":
@@ -197,7 +194,7 @@ class Gateway:
         if length:
             headers["Content-Length"] = length
             body = environ["wsgi.input"]
-        elif environ.get("wsgi.input_terminated"):
+        elif has_body(environ):  # chunked
             body = iter(lambda: environ["wsgi.input"].read(65536), b"")
         # What the client sent, not the decoded PATH_INFO: the function decodes it the same way.
         target = environ.get("RAW_URI") or environ.get("PATH_INFO", "/")

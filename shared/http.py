@@ -245,7 +245,7 @@ class Service:
             assert self._auth is not None
             response.headers.update(exchange.session.headers)
             self._auth.record_request(exchange.session, exchange.model, response.status_code)
-        if not request.environ.get("thalamus.body_read") and _has_body(request):
+        if not request.environ.get("thalamus.body_read") and has_body(request.environ):
             _leave_body_unread(request, response)
         return response
 
@@ -265,7 +265,7 @@ class Service:
             except ThalamusError as refused:
                 exchange.public_key = refused.public_key
                 raise
-        if _has_body(request):
+        if has_body(request.environ):
             _read_body(request, self.max_body)
         result = route.handler(Call(request, args, exchange.session))
         return result if isinstance(result, flask.Response) else json_response(result)
@@ -291,8 +291,11 @@ def _error_message(response: flask.Response) -> str | None:
     return str(body.get("error")) if isinstance(body, dict) and "error" in body else None
 
 
-def _has_body(request: flask.Request) -> bool:
-    return bool(request.content_length) or bool(request.environ.get("wsgi.input_terminated"))
+def has_body(environ: dict[str, Any]) -> bool:
+    """Whether the request has a body: a Content-Length above 0, or chunked (RFC 9112 6.3). Not
+    ``wsgi.input_terminated``, which gunicorn sets on every request, a bodiless GET included."""
+    length = environ.get("CONTENT_LENGTH") or "0"
+    return length != "0" or "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
 
 
 def _leave_body_unread(request: flask.Request, response: flask.Response) -> None:

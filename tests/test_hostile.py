@@ -4,11 +4,13 @@ right 4xx, nobody else waits, and the server logs no traceback."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import select
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -347,12 +349,75 @@ def test_bodiless_and_large_answers_arrive_whole_on_one_connection(serve):
         for method, path, status in [("HEAD", "/healthz", 200), ("GET", "/openapi.json", 200),
                                      ("GET", "/healthz", 200), ("GET", "/nowhere", 404)]:  # fmt: skip
             sock.sendall(request(method, path))
-            assert answers.readline().split()[1] == str(status).encode()
-            length = 0
-            while (line := answers.readline()) != b"\r\n":
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            body = answers.read(length) if method != "HEAD" else b""
-            assert len(body) == (length if method != "HEAD" else 0)
+            code, headers, body = read_answer(answers, method)
+            assert code == status
             if path == "/openapi.json":
-                assert length > JOIN_BODY_BYTES and json.loads(body)["openapi"].startswith("3.")
+                assert int(headers["content-length"]) > JOIN_BODY_BYTES and json.loads(body)["openapi"].startswith("3.")
+
+
+def read_answer(answers: io.BufferedReader, method: str) -> tuple[int, dict[str, str], bytes]:
+    """The next answer on a kept-alive connection: status, headers (lower-case names), whole body."""
+    status = int(answers.readline().split()[1])
+    headers = {}
+    while (line := answers.readline()) != b"\r\n":
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = answers.read(int(headers.get("content-length", 0))) if method != "HEAD" else b""
+    assert method == "HEAD" or len(body) == int(headers.get("content-length", 0))
+    return status, headers, body
+
+
+def assert_refusals_keep_the_connection(port: int, refusals: list[tuple[str, str, int]]) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rb") as answers:
+        for method, path, status in [*refusals, ("GET", "/healthz", 200)]:
+            sock.sendall(request(method, path))
+            code, headers, body = read_answer(answers, method)
+            assert (code, headers.get("connection")) == (status, "keep-alive"), (method, path, body)
+
+
+def test_refusing_a_request_without_a_body_keeps_the_connection(serve):
+    """A 404, 401 or 405 to a request that has no body leaves nothing unread: the client keeps
+    its connection (gunicorn marks every request's input as terminated, with a body or not)."""
+    server = serve("predict", MODEL_NAME="shapes")
+    refusals = [("GET", "/nowhere", 404), ("GET", "/models/shapes.json", 401), ("DELETE", "/healthz", 405)]
+    assert_refusals_keep_the_connection(server.port, refusals)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock, sock.makefile("rb") as answers:
+        sock.sendall(request("POST", "/nowhere", "Content-Length: 5", body=b"hello"))
+        code, headers, _ = read_answer(answers, "POST")  # a body left unread still ends the connection
+        assert (code, headers.get("connection")) == (404, "close")
+
+
+def test_the_gateway_sends_a_request_without_a_body_on_without_one():
+    """A GET reaches the function as it came, not with an empty chunked body (which a function
+    refusing the request would leave unread, closing its connection; some servers refuse a GET
+    with a body outright). A chunked upload still goes on chunked."""
+    with socket.create_server(("127.0.0.1", 0)) as function:
+        port = free_port()
+        command = [sys.executable, "-m", "local.gateway", "--port", str(port),
+                   "--token", f"http://127.0.0.1:{function.getsockname()[1]}"]  # fmt: skip
+        gateway = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.DEVNULL)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/healthz", gateway)
+            received = []
+            for body in (None, iter([b"{}"])):
+                asked = threading.Thread(target=requests.post if body else requests.get,
+                                         args=(f"http://127.0.0.1:{port}/session.json",),
+                                         kwargs={"data": body, "timeout": 10})  # fmt: skip
+                asked.start()
+                connection, _ = function.accept()
+                with connection:
+                    connection.settimeout(0.5)
+                    data = b""
+                    with contextlib.suppress(TimeoutError):
+                        while chunk := connection.recv(65536):
+                            data += chunk
+                    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+                asked.join(10)
+                received.append(data)
+        finally:
+            gateway.terminate()
+            gateway.wait(10)
+    head, _, rest = received[0].partition(b"\r\n\r\n")
+    assert head.startswith(b"GET /session.json ") and b"transfer-encoding" not in head.lower() and rest == b""
+    head, _, rest = received[1].partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower() and rest == b"2\r\n{}\r\n0\r\n\r\n"
