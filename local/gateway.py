@@ -41,7 +41,7 @@ DROPPED = {
 SOURCE_ADDRESS = "127.0.0.2"
 
 
-LOCAL_PATHS = {"/", "/healthz", "/readyz", "/docs", "/openapi.json"}
+LOCAL_PATHS = {"/", "/healthz", "/readyz", "/docs", "/docs/", "/openapi.json"}
 
 
 def source_address() -> str:
@@ -117,7 +117,7 @@ class Gateway:
             ready = all(states.values())
             return _json(start_response, 200 if ready else 503, {"functions": states},
                          [] if ready else [("Retry-After", "2")], close)  # fmt: skip
-        if path in ("/", "/docs"):
+        if path in routes.DOCS_PAGE_PATHS:
             names = self._functions()
             return docs.page([f"/openapi/{name}.json" for name in names])(environ, start_response)
         if path.startswith("/docs/"):

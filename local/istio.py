@@ -58,9 +58,10 @@ def virtualservice(names: list[str], host: str) -> dict[str, Any]:
     for function in ["token", *names]:
         exact = [{"uri": {"exact": f"/openapi/{function}.json"}}]
         http.append(_forward(f"openapi-{function}", exact, function, "/openapi.json"))
-    http.append(_forward("docs-assets", [{"uri": {"prefix": "/docs/"}}], "token"))
     page = docs.page([f"/openapi/{function}.json" for function in ["token", *names]]).get_data(as_text=True)
-    http.append(_answer("docs", [{"uri": {"exact": "/"}}, {"uri": {"exact": "/docs"}}], 200, page, "text/html"))
+    pages = [{"uri": {"exact": path}} for path in routes.DOCS_PAGE_PATHS]
+    http.append(_answer("docs", pages, 200, page, "text/html"))  # before the assets: /docs/ is the page
+    http.append(_forward("docs-assets", [{"uri": {"prefix": "/docs/"}}], "token"))
     http.append(_answer("not-found", [], 404, json.dumps({"error": "no such path"}), "application/json"))
     return {
         "apiVersion": "networking.istio.io/v1beta1",

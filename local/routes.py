@@ -16,6 +16,9 @@ TOKEN_PATHS = (
     "/v2/health/live",
     "/v2/health/ready",
 )
+# Where the gateway answers with the docs page over every function's document (/docs/<asset> are
+# Swagger UI's files, which every function serves).
+DOCS_PAGE_PATHS = ("/", "/docs", "/docs/")
 # Paths of one model's function; ``{model}`` is the model's name. Exact paths, and prefixes that
 # end in a separator, so that a model's name never matches the start of another's (``arrow`` is
 # not ``arrows``).

@@ -339,7 +339,7 @@ def gateway_route(path: str, models: list[str]) -> tuple[str, str] | int:
         return "thalamus-token", path
     if target is not None:
         return (f"thalamus-{target[1]}", path) if target[1] in models else 404
-    if path in ("/", "/docs"):
+    if path in ("/", "/docs", "/docs/"):
         return 200  # the docs page over every function's document
     if path.startswith("/docs/"):
         return "thalamus-token", path  # Swagger UI's files: every function serves the same
@@ -353,8 +353,8 @@ def probe_paths(models: list[str]) -> list[str]:
     """Paths built from the table's constants and the contract's protocols, with near misses:
     a model name's prefix (arrow for arrows), a longer name, an unknown model."""
     paths = [*routes.TOKEN_PATHS, "/token.jsonx", "/session.json/x", "/models.json", "/v1/models", "/v2"]
-    paths += ["/v2/health/live", "/v2/health/ready", "/", "/docs", "/docs/swagger-ui.css", "/openapi/token.json"]
-    paths += ["/openapi/nope.json", "/nothing", "/models"]
+    paths += ["/v2/health/live", "/v2/health/ready", "/", "/docs", "/docs/", "/docs/swagger-ui.css"]
+    paths += ["/openapi/token.json", "/openapi/nope.json", "/nothing", "/models"]
     for name in [*models, models[0][:-1], models[0] + "x", "nope"]:
         paths += [prefix.format(model=name) for prefix in routes.MODEL_PREFIXES]
         paths += [f"/models/{name}/predict.json", f"/models/{name}.json", f"/models/{name}", f"/models/{name}:x"]

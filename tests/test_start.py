@@ -60,6 +60,7 @@ def test_keys_token_predict_docs_then_sigterm_leaves_nothing(tmp_path, stack_env
         assert requests.get(f"{stack.gateway}/session.json", headers=headers, timeout=10).status_code == 200
         docs = requests.get(f"{stack.gateway}/docs", timeout=10)
         assert docs.status_code == 200 and "swagger-ui-bundle.js" in docs.text
+        assert requests.get(f"{stack.gateway}/docs/", timeout=10).text == docs.text
         for name in ("token", *DEMO_MODELS):
             spec = requests.get(f"{stack.gateway}/openapi/{name}.json", timeout=10)
             assert spec.status_code == 200 and spec.json()["openapi"].startswith("3.")
