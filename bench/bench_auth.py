@@ -68,7 +68,7 @@ def main() -> None:
     body, content_type = multipart(photo_jpeg("shapes"))
     with tempfile.TemporaryDirectory() as tmp:
         server = RedisServer(free_port(), Path(tmp)).start()
-        env = {**os.environ, "REDIS_URL": server.url, "MODEL_NAME": "shapes", "WORKERS": "1", "THREADS": "4"}
+        env = {**os.environ, "REDIS_URL": server.url, "MODEL_NAME": "shapes"}
         auth = AuthStore(Settings(redis_url=server.url))
         tokens, keys = [], []
         for rate in (None, None, Rate(999_999_999, 1)):

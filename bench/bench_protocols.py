@@ -178,7 +178,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         redis = RedisServer(free_port(), Path(tmp) / "redis").start()
-        env = {**os.environ, "REDIS_URL": redis.url, "WORKERS": "1", "THREADS": "4"}
+        env = {**os.environ, "REDIS_URL": redis.url}
         store = AuthStore(Settings(redis_url=redis.url))
         pair = store.create_key()
         auth = {"Authorization": f"Bearer {store.issue_token(pair.public_key, pair.secret_key, 'b').token}"}

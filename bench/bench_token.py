@@ -38,7 +38,7 @@ def main() -> None:
     redis_port, port = free_port(), free_port()
     with tempfile.TemporaryDirectory() as tmp:
         server = RedisServer(redis_port, Path(tmp)).start()
-        env = {**os.environ, "REDIS_URL": server.url, "AUTH_MAX_FAILURES": "1000000", "WORKERS": "1", "THREADS": "4",
+        env = {**os.environ, "REDIS_URL": server.url, "AUTH_MAX_FAILURES": "1000000",
                "LOG_LEVEL": "INFO", "LOG_FORMAT": "json"}  # fmt: skip
         proc = subprocess.Popen(function_command("token", port), env=env, stdout=subprocess.DEVNULL)
         try:
