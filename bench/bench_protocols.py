@@ -109,8 +109,9 @@ def send(conn: http.client.HTTPConnection, request: Request, auth: dict[str, str
 
 
 def worker_peak_mb(server: subprocess.Popen[bytes]) -> float:
-    """Peak resident memory (VmHWM) of the server's gunicorn worker, in MB."""
-    (worker,) = psutil.Process(server.pid).children(recursive=True)
+    """Peak resident memory (VmHWM) of the process that serves: the server itself (one worker
+    serves without a gunicorn master), else its one worker, in MB."""
+    (worker,) = psutil.Process(server.pid).children(recursive=True) or [server]
     status = Path(f"/proc/{worker.pid}/status").read_text()
     kilobytes = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:"))
     return kilobytes / 1024
