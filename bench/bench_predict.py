@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_predict.py [--models shapes,arrows,reference] [--seconds 30]
                                             [--runs 5] [--requests 300] [--no-baseline] [--no-kserve]
+                                            [--cpus N]
 
 For each model (``reference`` is a network the size of the original Thalamus classifier:
 180x180x3, three conv blocks, dense 128, 5 classes, imported with ``train.py --import``), with a
@@ -20,7 +21,8 @@ For each model (``reference`` is a network the size of the original Thalamus cla
   servers' CPU per request, and afterwards their PSS and RSS (all of a server's processes: with
   one process, RSS is everything it holds; PSS splits the pages it shares, its libraries' code
   mostly, with other processes on the machine); throughput is also shown against the machine's
-  compute limit (cores x 1000 / floor ms);
+  compute limit (cores x 1000 / floor ms; with --cpus N, every server runs in a cgroup with a
+  quota of N CPUs, as a pod's ``limits.cpu`` sets, and the limit is N x 1000 / floor ms);
 - the same for the monolith (FastAPI + Keras ``model.predict``, TensorFlow: bench/baseline_app.py)
   and for KServe's Python server running the same ``.tflite`` on LiteRT (bench/kserve_app.py,
   V1 JSON with a base64 image, no token).
@@ -44,11 +46,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from local import ROOT
-from local.helpers import RedisServer, free_port, percentile_ms
+from local.helpers import RedisServer, cpu_cgroup, free_port, in_cgroup, percentile_ms, remove_cgroup
 from shared.auth import AuthStore
 from shared.config import Settings
 
@@ -76,6 +78,7 @@ class Target:
     path: str
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
+    cgroup: Path | None = None  # run inside this cgroup (--cpus: a CPU quota, as a pod's limits.cpu)
 
 
 def multipart(photo: bytes) -> tuple[bytes, str]:
@@ -105,6 +108,8 @@ def start(target: Target) -> tuple[subprocess.Popen[bytes], int, float]:
     """Spawn ``target`` and poll until it answers its request with 200: (process, port, seconds)."""
     port = free_port()
     command = [part.replace("{port}", str(port)) for part in target.command]
+    if target.cgroup is not None:
+        command = in_cgroup(target.cgroup, command)
     started = time.perf_counter()
     proc = subprocess.Popen(command, env=target.env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while time.perf_counter() - started < 180:
@@ -225,14 +230,7 @@ def observability_cost(target: Target, n: int, rounds: int = 5) -> tuple[float, 
     """Warm p50 of ``target`` and of the same function without its access log and request
     metrics (bench/unobserved_function.py), both running, their requests interleaved so that
     the machine's noise falls on each alike; medians over ``rounds``."""
-    bare = Target(
-        target.name,
-        [*target.command[:3], "bench/unobserved_function.py", *target.command[4:]],
-        target.env,
-        target.path,
-        target.body,
-        target.headers,
-    )
+    bare = replace(target, command=[*target.command[:3], "bench/unobserved_function.py", *target.command[4:]])
     (with_proc, with_port, _), (bare_proc, bare_port, _) = start(target), start(bare)
     try:
         observed, unobserved = [], []
@@ -369,6 +367,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--no-baseline", action="store_true", help="skip the FastAPI + Keras monolith")
     parser.add_argument("--no-kserve", action="store_true", help="skip KServe's Python server")
+    parser.add_argument(
+        "--cpus", type=float, help="run every server under this CPU quota, as a pod's limits.cpu (root)"
+    )
     parser.add_argument("--floor-of", nargs=3, metavar=("BUNDLE", "JPEG", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.floor_of:
@@ -390,6 +391,7 @@ def main() -> None:
         auth = AuthStore(Settings(redis_url=redis_server.url))
         pair = auth.create_key()
         bearer = auth.issue_token(pair.public_key, pair.secret_key, "bench").token
+        group = cpu_cgroup(f"thalamus-bench-{os.getpid()}", args.cpus) if args.cpus else None
         try:
             for model in args.models.split(","):
                 if model == "reference":
@@ -401,6 +403,7 @@ def main() -> None:
                 name = bundle.name
                 photo = sample_photo()
                 for target in targets(name, bundle, photo, env, bearer, args, tmp):
+                    target.cgroup = group
                     row = {"model": model, "server": target.name}
                     colds, imports = [], []
                     for run in range(args.runs):
@@ -428,14 +431,17 @@ def main() -> None:
         finally:
             auth.purge()
             redis_server.stop()
+            if group is not None:
+                remove_cgroup(group)
     report(rows, args)
 
 
 def report(rows: list[dict], args: argparse.Namespace) -> None:
-    cores = os.cpu_count() or 1
+    cores = args.cpus or os.cpu_count() or 1
+    machine = f"a quota of {cores:g} CPUs on {os.cpu_count()}" if args.cpus else f"{cores} CPUs"
     print(
         f"\n{args.connections} connections for {args.seconds} s (wrk); warm = {args.requests} sequential "
-        f"requests on one connection; cold start = median of {args.runs}; a 640x480 JPEG; {cores} CPUs.\n"
+        f"requests on one connection; cold start = median of {args.runs}; a 640x480 JPEG; {machine}.\n"
     )
     header = (
         "model",

@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 
 import demo_data
 from local import ROOT, redis_server
+from shared import cgroup
 
 DEMO_MODELS = ("shapes", "arrows")
 
@@ -73,10 +74,50 @@ def wait_http(url: str, proc: subprocess.Popen[bytes] | None = None, timeout: fl
     raise TimeoutError(url)
 
 
-def function_command(function: str, port: int) -> list[str]:
-    """The command that serves ``functions/<function>/main.py`` on ``port``, as the images do."""
+def function_command(function: str, port: int, cgroup: Path | None = None) -> list[str]:
+    """The command that serves ``functions/<function>/main.py`` on ``port``, as the images do;
+    inside the cgroup at ``cgroup`` when given."""
     source = ROOT / "functions" / function / "main.py"
-    return [sys.executable, "-m", "shared.server", str(source), "--host", "127.0.0.1", "--port", str(port)]
+    command = [sys.executable, "-m", "shared.server", str(source), "--host", "127.0.0.1", "--port", str(port)]
+    return command if cgroup is None else in_cgroup(cgroup, command)
+
+
+# -- cgroups: a server under a CPU quota or a memory limit, as a pod runs it ----------------------
+
+
+def cpu_cgroup(name: str, cpus: float) -> Path:
+    """A new cgroup ``name`` whose processes may use ``cpus`` CPUs: a CFS quota, as a pod's
+    ``limits.cpu`` sets (cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``). OSError where none can
+    be made (not root, no cpu controller)."""
+    period = 100_000
+    quota = round(cpus * period)
+    if (cgroup.MOUNT / "cgroup.controllers").exists():
+        if "cpu" not in (cgroup.MOUNT / "cgroup.subtree_control").read_text().split():
+            raise OSError("the cpu controller is not enabled for child groups")
+        path = cgroup.MOUNT / name
+        path.mkdir(exist_ok=True)
+        (path / "cpu.max").write_text(f"{quota} {period}")
+    else:
+        path = cgroup.MOUNT / "cpu" / name
+        path.mkdir(exist_ok=True)
+        (path / "cpu.cfs_period_us").write_text(str(period))
+        (path / "cpu.cfs_quota_us").write_text(str(quota))
+    return path
+
+
+def in_cgroup(group: Path, command: list[str]) -> list[str]:
+    """``command``, run inside the cgroup at ``group`` (it joins before it starts)."""
+    return ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", *command]
+
+
+def remove_cgroup(group: Path) -> None:
+    """Remove the cgroup at ``group`` once its last process has left (they exit asynchronously)."""
+    for _ in range(50):
+        try:
+            group.rmdir()
+            return
+        except OSError:
+            time.sleep(0.1)
 
 
 @dataclass

@@ -200,24 +200,6 @@ def serve_function(env: dict[str, str], log_dir: Path, function_logs: dict[str, 
         proc.wait(10)
 
 
-# -- cgroups: a server under a memory limit or a CPU quota, as a pod runs ---------------------
-
-
-def in_cgroup(group: Path, command: list[str]) -> list[str]:
-    """``command``, run inside the cgroup at ``group`` (it joins before it starts)."""
-    return ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", *command]
-
-
-def remove_cgroup(group: Path) -> None:
-    """Remove the cgroup at ``group`` once its last process has left (they exit asynchronously)."""
-    for _ in range(50):
-        try:
-            group.rmdir()
-            return
-        except OSError:
-            time.sleep(0.1)
-
-
 # -- the whole stack, as ./start.sh runs it ----------------------------------------------------
 
 STACK_FILES = (

@@ -18,8 +18,8 @@ import pytest
 import requests
 
 from local import ROOT
-from local.helpers import demo_image, encode, free_port, function_command, wait_http, worst_case_images
-from tests.conftest import in_cgroup, remove_cgroup, subprocess_env
+from local.helpers import demo_image, encode, free_port, function_command, remove_cgroup, wait_http, worst_case_images
+from tests.conftest import subprocess_env
 
 pytestmark = pytest.mark.slow
 THREADS = 4
@@ -70,7 +70,7 @@ class MemoryCgroup:
 def predict_server(env, auth):
     cgroup = MemoryCgroup(manifest_memory_limit())
     port = free_port()
-    command = in_cgroup(cgroup.path, function_command("predict", port))
+    command = function_command("predict", port, cgroup.path)
     settings = {"MODEL_NAME": "shapes", "THREADS": str(THREADS), "WORKERS": "1"}
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=subprocess_env(**env, **settings))  # fmt: skip

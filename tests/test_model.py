@@ -25,9 +25,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from functions.predict.model import GROW_WHEN_BUSY, Model, load_model
 from functions.predict.service import create_service
 from local import ROOT
-from local.helpers import demo_image, encode, free_port, function_command, wait_http
+from local.helpers import cpu_cgroup, demo_image, encode, free_port, function_command, remove_cgroup, wait_http
 from shared import cgroup
-from tests.conftest import function_client, in_cgroup, remove_cgroup, subprocess_env
+from tests.conftest import function_client, subprocess_env
 
 SHAPES = ROOT / "models" / "shapes"
 
@@ -140,20 +140,8 @@ class CpuCgroup:
     """A cgroup with a CPU quota of one CPU (cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``)."""
 
     def __init__(self) -> None:
-        name = f"thalamus-cpu-test-{os.getpid()}"
-        v2 = cgroup.MOUNT / "cgroup.controllers"
         try:
-            if v2.exists():
-                if "cpu" not in (cgroup.MOUNT / "cgroup.subtree_control").read_text().split():
-                    raise OSError("the cpu controller is not enabled for child groups")
-                self.path = cgroup.MOUNT / name
-                self.path.mkdir(exist_ok=True)
-                (self.path / "cpu.max").write_text("100000 100000")
-            else:
-                self.path = cgroup.MOUNT / "cpu" / name
-                self.path.mkdir(exist_ok=True)
-                (self.path / "cpu.cfs_period_us").write_text("100000")
-                (self.path / "cpu.cfs_quota_us").write_text("100000")
+            self.path = cpu_cgroup(f"thalamus-cpu-test-{os.getpid()}", 1)
         except OSError as exc:
             pytest.skip(f"cannot create a CPU cgroup here ({exc}); run as root on Linux")
 
@@ -170,7 +158,7 @@ def test_a_cpu_quota_bounds_the_interpreters_of_a_server(env):
     """A pod with ``limits.cpu: 1`` on a 2-core node: one interpreter, not one per core."""
     group = CpuCgroup()
     port = free_port()
-    command = in_cgroup(group.path, function_command("predict", port))
+    command = function_command("predict", port, group.path)
     proc = subprocess.Popen(command, env=subprocess_env(**env, MODEL_NAME="shapes", LOG_FORMAT="json"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
     try:
