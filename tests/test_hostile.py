@@ -381,10 +381,8 @@ def test_refusing_a_request_without_a_body_keeps_the_connection(serve):
     server = serve("predict", MODEL_NAME="shapes")
     refusals = [("GET", "/nowhere", 404), ("GET", "/models/shapes.json", 401), ("DELETE", "/healthz", 405)]
     assert_refusals_keep_the_connection(server.port, refusals)
-    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock, sock.makefile("rb") as answers:
-        sock.sendall(request("POST", "/nowhere", "Content-Length: 5", body=b"hello"))
-        code, headers, _ = read_answer(answers, "POST")  # a body left unread still ends the connection
-        assert (code, headers.get("connection")) == (404, "close")
+    code, headers, _ = exchange(server.port, request("POST", "/nowhere", "Content-Length: 5", body=b"hello"))
+    assert (code, headers.get("connection")) == (404, "close")  # a body left unread still ends the connection
 
 
 def test_the_gateway_sends_a_request_without_a_body_on_without_one():
