@@ -338,21 +338,22 @@ class AuthStore:
     def __init__(
         self,
         settings: Settings,
-        client: redis.Redis | None = None,
         actor: Actor | None = None,
         token_cache: bool = False,
     ) -> None:
         """``token_cache``: answer bearer checks from a :class:`~shared.tokencache.TokenCache`
         that Redis keeps current (the predict functions' hot path) when ``TOKEN_CACHE`` allows."""
         self.settings = settings
-        self.redis = client or store.connect(settings)
+        self.redis = store.connect(settings)
         self.actor = actor
         self.token_cache = TokenCache(self.redis, settings.prefix) if token_cache and settings.token_cache else None
         self._host = socket.gethostname()
         self._issue = self.redis.register_script(_ISSUE)
         self._authenticate = self.redis.register_script(_AUTHENTICATE)
         self._revoke = self.redis.register_script(_REVOKE)
-        self.usage = UsageRecorder(self.redis, settings.prefix)
+        # A client of its own: a flush never takes the pool slot a request is waiting for
+        # (REDIS_URL's ?max_connections= caps each pool, and the pool does not wait for a slot).
+        self.usage = UsageRecorder(store.connect(settings), settings.prefix)
 
     def _k(self, *parts: str) -> str:
         return self.settings.prefix + ":".join(parts)

@@ -1,8 +1,10 @@
 """The shared auth library against a real Redis."""
 
+import threading
 import time
 
 import pytest
+import redis
 import scrypt
 
 from shared import auth as auth_module
@@ -283,6 +285,23 @@ def test_usage_waits_out_a_redis_outage(own_redis, settings):
     own_redis.start()  # empty: the throw-away server keeps no data
     store.usage.flush()
     assert [(r.requests, r.label) for r in store.usage_report(pair.public_key)] == [(1, "(revoked)")]
+
+
+def test_a_usage_flush_never_takes_a_requests_pool_slot(own_redis, settings):
+    """REDIS_URL's ?max_connections= sizes the pool for requests: a flush waiting on a slow Redis
+    leaves the one pooled connection to the bearer check that needs it."""
+    own = settings.replace(redis_url=own_redis.url + "?max_connections=1")
+    store = AuthStore(own)
+    pair = store.create_key()
+    token = store.issue_token(pair.public_key, pair.secret_key, "a").token
+    store.usage.add(pair.public_key, "shapes", error=False)
+    redis.Redis.from_url(own_redis.url).execute_command("CLIENT", "PAUSE", 400, "ALL")
+    flush = threading.Thread(target=store.usage.flush)
+    flush.start()
+    time.sleep(0.1)  # the flush is waiting for Redis
+    assert store.verify_token(token, "shapes").public_key == pair.public_key  # waits too, no 503
+    flush.join()
+    assert [row.requests for row in KeyAdmin(own).usage_report(pair.public_key)] == [1]
 
 
 def test_audit_records_who_did_what_and_never_a_secret(admin, raw_redis, env):
