@@ -69,7 +69,7 @@ def wait_http(url: str, proc: subprocess.Popen[bytes] | None = None, timeout: fl
         try:
             requests.get(url, timeout=1)
             return
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or too busy starting to answer
             time.sleep(0.05)
     raise TimeoutError(url)
 
@@ -279,7 +279,7 @@ def wait_container_ready(url: str, container: str, tool: str, timeout: float = 6
         try:
             if requests.get(url, timeout=1).status_code == 200:
                 return
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or too busy starting to answer
             pass
         time.sleep(0.05)
     logs = subprocess.run([tool, "logs", container], capture_output=True, text=True).stderr

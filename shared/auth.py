@@ -646,6 +646,9 @@ class UsageRecorder:
         self._prefix = prefix
         self._flush_script = client.register_script(_FLUSH_USAGE)
         self._lock = threading.Lock()
+        # One flush at a time, from taking the counts to Redis's answer: the exit flush waits for
+        # one in flight on the background thread (which exit would kill, losing its counts).
+        self._flushing = threading.Lock()
         self._counts: dict[tuple[str, str, str], list[int]] = {}
         self._pid = 0  # the process these counts belong to (a forked child starts afresh)
 
@@ -669,26 +672,28 @@ class UsageRecorder:
             log.exception("usage: cannot count a request")
 
     def flush(self) -> None:
-        """Add the pending counts to Redis now; on failure keep them for the next flush."""
-        with self._lock:
-            pending, self._counts = self._counts, {}
-        if not pending:
-            return
-        args: list[str | int] = [self._prefix, (USAGE_DAYS + 1) * 86400]
-        for (public_key, day, model), (requests, errors, last) in pending.items():
-            args += [public_key, day, model, requests, errors, last]
-        try:
-            self._flush_script(keys=[self._prefix + "last-used"], args=args)
-        except redis.RedisError as exc:
-            log.warning("usage: cannot write counts to Redis (%s); will retry", type(exc).__name__)
+        """Add the pending counts to Redis now; on failure keep them for the next flush. A flush
+        another thread has under way is waited for: when this returns, no count is in flight."""
+        with self._flushing:
             with self._lock:
-                for entry_key, (requests, errors, last) in pending.items():
-                    if len(self._counts) >= self.MAX_PENDING and entry_key not in self._counts:
-                        break
-                    entry = self._counts.setdefault(entry_key, [0, 0, 0])
-                    entry[0] += requests
-                    entry[1] += errors
-                    entry[2] = max(entry[2], last)
+                pending, self._counts = self._counts, {}
+            if not pending:
+                return
+            args: list[str | int] = [self._prefix, (USAGE_DAYS + 1) * 86400]
+            for (public_key, day, model), (requests, errors, last) in pending.items():
+                args += [public_key, day, model, requests, errors, last]
+            try:
+                self._flush_script(keys=[self._prefix + "last-used"], args=args)
+            except redis.RedisError as exc:
+                log.warning("usage: cannot write counts to Redis (%s); will retry", type(exc).__name__)
+                with self._lock:
+                    for entry_key, (requests, errors, last) in pending.items():
+                        if len(self._counts) >= self.MAX_PENDING and entry_key not in self._counts:
+                            break
+                        entry = self._counts.setdefault(entry_key, [0, 0, 0])
+                        entry[0] += requests
+                        entry[1] += errors
+                        entry[2] = max(entry[2], last)
 
 
 class _Flusher:
@@ -722,7 +727,7 @@ class _Flusher:
         # A fork copies locks in whatever state another thread held them: start the child afresh.
         self._lock = threading.Lock()
         for recorder in list(self._recorders):
-            recorder._lock = threading.Lock()
+            recorder._lock, recorder._flushing = threading.Lock(), threading.Lock()
 
 
 _flusher = _Flusher()
