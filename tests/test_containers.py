@@ -135,3 +135,18 @@ def test_sigterm_finishes_the_in_flight_request_then_exits(stack, auth):
     assert result["reply"].status_code == 200 and result["reply"].json()["prediction"] == "square"
     subprocess.run([TOOL, "wait", container], capture_output=True, timeout=30)
     assert time.monotonic() - signalled < 10
+
+
+def test_a_rebuild_leaves_no_image_behind(images, tmp_path):
+    """Each test run builds the images again under the same tags: what a tag named before goes
+    (left untagged, one per run would fill the disk)."""
+    tag = f"localhost/thalamus-token:test-rebuild-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "Dockerfile").write_text(f"FROM {images['token']}\nLABEL replaced=yes\n")
+    subprocess.run([TOOL, "build", "-q", "-t", tag, str(tmp_path)], check=True, capture_output=True)
+    old = helpers.image_id(TOOL, tag)
+    try:
+        helpers.build_image(TOOL, "token", tag)  # the same as images["token"], from the build cache
+        assert helpers.image_id(TOOL, tag) == helpers.image_id(TOOL, images["token"])
+        assert subprocess.run([TOOL, "image", "exists", old]).returncode == 1
+    finally:
+        subprocess.run([TOOL, "untag", images["token"], tag], capture_output=True)
