@@ -69,7 +69,7 @@ def wait_http(url: str, proc: subprocess.Popen[bytes] | None = None, timeout: fl
         try:
             requests.get(url, timeout=1)
             return
-        except requests.RequestException:  # not listening yet, or too busy starting to answer
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or too busy to answer
             time.sleep(0.05)
     raise TimeoutError(url)
 
@@ -253,12 +253,13 @@ def build_image(tool: str, name: str, tag: str) -> None:
     if result.returncode != 0:
         raise RuntimeError(f"{tool} build {name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     if before is not None and before != image_id(tool, tag):
-        subprocess.run([tool, "rmi", before], capture_output=True)  # (kept while a container uses it)
+        subprocess.run([tool, "rmi", before], capture_output=True, timeout=120)  # (kept while a container uses it)
 
 
 def image_id(tool: str, tag: str) -> str | None:
     """The ID of the image ``tag`` names, None when there is none."""
-    result = subprocess.run([tool, "image", "inspect", "--format", "{{.Id}}", tag], capture_output=True, text=True)
+    command = [tool, "image", "inspect", "--format", "{{.Id}}", tag]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
         return None
     return result.stdout.strip() or None
@@ -292,7 +293,7 @@ def wait_container_ready(url: str, container: str, tool: str, timeout: float = 6
         try:
             if requests.get(url, timeout=1).status_code == 200:
                 return
-        except requests.RequestException:  # not listening yet, or too busy starting to answer
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or too busy to answer
             pass
         time.sleep(0.05)
     logs = subprocess.run([tool, "logs", container], capture_output=True, text=True).stderr

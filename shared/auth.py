@@ -640,6 +640,9 @@ class UsageRecorder:
     nothing at all: counts wait, bounded, for the next flush."""
 
     MAX_PENDING = 100_000  # distinct (key, day, model) entries kept while Redis is unreachable
+    # Entries per script call: 5,000 take Redis about 0.1 s, far inside the client's timeout
+    # (a call that times out is sent again by the client's retry, and counted twice).
+    FLUSH_CHUNK = 5_000
 
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         self._redis = client
@@ -676,24 +679,27 @@ class UsageRecorder:
         another thread has under way is waited for: when this returns, no count is in flight."""
         with self._flushing:
             with self._lock:
-                pending, self._counts = self._counts, {}
-            if not pending:
-                return
-            args: list[str | int] = [self._prefix, (USAGE_DAYS + 1) * 86400]
-            for (public_key, day, model), (requests, errors, last) in pending.items():
-                args += [public_key, day, model, requests, errors, last]
-            try:
-                self._flush_script(keys=[self._prefix + "last-used"], args=args)
-            except redis.RedisError as exc:
-                log.warning("usage: cannot write counts to Redis (%s); will retry", type(exc).__name__)
-                with self._lock:
-                    for entry_key, (requests, errors, last) in pending.items():
-                        if len(self._counts) >= self.MAX_PENDING and entry_key not in self._counts:
-                            break
-                        entry = self._counts.setdefault(entry_key, [0, 0, 0])
-                        entry[0] += requests
-                        entry[1] += errors
-                        entry[2] = max(entry[2], last)
+                pending, self._counts = list(self._counts.items()), {}
+            for start in range(0, len(pending), self.FLUSH_CHUNK):
+                args: list[str | int] = [self._prefix, (USAGE_DAYS + 1) * 86400]
+                for (public_key, day, model), (requests, errors, last) in pending[start : start + self.FLUSH_CHUNK]:
+                    args += [public_key, day, model, requests, errors, last]
+                try:
+                    self._flush_script(keys=[self._prefix + "last-used"], args=args)
+                except redis.RedisError as exc:
+                    log.warning("usage: cannot write counts to Redis (%s); will retry", type(exc).__name__)
+                    self._keep(pending[start:])
+                    return
+
+    def _keep(self, unsent: list[tuple[tuple[str, str, str], list[int]]]) -> None:
+        with self._lock:
+            for entry_key, (requests, errors, last) in unsent:
+                if len(self._counts) >= self.MAX_PENDING and entry_key not in self._counts:
+                    break
+                entry = self._counts.setdefault(entry_key, [0, 0, 0])
+                entry[0] += requests
+                entry[1] += errors
+                entry[2] = max(entry[2], last)
 
 
 class _Flusher:
@@ -715,7 +721,10 @@ class _Flusher:
     def _run(self) -> None:
         while True:
             time.sleep(USAGE_FLUSH_SECONDS)
-            self.flush_all()
+            try:
+                self.flush_all()
+            except Exception:  # whatever it was, the next second's counts still go out
+                log.exception("usage: flush failed")
 
     def flush_all(self) -> None:
         with self._lock:
@@ -728,6 +737,7 @@ class _Flusher:
         self._lock = threading.Lock()
         for recorder in list(self._recorders):
             recorder._lock, recorder._flushing = threading.Lock(), threading.Lock()
+            recorder._counts = {}  # the parent's, which the parent flushes
 
 
 _flusher = _Flusher()
