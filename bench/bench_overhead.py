@@ -133,23 +133,9 @@ def instrument(layers: Layers) -> None:
 
 
 def floor_parts(model: Any, photo: bytes, n: int, gap: float) -> tuple[float, float]:
-    """Median µs of decoding ``photo`` and of one model call, in a loop with ``gap`` s of idle
-    before each pair."""
-    from functions.predict import pipeline  # noqa: PLC0415
-    from shared import imaging  # noqa: PLC0415
-
-    upload, limits = [pipeline.Upload(photo)], imaging.Limits(40_000_000)
-    decodes, calls = [], []
-    for i in range(n + 30):
-        if gap:
-            time.sleep(gap)
-        started = time.perf_counter()
-        batch = pipeline.decode(model, upload, limits)
-        decoded = time.perf_counter()
-        pipeline.infer(model, batch)
-        if i >= 30:
-            decodes.append(decoded - started)
-            calls.append(time.perf_counter() - decoded)
+    """Median µs of decoding ``photo`` and of one model call, in the floor's loop with ``gap`` s
+    of idle before each pair."""
+    decodes, calls = bench_predict.floor_loop(model, photo, n, gap)
     return statistics.median(decodes) * 1e6, statistics.median(calls) * 1e6
 
 

@@ -48,6 +48,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from local import ROOT
 from local.helpers import RedisServer, cpu_cgroup, free_port, in_cgroup, percentile_ms, remove_cgroup
@@ -278,19 +279,31 @@ def floor_ms(bundle: Path, photo: bytes, n: int) -> float:
 
 def measure_floor(bundle: Path, photo: bytes, n: int) -> float:
     """The floor, in this process (``--floor-of``)."""
-    from functions.predict import pipeline  # noqa: PLC0415 (only in the child process)
-    from functions.predict.model import load_model  # noqa: PLC0415
+    from functions.predict.model import load_model  # noqa: PLC0415 (only in the child process)
+
+    decodes, calls = floor_loop(load_model(Settings(model_name=bundle.name, model_dir=bundle)), photo, n)
+    return percentile_ms([decode + call for decode, call in zip(decodes, calls, strict=True)], 0.5)
+
+
+def floor_loop(model: Any, photo: bytes, n: int, gap: float = 0.0) -> tuple[list[float], list[float]]:
+    """Seconds of decoding ``photo`` and of one model call on it, ``n`` times after 30 unmeasured,
+    with ``gap`` seconds of idle before each pair (the floor: none)."""
+    from functions.predict import pipeline  # noqa: PLC0415
     from shared import imaging  # noqa: PLC0415
 
-    model = load_model(Settings(model_name=bundle.name, model_dir=bundle))
     upload, limits = [pipeline.Upload(photo)], imaging.Limits(40_000_000)
-    times = []
+    decodes, calls = [], []
     for i in range(n + 30):
+        if gap:
+            time.sleep(gap)
         started = time.perf_counter()
-        pipeline.infer(model, pipeline.decode(model, upload, limits))
+        batch = pipeline.decode(model, upload, limits)
+        decoded = time.perf_counter()
+        pipeline.infer(model, batch)
         if i >= 30:
-            times.append(time.perf_counter() - started)
-    return percentile_ms(times, 0.5)
+            decodes.append(decoded - started)
+            calls.append(time.perf_counter() - decoded)
+    return decodes, calls
 
 
 def sample_photo() -> bytes:

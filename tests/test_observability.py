@@ -164,7 +164,7 @@ def total(samples: dict, name: str, **labels: str) -> float:
     return sum(value for (n, key), value in samples.items() if n == name and labels.items() <= dict(key).items())
 
 
-def scrape_once(base: str, counted: Callable[[dict], bool]) -> dict[tuple[str, tuple], float]:
+def scrape_when(base: str, counted: Callable[[dict], bool]) -> dict[tuple[str, tuple], float]:
     """A scrape in which the last answers are ``counted`` (their samples are written after their
     last byte has gone), or the last one tried within 10 s."""
     deadline = time.monotonic() + 10
@@ -189,7 +189,7 @@ def test_metrics_count_exactly_across_workers(function, auth, workers):
         assert requests.post(predict.base + "/models/shapes/predict.json", timeout=30,
                              files={"file": ("a.png", io.BytesIO(image))}).status_code == 401  # fmt: skip
     answered = total(before, "thalamus_requests_total", **route) + 10
-    after = scrape_once(predict.base, lambda now: total(now, "thalamus_requests_total", **route) >= answered)
+    after = scrape_when(predict.base, lambda now: total(now, "thalamus_requests_total", **route) >= answered)
     delta = lambda name, **labels: total(after, name, **labels) - total(before, name, **labels)  # noqa: E731
     assert delta("thalamus_requests_total", **route, status="200") == 7
     assert delta("thalamus_requests_total", **route, status="401") == 3
@@ -210,7 +210,7 @@ def test_made_up_methods_add_no_series(function):
     for n in range(3):
         reply = requests.request(f"BREW{n}", token_fn.base + "/healthz", timeout=5)
         assert reply.status_code == 405
-    samples = scrape_once(token_fn.base, lambda now: total(now, "thalamus_requests_total", method="other") >= 3)
+    samples = scrape_when(token_fn.base, lambda now: total(now, "thalamus_requests_total", method="other") >= 3)
     assert total(samples, "thalamus_requests_total", method="other", status="405") == 3
     assert "BREW" not in requests.get(token_fn.base + "/metrics", timeout=5).text
 
