@@ -68,24 +68,9 @@ def serve(env, log_dir) -> Iterator:
 
 def exchange(port: int, payload: bytes, timeout: float = 10) -> tuple[int, dict[str, str], bytes]:
     """Send ``payload`` on a new connection; the answer's status, headers and body."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock, sock.makefile("rb") as answers:
         sock.sendall(payload)
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-            if b"\r\n\r\n" in data:
-                head, _, body = data.partition(b"\r\n\r\n")
-                length = [
-                    int(line.split(b":")[1])
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length:")
-                ]
-                if length and len(body) >= length[0]:
-                    break
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)}
-    return int(lines[0].split()[1]), headers, body
+        return read_answer(answers, payload.split(b" ", 1)[0].decode("latin-1"))
 
 
 def request(method: str, target: str, *headers: str, body: bytes = b"") -> bytes:
@@ -357,14 +342,19 @@ def test_bodiless_and_large_answers_arrive_whole_on_one_connection(serve):
 
 
 def read_answer(answers: io.BufferedReader, method: str) -> tuple[int, dict[str, str], bytes]:
-    """The next answer on a kept-alive connection: status, headers (lower-case names), whole body."""
+    """The next answer on ``answers``: status, headers (lower-case names), whole body (without a
+    Content-Length: the rest of the connection)."""
     status = int(answers.readline().split()[1])
     headers = {}
     while (line := answers.readline()) != b"\r\n":
         name, _, value = line.decode("latin-1").partition(":")
         headers[name.strip().lower()] = value.strip()
-    body = answers.read(int(headers.get("content-length", 0))) if method != "HEAD" else b""
-    assert method == "HEAD" or len(body) == int(headers.get("content-length", 0))
+    if method == "HEAD":
+        return status, headers, b""
+    if "content-length" not in headers:
+        return status, headers, answers.read()  # to the end of the connection
+    body = answers.read(int(headers["content-length"]))
+    assert len(body) == int(headers["content-length"])
     return status, headers, body
 
 
