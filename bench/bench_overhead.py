@@ -42,6 +42,7 @@ from typing import Any
 
 import bench_predict
 import reference_model
+import replica
 
 from local import ROOT
 from local.helpers import RedisServer, free_port
@@ -135,7 +136,7 @@ def instrument(layers: Layers) -> None:
 def floor_parts(model: Any, photo: bytes, n: int, gap: float) -> tuple[float, float]:
     """Median µs of decoding ``photo`` and of one model call, in the floor's loop with ``gap`` s
     of idle before each pair."""
-    decodes, calls = bench_predict.floor_loop(model, photo, n, gap)
+    decodes, calls = replica.floor_loop(model, photo, n, gap)
     return statistics.median(decodes) * 1e6, statistics.median(calls) * 1e6
 
 

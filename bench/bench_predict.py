@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_predict.py [--models shapes,arrows,reference] [--seconds 30]
                                             [--runs 5] [--requests 300] [--no-baseline] [--no-kserve]
-                                            [--cpus N]
+                                            [--no-image] [--cpus N]
 
 For each model (``reference`` is a network the size of the original Thalamus classifier:
 180x180x3, three conv blocks, dense 128, 5 classes, imported with ``train.py --import``), with a
@@ -14,7 +14,7 @@ For each model (``reference`` is a network the size of the original Thalamus cla
   Thalamus also the import floor: a Python that only imports the function's third-party
   packages (functions-framework, Flask, redis-py, NumPy, LiteRT, Pillow, prometheus-client,
   gunicorn, python-json-logger: STACK_IMPORTS) and exits, with the collector off as the server
-  starts, runs alternated with them;
+  starts, runs alternated with them (bench/replica.py);
 - warm p50/p99 on one keep-alive connection (a lean client: body encoded once), and the same
   function without its access log and request metrics (``bench/unobserved_function.py``);
 - under load, ``wrk`` with 8 connections for --seconds: requests/s, p50/p99, errors, the
@@ -23,6 +23,12 @@ For each model (``reference`` is a network the size of the original Thalamus cla
   mostly, with other processes on the machine); throughput is also shown against the machine's
   compute limit (cores x 1000 / floor ms; with --cpus N, every server runs in a cgroup with a
   quota of N CPUs, as a pod's ``limits.cpu`` sets, and the limit is N x 1000 / floor ms);
+- all of it again for Thalamus as it ships, "thalamus in its image": the predict image (built
+  from this checkout; podman or docker, ``--no-image`` skips it) with the model's bundle at
+  /app/model, run as a pod runs it (the restricted profile's settings, ``--cpus`` for a quota),
+  on the image's own Python (python:3.11-slim's, built with PGO and LTO; a venv's Python may not
+  be) and packages; cold starts, import floor and floor measured inside the container (the
+  container runtime's own start left out: ``bench_containers.py`` measures it);
 - the same for the monolith (FastAPI + Keras ``model.predict``, TensorFlow: bench/baseline_app.py)
   and for KServe's Python server running the same ``.tflite`` on LiteRT (bench/kserve_app.py,
   V1 JSON with a base64 image, no token).
@@ -40,7 +46,6 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,9 +53,10 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
-from local import ROOT
+import replica
+
+from local import ROOT, helpers
 from local.helpers import RedisServer, cpu_cgroup, free_port, in_cgroup, percentile_ms, remove_cgroup
 from shared.auth import AuthStore
 from shared.config import Settings
@@ -80,6 +86,7 @@ class Target:
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
     cgroup: Path | None = None  # run inside this cgroup (--cpus: a CPU quota, as a pod's limits.cpu)
+    image: Image | None = None  # runs in a container of this image, named after its port (container_name)
 
 
 def multipart(photo: bytes) -> tuple[bytes, str]:
@@ -87,51 +94,23 @@ def multipart(photo: bytes) -> tuple[bytes, str]:
     return head + photo + b"\r\n--b--\r\n", "multipart/form-data; boundary=b"
 
 
-def connect(port: int) -> http.client.HTTPConnection:
-    """A keep-alive connection that sends at once (TCP_NODELAY), as curl, urllib3, Go and wrk do:
-    without it, the last segment of an upload waits for the server's delayed ACK (up to 40 ms)."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-    conn.connect()
-    assert conn.sock is not None
-    conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return conn
-
-
 def post(port: int, target: Target, conn: http.client.HTTPConnection | None = None) -> int:
-    conn = conn or connect(port)
-    conn.request("POST", target.path, body=target.body, headers=target.headers)
-    reply = conn.getresponse()
-    reply.read()
-    return reply.status
+    return replica.post(port, target.path, target.body, target.headers, conn)
 
 
-def start(target: Target) -> tuple[subprocess.Popen[bytes], int, float]:
-    """Spawn ``target`` and poll until it answers its request with 200: (process, port, seconds)."""
-    port = free_port()
+def command_of(target: Target, port: int) -> list[str]:
+    """``target``'s command for ``port``, inside its cgroup if it has one."""
     command = [part.replace("{port}", str(port)) for part in target.command]
-    if target.cgroup is not None:
-        command = in_cgroup(target.cgroup, command)
-    started = time.perf_counter()
-    proc = subprocess.Popen(command, env=target.env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while time.perf_counter() - started < 180:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{target.name} exited with {proc.returncode}: {' '.join(command)}")
-        try:
-            if post(port, target) == 200:
-                return proc, port, time.perf_counter() - started
-        except OSError:
-            time.sleep(0.002)
-    proc.kill()
-    raise TimeoutError(target.name)
+    return command if target.cgroup is None else in_cgroup(target.cgroup, command)
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def start(target: Target) -> tuple[subprocess.Popen[bytes], int]:
+    """Spawn ``target`` and wait until it answers its request with 200: (process, port)."""
+    port = free_port()
+    proc, _ = replica.spawn_until_ok(
+        command_of(target, port), port, target.path, target.body, target.headers, env=target.env, cwd=ROOT
+    )
+    return proc, port
 
 
 def tree(pid: int) -> list[int]:
@@ -149,6 +128,14 @@ def tree(pid: int) -> list[int]:
         found.append(current := todo.pop())
         todo += parents.get(current, [])
     return found
+
+
+def server_pids(target: Target, proc: subprocess.Popen[bytes], port: int) -> list[int]:
+    """The processes of ``target``'s server: ``proc`` and its children, or its container's."""
+    if target.image is None:
+        return tree(proc.pid)
+    inspect = [target.image.engine, "inspect", "--format", "{{.State.Pid}}", container_name(port)]
+    return tree(int(subprocess.run(inspect, check=True, capture_output=True, text=True).stdout))
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -175,7 +162,7 @@ def memory_mb(pids: list[int], field: str) -> float:
 
 
 def warm(port: int, target: Target, n: int) -> tuple[float, float]:
-    conn = connect(port)
+    conn = replica.connect(port)
     times = []
     for i in range(n + 30):
         started = time.perf_counter()
@@ -194,7 +181,7 @@ def load(port: int, proc: subprocess.Popen[bytes], target: Target, seconds: int,
         headers = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in target.headers.items())
         script = Path(tmp) / "post.lua"
         script.write_text(WRK_SCRIPT.format(body=body, headers=headers))
-        pids = tree(proc.pid)
+        pids = server_pids(target, proc, port)
         cpu_before = cpu_seconds(pids)
         out = subprocess.run(
             [
@@ -213,7 +200,8 @@ def load(port: int, proc: subprocess.Popen[bytes], target: Target, seconds: int,
             text=True,
             check=True,
         )
-        cpu = cpu_seconds(tree(proc.pid)) - cpu_before
+        pids = server_pids(target, proc, port)
+        cpu = cpu_seconds(pids) - cpu_before
     numbers = next(line for line in out.stdout.splitlines() if line.startswith("WRK ")).split()[1:]
     done, micros, broken, bad_status = int(numbers[0]), int(numbers[1]), int(numbers[2]), int(numbers[3])
     return {
@@ -222,8 +210,8 @@ def load(port: int, proc: subprocess.Popen[bytes], target: Target, seconds: int,
         "load_p99": float(numbers[7]),
         "errors": broken + bad_status,
         "cpu_ms": cpu / max(done, 1) * 1000,
-        "pss": memory_mb(tree(proc.pid), "Pss"),
-        "rss": memory_mb(tree(proc.pid), "Rss"),
+        "pss": memory_mb(pids, "Pss"),
+        "rss": memory_mb(pids, "Rss"),
     }
 
 
@@ -232,11 +220,11 @@ def observability_cost(target: Target, n: int, rounds: int = 5) -> tuple[float, 
     metrics (bench/unobserved_function.py), both running, their requests interleaved so that
     the machine's noise falls on each alike; medians over ``rounds``."""
     bare = replace(target, command=[*target.command[:3], "bench/unobserved_function.py", *target.command[4:]])
-    (with_proc, with_port, _), (bare_proc, bare_port, _) = start(target), start(bare)
+    (with_proc, with_port), (bare_proc, bare_port) = start(target), start(bare)
     try:
         observed, unobserved = [], []
         for _ in range(rounds):
-            conns, times = (connect(with_port), connect(bare_port)), ([], [])
+            conns, times = (replica.connect(with_port), replica.connect(bare_port)), ([], [])
             for i in range(n + 30):
                 for which in (i % 2, 1 - i % 2):  # neither always first: the second runs on warmer caches
                     started = time.perf_counter()
@@ -247,8 +235,8 @@ def observability_cost(target: Target, n: int, rounds: int = 5) -> tuple[float, 
             unobserved.append(percentile_ms(times[1], 0.5))
         return statistics.median(observed), statistics.median(unobserved)
     finally:
-        stop(with_proc)
-        stop(bare_proc)
+        replica.stop(with_proc)
+        replica.stop(bare_proc)
 
 
 # What a predict function imports from other projects, all of it needed by its first request.
@@ -258,52 +246,84 @@ STACK_IMPORTS = (
 )
 
 
-def import_floor() -> float:
-    """Seconds for a Python to start, import STACK_IMPORTS (collector off, as shared.server
-    starts) and exit: what no cold start of this stack goes below."""
-    started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", f"import gc; gc.disable(); import {STACK_IMPORTS}"], check=True, cwd=ROOT)
-    return time.perf_counter() - started
+@dataclass(frozen=True)
+class Image:
+    """The predict image, built from this checkout, and the engine that runs it."""
+
+    engine: str
+    tag: str
+    cpus: float | None  # a CPU quota per container (--cpus), as a pod's limits.cpu
+
+    def run(self, bundle: Path, env: dict[str, str], command: list[str], *flags: str) -> list[str]:
+        """``command`` inside this image as a pod runs the function: the restricted profile's
+        settings, the function's env, ``bundle`` at /app/model, on this machine's network."""
+        keys = ("REDIS_URL", "LOG_LEVEL", "LOG_FORMAT", "MODEL_NAME")
+        flags += ("--rm", "--network=host", *helpers.restricted_flags(self.engine), f"--volume={bundle}:/app/model:ro")
+        flags += tuple(f"--env={key}={env[key]}" for key in keys if key in env)
+        flags += (f"--cpus={self.cpus:g}",) if self.cpus else ()
+        return [self.engine, "run", *flags, self.tag, *command]
+
+    def output(self, bundle: Path, env: dict[str, str], request: Path, command: list[str]) -> str:
+        """What ``command`` prints in this image, with ``request`` and bench/replica.py in /bench."""
+        mounts = (
+            f"--volume={request}:/bench/request:ro",
+            f"--volume={ROOT / 'bench' / 'replica.py'}:/bench/replica.py:ro",
+        )
+        done = subprocess.run(self.run(bundle, env, command, *mounts), capture_output=True, text=True, timeout=900)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} in {self.tag} failed:\n{done.stderr[-3000:]}")
+        return done.stdout.splitlines()[-1]
 
 
-def floor_ms(bundle: Path, photo: bytes, n: int) -> float:
+IMAGE_SERVER = ["python", "-m", "shared.server", "/app/functions/predict/main.py", "--host", "127.0.0.1"]
+
+
+def predict_image(cpus: float | None) -> Image | None:
+    """The predict image, built; None without podman or docker (``../shared/tools/container-setup``)."""
+    engine = helpers.container_engine()
+    if engine is None:
+        print("no podman/docker here: Thalamus in its image skipped", file=sys.stderr)
+        return None
+    tag = helpers.image_tag("shapes")
+    helpers.build_image(engine, "shapes", tag)
+    return Image(engine, tag, cpus)
+
+
+def container_name(port: int | str) -> str:
+    """The container of an image Target serving on ``port`` ("{port}" in a Target's command)."""
+    return f"thalamus-bench-{port}"
+
+
+def request_folder(target: Target, photo: bytes, tmp: Path) -> Path:
+    """A folder with ``target``'s request and ``photo``, for bench/replica.py in the image: read by
+    its user (uid 10001). The token in it is one of the bench's own throw-away Redis."""
+    folder = tmp / "request"
+    folder.mkdir(mode=0o755, exist_ok=True)
+    files = {"path": target.path.encode(), "headers.json": json.dumps(target.headers).encode(), "body": target.body}
+    for name, data in {**files, "photo.jpg": photo}.items():
+        (folder / name).write_bytes(data)
+        (folder / name).chmod(0o644)
+    return folder
+
+
+def image_cold_starts(target: Target, bundle: Path, request: Path, runs: int) -> dict[str, list[float]]:
+    """Cold starts of ``target``'s function inside its image, each after the import floor there."""
+    assert target.image is not None
+    port = str(free_port())
+    command = ["python", "/bench/replica.py", "cold", "--request", "/bench/request", "--runs", str(runs)]
+    command += ["--port", port, "--imports", STACK_IMPORTS, "--", *IMAGE_SERVER, "--port", port]
+    return json.loads(target.image.output(bundle, target.env, request, command))
+
+
+def floor_ms(target: Target, bundle: Path, photo: bytes, request: Path, n: int) -> float:
     """In-process decode + preprocess + one model call for ``photo``: what no server goes below.
-    Measured in a child process, so that this one never maps NumPy, Pillow or LiteRT: pages it
-    shared with the servers would lower their PSS."""
-    with tempfile.NamedTemporaryFile(suffix=".jpg") as file:
-        file.write(photo)
-        file.flush()
-        command = [sys.executable, __file__, "--floor-of", str(bundle), file.name, str(n)]
-        return float(subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT).stdout)
-
-
-def measure_floor(bundle: Path, photo: bytes, n: int) -> float:
-    """The floor, in this process (``--floor-of``)."""
-    from functions.predict.model import load_model  # noqa: PLC0415 (only in the child process)
-
-    decodes, calls = floor_loop(load_model(Settings(model_name=bundle.name, model_dir=bundle)), photo, n)
-    return percentile_ms([decode + call for decode, call in zip(decodes, calls, strict=True)], 0.5)
-
-
-def floor_loop(model: Any, photo: bytes, n: int, gap: float = 0.0) -> tuple[list[float], list[float]]:
-    """Seconds of decoding ``photo`` and of one model call on it, ``n`` times after 30 unmeasured,
-    with ``gap`` seconds of idle before each pair (the floor: none)."""
-    from functions.predict import pipeline  # noqa: PLC0415
-    from shared import imaging  # noqa: PLC0415
-
-    upload, limits = [pipeline.Upload(photo)], imaging.Limits(40_000_000)
-    decodes, calls = [], []
-    for i in range(n + 30):
-        if gap:
-            time.sleep(gap)
-        started = time.perf_counter()
-        batch = pipeline.decode(model, upload, limits)
-        decoded = time.perf_counter()
-        pipeline.infer(model, batch)
-        if i >= 30:
-            decodes.append(decoded - started)
-            calls.append(time.perf_counter() - decoded)
-    return decodes, calls
+    Measured in a child process (in ``target``'s image for an image Target), so that this one never
+    maps NumPy, Pillow or LiteRT: pages it shared with the servers would lower their PSS."""
+    if target.image is not None:
+        command = ["python", "/bench/replica.py", "floor", "/app/model", "/bench/request/photo.jpg", str(n)]
+        return float(target.image.output(bundle, target.env, request, command))
+    command = [sys.executable, str(ROOT / "bench" / "replica.py"), "floor", str(bundle), str(request / "photo.jpg")]
+    return float(subprocess.run([*command, str(n)], check=True, capture_output=True, text=True, cwd=ROOT).stdout)
 
 
 def sample_photo() -> bytes:
@@ -313,7 +333,14 @@ def sample_photo() -> bytes:
 
 
 def targets(
-    model: str, bundle: Path, photo: bytes, env: dict[str, str], bearer: str, args: argparse.Namespace, tmp: Path
+    model: str,
+    bundle: Path,
+    photo: bytes,
+    env: dict[str, str],
+    bearer: str,
+    args: argparse.Namespace,
+    tmp: Path,
+    image: Image | None,
 ) -> list[Target]:
     body, content_type = multipart(photo)
     function = {**env, "MODEL_NAME": model, "MODEL_DIR": str(bundle), "WORKERS": "1"}
@@ -330,6 +357,9 @@ def targets(
             thalamus_headers,
         ),
     ]
+    if image is not None:  # as it ships: the image's own Python and packages
+        server = image.run(bundle, function, [*IMAGE_SERVER, "--port", "{port}"], f"--name={container_name('{port}')}")
+        found.append(Target("thalamus in its image", server, function, path, body, thalamus_headers, image=image))
     if not args.no_baseline:
         meta = json.loads((bundle / "model.json").read_text())
         spec = meta["input"]
@@ -380,21 +410,18 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--no-baseline", action="store_true", help="skip the FastAPI + Keras monolith")
     parser.add_argument("--no-kserve", action="store_true", help="skip KServe's Python server")
+    parser.add_argument("--no-image", action="store_true", help="skip Thalamus inside its image (podman or docker)")
     parser.add_argument(
         "--cpus", type=float, help="run every server under this CPU quota, as a pod's limits.cpu (root)"
     )
-    parser.add_argument("--floor-of", nargs=3, metavar=("BUNDLE", "JPEG", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.floor_of:
-        bundle, jpeg, n = args.floor_of
-        print(measure_floor(Path(bundle), Path(jpeg).read_bytes(), int(n)))
-        return
     if not shutil.which("wrk"):
         raise SystemExit("bench_predict.py: wrk is missing (Debian: apt-get install wrk)")
     # As the images do (RUN python -m compileall): with PYTHONDONTWRITEBYTECODE set, a module edited
     # since its .pyc was written would otherwise be compiled again at every cold start.
     for folder in ("shared", "functions", "bench"):
         compileall.compile_dir(ROOT / folder, quiet=1)
+    image = None if args.no_image else predict_image(args.cpus)
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -415,26 +442,29 @@ def main() -> None:
                     bundle = ROOT / "models" / model
                 name = bundle.name
                 photo = sample_photo()
-                for target in targets(name, bundle, photo, env, bearer, args, tmp):
-                    target.cgroup = group
+                for target in targets(name, bundle, photo, env, bearer, args, tmp, image):
+                    target.cgroup = group if target.image is None else None  # a container gets --cpus
                     row = {"model": model, "server": target.name}
-                    colds, imports = [], []
-                    for run in range(args.runs):
-                        if target.name == "thalamus":
-                            imports.append(import_floor())
-                        proc, port, seconds = start(target)
-                        colds.append(seconds)
-                        if run < args.runs - 1:
-                            stop(proc)
-                    row["cold"] = statistics.median(colds) * 1000
-                    if imports:
-                        row["import_floor"] = statistics.median(imports) * 1000
+                    request = request_folder(target, photo, tmp)
+                    thalamus = target.name.startswith("thalamus")
+                    if target.image is not None:
+                        starts = image_cold_starts(target, bundle, request, args.runs)
+                    else:
+                        port = free_port()
+                        starts = replica.cold_starts(
+                            command_of(target, port), port, target.path, target.body, target.headers, args.runs,
+                            STACK_IMPORTS if thalamus else None, env=target.env, cwd=ROOT,
+                        )  # fmt: skip
+                    row["cold"] = statistics.median(starts["cold"]) * 1000
+                    if thalamus:
+                        row["import_floor"] = statistics.median(starts["imports"]) * 1000
+                    proc, port = start(target)
                     # Measured again next to each server, while it waits idle: this machine's speed
                     # drifts by tens of percent within minutes.
-                    row["floor"] = floor_ms(bundle, photo, args.requests)
+                    row["floor"] = floor_ms(target, bundle, photo, request, args.requests)
                     row["p50"], row["p99"] = warm(port, target, args.requests)
                     row.update(load(port, proc, target, args.seconds, args.connections))
-                    stop(proc)
+                    replica.stop(proc)
                     if target.name == "thalamus":
                         row["observed"], row["unobserved"] = observability_cost(target, args.requests)
                     rows.append(row)
@@ -505,8 +535,8 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
     for r in rows:
         if "import_floor" in r:
             print(
-                f"{r['model']}: cold start {r['cold']:.0f} ms; a Python that only imports the function's "
-                f"third-party packages (STACK_IMPORTS) takes {r['import_floor']:.0f} ms"
+                f"{r['model']}, {r['server']}: cold start {r['cold']:.0f} ms; a Python that only imports the "
+                f"function's third-party packages (STACK_IMPORTS) there takes {r['import_floor']:.0f} ms"
             )
     print(
         "\nfloors (decode + preprocess + one model call, in-process, measured next to each server): "
