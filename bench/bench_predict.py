@@ -26,9 +26,10 @@ For each model (``reference`` is a network the size of the original Thalamus cla
 - all of it again for Thalamus as it ships, "thalamus in its image": the predict image (built
   from this checkout; podman or docker, ``--no-image`` skips it) with the model's bundle at
   /app/model, run as a pod runs it (the restricted profile's settings, ``--cpus`` for a quota),
-  on the image's own Python (python:3.11-slim's, built with PGO and LTO; a venv's Python may not
-  be) and packages; cold starts, import floor and floor measured inside the container (the
-  container runtime's own start left out: ``bench_containers.py`` measures it);
+  on the image's own Python and packages (python:3.11-slim's Python: a release build, not
+  necessarily the one a venv here was made from); cold starts, import floor and floor measured
+  inside the container (the container runtime's own start left out: ``bench_containers.py``
+  measures it);
 - the same for the monolith (FastAPI + Keras ``model.predict``, TensorFlow: bench/baseline_app.py)
   and for KServe's Python server running the same ``.tflite`` on LiteRT (bench/kserve_app.py,
   V1 JSON with a base64 image, no token).
