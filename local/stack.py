@@ -26,6 +26,19 @@ PID_FILE = ROOT / ".thalamus" / "stack.pid"
 CATALOG_FILE = ROOT / ".thalamus" / "models.json"  # the token function's MODEL_CATALOG
 
 
+def _terminate(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM to each of ``procs``, then wait up to 15 s for them all; SIGKILL for the rest."""
+    for proc in procs:
+        proc.terminate()
+    deadline = time.monotonic() + 15
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @dataclass
 class Child:
     name: str
@@ -161,18 +174,11 @@ class Stack:
         if self.stopping:
             return
         self.stopping = True
-        procs = [c.proc for c in reversed(self.children) if c.proc and c.proc.poll() is None]
+        # The functions first, Redis once they are gone: on their way out they write the usage
+        # counts they still hold to it.
+        _terminate([c.proc for c in reversed(self.children) if c.proc and c.proc.poll() is None])
         if self.redis:
-            procs.append(self.redis)
-        for proc in procs:
-            proc.terminate()
-        deadline = time.monotonic() + 15
-        for proc in procs:
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _terminate([self.redis])
         PID_FILE.unlink(missing_ok=True)
 
     def print_table(self, settings: config.Settings) -> None:

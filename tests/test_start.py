@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,8 +16,9 @@ import redis
 import requests
 
 from local import redis_server
-from local.helpers import DEMO_MODELS, RedisServer, demo_image, encode, free_port_range
+from local.helpers import DEMO_MODELS, RedisServer, demo_image, encode, first_label, free_port_range
 from tests.conftest import copy_project, processes_under, start_stack, stop_stack, subprocess_env
+from tests.test_hostile import read_answer, request
 
 pytestmark = pytest.mark.slow
 
@@ -159,6 +161,59 @@ def test_sigkill_leaves_nothing_behind(tmp_path, stack_env, own_redis):
         for pid in processes_under(folder):  # only if the test failed: never leave them running
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_requests_in_flight_when_stopped_finish_before_its_redis_stops(tmp_path, stack_env):
+    """SIGTERM (as Ctrl-C) while requests are arriving: the functions finish them and write the
+    usage counts they hold before start.sh stops the Redis it started, so a token is still issued
+    and a prediction answered and counted."""
+    if not local_redis_free():
+        pytest.skip("127.0.0.1:6379 is in use; start.sh would not start its own Redis")
+    folder = copy_project(tmp_path / "thalamus")
+    env = {k: v for k, v in stack_env.items() if k != "REDIS_URL"}
+    stack = start_stack(folder, free_port_range(2 + len(DEMO_MODELS)), env)
+    try:
+        assert stack.keys("-g", "client.json").returncode == 0
+        pair = json.loads((folder / "client.json").read_text())
+        token = requests.post(f"{stack.gateway}/token.json", json=pair, timeout=10).json()["token"]
+        table = "".join(stack.output)
+        model = DEMO_MODELS[0]
+        image = encode(demo_image(model, first_label(model), 1))
+        head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\n'
+        uploads = [
+            ("token", "/token.json", ["Content-Type: application/json"], json.dumps(pair).encode()),
+            (
+                f"predict-{model}",
+                f"/models/{model}/predict.json",
+                ["Content-Type: multipart/form-data; boundary=b", f"Authorization: Bearer {token}"],
+                head + image + b"\r\n--b--\r\n",
+            ),
+        ]
+        arriving = []
+        for name, path, headers, body in uploads:  # all but the last bytes of each body
+            port = int(re.search(rf"{name} +http://localhost:(\d+)", table).group(1))
+            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+            sock.sendall(request("POST", path, *headers, f"Content-Length: {len(body)}", body=body[:-10]))
+            arriving.append((sock, body[-10:]))
+        time.sleep(0.5)  # the functions have the requests
+        stack.proc.send_signal(signal.SIGTERM)
+        time.sleep(1)  # long enough for a Redis told to stop at the same time to be gone
+        answers = []
+        for sock, rest in arriving:
+            with sock, sock.makefile("rb") as reader:
+                sock.sendall(rest)
+                answers.append(read_answer(reader, "POST"))
+        assert [status for status, _, _ in answers] == [200, 200], answers
+        assert json.loads(answers[0][2])["token"] and json.loads(answers[1][2])["prediction"] == first_label(model)
+        assert stack.proc.wait(30) == 0 and local_redis_free()
+    finally:
+        stop_stack(stack)
+    try:
+        usage = stack.keys("--usage", pair["public_key"], "--json")  # restarts the local Redis from its data
+        assert usage.returncode == 0, usage.stderr
+        assert [(row["model"], row["requests"]) for row in json.loads(usage.stdout)] == [(model, 1)]
+    finally:
+        subprocess.run([sys.executable, "-m", "local.redis_server", "stop"], cwd=folder, env=env, timeout=30)
 
 
 def test_redis_server_stop_stops_only_the_local_redis(tmp_path, stack_env):
