@@ -174,11 +174,12 @@ class Stack:
         if self.stopping:
             return
         self.stopping = True
-        # The functions first, Redis once they are gone: on their way out they write the usage
-        # counts they still hold to it.
-        _terminate([c.proc for c in reversed(self.children) if c.proc and c.proc.poll() is None])
-        if self.redis:
-            _terminate([self.redis])
+        # The gateway first, so that what it has received still finds its function; then the
+        # functions, which finish their requests in flight and write the usage counts they hold
+        # to Redis on their way out; Redis last.
+        gateway, functions = self.children[0], self.children[1:]
+        for group in ([gateway.proc], [c.proc for c in functions], [self.redis]):
+            _terminate([proc for proc in group if proc and proc.poll() is None])
         PID_FILE.unlink(missing_ok=True)
 
     def print_table(self, settings: config.Settings) -> None:

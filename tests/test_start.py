@@ -164,9 +164,10 @@ def test_sigkill_leaves_nothing_behind(tmp_path, stack_env, own_redis):
 
 
 def test_requests_in_flight_when_stopped_finish_before_its_redis_stops(tmp_path, stack_env):
-    """SIGTERM (as Ctrl-C) while requests are arriving: the functions finish them and write the
-    usage counts they hold before start.sh stops the Redis it started, so a token is still issued
-    and a prediction answered and counted."""
+    """SIGTERM (as Ctrl-C) while requests are arriving, at the functions and at the gateway: the
+    gateway forwards what it has before the functions stop, and they finish it and write the usage
+    counts they hold before start.sh stops the Redis it started: tokens are still issued and
+    predictions answered and counted."""
     if not local_redis_free():
         pytest.skip("127.0.0.1:6379 is in use; start.sh would not start its own Redis")
     folder = copy_project(tmp_path / "thalamus")
@@ -180,15 +181,13 @@ def test_requests_in_flight_when_stopped_finish_before_its_redis_stops(tmp_path,
         model = DEMO_MODELS[0]
         image = encode(demo_image(model, first_label(model), 1))
         head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\n'
-        uploads = [
-            ("token", "/token.json", ["Content-Type: application/json"], json.dumps(pair).encode()),
-            (
-                f"predict-{model}",
-                f"/models/{model}/predict.json",
-                ["Content-Type: multipart/form-data; boundary=b", f"Authorization: Bearer {token}"],
-                head + image + b"\r\n--b--\r\n",
-            ),
-        ]
+        issue = ("/token.json", ["Content-Type: application/json"], json.dumps(pair).encode())
+        predict = (
+            f"/models/{model}/predict.json",
+            ["Content-Type: multipart/form-data; boundary=b", f"Authorization: Bearer {token}"],
+            head + image + b"\r\n--b--\r\n",
+        )
+        uploads = [("token", *issue), ("gateway", *issue), (f"predict-{model}", *predict), ("gateway", *predict)]
         arriving = []
         for name, path, headers, body in uploads:  # all but the last bytes of each body
             port = int(re.search(rf"{name} +http://localhost:(\d+)", table).group(1))
@@ -203,15 +202,16 @@ def test_requests_in_flight_when_stopped_finish_before_its_redis_stops(tmp_path,
             with sock, sock.makefile("rb") as reader:
                 sock.sendall(rest)
                 answers.append(read_answer(reader, "POST"))
-        assert [status for status, _, _ in answers] == [200, 200], answers
-        assert json.loads(answers[0][2])["token"] and json.loads(answers[1][2])["prediction"] == first_label(model)
+        assert [status for status, _, _ in answers] == [200] * 4, answers
+        assert all(json.loads(body)["token"] for _, _, body in answers[:2])
+        assert all(json.loads(body)["prediction"] == first_label(model) for _, _, body in answers[2:])
         assert stack.proc.wait(30) == 0 and local_redis_free()
     finally:
         stop_stack(stack)
     try:
         usage = stack.keys("--usage", pair["public_key"], "--json")  # restarts the local Redis from its data
         assert usage.returncode == 0, usage.stderr
-        assert [(row["model"], row["requests"]) for row in json.loads(usage.stdout)] == [(model, 1)]
+        assert [(row["model"], row["requests"]) for row in json.loads(usage.stdout)] == [(model, 2)]
     finally:
         subprocess.run([sys.executable, "-m", "local.redis_server", "stop"], cwd=folder, env=env, timeout=30)
 
