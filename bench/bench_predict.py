@@ -114,6 +114,15 @@ def start(target: Target) -> tuple[subprocess.Popen[bytes], int]:
     return proc, port
 
 
+def stop(target: Target, proc: subprocess.Popen[bytes], port: int) -> None:
+    """Stop ``target``'s server; an image Target's container too, should it outlive its
+    ``run`` (a killed client does not pass SIGKILL on, and PID 1 of a container has no parent
+    to watch)."""
+    replica.stop(proc)
+    if target.image is not None:
+        subprocess.run([target.image.engine, "rm", "-f", container_name(port)], capture_output=True, timeout=60)
+
+
 def tree(pid: int) -> list[int]:
     """``pid`` and its descendants."""
     parents: dict[int, list[int]] = {}
@@ -280,13 +289,18 @@ IMAGE_SERVER = ["python", "-m", "shared.server", "/app/functions/predict/main.py
 
 
 def predict_image(cpus: float | None) -> Image | None:
-    """The predict image, built; None without podman or docker (``../shared/tools/container-setup``)."""
+    """The predict image, built; None without podman or docker that can build it
+    (``../shared/tools/container-setup``)."""
     engine = helpers.container_engine()
     if engine is None:
-        print("no podman/docker here: Thalamus in its image skipped", file=sys.stderr)
+        print("no podman or docker that builds FROM python:3.11-slim: Thalamus in its image skipped", file=sys.stderr)
         return None
     tag = helpers.image_tag("shapes")
-    helpers.build_image(engine, "shapes", tag)
+    try:
+        helpers.build_image(engine, "shapes", tag)
+    except RuntimeError as exc:
+        print(f"{exc}\nThalamus in its image skipped (--no-image skips it without trying)", file=sys.stderr)
+        return None
     return Image(engine, tag, cpus)
 
 
@@ -299,7 +313,8 @@ def request_folder(target: Target, photo: bytes, tmp: Path) -> Path:
     """A folder with ``target``'s request and ``photo``, for bench/replica.py in the image: read by
     its user (uid 10001). The token in it is one of the bench's own throw-away Redis."""
     folder = tmp / "request"
-    folder.mkdir(mode=0o755, exist_ok=True)
+    folder.mkdir(exist_ok=True)
+    folder.chmod(0o755)  # whatever the umask
     files = {"path": target.path.encode(), "headers.json": json.dumps(target.headers).encode(), "body": target.body}
     for name, data in {**files, "photo.jpg": photo}.items():
         (folder / name).write_bytes(data)
@@ -460,12 +475,14 @@ def main() -> None:
                     if thalamus:
                         row["import_floor"] = statistics.median(starts["imports"]) * 1000
                     proc, port = start(target)
-                    # Measured again next to each server, while it waits idle: this machine's speed
-                    # drifts by tens of percent within minutes.
-                    row["floor"] = floor_ms(target, bundle, photo, request, args.requests)
-                    row["p50"], row["p99"] = warm(port, target, args.requests)
-                    row.update(load(port, proc, target, args.seconds, args.connections))
-                    replica.stop(proc)
+                    try:
+                        # Measured again next to each server, while it waits idle: this machine's
+                        # speed drifts by tens of percent within minutes.
+                        row["floor"] = floor_ms(target, bundle, photo, request, args.requests)
+                        row["p50"], row["p99"] = warm(port, target, args.requests)
+                        row.update(load(port, proc, target, args.seconds, args.connections))
+                    finally:
+                        stop(target, proc, port)
                     if target.name == "thalamus":
                         row["observed"], row["unobserved"] = observability_cost(target, args.requests)
                     rows.append(row)

@@ -164,56 +164,61 @@ def test_sigkill_leaves_nothing_behind(tmp_path, stack_env, own_redis):
 
 
 def test_requests_in_flight_when_stopped_finish_before_its_redis_stops(tmp_path, stack_env):
-    """SIGTERM (as Ctrl-C) while requests are arriving, at the functions and at the gateway: the
-    gateway forwards what it has before the functions stop, and they finish it and write the usage
-    counts they hold before start.sh stops the Redis it started: tokens are still issued and
-    predictions answered and counted."""
+    """SIGTERM (as Ctrl-C) while requests are arriving, at the gateway and at the functions: the
+    gateway finishes what it holds before the functions stop, the functions finish theirs and write
+    the usage counts they hold before start.sh stops the Redis it started: tokens are still issued
+    and predictions answered and counted."""
     if not local_redis_free():
         pytest.skip("127.0.0.1:6379 is in use; start.sh would not start its own Redis")
     folder = copy_project(tmp_path / "thalamus")
     env = {k: v for k, v in stack_env.items() if k != "REDIS_URL"}
     stack = start_stack(folder, free_port_range(2 + len(DEMO_MODELS)), env)
     try:
-        assert stack.keys("-g", "client.json").returncode == 0
-        pair = json.loads((folder / "client.json").read_text())
-        token = requests.post(f"{stack.gateway}/token.json", json=pair, timeout=10).json()["token"]
-        table = "".join(stack.output)
-        model = DEMO_MODELS[0]
-        image = encode(demo_image(model, first_label(model), 1))
-        head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\n'
-        issue = ("/token.json", ["Content-Type: application/json"], json.dumps(pair).encode())
-        predict = (
-            f"/models/{model}/predict.json",
-            ["Content-Type: multipart/form-data; boundary=b", f"Authorization: Bearer {token}"],
-            head + image + b"\r\n--b--\r\n",
-        )
-        uploads = [("token", *issue), ("gateway", *issue), (f"predict-{model}", *predict), ("gateway", *predict)]
-        arriving = []
-        for name, path, headers, body in uploads:  # all but the last bytes of each body
-            port = int(re.search(rf"{name} +http://localhost:(\d+)", table).group(1))
-            sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-            sock.sendall(request("POST", path, *headers, f"Content-Length: {len(body)}", body=body[:-10]))
-            arriving.append((sock, body[-10:]))
-        time.sleep(0.5)  # the functions have the requests
-        stack.proc.send_signal(signal.SIGTERM)
-        time.sleep(1)  # long enough for a Redis told to stop at the same time to be gone
-        answers = []
-        for sock, rest in arriving:
-            with sock, sock.makefile("rb") as reader:
+        with contextlib.ExitStack() as closing:
+            assert stack.keys("-g", "client.json").returncode == 0
+            pair = json.loads((folder / "client.json").read_text())
+            token = requests.post(f"{stack.gateway}/token.json", json=pair, timeout=10).json()["token"]
+            table = "".join(stack.output)
+            model = DEMO_MODELS[0]
+            image = encode(demo_image(model, first_label(model), 1))
+            head = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\n'
+            issue = ("/token.json", ["Content-Type: application/json"], json.dumps(pair).encode())
+            predict = (
+                f"/models/{model}/predict.json",
+                ["Content-Type: multipart/form-data; boundary=b", f"Authorization: Bearer {token}"],
+                head + image + b"\r\n--b--\r\n",
+            )
+            uploads = [("gateway", *issue), ("gateway", *predict), ("token", *issue), (f"predict-{model}", *predict)]
+            arriving = []
+            for name, path, headers, body in uploads:  # all but the last bytes of each body
+                port = int(re.search(rf"{name} +http://localhost:(\d+)", table).group(1))
+                sock = closing.enter_context(socket.create_connection(("127.0.0.1", port), timeout=30))
+                sock.sendall(request("POST", path, *headers, f"Content-Length: {len(body)}", body=body[:-10]))
+                arriving.append((sock, body[-10:]))
+            time.sleep(0.5)  # the gateway and the functions have the requests
+            stack.proc.send_signal(signal.SIGTERM)
+            answers = []
+            for i, (sock, rest) in enumerate(arriving):
+                # A second for the gateway's two (a Redis told to stop at the same time is gone by
+                # then), and the same again after them for the functions' own (the gateway has
+                # stopped by then, and the functions are told to stop next).
+                if i in (0, 2):
+                    time.sleep(1)
                 sock.sendall(rest)
-                answers.append(read_answer(reader, "POST"))
+                answers.append(read_answer(closing.enter_context(sock.makefile("rb")), "POST"))
         assert [status for status, _, _ in answers] == [200] * 4, answers
-        assert all(json.loads(body)["token"] for _, _, body in answers[:2])
-        assert all(json.loads(body)["prediction"] == first_label(model) for _, _, body in answers[2:])
-        assert stack.proc.wait(30) == 0 and local_redis_free()
-    finally:
-        stop_stack(stack)
-    try:
+        assert all(json.loads(answers[i][2])["token"] for i in (0, 2))
+        assert all(json.loads(answers[i][2])["prediction"] == first_label(model) for i in (1, 3))
+        assert stack.proc.wait(30) == 0 and local_redis_free() and processes_under(folder) == []
         usage = stack.keys("--usage", pair["public_key"], "--json")  # restarts the local Redis from its data
         assert usage.returncode == 0, usage.stderr
         assert [(row["model"], row["requests"]) for row in json.loads(usage.stdout)] == [(model, 2)]
     finally:
+        stop_stack(stack)
         subprocess.run([sys.executable, "-m", "local.redis_server", "stop"], cwd=folder, env=env, timeout=30)
+        for pid in processes_under(folder):  # only if the test failed: never leave them running
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_redis_server_stop_stops_only_the_local_redis(tmp_path, stack_env):
