@@ -112,10 +112,10 @@ def cold_starts(
 
 def measure_floor(bundle: Path, photo: bytes, n: int) -> float:
     """The floor of ``bundle`` for ``photo`` in this process, in ms: the median of ``n``."""
-    from functions.predict.model import load_model  # noqa: PLC0415 (the project's, where this runs)
+    from functions.predict.model import load_model, read_metadata  # noqa: PLC0415 (the project's, where this runs)
     from shared.config import Settings  # noqa: PLC0415
 
-    name = json.loads((bundle / "model.json").read_text())["name"]
+    name = read_metadata(bundle)["name"]
     decodes, calls = floor_loop(load_model(Settings(model_name=name, model_dir=bundle)), photo, n)
     return statistics.median(decode + call for decode, call in zip(decodes, calls, strict=True)) * 1000
 

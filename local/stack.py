@@ -174,12 +174,12 @@ class Stack:
         if self.stopping:
             return
         self.stopping = True
-        # The gateway first, so that what it has received still finds its function; then the
-        # functions, which finish their requests in flight and write the usage counts they hold
-        # to Redis on their way out; Redis last.
         # A second Ctrl-C meanwhile ends this process at once: the kernel then sends SIGTERM to
         # every child left (die_with_parent), and no pid file is left to say the stack is up.
         PID_FILE.unlink(missing_ok=True)
+        # The gateway first, so that what it has received still finds its function; then the
+        # functions, which finish their requests in flight and write the usage counts they hold
+        # to Redis on their way out; Redis last.
         gateway, functions = self.children[0], self.children[1:]
         for group in ([gateway.proc], [c.proc for c in functions], [self.redis]):
             _terminate([proc for proc in group if proc and proc.poll() is None])
