@@ -13,7 +13,7 @@ is left is the function's own code. Each layer is timed without the layers it ca
 - functions-framework and Flask (execution id, request context, their dispatch);
 - the service: routing, reading the body, the handler's checks, the answer's headers;
 - the bearer check (``AuthStore.authenticate``: the token cache) and usage counting;
-- multipart parsing (werkzeug's form parser);
+- multipart parsing (Flask's form parser, with shared.multipart splitting the body);
 - decoding and the model call (real, or stubbed with their answer computed once);
 - the answer: ``pipeline.encode`` and its JSON.
 
@@ -55,7 +55,7 @@ LAYERS = (
     "service: routing, body, handler, headers",
     "bearer check (token cache)",
     "usage counting",
-    "multipart parsing (werkzeug)",
+    "multipart parsing",
     "decode",
     "model call",
     "answer: encode + JSON",

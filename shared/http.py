@@ -35,8 +35,16 @@ from shared.errors import (
     ThalamusError,
     UnsupportedMediaType,
 )
+from shared.multipart import FormParser
 
 log = logging.getLogger("thalamus")
+
+
+class Request(flask.Request):
+    """Flask's request, with multipart bodies split by :mod:`shared.multipart` (in memory, one
+    pass) instead of werkzeug's streaming parser."""
+
+    form_data_parser_class = FormParser
 
 
 @dataclass(frozen=True)
@@ -152,7 +160,9 @@ def _read_body(request: flask.Request, limit: int) -> None:
         raise BadRequest("request body ended early")
     environ["wsgi.input"] = io.BytesIO(b"".join(chunks))
     environ["CONTENT_LENGTH"] = str(size)
-    environ.pop("wsgi.input_terminated", None)
+    # The stream ends where the body does: werkzeug hands it over as it is, and reading it whole
+    # returns the body itself, where a LimitedStream would copy it three times in 64 KiB pieces.
+    environ["wsgi.input_terminated"] = True
     environ.pop("HTTP_TRANSFER_ENCODING", None)  # werkzeug ignores Content-Length while this says chunked
     environ["thalamus.body_read"] = True
 
@@ -316,12 +326,13 @@ def entry_point(service: Service, observe: bool = True) -> Callable[[flask.Reque
 
     Called while functions-framework loads ``main.py`` (inside ``create_app``), it also makes the
     framework's own answers JSON: its fixed 404s (``/robots.txt``, ``/favicon.ico``) and routing
-    errors get ``{"error": ...}``, and paths with doubled slashes reach the service instead of
-    being redirected.
+    errors get ``{"error": ...}``, paths with doubled slashes reach the service instead of
+    being redirected, and multipart bodies are split by :mod:`shared.multipart`.
     """
     if flask.has_app_context():
         app = flask.current_app
         app.url_map.merge_slashes = False
+        app.request_class = Request
         app.register_error_handler(wz.HTTPException, _framework_error)
         app.register_error_handler(ThalamusError, error_response)
         if observe:  # False only to measure what the access log and request metrics cost (bench/)
