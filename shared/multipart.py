@@ -1,16 +1,16 @@
-"""``multipart/form-data`` bodies (RFC 7578), split in one pass over the body in memory.
+"""``multipart/form-data`` bodies (RFC 7578), split in memory.
 
 werkzeug's parser streams: it runs the body through a regular-expression state machine in
 64 KiB chunks and copies each file into a buffer of its own (a temporary file in ``/tmp`` past
 500 KB). Every body that reaches a handler here is already in memory, read and bounded by
 ``MAX_UPLOAD_BYTES`` in :mod:`shared.http`, so the delimiters are found with ``bytes.find`` and
-each file is one slice of the body: 4-7 times less CPU, all of it under the GIL
+each file is one slice of the body: 2-4 times less CPU, all of it under the GIL
 (``bench/bench_multipart.py``).
 
 :class:`FormParser` plugs this into Flask's request (``request.files``, ``request.form``) in
-place of werkzeug's, with werkzeug's limits (``MAX_FORM_PARTS``, ``MAX_FORM_MEMORY_SIZE``) and
-the same answers: a body that cannot be split is an empty form, a limit exceeded is
-:class:`werkzeug.exceptions.RequestEntityTooLarge`.
+place of werkzeug's, with werkzeug's limits (``MAX_FORM_PARTS``, ``MAX_FORM_MEMORY_SIZE``), bounds
+of its own on the parts' headers, and werkzeug's answers: a body that cannot be split is an
+empty form, a limit exceeded is :class:`werkzeug.exceptions.RequestEntityTooLarge`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,13 @@ from werkzeug.http import parse_options_header
 # Text field charsets honoured, as werkzeug's list; anything else is read as UTF-8.
 CHARSETS = {"ascii", "us-ascii", "utf-8", "iso-8859-1"}
 TAILS = (b"\r\n", b"\n", b"--")  # what follows a delimiter's boundary: its line break, or "--" (the last)
-MAX_HEADER_BYTES = 16 * 1024  # a part's header block (gunicorn allows a request header 8 KiB)
+MAX_BOUNDARY = 200  # RFC 2046 allows 70 characters; werkzeug sets no limit
+# A part's headers (Content-Disposition, Content-Type, rarely more): each header block, and all of
+# them in one body, is bounded, as werkzeug does not, so that headers cannot cost more memory
+# (a Headers object per part) or time (their parsing) than the images themselves.
+MAX_PART_HEADERS = 16
+MAX_HEADER_BYTES = 8 * 1024  # one part's header block, as gunicorn's limit for a request header
+MAX_FORM_HEADER_BYTES = 1024 * 1024  # all the parts' header blocks of one body
 
 
 class FormParser(FormDataParser):
@@ -36,6 +42,7 @@ class FormParser(FormDataParser):
         self, stream: IO[bytes], mimetype: str, content_length: int | None, options: dict[str, str]
     ) -> tuple[IO[bytes], MultiDict[str, Any], MultiDict[str, Any]]:
         boundary = options.get("boundary", "").encode("ascii")  # non-ASCII: UnicodeError, a ValueError
+        _check(boundary)  # before reading: a form that cannot be split leaves the body to get_data()
         fields, files = split(stream.read(), boundary, self.max_form_parts, self.max_form_memory_size)
         return stream, self.cls(fields), self.cls(files)
 
@@ -47,11 +54,11 @@ def split(
 
     Raises ValueError when the body is not a whole multipart body for ``boundary`` (no
     boundary, no closing delimiter, a part without its blank line), and RequestEntityTooLarge
-    past ``max_parts`` parts or for a text field over ``max_field_bytes``. Line breaks may be
-    CRLF or LF; a preamble before the first delimiter and an epilogue after the last are ignored.
+    past ``max_parts`` parts, for a text field over ``max_field_bytes`` or for more than
+    MAX_FORM_HEADER_BYTES of part headers. Line breaks may be CRLF or LF; a preamble before the
+    first delimiter and an epilogue after the last are ignored.
     """
-    if not boundary or len(boundary) > 200:  # RFC 2046: 1 to 70 characters; werkzeug allows more
-        raise ValueError("missing or invalid boundary")
+    _check(boundary)
     delimiters = _Delimiters(body, boundary)
     dash = b"--" + boundary
     if body.startswith(dash) and (len(body) == len(dash) or body.startswith(TAILS, len(dash))):
@@ -60,12 +67,16 @@ def split(
         at = delimiters.after(0) + 1 + len(dash)
     fields: list[tuple[str, str]] = []
     files: list[tuple[str, FileStorage]] = []
+    header_bytes = 0
     while at < len(body) and not body.startswith(b"--", at):  # "--" after a delimiter: that was the last part
         if len(fields) + len(files) == max_parts:
             raise RequestEntityTooLarge()
         at += 2 if body.startswith(b"\r\n", at) else 1  # the delimiter's line break
         next_at = delimiters.after(at)
         headers_end, content_at = _blank_line(body, at, min(next_at + 1, at + MAX_HEADER_BYTES))
+        header_bytes += headers_end - at
+        if header_bytes > MAX_FORM_HEADER_BYTES:
+            raise RequestEntityTooLarge()
         headers = _headers(body[at:headers_end])
         content = body[content_at : _content_end(body, content_at, next_at)]
         disposition = parse_options_header(headers.get("Content-Disposition"))[1]
@@ -80,9 +91,14 @@ def split(
     return fields, files
 
 
+def _check(boundary: bytes) -> None:
+    if not boundary or len(boundary) > MAX_BOUNDARY:
+        raise ValueError("missing or invalid boundary")
+
+
 class _Delimiters:
     """The delimiters of one body, in order: a line break, ``--``, the boundary, then another
-    line break or ``--`` (the last), or the body's end. Each of the three forms is searched for
+    line break or ``--`` (the last). Each of the three forms is searched for
     with ``bytes.find``, each search going on from where that form was last found, so a body is
     scanned at most three times however many parts it has and however often the boundary's text
     appears in it. (RFC 2046's optional spaces before a delimiter's line break, which HTTP
@@ -92,13 +108,11 @@ class _Delimiters:
         self._body = body
         self._forms = [b"\n--" + boundary + tail for tail in TAILS]
         self._next = [-2] * len(TAILS)  # where each form is next found; -2: not searched yet, -1: nowhere
-        ending = b"\n--" + boundary  # a delimiter that ends the body, without a line break
-        self._last = len(body) - len(ending) if body.endswith(ending) else -1
 
     def after(self, start: int) -> int:
         """Where the first delimiter at or after ``start`` begins (its LF). Raises ValueError
         when there is none: the body ended inside a part."""
-        first = self._last if self._last >= start else -1
+        first = -1
         for i, form in enumerate(self._forms):
             at = self._next[i]
             if -1 != at < start:
@@ -137,7 +151,10 @@ def _blank_line(body: bytes, start: int, end: int) -> tuple[int, int]:
 def _headers(block: bytes) -> Headers:
     """A part's header block: ``Name: value`` lines, continuation lines folded in."""
     headers = Headers()
-    for line in block.replace(b"\r\n", b"\n").replace(b"\n ", b" ").replace(b"\n\t", b" ").split(b"\n"):
+    lines = block.replace(b"\r\n", b"\n").replace(b"\n ", b" ").replace(b"\n\t", b" ").split(b"\n")
+    if len(lines) > MAX_PART_HEADERS:
+        raise ValueError("too many headers in a multipart part")
+    for line in lines:
         name, colon, value = line.decode("utf-8", "replace").partition(":")
         if colon:
             headers.add(name.strip(), value.strip())

@@ -3,6 +3,7 @@
 import io
 import re
 
+import flask
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -11,6 +12,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import MultiPartParser
 
 from local.helpers import demo_image, encode
+from shared.http import Request
 from shared.multipart import split
 
 
@@ -86,6 +88,8 @@ def test_a_file_holding_the_boundary_text_arrives_whole():
         (b"", "no delimiter"),
         (b'--b\r\nContent-Disposition: form-data; name="f"\r\n\r\nno end', "unclosed"),
         (b'--b\r\nContent-Disposition: form-data; name="f"\r\nno blank line\r\n--b--\r\n', "no blank line"),
+        (b'--b\r\nContent-Disposition: form-data; name="f"; filename="a.png"\r\n\r\nPART\r\n--b', "cut short"),
+        (b"--b\r\n" + b"X-A: 1\r\n" * 17 + b'Content-Disposition: form-data; name="f"\r\n\r\nv\r\n--b--', "headers"),
         (b"--b", "a delimiter and nothing else"),
     ],
 )
@@ -106,6 +110,23 @@ def test_limits_raise_like_werkzeug():
     with pytest.raises(RequestEntityTooLarge):
         split(large, b"b", max_field_bytes=100)
     assert len(split(body([part("file", b"y" * 1000, "big.bin")], b"b"), b"b", max_field_bytes=100)[1]) == 1
+
+
+def test_part_headers_are_bounded_per_body():
+    long_name = "n" * 6000  # 6 KB of header per part, under the 8 KiB of one part
+    parts = [part(f"{long_name}{i}", b"v") for i in range(180)]  # 1.09 MB of headers in all
+    assert len(split(body(parts[:100], b"b"), b"b")[0]) == 100
+    with pytest.raises(RequestEntityTooLarge):
+        split(body(parts, b"b"), b"b")
+
+
+def test_a_form_that_cannot_be_split_leaves_the_body_readable():
+    app = flask.Flask("t")
+    app.request_class = Request
+    data = body([part("file", b"image bytes", "a.png")], b"b")
+    with app.test_request_context("/", method="POST", data=data, content_type="multipart/form-data"):
+        assert not flask.request.files and not flask.request.form  # no boundary: no form
+        assert flask.request.get_data() == data
 
 
 def test_a_body_made_of_near_delimiters_is_answered(shapes_client, bearer):
