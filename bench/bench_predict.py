@@ -2,11 +2,13 @@
 
     .venv/bin/python bench/bench_predict.py [--models shapes,arrows,reference] [--seconds 30]
                                             [--runs 5] [--requests 300] [--no-baseline] [--no-kserve]
-                                            [--no-image] [--cpus N]
+                                            [--no-image] [--cpus N] [--photo drawing|detailed]
 
 For each model (``reference`` is a network the size of the original Thalamus classifier:
 180x180x3, three conv blocks, dense 128, 5 classes, imported with ``train.py --import``), with a
-640x480 JPEG:
+640x480 JPEG: by default a drawing of the shapes model's (8.5 KB: flat colours compress well),
+with ``--photo detailed`` one with a photo's fine detail (blurred noise, 101 KB, the size of a
+camera photo at 640x480: what the upload's parsing and the decode cost grows with):
 
 - floor: in-process decode + preprocess + one model call (what no server can go below), measured
   again next to each server, as the machine's speed drifts;
@@ -342,9 +344,21 @@ def floor_ms(target: Target, bundle: Path, photo: bytes, request: Path, n: int) 
     return float(subprocess.run([*command, str(n)], check=True, capture_output=True, text=True, cwd=ROOT).stdout)
 
 
-def sample_photo() -> bytes:
-    """The 640x480 JPEG every server gets (made in a child process, as the floor is)."""
-    script = "import sys; from local.helpers import photo_jpeg; sys.stdout.buffer.write(photo_jpeg('shapes'))"
+PHOTOS = {
+    "drawing": "from local.helpers import photo_jpeg; jpeg = photo_jpeg('shapes')",
+    "detailed": (
+        "import io, numpy as np; from PIL import Image, ImageFilter; "
+        "noise = np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8); "
+        "out = io.BytesIO(); "
+        "Image.fromarray(noise).filter(ImageFilter.GaussianBlur(1.2)).save(out, 'JPEG', quality=90); "
+        "jpeg = out.getvalue()"
+    ),
+}
+
+
+def sample_photo(kind: str = "drawing") -> bytes:
+    """The 640x480 JPEG every server gets, one of PHOTOS (made in a child process, as the floor is)."""
+    script = f"import sys; {PHOTOS[kind]}; sys.stdout.buffer.write(jpeg)"
     return subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, cwd=ROOT).stdout
 
 
@@ -430,6 +444,7 @@ def main() -> None:
     parser.add_argument(
         "--cpus", type=float, help="run every server under this CPU quota, as a pod's limits.cpu (root)"
     )
+    parser.add_argument("--photo", choices=sorted(PHOTOS), default="drawing", help="the JPEG sent (see above)")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("bench_predict.py: wrk is missing (Debian: apt-get install wrk)")
@@ -457,7 +472,7 @@ def main() -> None:
                 else:
                     bundle = ROOT / "models" / model
                 name = bundle.name
-                photo = sample_photo()
+                photo = sample_photo(args.photo)
                 for target in targets(name, bundle, photo, env, bearer, args, tmp, image):
                     target.cgroup = group if target.image is None else None  # a container gets --cpus
                     row = {"model": model, "server": target.name}
@@ -502,7 +517,8 @@ def report(rows: list[dict], args: argparse.Namespace) -> None:
     machine = f"a quota of {cores:g} CPUs on {os.cpu_count()}" if args.cpus else f"{cores} CPUs"
     print(
         f"\n{args.connections} connections for {args.seconds} s (wrk); warm = {args.requests} sequential "
-        f"requests on one connection; cold start = median of {args.runs}; a 640x480 JPEG; {machine}.\n"
+        f"requests on one connection; cold start = median of {args.runs}; a 640x480 JPEG "
+        f"({args.photo}, {len(sample_photo(args.photo)) / 1000:.1f} KB); {machine}.\n"
     )
     header = (
         "model",
