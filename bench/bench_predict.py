@@ -453,6 +453,7 @@ def main() -> None:
     for folder in ("shared", "functions", "bench"):
         compileall.compile_dir(ROOT / folder, quiet=1)
     image = None if args.no_image else predict_image(args.cpus)
+    photo = sample_photo(args.photo)
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -472,7 +473,6 @@ def main() -> None:
                 else:
                     bundle = ROOT / "models" / model
                 name = bundle.name
-                photo = sample_photo(args.photo)
                 for target in targets(name, bundle, photo, env, bearer, args, tmp, image):
                     target.cgroup = group if target.image is None else None  # a container gets --cpus
                     row = {"model": model, "server": target.name}
@@ -509,16 +509,16 @@ def main() -> None:
             redis_server.stop()
             if group is not None:
                 remove_cgroup(group)
-    report(rows, args)
+    report(rows, args, len(photo))
 
 
-def report(rows: list[dict], args: argparse.Namespace) -> None:
+def report(rows: list[dict], args: argparse.Namespace, photo_bytes: int) -> None:
     cores = args.cpus or os.cpu_count() or 1
     machine = f"a quota of {cores:g} CPUs on {os.cpu_count()}" if args.cpus else f"{cores} CPUs"
     print(
         f"\n{args.connections} connections for {args.seconds} s (wrk); warm = {args.requests} sequential "
         f"requests on one connection; cold start = median of {args.runs}; a 640x480 JPEG "
-        f"({args.photo}, {len(sample_photo(args.photo)) / 1000:.1f} KB); {machine}.\n"
+        f"({args.photo}, {photo_bytes / 1000:.1f} KB); {machine}.\n"
     )
     header = (
         "model",
