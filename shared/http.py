@@ -41,8 +41,8 @@ log = logging.getLogger("thalamus")
 
 
 class Request(flask.Request):
-    """Flask's request, with multipart bodies split by :mod:`shared.multipart` (in memory, one
-    pass) instead of werkzeug's streaming parser."""
+    """Flask's request, with multipart bodies split in memory by :mod:`shared.multipart` instead
+    of werkzeug's streaming parser."""
 
     form_data_parser_class = FormParser
 

@@ -20,11 +20,9 @@ from typing import IO, Any
 
 from werkzeug.datastructures import FileStorage, Headers, MultiDict
 from werkzeug.exceptions import RequestEntityTooLarge
-from werkzeug.formparser import FormDataParser
+from werkzeug.formparser import FormDataParser, MultiPartParser
 from werkzeug.http import parse_options_header
 
-# Text field charsets honoured, as werkzeug's list; anything else is read as UTF-8.
-CHARSETS = {"ascii", "us-ascii", "utf-8", "iso-8859-1"}
 TAILS = (b"\r\n", b"\n", b"--")  # what follows a delimiter's boundary: its line break, or "--" (the last)
 MAX_BOUNDARY = 200  # RFC 2046 allows 70 characters; werkzeug sets no limit
 # A part's headers (Content-Disposition, Content-Type, rarely more): each header block, and all of
@@ -33,6 +31,8 @@ MAX_BOUNDARY = 200  # RFC 2046 allows 70 characters; werkzeug sets no limit
 MAX_PART_HEADERS = 16
 MAX_HEADER_BYTES = 8 * 1024  # one part's header block, as gunicorn's limit for a request header
 MAX_FORM_HEADER_BYTES = 1024 * 1024  # all the parts' header blocks of one body
+# werkzeug's parser, for its rule on a text field's charset (get_part_charset): the same answers.
+WERKZEUG = MultiPartParser()
 
 
 class FormParser(FormDataParser):
@@ -84,7 +84,7 @@ def split(
         if filename is None:
             if max_field_bytes is not None and len(content) > max_field_bytes:
                 raise RequestEntityTooLarge()
-            fields.append((name, content.decode(_charset(headers), "replace")))
+            fields.append((name, content.decode(WERKZEUG.get_part_charset(headers), "replace")))
         else:
             files.append((name, FileStorage(io.BytesIO(content), filename, name, headers=headers)))
         at = next_at + 1 + len(dash)
@@ -159,8 +159,3 @@ def _headers(block: bytes) -> Headers:
         if colon:
             headers.add(name.strip(), value.strip())
     return headers
-
-
-def _charset(headers: Headers) -> str:
-    charset = parse_options_header(headers.get("Content-Type"))[1].get("charset", "").lower()
-    return charset if charset in CHARSETS else "utf-8"
