@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import requests
@@ -374,6 +375,51 @@ def test_refusing_a_request_without_a_body_keeps_the_connection(serve):
     assert_refusals_keep_the_connection(server.port, refusals)
     code, headers, _ = exchange(server.port, request("POST", "/nowhere", "Content-Length: 5", body=b"hello"))
     assert (code, headers.get("connection")) == (404, "close")  # a body left unread still ends the connection
+
+
+def main_thread_wakeups(pid: int) -> int:
+    """Voluntary context switches of the server's main thread: the poller, when WORKERS=1."""
+    status = Path(f"/proc/{pid}/task/{pid}/status").read_text()
+    return int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+
+
+def test_requests_one_after_another_stay_with_their_thread(serve):
+    """A client sending requests one after the other on a kept-alive connection is served by the
+    same pool thread: the poller is not woken for each (it used to be: the connection handed back,
+    its next request read and handed on)."""
+    server = serve("token")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock, sock.makefile("rb") as answers:
+        sock.sendall(request("GET", "/healthz"))
+        assert read_answer(answers, "GET")[0] == 200
+        before = main_thread_wakeups(server.proc.pid)
+        for _ in range(100):
+            sock.sendall(request("GET", "/healthz"))
+            assert read_answer(answers, "GET")[0] == 200
+        woken = main_thread_wakeups(server.proc.pid) - before
+    assert woken < 50, woken  # 0-2 on an idle machine (the poller's once-a-second turn); 101 before
+
+
+def test_a_next_request_that_comes_late_or_in_pieces_loses_nothing(serve):
+    """The pool thread waits only briefly for a next request: one that begins within the wait and
+    ends after it, one that comes after it, and two sent at once are all answered in order; a
+    head left unfinished still gets its 408 at the deadline."""
+    server = serve("token")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock, sock.makefile("rb") as answers:
+        sock.sendall(request("GET", "/healthz"))
+        assert read_answer(answers, "GET")[0] == 200
+        head = request("GET", "/nowhere")
+        sock.sendall(head[:10])  # within the wait...
+        time.sleep(0.2)
+        sock.sendall(head[10:])  # ...and the rest long after it
+        assert read_answer(answers, "GET")[0] == 404
+        time.sleep(0.2)
+        sock.sendall(request("GET", "/healthz") + request("DELETE", "/healthz"))  # pipelined
+        assert [read_answer(answers, "GET")[0], read_answer(answers, "DELETE")[0]] == [200, 405]
+        started = time.monotonic()
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        code, headers, body = read_answer(answers, "GET")
+        assert code == 408 and "not received in time" in json.loads(body)["error"]
+        assert DEADLINE - 0.2 <= time.monotonic() - started <= DEADLINE + 1.5
 
 
 def test_the_gateway_sends_a_request_without_a_body_on_without_one():
