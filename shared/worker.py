@@ -18,8 +18,8 @@ sending headers (or a body) byte by byte hold every thread. Here:
   JSON with the right status: 400, 408, 414, 431, never HTML or a traceback.
 
 Plain HTTP/1.x only (TLS ends at the ingress). gunicorn is pinned: this subclass relies on
-``ThreadWorker`` internals (accept, handle, handle_request, finish_request, murder_keepalived,
-_keepalive_after) of that version, and tests/test_hostile.py exercises each path.
+``ThreadWorker`` internals (accept, enqueue_req, handle, handle_request, finish_request,
+murder_keepalived, _keepalive_after) of that version, and tests/test_hostile.py exercises each path.
 """
 
 from __future__ import annotations
