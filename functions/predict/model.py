@@ -40,6 +40,12 @@ REQUIRED = ("name", "version", "labels", "input", "preprocessing")
 GROW_WHEN_BUSY = 0.9
 GROW_WHEN_CPU_FREE = 0.5
 BUSY_WINDOW_SECONDS = 1.0
+# A thread that gives an interpreter back while another thread waits for one lets go of the GIL
+# this long (about 0.1 ms with the kernel's timer slack): the waiter takes the GIL and starts its
+# model call now, instead of when the giver next blocks, after its answer's JSON, access line and
+# metrics (0.3-0.5 ms in which the interpreter sat idle). The reference network under 8
+# connections on 2 CPUs: x1.07-1.10 req/s in 20 paired rounds, CPU per request unchanged.
+HANDOFF_SECONDS = 0.00002
 MADV_DONTNEED = 4  # <sys/mman.h> on Linux
 
 
@@ -158,7 +164,8 @@ class Model:
         self._capacity = cgroup.cpu_capacity() / workers  # CPU seconds per second
         self._pool: queue.SimpleQueue[Interpreter] = queue.SimpleQueue()
         self._growing = threading.Lock()
-        self._tally = threading.Lock()  # model-call seconds in the current window
+        self._tally = threading.Lock()  # model-call seconds in the current window, and waiting
+        self.waiting = 0  # threads waiting for an interpreter
         self._busy, self._window_start, self._utilization = 0.0, time.monotonic(), 0.0
         self._window_cpu, self._cpu_free = self._cpu_spent(), 0.0
         with _native_stderr_silenced():
@@ -213,16 +220,25 @@ class Model:
     @contextmanager
     def borrowed(self) -> Iterator[Interpreter]:
         """An interpreter of the pool for this thread alone meanwhile: a free one, else a new one
-        when the pool is below ``max_interpreters`` and saturated, else the first to come back."""
+        when the pool is below ``max_interpreters`` and saturated, else the first to come back.
+        Given back while another thread waits, it is handed over at once (HANDOFF_SECONDS)."""
         try:
             interpreter = self._pool.get_nowait()
         except queue.Empty:
-            interpreter = self._wait_or_grow()
+            with self._tally:
+                self.waiting += 1
+            try:
+                interpreter = self._wait_or_grow()
+            finally:
+                with self._tally:
+                    self.waiting -= 1
         started = time.monotonic()
         try:
             yield interpreter
         finally:
             self._pool.put(interpreter)
+            if self.waiting:  # hand it over now (see HANDOFF_SECONDS)
+                time.sleep(HANDOFF_SECONDS)
             if self.interpreters < self.max_interpreters:  # only a pool that may grow needs the tally
                 self._count_busy(started)
 
