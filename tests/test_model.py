@@ -90,7 +90,9 @@ def test_an_interpreter_given_back_goes_to_a_waiting_thread_at_once():
         return order[0]
 
     firsts = [first_after_the_handover() for _ in range(40)]
-    assert firsts.count("waiter") >= 30, firsts  # without the handover: the giver, nearly always
+    # Without the hand-over the giver went first 200 times in 200; with it the waiter, 88-100 %
+    # of the time even beside four CPU hogs.
+    assert firsts.count("waiter") >= 20, firsts
     with saturating(model, callers=8):
         time.sleep(1)
     assert model.waiting == 0
@@ -141,6 +143,49 @@ def test_a_saturated_model_gets_an_interpreter_per_cpu_and_no_more(monkeypatch):
         time.sleep(2.5)  # saturated still: no interpreter beyond the CPUs
     assert model.interpreters == model.max_interpreters
     assert live_interpreters() - before == model.max_interpreters
+
+
+def test_the_busy_share_the_pool_grows_on_leaves_out_the_hand_over(monkeypatch):
+    """The share of time the model is busy, which decides whether the pool grows, is the time an
+    interpreter was lent, not the hand-over after it (the giver letting go of the GIL): counted
+    in, any two threads taking turns would look like a saturated model and cost a second copy of
+    the weights. A hand-over made long here (20 ms) shows it plainly."""
+    monkeypatch.setattr(model_module, "GROW_WHEN_BUSY", float("inf"))  # measure, never grow
+    monkeypatch.setattr(model_module, "HANDOFF_SECONDS", 0.02)
+    model = Model(SHAPES)
+    if model.max_interpreters < 2:
+        pytest.skip("one usable CPU: the pool is never measured")
+    batch = np.zeros((1, 64, 64, 3), np.float32)
+    stop, lent, tally = threading.Event(), [0.0], threading.Lock()
+
+    def take_turns() -> None:
+        while not stop.is_set():
+            with model.borrowed() as interpreter:
+                started = time.monotonic()
+                interpreter.set_tensor(model._input_index, batch)
+                interpreter.invoke()
+                used = time.monotonic() - started
+            with tally:
+                lent[0] += used
+
+    threads = [threading.Thread(target=take_turns) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        window, shares, began = model._window_start, [], time.monotonic()
+        while len(shares) < 2:  # a first window closes; the real share is measured over the next
+            time.sleep(0.01)
+            if model._window_start != window:
+                window = model._window_start
+                shares.append(model._utilization)
+                if len(shares) == 1:
+                    lent[0], began = 0.0, time.monotonic()
+        real = lent[0] / (time.monotonic() - began)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert shares[-1] <= real + 0.1, (shares, real)
 
 
 def test_a_saturated_model_gets_no_second_interpreter_when_the_cpus_are_busy():

@@ -40,10 +40,11 @@ REQUIRED = ("name", "version", "labels", "input", "preprocessing")
 GROW_WHEN_BUSY = 0.9
 GROW_WHEN_CPU_FREE = 0.5
 BUSY_WINDOW_SECONDS = 1.0
-# A thread that gives an interpreter back while another thread waits for one lets go of the GIL
-# this long (about 0.1 ms with the kernel's timer slack): the waiter takes the GIL and starts its
-# model call now, instead of when the giver next blocks, after its answer's JSON, access line and
-# metrics (0.3-0.5 ms in which the interpreter sat idle). The reference network under 8
+# A thread that gives an interpreter back while another thread waits for one sleeps this long,
+# which lets go of the GIL: the waiter takes it and starts its model call now, instead of when
+# the giver next blocks, after its answer's JSON, access line and metrics (0.3-0.5 ms in which
+# the interpreter sat idle). The giver goes on once it gets the GIL back. Not counted as the
+# model's busy time (which decides whether the pool grows). The reference network under 8
 # connections on 2 CPUs: x1.07-1.10 req/s in 20 paired rounds, CPU per request unchanged.
 HANDOFF_SECONDS = 0.00002
 MADV_DONTNEED = 4  # <sys/mman.h> on Linux
@@ -221,7 +222,7 @@ class Model:
     def borrowed(self) -> Iterator[Interpreter]:
         """An interpreter of the pool for this thread alone meanwhile: a free one, else a new one
         when the pool is below ``max_interpreters`` and saturated, else the first to come back.
-        Given back while another thread waits, it is handed over at once (HANDOFF_SECONDS)."""
+        Given back while another thread waits, it is handed over to that thread (HANDOFF_SECONDS)."""
         try:
             interpreter = self._pool.get_nowait()
         except queue.Empty:
@@ -236,11 +237,12 @@ class Model:
         try:
             yield interpreter
         finally:
+            ended = time.monotonic()  # before the hand-over: the sleep is not the model's time
             self._pool.put(interpreter)
             if self.waiting:  # hand it over now (see HANDOFF_SECONDS)
                 time.sleep(HANDOFF_SECONDS)
             if self.interpreters < self.max_interpreters:  # only a pool that may grow needs the tally
-                self._count_busy(started)
+                self._count_busy(started, ended)
 
     def _wait_or_grow(self) -> Interpreter:
         while (interpreter := self._grow()) is None:
@@ -250,10 +252,10 @@ class Model:
                 continue
         return interpreter
 
-    def _count_busy(self, started: float) -> None:
+    def _count_busy(self, started: float, ended: float) -> None:
         with self._tally:
             now = time.monotonic()
-            self._busy += now - started
+            self._busy += ended - started
             if (elapsed := now - self._window_start) >= BUSY_WINDOW_SECONDS:
                 cpu = self._cpu_spent()
                 self._utilization = self._busy / (elapsed * self.interpreters)
