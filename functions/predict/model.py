@@ -45,7 +45,8 @@ BUSY_WINDOW_SECONDS = 1.0
 # the giver next blocks, after its answer's JSON, access line and metrics (0.3-0.5 ms in which
 # the interpreter sat idle). The giver goes on once it gets the GIL back. Not counted as the
 # model's busy time (which decides whether the pool grows). The reference network under 8
-# connections on 2 CPUs: x1.07-1.10 req/s in 20 paired rounds, CPU per request unchanged.
+# connections on 2 CPUs: x1.00-1.10 req/s in four sets of 10 paired rounds (README, Figures),
+# a few percent at most; CPU per request unchanged, and nothing when no one waits.
 HANDOFF_SECONDS = 0.00002
 MADV_DONTNEED = 4  # <sys/mman.h> on Linux
 
