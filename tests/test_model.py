@@ -63,7 +63,7 @@ def test_requests_that_wait_on_decoding_share_one_interpreter(settings, bearer):
     assert model.interpreters == 1 and live_interpreters() - before == 1
 
 
-def test_an_interpreter_given_back_goes_to_a_waiting_thread_at_once():
+def test_an_interpreter_given_back_goes_to_a_waiting_thread_at_once(monkeypatch):
     """A thread that gives the interpreter back while another waits for it lets the waiter start
     before going on with its own Python (its answer's JSON, access line, send): the interpreter
     does not sit idle meanwhile. With no one waiting, nothing is handed over, and after many
@@ -96,6 +96,12 @@ def test_an_interpreter_given_back_goes_to_a_waiting_thread_at_once():
     with saturating(model, callers=8):
         time.sleep(1)
     assert model.waiting == 0
+    monkeypatch.setattr(model_module, "HANDOFF_SECONDS", 1.0)  # a hand-over would take seconds here
+    started = time.monotonic()
+    for _ in range(3):  # one thread, no one waiting: no hand-over
+        with model.borrowed():
+            pass
+    assert time.monotonic() - started < 1.0
 
 
 @contextmanager
