@@ -142,7 +142,8 @@ def floor_loop(model: Any, photo: bytes, n: int, gap: float = 0.0) -> tuple[list
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    # No __doc__ here: the images run Python with PYTHONOPTIMIZE=2, which leaves docstrings out.
+    parser = argparse.ArgumentParser(description="What bench_predict.py measures where a predict function runs.")
     commands = parser.add_subparsers(dest="what", required=True)
     cold = commands.add_parser("cold", help="cold starts of COMMAND, alternated with the import floor")
     cold.add_argument("--port", type=int, required=True, help="the port COMMAND listens on")

@@ -156,7 +156,8 @@ def compact_heap() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Load the function at ``source`` and serve it until SIGTERM; 1 if it cannot start."""
-    parser = argparse.ArgumentParser(prog="python -m shared.server", description=__doc__.split("\n\n")[0])
+    # Not __doc__: the images run with PYTHONOPTIMIZE=2, which leaves docstrings out.
+    parser = argparse.ArgumentParser(prog="python -m shared.server", description="Serve a function on gunicorn.")
     parser.add_argument("source", type=Path, help="the function's main.py")
     parser.add_argument("--host", default="0.0.0.0")  # noqa: S104 (a container listens on all addresses)
     parser.add_argument("--port", type=int, help="default: $PORT, else 8080")

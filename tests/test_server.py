@@ -13,7 +13,7 @@ from pathlib import Path
 import requests
 
 from local import ROOT
-from local.helpers import free_port, function_command, wait_http
+from local.helpers import demo_image, encode, free_port, function_command, wait_http
 from shared import cgroup
 from tests.conftest import subprocess_env
 from tests.test_model import scrape, server_pid
@@ -50,6 +50,20 @@ def test_workers_2_runs_a_master_and_two_forked_workers(serve_function, bearer):
     for _ in range(6):
         assert requests.get(f"{base}/models/shapes.json", headers=bearer, timeout=10).status_code == 200
     assert scrape(base, "thalamus_worker_processes") == 2
+
+
+def test_a_function_serves_with_docstrings_and_asserts_left_out(serve_function, bearer):
+    """As the images run it (PYTHONOPTIMIZE=2, python -OO): nothing on its way reads a docstring
+    or needs an assert, from the command line to a prediction and the API's pages."""
+    base = serve_function("predict", MODEL_NAME="shapes", PYTHONOPTIMIZE="2")
+    for label in ("circle", "triangle"):
+        image = encode(demo_image("shapes", label, 7), "JPEG")
+        reply = requests.post(f"{base}/models/shapes/predict.json", headers=bearer, timeout=30,
+                              files={"file": ("x.jpg", image)})  # fmt: skip
+        assert reply.status_code == 200 and reply.json()["prediction"] == label
+    assert requests.get(f"{base}/openapi.json", timeout=10).json()["info"]["title"]
+    assert requests.get(f"{base}/docs/", timeout=10).status_code == 200
+    assert scrape(base, "thalamus_process_starts_total") == 1
 
 
 def test_a_server_stops_when_whatever_started_it_dies(env):
