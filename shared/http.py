@@ -208,7 +208,9 @@ class Service:
             # outage is answered by the routes themselves, fast (503 + Retry-After).
             Route("/readyz", ("GET",), lambda call: {"status": "ready"}),
             Route(
-                "/metrics", ("GET",), lambda call: flask.Response(metrics.exposition(), mimetype=metrics.CONTENT_TYPE)
+                "/metrics",
+                ("GET",),
+                lambda call: flask.Response(metrics.exposition(), content_type=metrics.CONTENT_TYPE),
             ),
             # The Open Inference Protocol's server endpoints: every function answers them, so the
             # cluster may send them to the token function, which is never scaled away.

@@ -43,6 +43,10 @@ from shared.config import Settings
 from shared.errors import BadRequest, ServiceUnavailable
 
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+# Pillow opens a JPEG that carries a Multi-Picture index (APP2 "MPF": stereo cameras, some phones)
+# as "MPO": the same file and decoder, its first picture read. It gets every JPEG rule: the draft,
+# the scan limit, the progressive buffers (as "MPO" alone it decoded at full size, unbounded).
+JPEG = ("JPEG", "MPO")
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated upload is an error, not a grey half-image
 REDUCING_GAP = 3.0  # resize()'s reducing_gap: the integer reduce factors follow from it
 BAND_PIXELS = 256 * 1024  # pixels per band: each band's temporaries are a few MiB
@@ -67,7 +71,7 @@ _SIXTEEN_TO_EIGHT = (np.arange(65536) // 257).astype(np.uint8)  # exact floor(v 
 # CPU model, nanoseconds per pixel, fitted on 40 Mpx images (Pillow 13, one core of the 2-core
 # machine this was built on) to over- rather than under-estimate. File size, which
 # MAX_UPLOAD_BYTES bounds, adds entropy-decoding time on top.
-_NS_DECODE = {"PNG": 10.0, "GIF": 5.0, "BMP": 2.0, "WEBP": 20.0, "JPEG": 1.0}  # per full-size pixel
+_NS_DECODE = {"PNG": 10.0, "GIF": 5.0, "BMP": 2.0, "WEBP": 20.0, "JPEG": 1.0, "MPO": 1.0}  # per full-size pixel
 _NS_BMP_RLE8, _NS_BMP_RLE4 = 6.0, 72.0  # Pillow decodes RLE in Python, RLE4 a pixel at a time
 _NS_PER_SCAN = 2.0  # progressive JPEG: each scan passes over the full-size coefficients
 _NS_BAND = 8.0  # crop + convert + transpose + reduce, per decoded pixel
@@ -209,7 +213,7 @@ def estimate(image: Image.Image, full_size: tuple[int, int], scans: int) -> Cost
     nanoseconds = full * _NS_DECODE.get(image.format or "", 20.0)
     if image.format == "WEBP":
         nbytes = pixels * 16
-    elif image.format == "JPEG" and (image.info.get("progressive") or scans > 1):
+    elif image.format in JPEG and (image.info.get("progressive") or scans > 1):
         layers = getattr(image, "layer", None) or [(0, 1, 1, 0)] * len(image.getbands())
         hmax, vmax = max(h for _, h, _, _ in layers), max(v for _, _, v, _ in layers)
         for _, h, v, _ in layers:
@@ -248,7 +252,7 @@ def open_image(data: bytes, max_pixels: int, target: tuple[int, int]) -> tuple[I
         image.close()
         raise BadRequest(f"image too large: {width}x{height} pixels (limit {max_pixels})")
     scans = 0
-    if image.format == "JPEG":
+    if image.format in JPEG:
         if (scans := _jpeg_scans(data)) > MAX_JPEG_SCANS:
             image.close()
             raise BadRequest(f"JPEG has {scans} scans (limit {MAX_JPEG_SCANS})")

@@ -52,6 +52,25 @@ def test_formats_and_modes_are_understood(shapes_client, bearer, fmt, mode, save
         assert reply.get_json()["prediction"] == "circle"
 
 
+def multi_picture(image, **save):
+    """``image`` as a stereo camera writes it: a JPEG with a Multi-Picture index and a second
+    picture after the first (Pillow opens it as format "MPO")."""
+    return encode(image, "MPO", save_all=True, append_images=[image.resize((64, 64))], **save)
+
+
+def test_multi_picture_jpeg_is_read_and_bounded_as_a_jpeg(shapes_client, bearer):
+    reply = upload(shapes_client, bearer, ("stereo.jpg", multi_picture(circle(), quality=90)))
+    assert reply.status_code == 200 and reply.get_json()["prediction"] == "circle"
+    # A progressive 6000x6000 picture keeps its whole-image coefficients while it decodes, more
+    # than the decode budget: refused as a JPEG, and so as the same picture with an MP index
+    # (which was decoded at full size instead, ~350 MiB for a 160 MiB budget).
+    big = Image.new("RGB", (6000, 6000), (10, 20, 30))
+    save = {"progressive": True, "subsampling": 0, "quality": 50}
+    for name, data in (("big.jpg", encode(big, "JPEG", **save)), ("stereo.jpg", multi_picture(big, **save))):
+        reply = upload(shapes_client, bearer, (name, data))
+        assert reply.status_code == 400 and "MiB to decode" in reply.get_json()["error"], (name, reply.get_json())
+
+
 def test_transparent_png_is_composited_not_black(shapes_client, bearer):
     # A black triangle on a fully transparent black background: dropping alpha instead of
     # compositing would leave an all-black image with no shape at all.

@@ -232,6 +232,13 @@ def test_token_outcomes_are_counted(function, auth):
     assert counts == {"issued": 1, "invalid": 2, "limited": 1, "bad_request": 1}
 
 
+def test_metrics_answer_in_prometheus_text_format(token_client):
+    reply = token_client.get("/metrics")
+    # As Prometheus's scraper reads it: the text format's version, and one charset (not two).
+    assert reply.status_code == 200 and reply.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert "# TYPE thalamus_" in reply.get_data(as_text=True)
+
+
 def test_metrics_scrapes_are_left_out_of_the_access_log(function):
     token_fn = function("token")
     request_id = rid()
