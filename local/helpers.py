@@ -211,13 +211,10 @@ def worst_case_images() -> dict[str, bytes]:
             flat("RGB", (10, 20, 30), (200, 100, 50)), "JPEG", progressive=True, subsampling=0, quality=50
         ),  # fmt: skip
         "jpeg-cmyk": encode(flat("CMYK", (10, 20, 30, 40), (200, 100, 50, 0)), "JPEG", quality=50),
-        "jpeg-multi-picture": encode(  # a stereo camera's JPEG: Pillow's "MPO", a second picture after
-            flat("RGB", (10, 20, 30), (200, 100, 50)),
-            "MPO",
-            save_all=True,
-            append_images=[Image.new("RGB", (64, 64))],
-            quality=50,
-        ),  # fmt: skip
+        # A stereo camera's JPEG, two pictures behind a Multi-Picture index (Pillow's "MPO").
+        "jpeg-multi-picture": encode(
+            flat("RGB", (10, 20, 30), (200, 100, 50)), "MPO", save_all=True, append_images=[Image.new("RGB", (64, 64))]
+        ),
         "webp-rgba": encode(
             flat("RGBA", (10, 20, 30, 0), (200, 100, 50, 255)).resize((4000, 4000)), "WEBP", lossless=True
         ),  # fmt: skip
