@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ try:
     from shared import config, tokencache
     from shared.admin import UNCHANGED, KeyAdmin, parse_duration, parse_expiry
     from shared.auth import PUBLIC_KEY_RE, Actor, KeyInfo, Keypair, parse_scopes, utc
-    from shared.errors import ThalamusError
+    from shared.errors import OutcomeUnknown, ThalamusError
 except ImportError:
     # Run by a python without the project's packages: use the project's .venv when it exists.
     venv_python = Path(__file__).resolve().parent / ".venv" / "bin" / "python"
@@ -85,7 +86,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     more.add_argument("--grace", metavar="DURATION", help="with --rotate: the old secret works this long; e.g. 1h")
     more.add_argument("--revoke-tokens", action="store_true", help="with --rotate: end the key's live tokens too")
-    more.add_argument("--days", type=int, default=30, metavar="N", help="with --usage: the last N days (default 30)")
+    more.add_argument("--days", type=int, metavar="N", help="with --usage: the last N days (default 30)")
     more.add_argument("--since", metavar="DURATION", help="with --audit: events this recent; e.g. 7d (default all)")
     more.add_argument("--json", action="store_true", help="with -l, --usage or --audit: JSON on stdout")
     more.add_argument("--yes", action="store_true", help="with -p: do not ask (required when stdin is no terminal)")
@@ -111,8 +112,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if getattr(args, option) not in (None, False) and chosen not in actions:
             flags = " or ".join("--" + a if len(a) > 1 else a for a in actions)
             parser.error(f"--{option.replace('_', '-')} goes with {flags.replace('--generate', '-g')}")
-    if args.days != 30 and chosen != "usage":
+    if args.days is not None and chosen != "usage":
         parser.error("--days goes with --usage")
+    args.days = 30 if args.days is None else args.days
     if chosen == "rotate" and not args.output:
         parser.error("--rotate needs -o FILE for the new keypair")
     if chosen == "edit" and all(getattr(args, o) is None for o in ("models", "label", "rate", "expires")):
@@ -146,6 +148,8 @@ def key_settings(args: argparse.Namespace, settings: config.Settings) -> dict[st
         changes["scopes"] = parse_scopes(args.models)
         warn_unknown_models(changes["scopes"])
     if args.label is not None:
+        if not args.label.isprintable():  # a newline or an escape would forge rows of -l's table
+            raise fail(f"--label must be printable text (no newline, tab or control character): {args.label!r}")
         changes["label"] = args.label
     if args.rate is not None:
         changes["rate"] = None if args.rate.strip().lower() in ("none", "unlimited") else config.Rate.parse(args.rate)
@@ -156,9 +160,14 @@ def key_settings(args: argparse.Namespace, settings: config.Settings) -> dict[st
     return changes
 
 
-def write_keypair(path: Path, make: Any) -> Keypair:
-    """Create ``path`` exclusively and privately, then ``make()`` the keypair and save it: a key
-    is never made that cannot be saved, and a failed make leaves no file."""
+def write_keypair(name: str, pair: Keypair, store: Callable[[], object]) -> None:
+    """Save ``pair`` to the file ``name`` (created exclusively, mode 0600), then ``store()`` it in
+    Redis: a key is never in force that was not saved first. A store that fails takes the file
+    away, unless Redis took the command and fell silent: the key may then be in force, and its
+    file is all that holds its secret, so it stays."""
+    if not name or name.endswith(os.sep) or Path(name).name in ("", ".", ".."):
+        raise fail(f"{name!r} names no file; give a file name, e.g. -g client.json")
+    path = Path(name)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -166,20 +175,23 @@ def write_keypair(path: Path, make: Any) -> Keypair:
     except OSError as exc:
         raise fail(f"cannot create {path}: {exc.strerror}") from None
     try:
-        pair: Keypair = make()
         with os.fdopen(fd, "w") as out:
             json.dump({"public_key": pair.public_key, "secret_key": pair.secret_key}, out, indent=2)
             out.write("\n")
+        store()
+    except OutcomeUnknown as exc:
+        raise fail(f"{exc.detail}; {path} is kept in case it was: ./keys.py -l tells") from None
     except BaseException:
         path.unlink(missing_ok=True)
         raise
-    return pair
 
 
 # -- output ------------------------------------------------------------------------------------
 
 
 def table(headers: list[str], rows: list[list[str]]) -> None:
+    # A label stored by another client may hold control characters: shown escaped, never run.
+    rows = [[cell if cell.isprintable() else repr(cell)[1:-1] for cell in map(str, row)] for row in rows]
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
     for row in [headers, *rows]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
@@ -302,7 +314,8 @@ def in_force_everywhere() -> None:
 def run(args: argparse.Namespace, admin: KeyAdmin, settings: config.Settings) -> int:
     if args.action == "generate":
         changes = key_settings(args, settings)
-        pair = write_keypair(Path(args.generate), lambda: admin.create_key(**changes))
+        pair = Keypair.new()
+        write_keypair(args.generate, pair, lambda: admin.create_key(**changes, pair=pair))
         print(pair.public_key)
     elif args.action == "edit":
         pk = public_key(args.edit)
@@ -319,14 +332,13 @@ def run(args: argparse.Namespace, admin: KeyAdmin, settings: config.Settings) ->
         pk = public_key(args.rotate)
         grace = parse_duration(args.grace) if args.grace else 0
         admin.key(pk)  # an unknown key is named before the file is made
-        killed = 0
+        pair, killed = Keypair.new(pk), 0
 
-        def rotate() -> Keypair:
+        def rotate() -> None:
             nonlocal killed
-            pair, killed = admin.rotate_key(pk, grace=grace, revoke_tokens=args.revoke_tokens)
-            return pair
+            killed = admin.rotate_key(pk, grace=grace, revoke_tokens=args.revoke_tokens, secret=pair.secret_key)[1]
 
-        write_keypair(Path(args.output), rotate)
+        write_keypair(args.output, pair, rotate)
         if args.revoke_tokens:
             in_force_everywhere()
         old = f"works until {utc(time.time() + grace)}" if grace else "stopped working"
@@ -365,7 +377,7 @@ def main(argv: list[str]) -> int:
     try:
         return run(args, admin, settings)
     except ThalamusError as exc:
-        raise fail(exc.message) from None
+        raise fail(exc.detail) from None
     except ValueError as exc:
         raise fail(str(exc)) from None
 

@@ -83,7 +83,7 @@ class Gateway:
             return self._route(environ, start_response)
         except ThalamusError as error:
             # Body errors (408, 400) or a local 404: the body may be partly unread, so close.
-            exchange_of(environ).error = error.message
+            exchange_of(environ).error = error.detail
             return _json(start_response, error.status, {"error": error.message}, list(error.headers.items()), True)
         except Exception:
             log.exception("gateway error on %s", environ.get("PATH_INFO"))

@@ -186,7 +186,7 @@ class Stack:
 
     def print_table(self, settings: config.Settings) -> None:
         gateway = self.children[0].url
-        print(f"\nThalamus is up (Redis: {settings.redis_url}):\n")
+        print(f"\nThalamus is up (Redis: {settings.redis_url_masked}):\n")
         print(f"  {'function':<18} {'url':<26} model")
         for child in self.children:
             print(f"  {child.name:<18} {child.url:<26} {child.model}")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import json
 import re
-import secrets
 import time
 from dataclasses import dataclass
 from typing import Any, cast
@@ -196,14 +195,17 @@ class KeyAdmin(AuthStore):
             raise UnknownKey(f"no such key: {public_key}")
 
     @store.unavailable_when_down
-    def rotate_key(self, public_key: str, *, grace: int = 0, revoke_tokens: bool = False) -> tuple[Keypair, int]:
+    def rotate_key(
+        self, public_key: str, *, grace: int = 0, revoke_tokens: bool = False, secret: str | None = None
+    ) -> tuple[Keypair, int]:
         """A new secret for ``public_key`` (scopes, label, expiry and rate kept): the old one
         stops working at once, or after ``grace`` seconds. Live tokens keep working unless
-        ``revoke_tokens``. Returns the new keypair and how many tokens died."""
+        ``revoke_tokens``. ``secret``: the new secret (keys.py saves it to its file first), else
+        a random one. Returns the new keypair and how many tokens died."""
         current = self.redis.hget(self._k("key", public_key), "secret")
         if current is None:
             raise UnknownKey(f"no such key: {public_key}")
-        secret = "sk_" + secrets.token_urlsafe(32)
+        secret = secret or Keypair.new(public_key).secret_key
         # With a grace period both secrets are checked: the same salt lets one scrypt run do it.
         new_hash = hash_secret(secret, salt_of(str(current)) if grace else None)
         now = int(time.time())

@@ -15,7 +15,8 @@ Layout (``P`` is the prefix; everything Thalamus writes is under it, so purge fi
   token requests (brute-force limits);
 - ``P usage:<pk>:<YYYY-MM-DD>``: hash ``r:<model>``, ``e:<model>``, ``t:<model>`` (requests,
   errors, last use), kept :data:`USAGE_DAYS` days; ``P last-used``: hash pk → last use;
-- ``P audit``: stream of key events (action, public_key, user, host, detail), capped.
+- ``P audit``: stream of key events (action, public_key, user, host, detail), capped;
+- ``P purged``: when the last purge ended (its counts may still arrive: they are dropped).
 
 Issuing, authenticating, rotating, editing and revoking are Lua scripts, so a token can never
 carry more rights than its key has at the moment it is used.
@@ -47,7 +48,7 @@ import redis
 from shared import metrics, store
 from shared.config import Rate, Settings
 from shared.errors import BadRequest, Forbidden, InvalidCredentials, TooManyRequests, Unauthorized, UnknownKey
-from shared.tokencache import TokenCache
+from shared.tokencache import PROPAGATION_SECONDS, TokenCache
 
 log = logging.getLogger("thalamus")
 
@@ -158,19 +159,33 @@ return #hashes
 """
 )
 
-# KEYS: last-used hash. ARGV: prefix, ttl, then (pk, day, model, requests, errors, last) groups.
+# KEYS: failure counters. ARGV: window (seconds). One script, so a counter never lives without
+# its expiry (a window that starts with the first failure; one that somehow has none gets one).
+_RECORD_FAILURE = """
+for _, name in ipairs(KEYS) do
+  redis.call('INCR', name)
+  if redis.call('TTL', name) < 0 then redis.call('EXPIRE', name, ARGV[1]) end
+end
+"""
+
+# KEYS: last-used hash, purge time. ARGV: prefix, ttl, then (pk, day, model, requests, errors,
+# last) groups. Counts last used by the end of the last purge, of a key that does not exist, are
+# dropped: they belong to a purged key (a key made since then keeps its counts).
 _FLUSH_USAGE = """
+local purged = tonumber(redis.call('GET', KEYS[2]) or '0')
 for i = 3, #ARGV, 6 do
   local name = ARGV[1] .. 'usage:' .. ARGV[i] .. ':' .. ARGV[i + 1]
   local model, last = ARGV[i + 2], tonumber(ARGV[i + 5])
-  redis.call('HINCRBY', name, 'r:' .. model, ARGV[i + 3])
-  redis.call('HINCRBY', name, 'e:' .. model, ARGV[i + 4])
-  if tonumber(redis.call('HGET', name, 't:' .. model) or '0') < last then
-    redis.call('HSET', name, 't:' .. model, last)
-  end
-  redis.call('EXPIRE', name, ARGV[2])
-  if tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0') < last then
-    redis.call('HSET', KEYS[1], ARGV[i], last)
+  if last > purged or redis.call('EXISTS', ARGV[1] .. 'key:' .. ARGV[i]) == 1 then
+    redis.call('HINCRBY', name, 'r:' .. model, ARGV[i + 3])
+    redis.call('HINCRBY', name, 'e:' .. model, ARGV[i + 4])
+    if tonumber(redis.call('HGET', name, 't:' .. model) or '0') < last then
+      redis.call('HSET', name, 't:' .. model, last)
+    end
+    redis.call('EXPIRE', name, ARGV[2])
+    if tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0') < last then
+      redis.call('HSET', KEYS[1], ARGV[i], last)
+    end
   end
 end
 """
@@ -243,14 +258,17 @@ def token_digest(token: str) -> str:
 
 
 def parse_scopes(text: str | None) -> list[str] | None:
-    """``"a,b"`` → ``["a", "b"]``; empty, None or ``*`` → None (all models). Bad names → BadRequest."""
-    if not text or text.strip() == "*":
+    """``"a,b"`` → ``["a", "b"]``; None or ``*`` → None (all models). Bad names, or none (an
+    empty list must not widen a key to every model) → BadRequest."""
+    if text is None or text.strip() == "*":
         return None
     names = sorted({name.strip() for name in text.split(",") if name.strip()})
+    if not names:
+        raise BadRequest(f"no model named in {text!r}; give model names, or '*' for every model")
     bad = [name for name in names if not MODEL_NAME_RE.fullmatch(name)]
     if bad:
         raise BadRequest(f"invalid model name(s): {', '.join(bad)} (use lowercase letters, digits, -)")
-    return names or None
+    return names
 
 
 def rate_field(rate: Rate | None) -> str:
@@ -287,6 +305,11 @@ class Actor:
 class Keypair:
     public_key: str
     secret_key: str = field(repr=False)
+
+    @classmethod
+    def new(cls, public_key: str | None = None) -> Keypair:
+        """A random keypair; a new secret for ``public_key`` when one is given."""
+        return cls(public_key or "pk_" + secrets.token_urlsafe(32), "sk_" + secrets.token_urlsafe(32))
 
 
 @dataclass(frozen=True)
@@ -351,6 +374,7 @@ class AuthStore:
         self._issue = self.redis.register_script(_ISSUE)
         self._authenticate = self.redis.register_script(_AUTHENTICATE)
         self._revoke = self.redis.register_script(_REVOKE)
+        self._record_failure = self.redis.register_script(_RECORD_FAILURE)
         # A client of its own: a flush never takes the pool slot a request is waiting for
         # (REDIS_URL's ?max_connections= caps each pool, and the pool does not wait for a slot).
         self.usage = UsageRecorder(store.connect(settings), settings.prefix)
@@ -375,12 +399,14 @@ class AuthStore:
         *,
         expires: int | None = None,
         rate: Rate | None = None,
+        pair: Keypair | None = None,
     ) -> Keypair:
         """Create and store a new keypair; the secret is returned once and stored only hashed.
 
-        ``expires``: epoch seconds after which the key stops working; ``rate``: its request rate.
+        ``expires``: epoch seconds after which the key stops working; ``rate``: its request rate;
+        ``pair``: the keypair to store (keys.py saves it to its file first), else a new one.
         """
-        pair = Keypair("pk_" + secrets.token_urlsafe(32), "sk_" + secrets.token_urlsafe(32))
+        pair = pair or Keypair.new()
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(
             self._k("key", pair.public_key),
@@ -467,7 +493,8 @@ class AuthStore:
     @store.unavailable_when_down
     def purge(self) -> int:
         """Delete every key, token, counter, usage record and audit event under the prefix, and
-        nothing else; with an actor, the purge itself then starts a new audit stream."""
+        nothing else; with an actor, the purge itself then starts a new audit stream. Usage that
+        functions still hold for the purged keys is dropped when it arrives (``P purged``)."""
         deleted = 0
         batch: list[str] = []
         for name in self.redis.scan_iter(match=self._glob("*"), count=1000):
@@ -478,6 +505,11 @@ class AuthStore:
         if batch:
             deleted += self.redis.unlink(*batch)
         pipe = self.redis.pipeline(transaction=False)
+        # Functions hold up to a flush interval of counts (an outage's worth while Redis is down),
+        # and a token they know works until the push reaches them: those counts, flushed later,
+        # must not bring the purged keys back (the flush drops counts last used by this time).
+        until = math.ceil(time.time() + PROPAGATION_SECONDS)
+        pipe.set(self._k("purged"), until, ex=(USAGE_DAYS + 1) * 86400)
         self._audit(pipe, "purge", "-", f"{deleted} Redis key(s) deleted")
         pipe.execute()
         return deleted
@@ -506,7 +538,7 @@ class AuthStore:
             candidates.append(old_secret)  # shares the salt: no second scrypt run
         matched = matching_hash(secret_key, candidates)
         if matched is None or secret is None:
-            self._record_failure(counters)
+            self._record_failure(keys=counters, args=[self.settings.auth_failure_window])
             raise InvalidCredentials()
         token = secrets.token_urlsafe(32)
         reply = self._issue(
@@ -558,6 +590,7 @@ class AuthStore:
         public_key, scopes = reply[1], json.loads(reply[2]) if reply[2] else None
         if reply[0] == 1:
             metrics.AUTH_FAILURES.labels("forbidden").inc()
+            self.usage.add(public_key, model, error=True)  # a key probing models it may not call shows
             forbidden = Forbidden(f"this key may not call model {model}")
             forbidden.public_key = public_key
             raise forbidden
@@ -612,14 +645,6 @@ class AuthStore:
         if key >= limit and key_addr >= 1:
             raise TooManyRequests(max(1, min(ttls[1], ttls[2])))
         return cast("list[str | None]", stored)
-
-    def _record_failure(self, counters: list[str]) -> None:
-        pipe = self.redis.pipeline(transaction=False)
-        for name in counters:
-            # A fixed window that starts with the first failure (SET NX keeps its expiry).
-            pipe.set(name, 0, ex=self.settings.auth_failure_window, nx=True)
-            pipe.incr(name)
-        pipe.execute()
 
 
 def utc(epoch: float | None) -> str:
@@ -685,7 +710,7 @@ class UsageRecorder:
                 for (public_key, day, model), (requests, errors, last) in pending[start : start + self.FLUSH_CHUNK]:
                     args += [public_key, day, model, requests, errors, last]
                 try:
-                    self._flush_script(keys=[self._prefix + "last-used"], args=args)
+                    self._flush_script(keys=[self._prefix + "last-used", self._prefix + "purged"], args=args)
                 except redis.RedisError as exc:
                     log.warning("usage: cannot write counts to Redis (%s); will retry", type(exc).__name__)
                     self._keep(pending[start:])

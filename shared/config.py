@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from shared.errors import StartupError
 
@@ -32,6 +32,19 @@ class ConfigError(StartupError):
 # Units a request rate may be given in, and their length in seconds.
 RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "min": 60, "minute": 60, "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
 _RATE_NAMES = {1: "s", 60: "min", 3600: "h", 86400: "d"}
+
+
+def mask_url(url: str) -> str:
+    """``url`` with its secrets replaced by ``***``: the password of its user part (the whole
+    user part when it has no ``:``, as redis-py may read it as a password), and any
+    ``password=`` in its query (redis-py takes one there too)."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        user, _, host = netloc.rpartition("@")
+        netloc = f"{user.partition(':')[0]}:***@{host}" if ":" in user else f"***@{host}"
+    query = re.sub(r"(?i)(^|[&;])(password=)[^&;]*", r"\1\2***", parts.query)
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 @dataclass(frozen=True)
@@ -104,8 +117,7 @@ class Settings:
     @property
     def redis_url_masked(self) -> str:
         """REDIS_URL with its password, if any, replaced by ``***``: safe to print or log."""
-        password = urlsplit(self.redis_url).password
-        return self.redis_url.replace(password, "***", 1) if password else self.redis_url
+        return mask_url(self.redis_url)
 
     def summary(self) -> dict[str, Any]:
         """Every setting, as JSON-friendly values, secrets masked: for the start-up log line."""

@@ -19,10 +19,13 @@ class ThalamusError(Exception):
     # valid token refused for its scopes or rate): for the access log, never for the answer.
     public_key: str | None = None
 
-    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, message: str, headers: dict[str, str] | None = None, detail: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
+        # What the operator sees (the access log, keys.py's line); it may name internal hosts,
+        # which the client's ``message`` never does.
+        self.detail = detail or message
 
 
 class BadRequest(ThalamusError):
@@ -99,8 +102,13 @@ class BadGateway(ThalamusError):
 class ServiceUnavailable(ThalamusError):
     status = 503
 
-    def __init__(self, message: str, retry_after: int = 2) -> None:
-        super().__init__(message, {"Retry-After": str(retry_after)})
+    def __init__(self, message: str, retry_after: int = 2, detail: str | None = None) -> None:
+        super().__init__(message, {"Retry-After": str(retry_after)}, detail)
+
+
+class OutcomeUnknown(ServiceUnavailable):
+    """Redis took a command, then fell silent or dropped the connection before answering: a
+    change the command carried may still be made (keys.py keeps a new key's file for that)."""
 
 
 class UnknownKey(NotFound):

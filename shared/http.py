@@ -243,6 +243,7 @@ class Service:
             response = self._dispatch(request, exchange)
         except ThalamusError as error:
             response = error_response(error)
+            exchange.error = error.detail
         except wz.ClientDisconnected:
             response = error_response(BadRequest("request body ended early"))
         except wz.RequestEntityTooLarge:  # werkzeug's form parser: too many parts or a huge field
@@ -251,7 +252,7 @@ class Service:
         except Exception:  # a bug: log it with its traceback, answer without one
             log.exception("unhandled error on %s %s", request.method, request.path)
             response = json_response({"error": "internal error"}, 500)
-        if response.status_code >= 400:
+        if response.status_code >= 400 and exchange.error is None:
             exchange.error = _error_message(response)
         if exchange.session is not None:
             assert self._auth is not None

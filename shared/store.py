@@ -1,7 +1,7 @@
 """The Redis connection every function and the CLI share, and what a Redis outage looks like.
 
 Timeouts are short and retries few on purpose: when Redis is down a request must fail with
-503 within about two seconds, and the pool reconnects by itself once Redis is back. A Redis that
+503 within about a second, and the pool reconnects by itself once Redis is back. A Redis that
 hangs (accepts, then says nothing) costs one request that wait, not every request: see
 :class:`Breaker`.
 """
@@ -22,10 +22,12 @@ from redis.retry import Retry
 
 from shared import metrics
 from shared.config import Settings
-from shared.errors import ServiceUnavailable
+from shared.errors import OutcomeUnknown, ServiceUnavailable
 
 # What redis-py raises when the server is unreachable, slow, or restarting.
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+# Per thread: whether a command went out and its answer never came (see OutcomeUnknown).
+_unanswered = threading.local()
 
 
 class _Timed:
@@ -33,6 +35,14 @@ class _Timed:
     pipeline: from sending to the first reply) is observed in ``thalamus_redis_command_duration_seconds``."""
 
     _sent_at: float | None = None
+    _connecting = False
+
+    def connect_check_health(self, *args: Any, **kwargs: Any) -> None:
+        self._connecting = True  # the handshake's commands (HELLO, CLIENT SETINFO) change nothing
+        try:
+            super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            self._connecting = False
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         self._sent_at = time.perf_counter()
@@ -41,6 +51,10 @@ class _Timed:
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except (redis.ConnectionError, redis.TimeoutError):
+            if not self._connecting:
+                _unanswered.happened = True  # sent, and no answer: it may have run all the same
+            raise
         finally:
             if self._sent_at is not None:
                 metrics.REDIS_SECONDS.observe(time.perf_counter() - self._sent_at)
@@ -64,7 +78,9 @@ def connect(settings: Settings) -> redis.Redis:
         socket_connect_timeout=settings.redis_timeout,
         socket_timeout=settings.redis_timeout,
         # One retry on a fresh connection covers a pooled socket that died with a Redis restart.
-        retry=Retry(NoBackoff(), 1),
+        # Not after a timeout: Redis may have taken the command (a second run of a write would
+        # apply it twice), and a hung server would only keep the caller waiting twice as long.
+        retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
         # No health_check_interval: its PING before a command doubles the wait on a hung server,
         # and the retry above already replaces a dead pooled connection.
         decode_responses=True,
@@ -139,24 +155,35 @@ S = TypeVar("S", bound=_UsesRedis)
 
 
 def unavailable_when_down(method: Callable[Concatenate[S, P], R]) -> Callable[Concatenate[S, P], R]:
-    """Decorate a method that talks to Redis: an outage becomes :class:`ServiceUnavailable`
-    naming the server (password masked), which every caller answers as 503 or one CLI line."""
+    """Decorate a method that talks to Redis: an outage becomes :class:`ServiceUnavailable`, which
+    every caller answers as 503 or one CLI line; its detail (the access log, keys.py) names the
+    server, password masked, and its message (the client's answer) does not."""
 
     @functools.wraps(method)
     def guarded(self: S, *args: P.args, **kwargs: P.kwargs) -> R:
+        _unanswered.happened = False
         try:
             return breaker(self.settings.redis_url).call(lambda: method(self, *args, **kwargs))
         except (*REDIS_DOWN, FastFail):
             metrics.REDIS_ERRORS.labels(method.__name__).inc()
-            raise ServiceUnavailable(f"Redis unreachable at {self.settings.redis_url_masked}") from None
+            where = self.settings.redis_url_masked
+            if getattr(_unanswered, "happened", False):
+                raise OutcomeUnknown(
+                    "Redis unreachable; retry shortly",
+                    detail=f"Redis at {where} stopped answering: what it was sent may still be done",
+                ) from None
+            raise ServiceUnavailable(
+                "Redis unreachable; retry shortly", detail=f"Redis unreachable at {where}"
+            ) from None
         except redis.ResponseError as exc:
             # maxmemory with noeviction (knative/data/redis.yaml): writes are refused, never a
             # silently evicted key or token; reads still work. Inside a Lua script the refusal
             # arrives as a script error carrying the OOM message.
             if not isinstance(exc, redis.exceptions.OutOfMemoryError) and "OOM command not allowed" not in str(exc):
                 raise
+            where = self.settings.redis_url_masked
             raise ServiceUnavailable(
-                f"Redis is full (maxmemory) at {self.settings.redis_url_masked}", retry_after=30
+                "Redis is full; retry later", retry_after=30, detail=f"Redis is full (maxmemory) at {where}"
             ) from None
 
     return cast(Callable[Concatenate[S, P], R], guarded)

@@ -279,6 +279,31 @@ def test_usage_is_counted_per_key_model_and_day(admin):
         admin.usage_report("pk_" + "n" * 43)
 
 
+def test_usage_counts_a_key_refused_a_model(admin):
+    """A scoped key calling a model it may not call is an error the admin sees in --usage."""
+    pair = admin.create_key(["arrows"])
+    token = admin.issue_token(pair.public_key, pair.secret_key, "a").token
+    for _ in range(2):
+        with pytest.raises(Forbidden):
+            admin.verify_token(token, "shapes")
+    admin.usage.flush()
+    assert {(row.model, row.requests, row.errors) for row in admin.usage_report(pair.public_key)} == {("shapes", 2, 2)}
+
+
+def test_usage_held_at_a_purge_does_not_bring_the_purged_key_back(admin):
+    """Functions flush their counts a second later (later still after an outage): counts of a
+    purged key that arrive after the purge are dropped, a key made since keeps its own."""
+    pair = admin.create_key()
+    admin.record_request(admin.issue_token(pair.public_key, pair.secret_key, "a").session, "shapes", 200)
+    admin.purge()
+    admin.usage.flush()
+    assert admin.usage_report() == [] and admin.list_keys() == []
+    fresh = admin.create_key()
+    admin.record_request(admin.issue_token(fresh.public_key, fresh.secret_key, "a").session, "shapes", 200)
+    admin.usage.flush()
+    assert [(row.public_key, row.requests) for row in admin.usage_report()] == [(fresh.public_key, 1)]
+
+
 def test_usage_waits_out_a_redis_outage(own_redis, settings):
     store = KeyAdmin(settings.replace(redis_url=own_redis.url))
     pair = store.create_key()
@@ -398,9 +423,8 @@ def test_purge_removes_only_the_prefix(admin, raw_redis, env):
         admin.issue_token(pair.public_key, WRONG_SK, "a")
     try:
         assert admin.purge() >= 6  # key, token, key-tokens, rate, usage, last-used, failures, audit
-        assert [name[len(env["THALAMUS_PREFIX"]) :] for name in raw_redis.scan_iter(env["THALAMUS_PREFIX"] + "*")] == [
-            "audit"
-        ]  # the purge's own event
+        left = sorted(name[len(env["THALAMUS_PREFIX"]) :] for name in raw_redis.scan_iter(env["THALAMUS_PREFIX"] + "*"))
+        assert left == ["audit", "purged"]  # the purge's own event, and its time
         assert raw_redis.get("foreign:key") == "keep me"
         assert raw_redis.get(env["THALAMUS_PREFIX"].rstrip(":") + "x") == "near miss, keep me"
     finally:
@@ -454,7 +478,10 @@ def test_guessing_at_a_key_slows_the_guessers_not_its_owner(auth, keypair):
 
 
 def test_parse_scopes():
-    assert parse_scopes(None) is None and parse_scopes("") is None and parse_scopes("*") is None
+    assert parse_scopes(None) is None and parse_scopes("*") is None and parse_scopes(" * ") is None
+    for empty in ("", " ", " , ,"):  # never "every model" by accident (an empty shell variable)
+        with pytest.raises(BadRequest, match="no model named"):
+            parse_scopes(empty)
     assert parse_scopes("shapes, arrows,shapes") == ["arrows", "shapes"]
     with pytest.raises(BadRequest):
         parse_scopes("Bad Name")

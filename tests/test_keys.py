@@ -1,15 +1,18 @@
 """keys.py, run as admins run it: a subprocess, every flag and exit path."""
 
 import contextlib
+import importlib.util
 import json
 import os
 import pty
 import shutil
+import signal
 import socket
 import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,8 @@ import redis
 
 from local import ROOT, redis_server
 from local.helpers import free_port
+from shared.admin import KeyAdmin
+from shared.auth import Keypair
 from tests.conftest import subprocess_env
 
 
@@ -28,7 +33,11 @@ def keys(*args, env=None, python=sys.executable, cwd=ROOT, script=ROOT / "keys.p
 
 @pytest.fixture
 def run(env):
-    return lambda *args: keys(*args, env=subprocess_env(**env))
+    def run(*args):
+        return keys(*args, env=run.env)
+
+    run.env = subprocess_env(**env)
+    return run
 
 
 def test_generate_writes_private_file_and_prints_only_public_key(run, tmp_path, auth):
@@ -48,6 +57,69 @@ def test_generate_with_models_scopes_the_key(run, tmp_path, auth):
     pair = json.loads(path.read_text())
     issued = auth.issue_token(pair["public_key"], pair["secret_key"], "t")
     assert issued.session.scopes == ["arrows", "shapes"]
+
+
+@pytest.mark.parametrize("name", ["", "folder/", "."])
+def test_generate_needs_a_file_name(run, tmp_path, name):
+    (tmp_path / "folder").mkdir()
+    result = keys("-g", name, env=run.env, cwd=tmp_path)
+    assert result.returncode == 1 and "names no file" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"] and not any((tmp_path / "folder").iterdir())
+
+
+def test_labels_cannot_forge_rows_of_the_list(run, tmp_path, auth):
+    forged = "evil\npk_" + "F" * 43 + "  root  *  unlimited"
+    result = run("-g", str(tmp_path / "k.json"), "--label", forged)
+    assert result.returncode == 1 and "printable" in result.stderr and not (tmp_path / "k.json").exists()
+    auth.create_key(label=forged)  # another client may store one all the same: -l shows it escaped
+    rows = run("-l").stdout.splitlines()
+    assert len(rows) == 2 and "evil\\npk_" in rows[1]
+
+
+@pytest.mark.parametrize("models", ["", " ", ","])
+def test_an_empty_model_list_is_refused_not_read_as_every_model(run, tmp_path, auth, models):
+    pair = auth.create_key(["arrows"])
+    result = run("--edit", pair.public_key, "--models", models)
+    assert result.returncode == 1 and "no model named" in result.stderr
+    assert auth.list_keys()[0].scopes == ["arrows"]
+    assert run("-g", str(tmp_path / "k.json"), "--models", models).returncode == 1
+    assert not (tmp_path / "k.json").exists()
+
+
+def test_a_redis_that_falls_silent_mid_command_keeps_the_new_keys_file(own_redis, settings, tmp_path):
+    """Redis took the command, fell silent past the client's timeout, then ran it: the key is in
+    force, so the file that holds its secret stays and keys.py says so (it used to delete the
+    file, leaving a key in force whose secret nobody had)."""
+    spec = importlib.util.spec_from_file_location("keys_cli", ROOT / "keys.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    admin = KeyAdmin(settings.replace(redis_url=own_redis.url))
+    admin.list_keys()  # connected, handshake done: the next command goes straight out
+    pair, path = Keypair.new(), tmp_path / "k.json"
+    os.kill(own_redis.proc.pid, signal.SIGSTOP)
+    resume = threading.Timer(2 * settings.redis_timeout, os.kill, (own_redis.proc.pid, signal.SIGCONT))
+    resume.start()
+    try:
+        with pytest.raises(SystemExit, match="stopped answering.*kept") as failed:
+            cli.write_keypair(str(path), pair, lambda: admin.create_key(pair=pair))
+    finally:
+        resume.join()
+    assert str(path) in str(failed.value)
+    assert json.loads(path.read_text())["secret_key"] == pair.secret_key
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    time.sleep(1.1)  # the client's breaker, open after the timeout, lets it try Redis again
+    assert [key.public_key for key in admin.list_keys()] == [pair.public_key]  # Redis ran it as it woke
+    assert admin.issue_token(pair.public_key, pair.secret_key, "t").token  # in force: the file was needed
+
+
+def test_a_redis_that_never_took_the_command_leaves_no_file(own_redis, env, tmp_path):
+    own = subprocess_env(**{**env, "REDIS_URL": own_redis.url})
+    os.kill(own_redis.proc.pid, signal.SIGSTOP)  # the connection's handshake gets no answer
+    try:
+        result = keys("-g", str(tmp_path / "k.json"), env=own)
+    finally:
+        os.kill(own_redis.proc.pid, signal.SIGCONT)
+    assert result.returncode == 1 and "unreachable" in result.stderr and not (tmp_path / "k.json").exists()
 
 
 def test_generate_refuses_to_overwrite(run, tmp_path):
@@ -159,12 +231,21 @@ def test_purge_asks_on_a_terminal(env, keypair, auth, answer, deleted):
     assert (auth.list_keys() == []) is deleted
 
 
-def test_unreachable_redis_names_the_url(tmp_path):
-    url = f"redis://:hunter2@127.0.0.1:{free_port()}/0"
-    result = keys("-l", env=subprocess_env(REDIS_URL=url))
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:hunter2@127.0.0.1:{port}/0", "redis://:***@127.0.0.1:{port}/0"),
+        ("redis://admin:admin@127.0.0.1:{port}/0", "redis://admin:***@127.0.0.1:{port}/0"),  # as the user's name
+        ("redis://:redis@127.0.0.1:{port}/0", "redis://:***@127.0.0.1:{port}/0"),  # as the scheme's name
+        ("redis://127.0.0.1:{port}/0?password=hunter2", "redis://127.0.0.1:{port}/0?password=***"),  # redis-py reads it
+        ("redis://hunter2@127.0.0.1:{port}/0", "redis://***@127.0.0.1:{port}/0"),  # a user part alone may be one
+    ],
+)
+def test_unreachable_redis_names_the_url_without_its_password(url, shown):
+    port = free_port()
+    result = keys("-l", env=subprocess_env(REDIS_URL=url.format(port=port)))
     assert result.returncode != 0
-    assert "unreachable" in result.stderr and "127.0.0.1" in result.stderr
-    assert "hunter2" not in result.stderr
+    assert "unreachable" in result.stderr and shown.format(port=port) in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
 
 
@@ -181,6 +262,7 @@ def test_unreachable_redis_names_the_url(tmp_path):
         ["--json", "-r", "pk_x"],
         ["--yes", "-l"],
         ["--days", "3", "-l"],
+        ["--days", "30", "-l"],  # the default's value too
         ["--since", "1d", "--usage"],
     ],
 )

@@ -129,6 +129,8 @@ def test_one_access_line_per_request_with_its_fields(function, auth, own_redis, 
     assert reply.status_code == 503
     (line,) = settle(down, request_id)
     assert line["status"] == 503 and "Redis unreachable" in line["error"]
+    # The operator's line names the server (the client's answer does not).
+    assert f"127.0.0.1:{own_redis.port}" in line["error"] and str(own_redis.port) not in reply.json()["error"]
 
     start = next(line for line in predict.lines() if line.get("event") == "start")
     assert start["settings"]["model_name"] == "shapes" and "redis_url" in start["settings"]

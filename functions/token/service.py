@@ -77,6 +77,11 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
             except (BadRequest, InvalidCredentials):  # a malformed client_id is an unknown client
                 return _oauth_error(OAuthError("invalid_client", "invalid client_id or client_secret", 401), basic)
             body = {"access_token": issued.token, "token_type": "Bearer", "expires_in": issued.ttl}
+            scopes = issued.session.scopes
+            if scopes is not None or request.form.get("scope"):
+                # RFC 6749 5.1: the scope granted, required when it is not the one asked for: the
+                # key's models, space-separated ("*": every model). A token never has more.
+                body["scope"] = " ".join(scopes) if scopes else "*"
             return json_response(body, headers=NO_STORE)
         if request.mimetype != "application/json":
             raise UnsupportedMediaType(

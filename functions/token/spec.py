@@ -196,6 +196,11 @@ def document(settings: Settings) -> dict[str, Any]:
                 "access_token": {"type": "string"},
                 "token_type": {"type": "string", "enum": ["Bearer"]},
                 "expires_in": {"type": "integer"},
+                "scope": {
+                    "type": "string",
+                    "description": "The models the token may call, space-separated, or * for every model. "
+                    "Given when the key is limited to some models or the request named a scope (RFC 6749 5.1).",
+                },
             },
         },
         "OAuthError": {
