@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from local import routes
 from shared import config, docs, logs
 from shared.access import AccessLog, exchange_of
-from shared.errors import BadGateway, NotFound, ThalamusError
+from shared.errors import BadGateway, MethodNotAllowed, NotFound, ThalamusError
 from shared.http import has_body
 from shared.server import Gunicorn, gunicorn_options
 
@@ -109,6 +109,8 @@ class Gateway:
     def _local(self, environ: Environ, start_response: StartResponse, path: str) -> Iterable[bytes]:
         close = has_body(environ)  # these never read a body: do not let gunicorn wait for one
         if environ["REQUEST_METHOD"] not in ("GET", "HEAD"):
+            if exchange_of(environ).route != "unmatched":  # a path of its own, as a function answers
+                raise MethodNotAllowed(["GET", "HEAD"])
             raise NotFound(f"no such path: {path}")
         if path == "/healthz":
             return _json(start_response, 200, {"status": "ok"}, close=close)

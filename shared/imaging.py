@@ -4,10 +4,13 @@ Serving and ``train.py`` both call :func:`model_input`, so both see the same pix
 decodes a PNG, WebP, GIF or BMP at full size whatever the model needs (only JPEG can decode at a
 reduced scale), so the cost is bounded around that decode:
 
-1. the header is checked first (pixel count; for WebP before libwebp allocates its canvas; for
-   JPEG the scan count) and :func:`estimate` gives the decode's peak bytes and CPU seconds from
-   the size and mode; :func:`check_request` refuses a request whose images would together
-   take more than ``Limits.cpu_seconds`` of CPU;
+0. the file's structure is walked first, before Pillow parses any of it
+   (:mod:`shared.imagefiles`): too many metadata blocks, or too much padding between them, is a
+   400 (Pillow keeps an object per block: 10 MB of empty JPEG markers took ~450 MB to open);
+1. the header is checked first (pixel count, each side at most 65,535 px; for WebP before libwebp
+   allocates its canvas; for JPEG the scan count and sampling factors) and :func:`estimate`
+   gives the decode's peak bytes and CPU seconds from the size and mode; :func:`check_request`
+   refuses a request whose images would together take more than ``Limits.cpu_seconds`` of CPU;
 2. a process-wide :class:`DecodeBudget` counts the estimated bytes of the decodes in flight, so
    the threads of one process never hold more full-size images than the budget (a request that
    cannot get its share soon is answered 503 + Retry-After);
@@ -38,7 +41,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from shared import cgroup, libc
+from shared import cgroup, imagefiles, libc
 from shared.config import Settings
 from shared.errors import BadRequest, ServiceUnavailable
 
@@ -50,7 +53,9 @@ JPEG = ("JPEG", "MPO")
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated upload is an error, not a grey half-image
 REDUCING_GAP = 3.0  # resize()'s reducing_gap: the integer reduce factors follow from it
 BAND_PIXELS = 256 * 1024  # pixels per band: each band's temporaries are a few MiB
-MAX_JPEG_SCANS = 64  # encoders write at most ~20; each scan is another pass over every block
+# Each side at most JPEG's (and GIF's) own maximum, 65,535 px: Pillow keeps an 8-byte pointer per
+# row and a band is at least one row, so a 1x39,000,000 PNG (76 KB) took 430 MiB within 40 Mpx.
+MAX_SIDE = 65_535
 TRIM_AFTER_PIXELS = 4_000_000  # images this large give their freed pages back once decoded
 BUDGET_WAIT_SECONDS = 5.0  # then 503 + Retry-After: the client comes back, no thread is held
 
@@ -66,7 +71,8 @@ _ORIENTATION = {  # EXIF Orientation → transpose, as ImageOps.exif_transpose m
     8: Image.Transpose.ROTATE_90,
 }
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-_BAND_BYTES = 6 * BAND_PIXELS * 4  # crop, RGBA, white, composite, RGB of one band (measured ~4 MiB)
+_BAND_BYTES_PER_PIXEL = 6 * 4  # crop, RGBA, white, composite, RGB of one band (measured ~4 MiB)
+_ROW_POINTER = 8  # Pillow's storage keeps a pointer per row
 _SIXTEEN_TO_EIGHT = (np.arange(65536) // 257).astype(np.uint8)  # exact floor(v / 257)
 # CPU model, nanoseconds per pixel, fitted on 40 Mpx images (Pillow 13, one core of the 2-core
 # machine this was built on) to over- rather than under-estimate. File size, which
@@ -157,59 +163,17 @@ class Limits:
 # -- the header and the cost -------------------------------------------------------------------
 
 
-def _webp_size(data: bytes) -> tuple[int, int] | None:
-    """Canvas size from a WebP header: Pillow's WebP plugin has libwebp allocate its canvases
-    inside Image.open, before any pixel limit is checked."""
-    if len(data) < 30 or data[:4] != b"RIFF" or data[8:12] != b"WEBP":
-        return None
-    chunk = data[12:16]
-    if chunk == b"VP8X":
-        return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
-    if chunk == b"VP8L":
-        bits = int.from_bytes(data[21:25], "little")
-        return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
-    if chunk == b"VP8 ":
-        width, height = struct.unpack("<HH", data[26:30])
-        return width & 0x3FFF, height & 0x3FFF
-    return None
-
-
-def _jpeg_scans(data: bytes) -> int:
-    """Number of scans (SOS segments), walking the marker segments (an EXIF thumbnail's scans
-    are skipped with its segment) and jumping over entropy-coded data."""
-    position, scans, size = 2, 0, len(data)
-    while position + 4 <= size:
-        if data[position] != 0xFF:
-            return scans  # corrupt: the decoder will say so
-        marker = data[position + 1]
-        if marker == 0xFF:  # a fill byte
-            position += 1
-            continue
-        if marker == 0xD9:
-            break
-        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
-        if marker == 0xDA:
-            scans += 1
-            while (
-                (position := data.find(b"\xff", position)) != -1
-                and position + 1 < size
-                and (data[position + 1] == 0 or 0xD0 <= data[position + 1] <= 0xD7)
-            ):
-                position += 2
-            if position == -1:
-                break
-    return scans
-
-
-def estimate(image: Image.Image, full_size: tuple[int, int], scans: int) -> Cost:
-    """The cost of decoding ``image`` (opened and drafted, not loaded) and reducing it in bands:
-    its pixels in Pillow's storage plus what each decoder adds (measured): WebP keeps four
-    canvases (16 B/px whatever the mode); a progressive JPEG keeps whole-image coefficient
-    buffers at full size (2 bytes per coefficient), which draft does not shrink; an RLE BMP is
-    decoded in Python into two more copies."""
+def estimate(image: Image.Image, full_size: tuple[int, int], scans: int, target: tuple[int, int]) -> Cost:
+    """The cost of decoding ``image`` (opened and drafted, not loaded) and reducing it in bands
+    towards ``target``: its pixels in Pillow's storage and a pointer per row, plus what each
+    decoder adds (measured): WebP keeps four canvases (16 B/px whatever the mode); a progressive
+    JPEG keeps whole-image coefficient buffers at full size (2 bytes per coefficient), which draft
+    does not shrink; an RLE BMP is decoded in Python into two more copies. A band is
+    BAND_PIXELS, or more when one row, or one reduce block's rows (at most pixels / (3 x the
+    target's smaller side)), is larger."""
     width, height = image.size
     pixels, full = width * height, full_size[0] * full_size[1]
-    nbytes = pixels * _STORAGE.get(image.mode, 4)
+    nbytes = pixels * _STORAGE.get(image.mode, 4) + height * _ROW_POINTER
     nanoseconds = full * _NS_DECODE.get(image.format or "", 20.0)
     if image.format == "WEBP":
         nbytes = pixels * 16
@@ -226,7 +190,8 @@ def estimate(image: Image.Image, full_size: tuple[int, int], scans: int) -> Cost
         nanoseconds = full * (_NS_BMP_RLE4 if rle4 else _NS_BMP_RLE8)
     alpha = image.mode in _ALPHA_MODES or "transparency" in image.info
     nanoseconds += pixels * (_NS_BAND + (_NS_ALPHA if alpha else 0.0))
-    return Cost(nbytes + _BAND_BYTES, nanoseconds / 1e9, full)
+    band = max(BAND_PIXELS, width, int(pixels / (REDUCING_GAP * max(1, min(target)))))
+    return Cost(nbytes + band * _BAND_BYTES_PER_PIXEL, nanoseconds / 1e9, full)
 
 
 def open_image(data: bytes, max_pixels: int, target: tuple[int, int]) -> tuple[Image.Image, Cost]:
@@ -235,7 +200,8 @@ def open_image(data: bytes, max_pixels: int, target: tuple[int, int]) -> tuple[I
     as ``target``), and its estimated cost."""
     if not data:
         raise BadRequest("file is empty")
-    if (size := _webp_size(data)) and size[0] * size[1] > max_pixels:
+    scans = imagefiles.check(data)
+    if (size := imagefiles.webp_size(data)) and size[0] * size[1] > max_pixels:
         raise BadRequest(f"image too large: {size[0]}x{size[1]} pixels (limit {max_pixels})")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -251,14 +217,17 @@ def open_image(data: bytes, max_pixels: int, target: tuple[int, int]) -> tuple[I
     if width * height > max_pixels:
         image.close()
         raise BadRequest(f"image too large: {width}x{height} pixels (limit {max_pixels})")
-    scans = 0
+    if max(width, height) > MAX_SIDE:
+        image.close()
+        raise BadRequest(f"image too long: {width}x{height} pixels (limit {MAX_SIDE} on a side)")
     if image.format in JPEG:
-        if (scans := _jpeg_scans(data)) > MAX_JPEG_SCANS:
+        # Each component's sampling factors are 1 to 4 (ITU T.81 B.2.2); 0 also divides by zero
+        if not all(1 <= h <= 4 and 1 <= v <= 4 for _, h, v, _ in getattr(image, "layer", [])):
             image.close()
-            raise BadRequest(f"JPEG has {scans} scans (limit {MAX_JPEG_SCANS})")
+            raise BadRequest("JPEG is invalid: a component's sampling factors are not 1 to 4")
         side = max(target)  # EXIF orientation may swap width and height: the larger side
         image.draft("RGB" if image.mode != "L" else "L", (side, side))
-    return image, estimate(image, full_size, scans)
+    return image, estimate(image, full_size, scans, target)
 
 
 def header_cost(data: bytes, limits: Limits, target: tuple[int, int]) -> Cost:

@@ -191,3 +191,126 @@ def test_decoder_checks_header_before_pixels():
         imaging.model_input(png_header_only(100000, 100000), imaging.Limits(40_000_000), spec, {})
     pixels = imaging.model_input(encode(Image.new("RGB", (10, 10), (10, 20, 30))), imaging.Limits(100), spec, {})
     assert pixels.shape == (4, 4, 3) and pixels[0, 0].tolist() == [10, 20, 30]
+
+
+# -- hostile structure: metadata floods, very long sides, invalid headers ------------------------
+
+FLOOD_BYTES = 10 * 1024 * 1024 - 8192  # the most one upload (MAX_UPLOAD_BYTES, less its framing) holds
+
+
+def png_chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def metadata_floods(size):
+    """Images of 8x8 pixels that carry ``size`` bytes of metadata cut in the smallest blocks their
+    format has: Pillow parsed each into an object (libwebp a record) before any pixel limit, 10 MB
+    of them 100-460 MB and up to 9 s of CPU; all were answered 200."""
+    jpeg = encode(Image.new("RGB", (8, 8)), "JPEG")
+    gif = encode(Image.new("P", (8, 8)), "GIF")
+    gif_at = 13 + (3 << ((gif[10] & 7) + 1) if gif[10] & 0x80 else 0)  # after the global palette
+    png = encode(Image.new("RGB", (8, 8)))
+    png_at = png.index(b"IDAT") - 4
+    webp = encode(Image.new("RGB", (8, 8)), "WEBP", exif=b"Exif\0\0MM\0*\0\0\0\x08\0\0")  # VP8X: extended
+    assert webp[12:16] == b"VP8X"
+    varied = b"".join(bytes((0xFF, 0xE0 + n % 16, 0, 4, n % 256, 1)) for n in range(16))
+    flood_webp = webp[12:30] + b"XXXX\0\0\0\0" * (size // 8) + webp[30:]
+    return {
+        "jpeg-empty-app1": jpeg[:2] + b"\xff\xe1\x00\x02" * (size // 4) + jpeg[2:],
+        "jpeg-varied-appn": jpeg[:2] + varied * (size // len(varied)) + jpeg[2:],
+        "jpeg-comments": jpeg[:2] + b"\xff\xfe\x00\x02" * (size // 4) + jpeg[2:],
+        "jpeg-fill-bytes": jpeg[:2] + b"\xff" * size + jpeg[2:],
+        "gif-comment-blocks": gif[:gif_at] + b"\x21\xfe\x01c\x00" * (size // 5) + gif[gif_at:],
+        "png-private-chunks": png[:png_at] + png_chunk(b"prVt", b"") * (size // 12) + png[png_at:],
+        "webp-chunks": b"RIFF" + struct.pack("<I", len(flood_webp) + 4) + b"WEBP" + flood_webp,
+    }
+
+
+FLOOD_WORDS = {"jpeg-fill-bytes": "bytes of padding", "gif-comment-blocks": "extension blocks",
+               "png-private-chunks": "metadata chunks"}  # fmt: skip
+
+
+def flood_words(name):
+    return FLOOD_WORDS.get(name, "marker segments" if name.startswith("jpeg") else "chunks")
+
+
+@pytest.mark.parametrize("name", list(metadata_floods(0)))
+def test_metadata_floods_are_refused_before_pillow_parses_them(shapes_client, bearer, name):
+    # 1 MiB of each is over every limit (a few KB would do); tests/test_memory.py sends 10 MB.
+    reply = upload(shapes_client, bearer, (name, metadata_floods(1 << 20)[name]))
+    assert reply.status_code == 400, reply.get_json()
+    assert flood_words(name) in reply.get_json()["error"]
+
+
+def gif_with_xmp(image, packet):
+    """``image`` as a GIF with an XMP packet as Adobe writes it: an application extension whose
+    "sub-blocks" are the packet's own bytes, then a 258-byte "magic trailer"."""
+    gif = encode(image, "GIF")
+    at = 13 + (3 << ((gif[10] & 7) + 1) if gif[10] & 0x80 else 0)
+    trailer = b"\x01" + bytes(range(255, -1, -1)) + b"\x00"
+    return gif[:at] + b"\x21\xff\x0bXMP DataXMP" + packet + trailer + gif[at:]
+
+
+def test_real_metadata_is_well_within_the_limits(shapes_client, bearer):
+    from PIL import ImageCms, PngImagePlugin
+
+    image = circle().resize((300, 200))
+    xmp = b'<?xpacket begin="" id="W5M0MpCehiHzreSzNTczkc9d"?><x:xmpmeta xmlns:x="adobe:ns:meta/">'
+    xmp += b" " * 20000 + b'</x:xmpmeta><?xpacket end="w"?>'  # the usual padding: 600 sub-blocks in a GIF
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes() + b"\0" * 3_000_000
+    text = PngImagePlugin.PngInfo()
+    for n in range(200):
+        text.add_text(f"key{n}", "value")
+    exif = Image.Exif()
+    exif[0x010F] = "Camera"
+    files = [
+        ("xmp.gif", gif_with_xmp(image, xmp)),
+        ("icc.jpg", encode(image, "JPEG", icc_profile=icc, exif=exif.tobytes(), xmp=xmp, comment=b"hi")),  # 48 APP2
+        ("stereo.jpg", multi_picture(image, quality=90)),
+        ("restarts.jpg", encode(image, "JPEG", progressive=True, restart_marker_blocks=1)),
+        ("text.png", encode(image, "PNG", pnginfo=text, icc_profile=icc[:3000])),
+        ("meta.webp", encode(image, "WEBP", exif=exif.tobytes(), xmp=xmp, icc_profile=icc[:3000])),
+    ]
+    reply = upload(shapes_client, bearer, *files)
+    assert reply.status_code == 200, reply.get_json()
+    assert [r["prediction"] for r in reply.get_json()["results"]] == ["circle"] * len(files)
+
+
+def long_png(width, height):
+    """A grey PNG of width x height pixels, kilobytes on the wire."""
+    rows = (b"\0" + b"\x80" * width) * height
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(rows, 9))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def test_sides_over_65535_pixels_are_refused(shapes_client, bearer):
+    # Within 40 Mpx, but 1 x 39,000,000 held 430 MiB for an estimate of ~45 MiB (a pointer per row),
+    # and 39,000,000 x 1 314 MiB (a band is at least one row, converted to RGB).
+    for width, height in ((1, 39_000_000), (39_000_000, 1)):
+        reply = upload(shapes_client, bearer, ("long.png", long_png(width, height)))
+        assert reply.status_code == 400 and "limit 65535 on a side" in reply.get_json()["error"], reply.get_json()
+    assert upload(shapes_client, bearer, ("ok.png", long_png(40, 65535))).status_code == 200
+
+
+def test_estimate_counts_row_pointers_and_the_bands():
+    image, cost = imaging.open_image(long_png(40, 65535), 40_000_000, (64, 64))
+    image.close()
+    assert cost.bytes >= 40 * 65535 + 65535 * 8 + 24 * imaging.BAND_PIXELS
+    # A small input makes the reduce blocks, and so the bands, larger than BAND_PIXELS.
+    image, small = imaging.open_image(encode(Image.new("L", (6000, 6000))), 40_000_000, (4, 4))
+    image.close()
+    assert small.bytes >= 6000 * 6000 + 24 * (6000 * 6000 // 12)
+
+
+def test_jpeg_with_zero_sampling_factors_is_400_not_500(shapes_client, bearer):
+    data = bytearray(encode(Image.new("RGB", (37, 23)), "JPEG", progressive=True))
+    at = data.index(b"\xff\xc2")  # SOF2: per component an id, then its sampling factors
+    for component in range(data[at + 9]):
+        data[at + 11 + 3 * component] = 0
+    reply = upload(shapes_client, bearer, ("zero.jpg", bytes(data)))
+    assert reply.status_code == 400 and "JPEG is invalid" in reply.get_json()["error"], reply.get_json()

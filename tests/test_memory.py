@@ -5,14 +5,17 @@ under the limit, and returns near its resting size afterwards."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -20,6 +23,7 @@ import requests
 from local import ROOT
 from local.helpers import demo_image, encode, free_port, function_command, remove_cgroup, wait_http, worst_case_images
 from tests.conftest import subprocess_env
+from tests.test_images import FLOOD_BYTES, flood_words, long_png, metadata_floods
 
 pytestmark = pytest.mark.slow
 THREADS = 4
@@ -90,15 +94,10 @@ def post(base: str, headers: dict[str, str], files: list[tuple[str, bytes]]) -> 
     return requests.post(f"{base}/models/shapes/predict.json", headers=headers, files=parts, timeout=120)
 
 
-def test_worst_images_stay_under_the_memory_limit_and_memory_comes_back(predict_server, worst_images):
-    base, cgroup, headers = predict_server
-    circle = encode(demo_image("shapes", "circle", 1))
-    with ThreadPoolExecutor(THREADS) as pool:  # warm: every thread's first request
-        assert {r.status_code for r in pool.map(lambda _: post(base, headers, [("c.png", circle)]), range(8))} == {200}
-    time.sleep(1)
-    resting = cgroup.anonymous()
-
-    peak, sampling = [resting], threading.Event()
+@contextlib.contextmanager
+def peak_memory(cgroup: Any) -> Iterator[list[int]]:
+    """The cgroup's anonymous memory, sampled every 10 ms while the block runs."""
+    peak, sampling = [cgroup.anonymous()], threading.Event()
 
     def sample() -> None:
         while not sampling.is_set():
@@ -107,14 +106,27 @@ def test_worst_images_stay_under_the_memory_limit_and_memory_comes_back(predict_
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
+    try:
+        yield peak
+    finally:
+        sampling.set()
+        sampler.join()
+
+
+def test_worst_images_stay_under_the_memory_limit_and_memory_comes_back(predict_server, worst_images):
+    base, cgroup, headers = predict_server
+    circle = encode(demo_image("shapes", "circle", 1))
+    with ThreadPoolExecutor(THREADS) as pool:  # warm: every thread's first request
+        assert {r.status_code for r in pool.map(lambda _: post(base, headers, [("c.png", circle)]), range(8))} == {200}
+    time.sleep(1)
+    resting = cgroup.anonymous()
+
     names = list(worst_images)
     alone = [[(name, worst_images[name])] for name in names]
     pairs = [[(a, worst_images[a]), (b, worst_images[b])] for a, b in zip(names, names[1:], strict=False)]
     requests_ = alone + pairs
-    with ThreadPoolExecutor(THREADS) as pool:
+    with peak_memory(cgroup) as peak, ThreadPoolExecutor(THREADS) as pool:
         replies = list(pool.map(lambda files: post(base, headers, files), requests_))
-    sampling.set()
-    sampler.join()
 
     limit = manifest_memory_limit()
     answers = {
@@ -140,3 +152,28 @@ def test_cpu_per_request_is_bounded(predict_server, worst_images):
     reply = post(base, headers, [(f"{i}.png", worst_images["png-16bit-grey"]) for i in range(32)])
     assert reply.status_code == 400 and "s of CPU" in reply.json()["error"]
     assert time.monotonic() - started < 5  # refused from the headers, not after decoding 32 images
+
+
+def test_metadata_floods_and_long_sides_are_refused_in_little_memory(predict_server):
+    # 10 MB of metadata in blocks of a few bytes (Pillow made an object of each: up to 460 MB and
+    # 9 s of CPU for one image, two at once ~900 MB) and 40 Mpx images of one row or one column
+    # (430 and 314 MiB): refused from their structure and header, THREADS at once, in little memory.
+    base, cgroup, headers = predict_server
+    floods = metadata_floods(FLOOD_BYTES)
+    files = {**floods, "png-1x39M": long_png(1, 39_000_000), "png-39Mx1": long_png(39_000_000, 1)}
+    post(base, headers, [("c.png", encode(demo_image("shapes", "circle", 1)))])
+    resting = cgroup.anonymous()
+    started = time.monotonic()
+    with peak_memory(cgroup) as peak, ThreadPoolExecutor(THREADS) as pool:
+        answers = pool.map(lambda name: post(base, headers, [(name, files[name])]), files)
+        replies = dict(zip(files, answers, strict=True))
+    elapsed = time.monotonic() - started
+    for name, reply in replies.items():
+        words = flood_words(name) if name in floods else "limit 65535 on a side"
+        assert reply.status_code == 400 and words in reply.json()["error"], (name, reply.json())
+    grown = (max(peak) - resting) >> 20
+    print(f"memory: resting {resting >> 20} MiB, peak +{grown} MiB, {elapsed:.1f} s for {len(files)} images")
+    assert cgroup.oom_kills() == 0
+    # The 10 MB bodies being read, each held a few times over, not their metadata (before: 900 MiB).
+    assert grown < 160 and max(peak) < manifest_memory_limit(), f"peak {grown} MiB over the resting size"
+    assert elapsed < 10

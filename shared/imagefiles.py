@@ -1,0 +1,165 @@
+"""What an image file's bytes hold before Pillow parses them: the checks :mod:`shared.imaging`
+runs first, at C speed over the bytes (``bytes.find``, regular expressions, a jump per block).
+
+Pillow (and libwebp) keep a Python object or a record per metadata block, and skip padding one
+Python iteration at a time, all before any pixel limit applies: 10 MB of empty JPEG markers or
+one-byte GIF comment blocks took ~450 MB and seconds of CPU to open. So too many segments,
+chunks or sub-blocks, or too much padding between them, is a 400 here; and the headers say what
+Pillow would only find out by allocating (a WebP's canvas, a JPEG's scan count).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+
+from shared.errors import BadRequest
+
+MAX_JPEG_SCANS = 64  # encoders write at most ~20; each scan is another pass over every block
+# Metadata blocks that Pillow or libwebp parse into an object or a record each, before any pixel
+# limit applies (10 MB of them took 100-460 MB and up to 9 s of CPU to open). The limits are far
+# above what real files carry and keep the worst case to a few MiB and tens of milliseconds.
+# JPEG: marker segments in the first picture (SOI to EOI, RST markers inside scans not counted).
+# Cameras write < 20; the most in real files are an ICC profile or Extended XMP (depth maps)
+# split into 64 KB APP2/APP1 segments (~160 for 10 MB), plus a DHT and an SOS per scan (<= 64).
+MAX_JPEG_SEGMENTS = 1024
+# JPEG and GIF: bytes between segments or blocks that belong to none (0xFF fill, junk), which
+# Pillow skips one Python iteration at a time (10 MB: 7-9 s of CPU). Encoders write none.
+MAX_PADDING_BYTES = 64 * 1024
+# GIF: data sub-blocks of the extensions before the first image, each a bytes object for
+# Pillow (2 M one-byte comment blocks: 460 MB). A full upload of 255-byte comment blocks is 41 Ki;
+# XMP (its packet read as sub-blocks, then its 258-byte "magic trailer" of 257 more) and ICC
+# profiles are a few thousand at most.
+MAX_GIF_SUB_BLOCKS = 65_536
+# PNG: chunks in the file, and those other than image data (IDAT, and APNG's fcTL/fdAT): Pillow
+# keeps every private chunk and every text chunk (870 Ki empty private chunks: 100 MB, 4 s). Real
+# PNGs have < 30 metadata chunks; image data comes in chunks of 8 KB or more (libpng), so a
+# 10 MB file holds ~1,300.
+MAX_PNG_CHUNKS = 65_536
+MAX_PNG_METADATA_CHUNKS = 4096
+# WebP: RIFF chunks (libwebp's demuxer records each, ~48 B: 1.3 M empty chunks took 63 MB); an
+# animation is one ANMF chunk per frame, far fewer than this in any real file.
+MAX_WEBP_CHUNKS = 65_536
+_JPEG_SIZELESS = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RSTn, SOI: markers without a length
+_JPEG_MARKER = re.compile(rb"\xff(?=[^\x00\xff])")  # 0xFF and a marker code: fill and stuffing skipped
+_JPEG_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7]")  # the end of entropy-coded data
+_GIF_JUNK = re.compile(rb"[^!,;]*")  # what Pillow skips between GIF blocks
+
+
+def webp_size(data: bytes) -> tuple[int, int] | None:
+    """Canvas size from a WebP header: Pillow's WebP plugin has libwebp allocate its canvases
+    inside Image.open, before any pixel limit is checked."""
+    if len(data) < 30 or data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return None
+    chunk = data[12:16]
+    if chunk == b"VP8X":
+        return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
+    if chunk == b"VP8L":
+        bits = int.from_bytes(data[21:25], "little")
+        return 1 + (bits & 0x3FFF), 1 + ((bits >> 14) & 0x3FFF)
+    if chunk == b"VP8 ":
+        width, height = struct.unpack("<HH", data[26:30])
+        return width & 0x3FFF, height & 0x3FFF
+    return None
+
+
+def _jpeg_scans(data: bytes) -> int:
+    """Number of scans (SOS segments) of the first picture, walking its marker segments as
+    Pillow and libjpeg do (an EXIF thumbnail's scans are skipped with its segment, entropy-coded
+    data jumped over, junk and 0xFF fill skipped; before the first scan Pillow reads on past an
+    EOI, so does this walk); BadRequest when it holds more than MAX_JPEG_SEGMENTS segments or
+    MAX_PADDING_BYTES of fill and junk, or more than MAX_JPEG_SCANS scans."""
+    position, scans, segments, padding, size = 2, 0, 0, 0, len(data)
+    while position + 1 < size:
+        if data[position] != 0xFF or data[position + 1] in (0x00, 0xFF):
+            window = position + MAX_PADDING_BYTES - padding + 2  # search no further than the limit
+            match = _JPEG_MARKER.search(data, position, window)
+            following = match.start() if match else size if window >= size else window
+            if (padding := padding + following - position) > MAX_PADDING_BYTES:
+                raise BadRequest(f"JPEG is invalid: over {MAX_PADDING_BYTES} bytes of padding between its markers")
+            position = following
+            continue
+        marker = data[position + 1]
+        if (segments := segments + 1) > MAX_JPEG_SEGMENTS:
+            raise BadRequest(f"JPEG has over {MAX_JPEG_SEGMENTS} marker segments (metadata); send a plain image")
+        if marker == 0xD9 and scans:
+            break  # the end of the first picture (an MPO's next picture follows)
+        if marker in _JPEG_SIZELESS or marker == 0xD9:
+            position += 2
+            continue
+        if position + 4 > size:
+            break  # truncated: the decoder will say so
+        length = int.from_bytes(data[position + 2 : position + 4], "big")
+        position += 2 + max(length, 2)  # a length under 2: Pillow and libjpeg read on after it
+        if marker == 0xDA:
+            if (scans := scans + 1) > MAX_JPEG_SCANS:
+                raise BadRequest(f"JPEG has over {MAX_JPEG_SCANS} scans (limit {MAX_JPEG_SCANS})")
+            match = _JPEG_SCAN_END.search(data, position)
+            position = match.start() if match else size
+    return scans
+
+
+def _gif_walk(data: bytes) -> None:
+    """BadRequest when the extensions before a GIF's first image hold more than
+    MAX_GIF_SUB_BLOCKS sub-blocks, or more than MAX_PADDING_BYTES of junk lies between them."""
+    if len(data) < 13:
+        return
+    position, blocks, padding, size = 13, 0, 0, len(data)
+    if data[10] & 0x80:  # a global colour table
+        position += 3 << ((data[10] & 7) + 1)
+    while position < size:
+        kind = data[position]
+        if kind in b",;":
+            return  # the first image (or the end): Pillow reads no further when it opens the file
+        if kind != 0x21:
+            window = position + MAX_PADDING_BYTES - padding + 1  # search no further than the limit
+            following = _GIF_JUNK.match(data, position, window).end()  # type: ignore[union-attr]
+            if (padding := padding + following - position) > MAX_PADDING_BYTES:
+                raise BadRequest(f"GIF is invalid: over {MAX_PADDING_BYTES} bytes of junk between its blocks")
+            position = following
+            continue
+        position += 2  # the introducer and the extension's label
+        while position < size and (length := data[position]):
+            position += 1 + length
+            if (blocks := blocks + 1) > MAX_GIF_SUB_BLOCKS:
+                raise BadRequest(f"GIF has over {MAX_GIF_SUB_BLOCKS} extension blocks (metadata); send a plain image")
+        position += 1
+
+
+def _png_walk(data: bytes) -> None:
+    """BadRequest when a PNG has more than MAX_PNG_CHUNKS chunks, or more than
+    MAX_PNG_METADATA_CHUNKS that are not image data."""
+    position, chunks, metadata, size = 8, 0, 0, len(data)
+    while position + 8 <= size:
+        kind = data[position + 4 : position + 8]
+        if (chunks := chunks + 1) > MAX_PNG_CHUNKS:
+            raise BadRequest(f"PNG has over {MAX_PNG_CHUNKS} chunks; send a plain image")
+        if kind not in (b"IDAT", b"fdAT", b"fcTL") and (metadata := metadata + 1) > MAX_PNG_METADATA_CHUNKS:
+            raise BadRequest(f"PNG has over {MAX_PNG_METADATA_CHUNKS} metadata chunks; send a plain image")
+        if kind == b"IEND":
+            return
+        position += 12 + int.from_bytes(data[position : position + 4], "big")
+
+
+def _webp_walk(data: bytes) -> None:
+    """BadRequest when a WebP has more than MAX_WEBP_CHUNKS chunks."""
+    position, chunks, size = 12, 0, len(data)
+    while position + 8 <= size:
+        if (chunks := chunks + 1) > MAX_WEBP_CHUNKS:
+            raise BadRequest(f"WebP has over {MAX_WEBP_CHUNKS} chunks; send a plain image")
+        length = int.from_bytes(data[position + 4 : position + 8], "little")
+        position += 8 + length + (length & 1)
+
+
+def check(data: bytes) -> int:
+    """The metadata limits above, checked on the bytes before Pillow parses any; the JPEG's
+    scan count (0 for other formats)."""
+    if data[:3] == b"\xff\xd8\xff":
+        return _jpeg_scans(data)
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        _gif_walk(data)
+    elif data[:8] == b"\x89PNG\r\n\x1a\n":
+        _png_walk(data)
+    elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        _webp_walk(data)
+    return 0
