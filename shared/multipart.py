@@ -10,7 +10,9 @@ each file is one slice of the body: 2-4 times less CPU, all of it under the GIL
 :class:`FormParser` plugs this into Flask's request (``request.files``, ``request.form``) in
 place of werkzeug's, with werkzeug's limits (``MAX_FORM_PARTS``, ``MAX_FORM_MEMORY_SIZE``), bounds
 of its own on the parts' headers, and werkzeug's answers: a body that cannot be split is an
-empty form, a limit exceeded is :class:`werkzeug.exceptions.RequestEntityTooLarge`.
+empty form, a limit exceeded is :class:`werkzeug.exceptions.RequestEntityTooLarge`. A part
+without a name (RFC 7578 requires ``Content-Disposition: form-data; name=...``, which werkzeug
+reads as the name "") is a :class:`~shared.errors.BadRequest` saying so.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from werkzeug.datastructures import FileStorage, Headers, MultiDict
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser, MultiPartParser
 from werkzeug.http import parse_options_header
+
+from shared.errors import BadRequest
 
 TAILS = (b"\r\n", b"\n", b"--")  # what follows a delimiter's boundary: its line break, or "--" (the last)
 MAX_BOUNDARY = 200  # RFC 2046 allows 70 characters; werkzeug sets no limit
@@ -55,7 +59,8 @@ def split(
     Raises ValueError when the body is not a whole multipart body for ``boundary`` (no
     boundary, no closing delimiter, a part without its blank line), and RequestEntityTooLarge
     past ``max_parts`` parts, for a text field over ``max_field_bytes`` or for more than
-    MAX_FORM_HEADER_BYTES of part headers. Line breaks may be CRLF or LF; a preamble before the
+    MAX_FORM_HEADER_BYTES of part headers; BadRequest for a part without a name (see
+    :func:`_nameless`). Line breaks may be CRLF or LF; a preamble before the
     first delimiter and an epilogue after the last are ignored.
     """
     _check(boundary)
@@ -81,6 +86,8 @@ def split(
         content = body[content_at : _content_end(body, content_at, next_at)]
         disposition = parse_options_header(headers.get("Content-Disposition"))[1]
         name, filename = disposition.get("name", ""), disposition.get("filename")
+        if not name:
+            raise _nameless(len(fields) + len(files) + 1, headers)
         if filename is None:
             if max_field_bytes is not None and len(content) > max_field_bytes:
                 raise RequestEntityTooLarge()
@@ -89,6 +96,15 @@ def split(
             files.append((name, FileStorage(io.BytesIO(content), filename, name, headers=headers)))
         at = next_at + 1 + len(dash)
     return fields, files
+
+
+def _nameless(number: int, headers: Headers) -> BadRequest:
+    """The error for part ``number`` (from 1), which has no name."""
+    what = "no name in its Content-Disposition" if "Content-Disposition" in headers else "no Content-Disposition"
+    return BadRequest(
+        f"multipart part {number} has {what}: each part needs 'Content-Disposition: form-data; name=\"...\"' "
+        '(an image: name="file"; filename="...", as curl -F file=@photo.jpg sends it)'
+    )
 
 
 def _check(boundary: bytes) -> None:

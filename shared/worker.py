@@ -15,7 +15,10 @@ sending headers (or a body) byte by byte hold every thread. Here:
   that sends requests one after the other (queue-proxy, a sequential caller) skips the hand-off
   back to the poller and on to a pool thread;
 - every answer gunicorn itself gives (malformed request line or headers, limits, framing) is
-  JSON with the right status: 400, 408, 414, 431, never HTML or a traceback.
+  JSON with the right status: 400, 408, 414, 431, never HTML or a traceback; like every other
+  answer it carries an ``X-Request-Id`` (the caller's when its headers were parsed, else a new
+  one) and is logged as an access line (route "unmatched"): it never reaches the application,
+  whose :class:`shared.access.AccessLog` does both for the others.
 
 Plain HTTP/1.x only (TLS ends at the ingress). gunicorn is pinned: this subclass relies on
 ``ThreadWorker`` internals (accept, enqueue_req, handle, handle_request, finish_request,
@@ -26,11 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import select
 import selectors
 import socket
 import time
+import uuid
 from functools import partial
 from typing import Any
 
@@ -72,14 +77,42 @@ REASONS = {
 }
 
 
-def json_error(status: int, message: str) -> bytes:
-    """A complete HTTP answer ``{"error": message}`` that closes the connection."""
+ACCESS_LOG = logging.getLogger("thalamus.access")  # shared.access's logger (not imported: see request_id_of)
+METHOD = re.compile(rb"[A-Z]{1,16}(?= )")  # a request line's method, when it looks like one
+
+
+def json_error(status: int, message: str, request_id: str) -> bytes:
+    """A complete HTTP answer ``{"error": message}`` that closes the connection; ``request_id``
+    must be a sane id (:func:`request_id_of`), as it goes into a header as it is."""
     body = json.dumps({"error": message[:200]}).encode()
     head = (
         f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        f"Content-Length: {len(body)}\r\nX-Request-Id: {request_id}\r\nConnection: close\r\n\r\n"
     )
     return head.encode() + body
+
+
+def request_id_of(request: Any) -> str:
+    """The id of an answer the worker gives itself: the caller's (X-Request-Id, else a
+    traceparent's trace id, by :func:`shared.access.request_id`'s rules) when gunicorn parsed the
+    request's headers, else a new one. shared.access is imported here, not at the top: it
+    imports prometheus_client, which shared.server must import only after it has set
+    PROMETHEUS_MULTIPROC_DIR, and it is loaded by then (the application imports it)."""
+    headers = getattr(request, "headers", None)
+    if not headers:
+        return uuid.uuid4().hex
+    from shared.access import request_id
+
+    environ = {"HTTP_" + str(name).upper().replace("-", "_"): str(value) for name, value in headers}
+    return request_id(environ)
+
+
+def log_refusal(status: int, message: str, request_id: str, method: str, sent: int) -> None:
+    """The access line of an answer the worker gives itself (the application's lines:
+    :class:`shared.access.AccessLog`); the route is "unmatched", as for any unknown path."""
+    fields = {"event": "access", "method": method, "route": "unmatched", "status": status}
+    fields.update(request_id=request_id, bytes_in=0, bytes_out=sent, error=message)
+    ACCESS_LOG.info(f"{status} {method or '-'} unmatched", extra=fields)
 
 
 def _ip(address: Any) -> str:
@@ -341,7 +374,11 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
 
     def reject(self, conn: Any, status: int, message: str) -> None:
         self.log.warning("refused a request from %s: %s", _ip(conn.client), message)
-        conn.sock.send_nowait(json_error(status, message))
+        rid = uuid.uuid4().hex  # the head is not whole (or too large): no header of it is read
+        answer = json_error(status, message, rid)
+        conn.sock.send_nowait(answer)
+        method = METHOD.match(conn.head)
+        log_refusal(status, message, rid, method.group().decode() if method else "", len(answer))
         self.close(conn)
 
     def close(self, conn: Any) -> None:
@@ -476,4 +513,8 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
             self.log.exception("error handling a request")
         else:
             self.log.warning("refused a request from %s: %s", _ip(address), exc)
-        client.send_nowait(json_error(status, message))
+        rid = request_id_of(request)
+        answer = json_error(status, message, rid)
+        client.send_nowait(answer)
+        method = str(getattr(request, "method", None) or "")[:16]
+        log_refusal(status, message, rid, method, len(answer))

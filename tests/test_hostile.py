@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import select
 import socket
 import subprocess
@@ -21,7 +22,7 @@ import pytest
 import requests
 
 from local.helpers import demo_image, encode, free_port, function_command, wait_http
-from shared.worker import JOIN_BODY_BYTES, DeadlineSocket
+from shared.worker import JOIN_BODY_BYTES, DeadlineSocket, request_id_of
 from tests.conftest import subprocess_env
 
 DEADLINE = 2  # REQUEST_HEADER_TIMEOUT and REQUEST_BODY_TIMEOUT of the servers under attack
@@ -82,6 +83,7 @@ def assert_json_error(answer: tuple[int, dict[str, str], bytes], status: int) ->
     code, headers, body = answer
     assert code == status, (code, body)
     assert headers.get("content-type") == "application/json", headers
+    assert re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", headers.get("x-request-id", "")), headers  # every answer has one
     return str(json.loads(body)["error"])
 
 
@@ -178,6 +180,7 @@ def test_slow_headers_get_408_json_at_the_deadline(serve):
         assert DEADLINE - 0.2 <= seconds <= DEADLINE + 1.5
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 408 ") and "not received in time" in json.loads(body)["error"]
+        assert re.search(rb"\r\nX-Request-Id: [0-9a-f]{32}\r\n", head), head
 
 
 def test_no_token_is_refused_before_the_body_is_read(serve):
@@ -225,6 +228,9 @@ MALFORMED = [
                                            "Transfer-Encoding: chunked", body=b"0\r\n\r\n"), 400),
     ("two Content-Lengths", request("POST", "/token.json", "Content-Length: 2", "Content-Length: 3",
                                     body=b"{}"), 400),
+    ("an Expect other than 100-continue", request("GET", "/healthz", "Expect: tea"), 417),
+    ("an unknown transfer coding", request("POST", "/token.json", "Transfer-Encoding: zstd, chunked",
+                                           body=b"0\r\n\r\n"), 501),
 ]  # fmt: skip
 
 
@@ -263,6 +269,60 @@ def test_deeply_nested_json_and_many_form_fields_are_400(serve, token_header):
     parts = {f"f{i}": (None, "v") for i in range(2000)}
     many = requests.post(predict.base + "/models/shapes/predict.json", files=parts, headers=token_header, timeout=10)
     assert many.status_code == 400 and "too many fields (limit 1000)" in many.json()["error"]
+
+
+def test_the_servers_own_answers_carry_a_request_id_and_an_access_line(serve):
+    """The answers the worker gives before the application sees the request (414, 431, 400, 417,
+    408): each with a new X-Request-Id (the request's headers were not read: the caller's is not
+    taken from them), and one access line under that id, as the application's answers have."""
+    server = serve("predict", MODEL_NAME="shapes", LOG_FORMAT="json")
+    mine = "X-Request-Id: mine-1"
+    cases = [
+        # gunicorn's parser refuses these (whole heads): the method is not known
+        (request("GET", "/" + "a" * 9000, mine), 414, ""),
+        (request("GET", "/healthz", mine, *[f"X-H{i}: v" for i in range(200)]), 431, ""),
+        (request("GET", "/healthz", mine, "X-Bad: a\x01b"), 400, ""),
+        (request("GET", "/healthz", mine, "Expect: tea"), 417, ""),
+        # the worker's main thread refuses this one (a head over 64 KiB, never ended)
+        (f"GET /healthz HTTP/1.1\r\n{mine}\r\nX-Big: {'b' * 70_000}".encode(), 431, "GET"),
+    ]
+    ids = {}
+    for payload, status, method in cases:
+        code, headers, _ = exchange(server.port, payload)
+        assert code == status and re.fullmatch(r"[0-9a-f]{32}", headers.get("x-request-id", "")), (status, headers)
+        ids[headers["x-request-id"]] = (status, method)
+    assert len(ids) == len(cases)  # one each
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        lines = [json.loads(line) for line in server.log_text().splitlines() if line.startswith("{")]
+        access = {line["request_id"]: line for line in lines if line.get("event") == "access"}
+        if set(ids) <= set(access):
+            break
+        time.sleep(0.05)
+    for rid, (status, method) in ids.items():
+        line = access[rid]
+        assert (line["status"], line["route"], line.get("method", "")) == (status, "unmatched", method), line
+        assert line["error"] and line["bytes_out"] > 0
+    assert "mine-1" not in access
+
+
+def test_a_parsed_requests_own_id_is_kept():
+    """When gunicorn has parsed the request (an error after that), its id follows shared.access's
+    rules: the caller's X-Request-Id when sane, else its traceparent's trace id, else a new one."""
+
+    @dataclass
+    class Parsed:
+        headers: list[tuple[str, str]]
+
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert request_id_of(Parsed([("HOST", "x"), ("X-REQUEST-ID", "abc-1")])) == "abc-1"
+    assert (
+        request_id_of(Parsed([("X-REQUEST-ID", "bad id\r\nX: y"), ("TRACEPARENT", f"00-{trace}-00f067aa0ba902b7-01")]))
+        == trace
+    )
+    assert re.fullmatch(r"[0-9a-f]{32}", request_id_of(Parsed([("X-REQUEST-ID", "é" * 3)])))
+    assert re.fullmatch(r"[0-9a-f]{32}", request_id_of(None))
+    assert request_id_of(None) != request_id_of(None)
 
 
 # -- the gateway -------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import MultiPartParser
 
 from local.helpers import demo_image, encode
+from shared.errors import BadRequest
 from shared.http import Request
 from shared.multipart import split
 
@@ -151,3 +152,26 @@ def test_a_large_text_field_is_400(shapes_client, bearer):
         "/models/shapes/predict.json", data=data, headers=bearer, content_type="multipart/form-data"
     )
     assert reply.status_code == 400 and "field too large" in reply.get_json()["error"]
+
+
+@pytest.mark.parametrize(
+    "head, what",
+    [
+        (b"Content-Type: image/png", "part 1 has no Content-Disposition"),
+        (b'Content-Disposition: form-data; filename="a.png"', "part 1 has no name in its Content-Disposition"),
+        (b'Content-Disposition: form-data; name=""; filename="a.png"', "part 1 has no name in its Content-Disposition"),
+    ],
+    ids=["no Content-Disposition", "no name", "an empty name"],
+)
+def test_a_part_without_a_name_is_400_saying_so(shapes_client, bearer, head, what):
+    # RFC 7578 4.2: every part names its field. werkzeug reads a nameless part as the field "",
+    # which left the answer saying "(this body has )".
+    png = encode(demo_image("shapes", "circle", 1))
+    data = body([head + b"\r\n\r\n" + png], b"b")
+    reply = shapes_client.post("/models/shapes/predict.json", data=data, headers=bearer,
+                               content_type="multipart/form-data; boundary=b")  # fmt: skip
+    assert reply.status_code == 400, reply.get_json()
+    assert what in reply.get_json()["error"] and 'name="file"' in reply.get_json()["error"]
+    second = body([part("file", png, "a.png"), head + b"\r\n\r\n" + png], b"b")
+    with pytest.raises(BadRequest, match="part 2 has no"):
+        split(second, b"b")

@@ -75,6 +75,22 @@ def test_other_model_is_404_and_wrong_method_405(shapes_client, bearer, circle_p
     assert wrong.status_code == 405 and wrong.headers["Allow"] == "POST"
     assert shapes_client.post("/models/shapes.json", headers=bearer).status_code == 405
     assert shapes_client.get("/nothing", headers=bearer).status_code == 404
+    # Another model's paths are not here whatever the method (a wrong one used to get a 405).
+    for method, path in [("GET", "/models/nope/predict.json"), ("POST", "/models/nope.json"),
+                         ("GET", "/v1/models/nope:predict"), ("GET", "/v2/models/nope/infer")]:  # fmt: skip
+        reply = shapes_client.open(path, method=method, headers=bearer)
+        assert reply.status_code == 404 and "no such model here: nope" in reply.get_json()["error"], (method, path)
+
+
+def test_a_file_field_sent_as_text_is_named(shapes_client, bearer, circle_png):
+    """curl -F file=<photo.jpg (text) instead of -F file=@photo.jpg: the part has no filename."""
+    reply = shapes_client.post(
+        "/models/shapes/predict.json",
+        headers=bearer,
+        data={"file": "not an upload"},
+        content_type="multipart/form-data",
+    )
+    assert reply.status_code == 400 and "field 'file' is text, not a file" in reply.get_json()["error"]
 
 
 def test_health_ready_and_docs(shapes_client):

@@ -137,6 +137,19 @@ BAD = {
     "wrong columnar shape": ({"inputs": ONE}, 400, "shape [64, 64, 3] does not fit"),
     "strings": ({"instances": [[[["1"] * 3] * 64] * 64]}, 400, "must be numbers"),
     "booleans": ({"instances": [[[[True] * 3] * 64] * 64]}, 400, "must be numbers"),
+    # numpy reads true as 1 among numbers: refused all the same, not predicted
+    "a boolean among numbers": (
+        {"instances": [[[[True, 0.0, 0.0]] + [[0.0] * 3] * 63] + [[[0.0] * 3] * 64] * 63]},
+        400,
+        "instances: values must be numbers, not true or false",
+    ),
+    "a boolean among columnar numbers": ({"inputs": [[[[0, 0, False]] * 64] * 64]}, 400, "not true or false"),
+    "a named example with a boolean": (
+        {"instances": [{"keras_tensor": [[[0.0, 1.0, 2.0]] * 64] * 63 + [[[0.0, 1.0, False]] * 64]}]},
+        400,
+        "not true or false",
+    ),
+    "an integer of 5000 digits": (b'{"instances": [' + b"1" * 5000 + b"]}", 400, "body: number too long"),
     "ragged": ({"instances": [ONE, [[0.0]]]}, 400, "rectangular"),
     "NaN": (json.dumps({"instances": [[[[float("nan")] * 3] * 64] * 64]}).encode(), 400, "finite"),
     "beyond float32": ({"instances": [[[[1e39] * 3] * 64] * 64]}, 400, "finite"),
@@ -157,7 +170,38 @@ def test_bad_request(shapes_client, bearer, case):
     reply = shapes_client.post(f"/v1/models/{MODEL}:predict", headers=bearer, data=data)
     assert reply.status_code == status, reply.get_json()
     assert message in reply.get_json()["error"]
+    assert "sys." not in reply.get_json()["error"]  # never Python's advice to its programmer
     check(shapes_client.get("/openapi.json").get_json(), f"/v1/models/{MODEL}:predict", "post", reply)
+
+
+def test_booleans_outside_the_tensors_and_words_in_strings_change_nothing(shapes_client, bearer, pngs):
+    # "true" in a string after "[" makes the cheap test look at the values: none is a boolean.
+    body = {"signature_name": "serving_default", "note": "[true, false]", "instances": tensor(pngs).tolist()}
+    reply = shapes_client.post(f"/v1/models/{MODEL}:predict", headers=bearer, json=body)
+    assert reply.status_code == 200, reply.get_json()
+    np.testing.assert_allclose(reply.get_json()["predictions"], expected(pngs), atol=1e-6)
+
+
+def test_a_gzip_body_of_several_members_is_read_whole(settings, shapes_client, bearer, pngs):
+    # RFC 1952: a gzip file may be several members one after the other (cat a.gz b.gz).
+    text = json.dumps({"instances": [{"b64": b64(png)} for png in pngs]}).encode()
+    members = gzip.compress(text[:100]) + gzip.compress(text[100:-10]) + gzip.compress(text[-10:])
+    headers = {**bearer, "Content-Encoding": "gzip"}
+    reply = shapes_client.post(f"/v1/models/{MODEL}:predict", headers=headers, data=members)
+    assert reply.status_code == 200, reply.get_json()
+    np.testing.assert_allclose(reply.get_json()["predictions"], expected(pngs), atol=1e-6)
+    # ...under one limit: a bomb cut in members (each under it) is as large as it was whole
+    small = predict_client(settings, MODEL, max_upload_bytes=100_000)
+    bomb = json.dumps({"instances": [ONE] * 3}).encode()  # ~150 kB
+    third = len(bomb) // 3
+    parts = [bomb[:third], bomb[third : 2 * third], bomb[2 * third :]]
+    reply = small.post(f"/v1/models/{MODEL}:predict", headers=headers, data=b"".join(map(gzip.compress, parts)))
+    assert reply.status_code == 413 and "after gzip decompression" in reply.get_json()["error"]
+    # bytes after the last member that are not a member: refused, not ignored
+    for tail, size in ((b"garbage", 7), (b"\0" * 8, 8), (b"\x1f", 1)):
+        reply = shapes_client.post(f"/v1/models/{MODEL}:predict", headers=headers, data=gzip.compress(text) + tail)
+        assert reply.status_code == 400, (tail, reply.get_json())
+        assert f"{size} bytes follow the end of the gzip data" in reply.get_json()["error"]
 
 
 def test_auth_model_verb_and_size_errors(settings, shapes_client, bearer, auth):

@@ -238,6 +238,25 @@ BAD = {
     "data length vs shape": ({"inputs": [fp32([1, 64, 64, 3], [0.0] * 10)]}, {}, 400, "data holds 10 values"),
     "missing data": ({"inputs": [fp32([1, 64, 64, 3])]}, {}, 400, "needs 'data'"),
     "strings as numbers": ({"inputs": [fp32([1, 64, 64, 3], ["1"] * (64 * 64 * 3))]}, {}, 400, "must be numbers"),
+    "a boolean among FP32 numbers": (
+        {"inputs": [fp32([1, 64, 64, 3], [True] + [0] * (64 * 64 * 3 - 1))]},
+        {},
+        400,
+        "input 'keras_tensor' data: values must be numbers, not true or false",
+    ),
+    "a boolean among nested FP32 numbers": (
+        {"inputs": [fp32([1, 64, 64, 3], [[[[0.5, 0.5, False]] * 64] * 64])]},
+        {},
+        400,
+        "not true or false",
+    ),
+    "a boolean among UINT8 pixels": (
+        {"inputs": [{**fp32([1, 64, 64, 3], [0] * (64 * 64 * 3 - 1) + [True]), "datatype": "UINT8"}]},
+        {},
+        400,
+        "not true or false",
+    ),
+    "an integer of 5000 digits": (b'{"inputs": [' + b"9" * 5000 + b"]}", {}, 400, "inference request: number too long"),
     "ragged data": ({"inputs": [fp32([1, 64, 64, 3], [[0.0, 0.0], [0.0]])]}, {}, 400, "rectangular"),
     "NaN": ({"inputs": [fp32([1, 64, 64, 3], [float("nan")] * (64 * 64 * 3))]}, {}, 400, "finite"),
     "UINT8 fractions": (
@@ -338,6 +357,33 @@ BAD = {
         "3 bytes of binary data left over",
     ),
     "binary data nobody claims": (*binary({"inputs": [fp32([1, 64, 64, 3], ZEROS)]}, b"\0" * 8), 400, "no input has"),
+    "binary BYTES elements beyond the shape": (
+        # a million empty elements for shape [1]: refused at the second, not after unpacking them all
+        *binary(
+            {
+                "inputs": [
+                    {"name": "x", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 4_000_000}}
+                ]
+            },
+            b"\0" * 4_000_000,
+        ),
+        400,
+        "binary data holds more than 1 BYTES elements, its shape needs 1",
+    ),
+    "binary BYTES elements short of the shape": (
+        *binary(
+            {"inputs": [{"name": "x", "datatype": "BYTES", "shape": [3], "parameters": {"binary_data_size": 8}}]},
+            b"\0" * 8,
+        ),
+        400,
+        "binary data holds 2 BYTES elements, its shape needs 3",
+    ),
+    "JSON BYTES elements beyond the shape": (
+        {"inputs": [{"name": "x", "datatype": "BYTES", "shape": [2], "data": ["aGk="] * 100_000}]},
+        {},
+        400,
+        "data holds more than 2 elements, shape [2] needs 2",
+    ),
     "BYTES element overruns": (
         *binary(
             {"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 8}}]},
@@ -355,6 +401,24 @@ BAD = {
     "unsupported Content-Encoding": (b"{}", {"Content-Encoding": "br"}, 415, "'br' is not supported"),
     "corrupt gzip": (b"not gzip at all", {"Content-Encoding": "gzip"}, 400, "not valid gzip"),
     "truncated gzip": (gzip.compress(b'{"inputs": []}')[:-12], {"Content-Encoding": "gzip"}, 400, "truncated"),
+    "truncated second gzip member": (
+        gzip.compress(b'{"inputs": ') + gzip.compress(b"[]}")[:-12],
+        {"Content-Encoding": "gzip"},
+        400,
+        "truncated",
+    ),
+    "gzip then garbage": (
+        gzip.compress(json.dumps({"inputs": [fp32([1, 64, 64, 3], ZEROS)]}).encode()) + b"garbage",
+        {"Content-Encoding": "gzip"},
+        400,
+        "7 bytes follow the end of the gzip data",
+    ),
+    "deflate then more": (
+        zlib.compress(json.dumps({"inputs": [fp32([1, 64, 64, 3], ZEROS)]}).encode()) + zlib.compress(b"{}"),
+        {"Content-Encoding": "deflate"},
+        400,
+        "bytes follow the end of the deflate data",
+    ),
 }
 
 
@@ -365,7 +429,31 @@ def test_bad_request(shapes_client, bearer, case):
     reply = shapes_client.post(f"/v2/models/{MODEL}/infer", headers={**bearer, **headers}, data=data)
     assert reply.status_code == status, reply.get_json()
     assert message in reply.get_json()["error"]
+    assert "sys." not in reply.get_json()["error"]  # never Python's advice to its programmer
     check(shapes_client.get("/openapi.json").get_json(), f"/v2/models/{MODEL}/infer", "post", reply)
+
+
+def test_booleans_in_parameters_and_gzip_members_are_read_as_before(shapes_client, bearer, pngs):
+    # tritonclient's JSON requests hold true/false as parameters: only a tensor may not.
+    batch = tensor(pngs)
+    spec = fp32(list(batch.shape), batch.tolist(), parameters={"binary_data": False})
+    body = {
+        "id": "[true, false]",
+        "inputs": [spec],
+        "outputs": [{"name": "output_0", "parameters": {"binary_data": False}}],
+        "parameters": {"binary_data_output": True},
+    }
+    text = json.dumps(body).encode()
+    reply = shapes_client.post(f"/v2/models/{MODEL}/infer", headers=bearer, data=text)
+    assert reply.status_code == 200, reply.get_json()
+    np.testing.assert_allclose(np.reshape(reply.get_json()["outputs"][0]["data"], (3, 3)), expected(pngs), atol=1e-6)
+    # the same request as three gzip members (cat a.gz b.gz c.gz): the same answer
+    members = b"".join(gzip.compress(text[i : i + 50_000]) for i in range(0, len(text), 50_000))
+    gzipped = shapes_client.post(
+        f"/v2/models/{MODEL}/infer", headers={**bearer, "Content-Encoding": "gzip"}, data=members
+    )
+    assert gzipped.status_code == 200, gzipped.get_json()
+    assert gzipped.get_json() == reply.get_json()
 
 
 def test_null_optional_fields_are_absent_ones(shapes_client, bearer):
@@ -393,6 +481,12 @@ def test_bodies_are_bounded_on_the_wire_and_after_inflating(settings, bearer):
             data=gzip.compress(body) if encoding == "gzip" else zlib.compress(body),
         )
         assert small.status_code == 200, small.get_json()
+    # cut in gzip members that are each under the limit, it is as large as it was whole
+    half = len(bomb) // 2
+    members = gzip.compress(bomb[:half]) + gzip.compress(bomb[half:])
+    reply = client.post(f"/v2/models/{MODEL}/infer", headers={**bearer, "Content-Encoding": "gzip"}, data=members)
+    assert reply.status_code == 413, reply.get_json()
+    assert "after gzip decompression too large (limit 200000 bytes)" in reply.get_json()["error"]
     huge = client.post(f"/v2/models/{MODEL}/infer", headers=bearer, data=bomb)
     assert huge.status_code == 413 and "too large" in huge.get_json()["error"]
 

@@ -30,6 +30,11 @@ def create_service(settings: Settings, model: Model, auth: AuthStore | None = No
             raise UnsupportedMediaType("send uploads without Content-Encoding (images are compressed already)")
         uploads = [pipeline.Upload(f.read(), f.filename) for f in request.files.getlist("file")]
         if not uploads:
+            if "file" in request.form:  # a part named file, but without a filename: read as text
+                raise BadRequest(
+                    "field 'file' is text, not a file: its part has no filename; send the image as a file "
+                    '(Content-Disposition: form-data; name="file"; filename="photo.jpg"), e.g. curl -F file=@photo.jpg'
+                )
             fields = sorted({*request.files, *request.form})
             raise BadRequest(
                 f"no file: send the image(s) in multipart field 'file' (this body has {', '.join(fields)})"

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import itertools
 import json
 import math
 import re
 import struct
+import sys
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -27,28 +29,53 @@ from shared import imaging
 from shared.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 NON_BMP = re.compile(rb"[\xf0-\xf4]")  # the lead byte of a 4-byte UTF-8 character
+GZIP_MAGIC = b"\x1f\x8b"  # how every gzip member begins (RFC 1952)
+# A gzip body may be several members one after the other (``cat a.gz b.gz``); each costs a
+# decompressor, so there is a bound (bgzip's 64 KiB members make 160 of a 10 MiB body).
+MAX_GZIP_MEMBERS = 1024
+# After the first member (given the whole body, as a body of one member is read in one call),
+# compressed input is fed in pieces of this size: what zlib copies at the end of each member
+# (the input left over) stays small however many members follow.
+INFLATE_CHUNK = 64 * 1024
+# Where ``true``/``false`` would be a list item: after "[" or "," (and whitespace).
+LIST_ITEM_BEFORE = (b"[", b",")
 
 
 def read_body(request: flask.Request, limit: int) -> bytes:
     """The request body whatever its Content-Type (tritonclient sends none, ``curl -d`` sends a
     form type), inflated when ``Content-Encoding`` is gzip or deflate: at most ``limit`` bytes
-    after inflating too (more → PayloadTooLarge), so a small bomb cannot fill the memory."""
+    after inflating too (more → PayloadTooLarge), so a small bomb cannot fill the memory. A gzip
+    body may hold several members (RFC 1952), read one after the other under the same limit;
+    bytes after the end that are not another member are a BadRequest."""
     body = request.get_data(cache=False)
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if encoding in ("", "identity"):
         return body
     if encoding not in ("gzip", "deflate"):
         raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported; send gzip, deflate or none")
-    inflater = zlib.decompressobj(zlib.MAX_WBITS | 16 if encoding == "gzip" else zlib.MAX_WBITS)
-    try:
-        data = inflater.decompress(body, limit + 1)
-    except zlib.error:
-        raise BadRequest(f"body is not valid {encoding} data") from None
-    if len(data) > limit:
-        raise PayloadTooLarge(limit, f"request body after {encoding} decompression")
-    if not inflater.eof:
-        raise BadRequest(f"{encoding} body is truncated")
-    return data
+    wbits = zlib.MAX_WBITS | 16 if encoding == "gzip" else zlib.MAX_WBITS
+    view, at, pieces, size, step = memoryview(body), 0, [], 0, len(body)
+    for _member in range(MAX_GZIP_MEMBERS):
+        inflater = zlib.decompressobj(wbits)
+        while not inflater.eof and at < len(view):
+            chunk = view[at : at + step]
+            try:
+                data = inflater.decompress(chunk, limit + 1 - size)  # never 0 (no limit): size <= limit
+            except zlib.error:
+                raise BadRequest(f"body is not valid {encoding} data") from None
+            size += len(data)
+            if size > limit:
+                raise PayloadTooLarge(limit, f"request body after {encoding} decompression")
+            pieces.append(data)
+            at += len(chunk) - len(inflater.unused_data)  # below the limit, zlib took all it was given
+        if not inflater.eof:
+            raise BadRequest(f"{encoding} body is truncated")
+        if at == len(view):
+            return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        if encoding != "gzip" or view[at : at + 2] != GZIP_MAGIC:
+            raise BadRequest(f"{len(view) - at} bytes follow the end of the {encoding} data (not another gzip member)")
+        step = INFLATE_CHUNK
+    raise BadRequest(f"gzip body of more than {MAX_GZIP_MEMBERS} members")
 
 
 def json_cost(text: bytes) -> int:
@@ -76,8 +103,14 @@ def parse_json(data: bytes | memoryview, what: str = "body", max_cost: int | Non
         )
     try:
         return json.loads(text)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"{what} is not valid JSON ({exc})") from None
+    except ValueError as exc:  # Python's bound on the digits of an int (sys.set_int_max_str_digits)
+        if "digits" not in str(exc):
+            raise BadRequest(f"{what} is not valid JSON") from None
+        raise BadRequest(
+            f"{what}: number too long (an integer of over {sys.get_int_max_str_digits()} digits)"
+        ) from None
     except RecursionError:
         raise BadRequest(f"{what} is nested too deeply") from None
 
@@ -96,16 +129,47 @@ def input_shape(model: Model) -> list[int]:
     return [spec["height"], spec["width"], spec["channels"]]
 
 
-def dense(value: Any, where: str) -> np.ndarray:
+def dense(value: Any, where: str, text: bytes | memoryview | None = None) -> np.ndarray:
     """Nested JSON lists of numbers → an array; BadRequest for ragged lists, strings, booleans
-    or nulls (numpy would quietly turn ``"1.5"`` and ``true`` into numbers)."""
+    or nulls (numpy would quietly turn ``"1.5"`` and ``true`` into numbers). ``text`` is the
+    JSON the value was parsed from: booleans among numbers are looked for value by value only
+    when :func:`may_hold_booleans` finds that it may hold one (None: always)."""
     try:
         array = np.asarray(value)
     except (ValueError, TypeError):
         raise BadRequest(f"{where}: not a rectangular (dense) nested list of numbers") from None
     if array.dtype.kind not in "iuf":
         raise BadRequest(f"{where}: values must be numbers, in a rectangular nested list")
+    if (text is None or may_hold_booleans(text)) and _holds_booleans(value, array.ndim):
+        raise BadRequest(f"{where}: values must be numbers, not true or false")
     return array
+
+
+def may_hold_booleans(text: bytes | memoryview) -> bool:
+    """Whether JSON ``text`` may hold ``true`` or ``false`` as a list item (where a tensor's
+    numbers are): a bytes-level test, two ``bytes.find`` where a body has neither word. An
+    object's value (tritonclient's ``"binary_data_output": true``) follows a ":" and is not
+    one; a word inside a string may be taken for one, which costs only the precise check."""
+    data = text if isinstance(text, bytes) else bytes(text)
+    found = 0
+    for word in (b"true", b"false"):
+        at = data.find(word)
+        while at >= 0:
+            found += 1
+            before = data[max(0, at - 32) : at].rstrip()
+            if found > 64 or before.endswith(LIST_ITEM_BEFORE) or (not before and at > 32):
+                return True  # a list item, or too many words (or spaces) to look at one by one
+            at = data.find(word, at + len(word))
+    return False
+
+
+def _holds_booleans(value: Any, ndim: int) -> bool:
+    """Whether the leaves of ``value``, nested lists ``ndim`` deep (as numpy found them), hold a
+    bool (numpy reads True as 1). The leaves are walked in C: itertools and map, no Python loop."""
+    leaves = value if ndim else [value]
+    for _ in range(ndim - 1):
+        leaves = itertools.chain.from_iterable(leaves)
+    return bool in map(type, leaves)
 
 
 def model_input(array: np.ndarray, model: Model, where: str, *, pixels: bool = False) -> np.ndarray:
@@ -167,10 +231,15 @@ def pack_bytes(items: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(item)) + item for item in items)
 
 
-def unpack_bytes(data: memoryview, where: str) -> list[bytes]:
-    """The BYTES elements of a binary section; BadRequest when a length overruns it."""
-    items, offset = [], 0
+def unpack_bytes(data: memoryview, where: str, count: int) -> list[bytes]:
+    """The ``count`` BYTES elements of a binary section; BadRequest when a length overruns it,
+    or when it holds more or fewer elements (more: found at the first one too many, before the
+    rest is unpacked)."""
+    items: list[bytes] = []
+    offset = 0
     while offset < len(data):
+        if len(items) == count:
+            raise BadRequest(f"{where}: binary data holds more than {count} BYTES elements, its shape needs {count}")
         if offset + 4 > len(data):
             raise BadRequest(f"{where}: binary BYTES data ends inside an element's 4-byte length")
         (length,) = struct.unpack_from("<I", data, offset)
@@ -179,4 +248,6 @@ def unpack_bytes(data: memoryview, where: str) -> list[bytes]:
             raise BadRequest(f"{where}: binary BYTES element of {length} bytes runs past its binary_data_size")
         items.append(bytes(data[offset : offset + length]))
         offset += length
+    if len(items) != count:
+        raise BadRequest(f"{where}: binary data holds {len(items)} BYTES elements, its shape needs {count}")
     return items

@@ -14,6 +14,7 @@ The server endpoints (``/v2``, ``/v2/health/*``) are every function's (:mod:`sha
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -109,11 +110,12 @@ class V2:
             raise BadRequest(f"missing 'inputs': a list holding the model's input {self.model.input_name!r}")
         if len(inputs) != 1:
             raise BadRequest(f"model {self.model.name} takes 1 input ({self.model.input_name!r}), got {len(inputs)}")
-        probabilities = pipeline.infer(self.model, self._input(inputs[0], binary))
+        probabilities = pipeline.infer(self.model, self._input(inputs[0], header, binary))
         return self._answer(probabilities, wanted, request_id)
 
-    def _input(self, spec: Any, binary: memoryview) -> np.ndarray:
-        """The request's one input as the model's batch (binary data checked to the byte)."""
+    def _input(self, spec: Any, header: bytes | memoryview, binary: memoryview) -> np.ndarray:
+        """The request's one input as the model's batch (binary data checked to the byte;
+        ``header``: the JSON it came from, for :func:`tensors.dense`)."""
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise BadRequest("inputs[0]: missing 'name'")
         where = f"input {spec['name']!r}"
@@ -145,7 +147,7 @@ class V2:
                 )
             array = np.frombuffer(section, dtype=dtype).reshape(shape)
         elif "data" in spec:
-            array = tensors.dense(spec["data"], f"{where} data")
+            array = tensors.dense(spec["data"], f"{where} data", header)
             if datatype in PIXELS and array.dtype.kind == "f":
                 raise BadRequest(f"{where}: UINT8 data must be whole numbers 0..255")
             if array.size != count:
@@ -162,16 +164,13 @@ class V2:
         tensors.check_batch_size(shape[0], "images")
         name = spec["name"]
         if section is not None:
-            items = tensors.unpack_bytes(section, where)
-            if len(items) != shape[0]:
-                raise BadRequest(
-                    f"{where}: binary data holds {len(items)} BYTES elements, shape {shape} needs {shape[0]}"
-                )
+            items = tensors.unpack_bytes(section, where, shape[0])
             uploads = [pipeline.Upload(item, f"{name}[{i}]") for i, item in enumerate(items)]
         elif "data" in spec:
-            values = list(tensors.flatten(spec["data"]))
+            values = list(itertools.islice(tensors.flatten(spec["data"]), shape[0] + 1))  # one too many is enough
             if len(values) != shape[0]:
-                raise BadRequest(f"{where}: data holds {len(values)} elements, shape {shape} needs {shape[0]}")
+                held = f"more than {shape[0]}" if len(values) > shape[0] else str(len(values))
+                raise BadRequest(f"{where}: data holds {held} elements, shape {shape} needs {shape[0]}")
             uploads = [tensors.b64_image(value, f"{name}[{i}]") for i, value in enumerate(values)]
         else:
             raise BadRequest(f"{where}: needs 'data' or parameters.binary_data_size")
