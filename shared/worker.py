@@ -64,7 +64,12 @@ ERROR_STATUS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], int], .
     (parse_errors.ForbiddenProxyRequest, 403),
     (parse_errors.ParseException, 400),
 )
-MESSAGES = {414: "request line too long", 431: "request headers too large", 500: "internal error"}
+MESSAGES = {
+    414: "request line too long",
+    431: "request headers too large",
+    500: "internal error",
+    501: "Transfer-Encoding other than chunked is not supported (use Content-Encoding for a compressed body)",
+}
 REASONS = {
     400: "Bad Request",
     403: "Forbidden",
@@ -207,9 +212,14 @@ class GuardedBody(Body):  # type: ignore[misc]  # gunicorn has no type informati
     the connection raises a ThalamusError (408 or 400) the service answers as JSON. Not an
     OSError: werkzeug would turn that into its own "client disconnected" 400."""
 
-    def __init__(self, request: Any) -> None:
+    def __init__(self, request: Any, sock: Any) -> None:
         super().__init__(request.body.reader)
         self.request = request
+        # "Expect: 100-continue": the 100 goes out with the first read, so after the bearer
+        # check, which needs only the head (gunicorn sends it before the application runs,
+        # inviting a client the check then refuses to upload its body all the same).
+        self.continue_to = sock if request._expected_100_continue else None
+        request._expected_100_continue = False
 
     def close_connection(self) -> None:
         """Close the connection after this answer instead of reading the rest of the body:
@@ -219,6 +229,9 @@ class GuardedBody(Body):  # type: ignore[misc]  # gunicorn has no type informati
     def _read_reader(self, size: int) -> bytes:
         error: ThalamusError
         try:
+            if (sock := self.continue_to) is not None:
+                self.continue_to = None
+                sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
             return bytes(super()._read_reader(size))
         except TimeoutError:  # only DeadlineSocket sets socket timeouts
             error = RequestTimeout("request body not received in time")
@@ -486,7 +499,12 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
             conn.sock.end()
 
     def handle_request(self, request: Any, conn: Any) -> Any:
-        request.body = GuardedBody(request)  # becomes environ["wsgi.input"]
+        # gunicorn accepts gzip, deflate and compress before chunked and hands the body on still
+        # coded: no application here would decode it (RFC 9112 6.1: 501 for what is not done).
+        for name, value in request.headers:
+            if name == "TRANSFER-ENCODING" and any(c.strip().lower() != "chunked" for c in value.split(",")):
+                raise parse_errors.UnsupportedTransferCoding(value)
+        request.body = GuardedBody(request, conn.sock)  # becomes environ["wsgi.input"]
         try:
             return super().handle_request(request, conn)
         except TimeoutError:  # the send deadline; ThreadWorker.handle would log a traceback

@@ -193,6 +193,32 @@ def test_no_token_is_refused_before_the_body_is_read(serve):
     assert answer.startswith(b"HTTP/1.1 401 ") and b"Connection: close" in answer
 
 
+def test_a_100_continue_is_sent_only_once_the_token_is_good(serve, token_header):
+    """A client that asks first ("Expect: 100-continue", as curl does for large uploads) is not
+    invited to upload a body the token check then refuses."""
+    server = serve("predict", MODEL_NAME="shapes")
+    image = encode(demo_image("shapes", "circle", 3))
+    body = b"--x\r\nContent-Disposition: form-data; name=file; filename=c.png\r\n\r\n" + image + b"\r\n--x--\r\n"
+    for token, first in (
+        (token_header["Authorization"], b"HTTP/1.1 100 Continue\r\n\r\n"),
+        ("Bearer " + "t" * 43, b""),
+    ):
+        head = request("POST", "/models/shapes/predict.json", f"Authorization: {token}", "Expect: 100-continue",
+                       "Content-Type: multipart/form-data; boundary=x", f"Content-Length: {len(body)}")  # fmt: skip
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(head)
+            answer = sock.recv(65536)
+            if first:
+                assert answer == first
+                sock.sendall(body)
+                answer = sock.recv(65536)
+                while not answer.endswith(b"}"):  # the head and the JSON body, perhaps in two reads
+                    answer += sock.recv(65536)
+                assert answer.startswith(b"HTTP/1.1 200 ") and b'"circle"' in answer
+            else:
+                assert answer.startswith(b"HTTP/1.1 401 "), answer  # no 100 before it
+
+
 def test_slow_body_with_a_token_gets_408_and_frees_its_thread(serve, token_header):
     server = serve("predict", MODEL_NAME="shapes", THREADS="2")
     head = request("POST", "/models/shapes/predict.json", f"Authorization: {token_header['Authorization']}",
@@ -231,6 +257,8 @@ MALFORMED = [
     ("an Expect other than 100-continue", request("GET", "/healthz", "Expect: tea"), 417),
     ("an unknown transfer coding", request("POST", "/token.json", "Transfer-Encoding: zstd, chunked",
                                            body=b"0\r\n\r\n"), 501),
+    ("gzip as a transfer coding", request("POST", "/token.json", "Content-Type: application/json",
+                                          "Transfer-Encoding: gzip, chunked", body=b"0\r\n\r\n"), 501),
 ]  # fmt: skip
 
 
