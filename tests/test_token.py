@@ -1,6 +1,8 @@
 """The token function through functions-framework's test client, one test per status."""
 
 import base64
+import gzip
+import json
 import time
 
 import pytest
@@ -62,6 +64,16 @@ def test_oauth2_answer_names_the_scope_granted(token_client, auth, keypair):
     assert set(grant(scoped, scope="shapes")["scope"].split(" ")) == {"arrows", "shapes"}
     assert grant(keypair, scope="shapes")["scope"] == "*"
     assert "scope" not in grant(keypair)  # every model, nothing asked: nothing to say
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+def test_a_coded_body_is_415_not_read_as_if_plain(token_client, keypair, encoding):
+    body = json.dumps({"public_key": keypair.public_key, "secret_key": keypair.secret_key}).encode()
+    sent = gzip.compress(body) if encoding == "gzip" else body  # labelled as coded, whether it is or not
+    reply = token_client.post(
+        "/token.json", data=sent, content_type="application/json", headers={"Content-Encoding": encoding}
+    )
+    assert reply.status_code == 415 and "Content-Encoding" in reply.get_json()["error"]
 
 
 def test_oauth2_client_credentials_with_basic(token_client, keypair):

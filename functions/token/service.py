@@ -61,6 +61,9 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
     def issue_token(call: Call) -> flask.Response:
         """JSON keypair → {token, ttl}; OAuth2 client credentials → RFC 6749 token response."""
         request = call.request
+        if request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+            # A keypair is a few hundred bytes: nothing here inflates a body, so none is taken coded.
+            raise UnsupportedMediaType("send the credentials without Content-Encoding")
         form = request.mimetype == "application/x-www-form-urlencoded"
         if form and request.get_data(cache=True).lstrip().startswith(b"{"):
             # What `curl -d @client.json` sends: a JSON keypair labelled as a form.

@@ -130,7 +130,7 @@ def document(settings: Settings) -> dict[str, Any]:
             "401": unauthorized,
             "405": openapi.METHOD_NOT_ALLOWED,
             "415": openapi.error(
-                "Neither JSON nor a form, or a JSON body sent as a form",
+                "Neither JSON nor a form, a JSON body sent as a form, or a body with a Content-Encoding",
                 "the body is JSON but Content-Type says form: send it with Content-Type: application/json",
             ),
             "429": openapi.retry_error("Too many failed attempts", "too many failed attempts; retry in 42 s"),
