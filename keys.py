@@ -180,7 +180,7 @@ def write_keypair(name: str, pair: Keypair, store: Callable[[], object]) -> None
             out.write("\n")
         store()
     except OutcomeUnknown as exc:
-        raise fail(f"{exc.detail}; {path} is kept in case it was: ./keys.py -l tells") from None
+        raise fail(f"{exc.detail}; {path} is kept in case it was (a token request with it tells)") from None
     except BaseException:
         path.unlink(missing_ok=True)
         raise

@@ -109,8 +109,9 @@ class Gateway:
     def _local(self, environ: Environ, start_response: StartResponse, path: str) -> Iterable[bytes]:
         close = has_body(environ)  # these never read a body: do not let gunicorn wait for one
         if environ["REQUEST_METHOD"] not in ("GET", "HEAD"):
-            if exchange_of(environ).route != "unmatched":  # a path of its own, as a function answers
-                raise MethodNotAllowed(["GET", "HEAD"])
+            name = path.removeprefix("/openapi/").removesuffix(".json")
+            if path in LOCAL_PATHS or path.removeprefix("/docs/") in docs.ASSETS or name in self._functions():
+                raise MethodNotAllowed(["GET", "HEAD"])  # a path it serves, as a function answers
             raise NotFound(f"no such path: {path}")
         if path == "/healthz":
             return _json(start_response, 200, {"status": "ok"}, close=close)

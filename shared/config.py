@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from shared.errors import StartupError
 
@@ -43,7 +43,11 @@ def mask_url(url: str) -> str:
     if "@" in netloc:
         user, _, host = netloc.rpartition("@")
         netloc = f"{user.partition(':')[0]}:***@{host}" if ":" in user else f"***@{host}"
-    query = re.sub(r"(?i)(^|[&;])(password=)[^&;]*", r"\1\2***", parts.query)
+    fields = re.split(r"([&;])", parts.query)  # redis-py unquotes names: pass%77ord is password too
+    query = "".join(
+        f"{field.partition('=')[0]}=***" if unquote_plus(field.partition("=")[0]).lower() == "password" else field
+        for field in fields
+    )
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 

@@ -42,7 +42,9 @@ MAX_PNG_METADATA_CHUNKS = 4096
 MAX_WEBP_CHUNKS = 65_536
 _JPEG_SIZELESS = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RSTn, SOI: markers without a length
 _JPEG_MARKER = re.compile(rb"\xff(?=[^\x00\xff])")  # 0xFF and a marker code: fill and stuffing skipped
-_JPEG_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7]")  # the end of entropy-coded data
+# The end of entropy-coded data: a marker other than RSTn, after any 0xFF fill (T.81 B.1.1.2
+# allows fill before a restart marker too: that is not the end).
+_JPEG_SCAN_END = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
 _GIF_JUNK = re.compile(rb"[^!,;]*")  # what Pillow skips between GIF blocks
 
 
@@ -127,15 +129,18 @@ def _gif_walk(data: bytes) -> None:
 
 
 def _png_walk(data: bytes) -> None:
-    """BadRequest when a PNG has more than MAX_PNG_CHUNKS chunks, or more than
-    MAX_PNG_METADATA_CHUNKS that are not image data."""
-    position, chunks, metadata, size = 8, 0, 0, len(data)
+    """BadRequest when a PNG has more than MAX_PNG_CHUNKS chunks, more than
+    MAX_PNG_METADATA_CHUNKS that are not image data, or more than one ICC profile (the PNG
+    standard allows one; Pillow inflates each, up to 1 MiB, when the file is opened)."""
+    position, chunks, metadata, profiles, size = 8, 0, 0, 0, len(data)
     while position + 8 <= size:
         kind = data[position + 4 : position + 8]
         if (chunks := chunks + 1) > MAX_PNG_CHUNKS:
             raise BadRequest(f"PNG has over {MAX_PNG_CHUNKS} chunks; send a plain image")
         if kind not in (b"IDAT", b"fdAT", b"fcTL") and (metadata := metadata + 1) > MAX_PNG_METADATA_CHUNKS:
             raise BadRequest(f"PNG has over {MAX_PNG_METADATA_CHUNKS} metadata chunks; send a plain image")
+        if kind == b"iCCP" and (profiles := profiles + 1) > 1:
+            raise BadRequest("PNG is invalid: more than one ICC profile (iCCP chunk)")
         if kind == b"IEND":
             return
         position += 12 + int.from_bytes(data[position : position + 4], "big")

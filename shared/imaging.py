@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, PngImagePlugin, UnidentifiedImageError
 
 from shared import cgroup, imagefiles, libc
 from shared.config import Settings
@@ -51,6 +51,10 @@ FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 # the scan limit, the progressive buffers (as "MPO" alone it decoded at full size, unbounded).
 JPEG = ("JPEG", "MPO")
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated upload is an error, not a grey half-image
+# A PNG's compressed text (zTXt, iTXt) is inflated as the file is opened, outside the decode
+# budget: Pillow allows 64 MiB an image (63 chunks of 1 KB, each inflating to 1 MiB: 67 MB a
+# thread from a 66 KB upload). 4 MiB in all is far above real metadata; over it is a 400.
+PngImagePlugin.MAX_TEXT_MEMORY = 4 * 1024 * 1024
 REDUCING_GAP = 3.0  # resize()'s reducing_gap: the integer reduce factors follow from it
 BAND_PIXELS = 256 * 1024  # pixels per band: each band's temporaries are a few MiB
 # Each side at most JPEG's (and GIF's) own maximum, 65,535 px: Pillow keeps an 8-byte pointer per

@@ -504,7 +504,7 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
         for name, value in request.headers:
             if name == "TRANSFER-ENCODING" and any(c.strip().lower() != "chunked" for c in value.split(",")):
                 raise parse_errors.UnsupportedTransferCoding(value)
-        request.body = GuardedBody(request, conn.sock)  # becomes environ["wsgi.input"]
+        request.body = conn.body = GuardedBody(request, conn.sock)  # becomes environ["wsgi.input"]
         try:
             return super().handle_request(request, conn)
         except TimeoutError:  # the send deadline; ThreadWorker.handle would log a traceback
@@ -517,6 +517,10 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
         # second (error) answer after the first.
         try:
             conn.sock.send_held()
+            if (body := getattr(conn, "body", None)) is not None and body.continue_to is not None:
+                # "Expect: 100-continue" and the body never read: the client was not asked for
+                # it, so it is not drained either (that read would send a 100 after the answer).
+                return False
             return bool(super()._keepalive_after(conn, keepalive))
         except (ThalamusError, parse_errors.ParseException, OSError):
             return False

@@ -1,5 +1,7 @@
 """The local gateway's own answers (local/gateway.py), over real HTTP on the running stack."""
 
+import socket
+
 import pytest
 import requests
 
@@ -12,7 +14,22 @@ def test_its_own_paths_answer_a_wrong_method_with_405_as_a_function_does(running
     assert requests.get(running_stack.gateway + path, timeout=10).status_code == 200
 
 
-def test_a_path_of_nobody_stays_404_whatever_the_method(running_stack):
+@pytest.mark.parametrize("path", ["/robots.txt", "/docs/nothing.js", "/openapi/nobody.json"])
+def test_a_path_of_nobody_stays_404_whatever_the_method(running_stack, path):
     for method in ("GET", "POST"):
-        reply = requests.request(method, running_stack.gateway + "/robots.txt", timeout=10)
-        assert reply.status_code == 404 and "no such path" in reply.json()["error"]
+        reply = requests.request(method, running_stack.gateway + path, timeout=10)
+        assert reply.status_code == 404 and "no such" in reply.json()["error"], (method, path)
+
+
+def test_a_100_continue_never_follows_its_answer(running_stack):
+    """A client that asked "Expect: 100-continue" and got its final answer without a 100 was
+    not asked for its body: the connection closes, with no 100 sent after the answer (that 100
+    would be read as the next answer, and the body's bytes as the next request)."""
+    port = int(running_stack.gateway.rsplit(":", 1)[1])
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(head)
+        received = b""
+        while chunk := sock.recv(65536):  # until the server closes
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200 ") and received.count(b"HTTP/1.1") == 1, received

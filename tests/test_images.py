@@ -314,3 +314,30 @@ def test_jpeg_with_zero_sampling_factors_is_400_not_500(shapes_client, bearer):
         data[at + 11 + 3 * component] = 0
     reply = upload(shapes_client, bearer, ("zero.jpg", bytes(data)))
     assert reply.status_code == 400 and "JPEG is invalid" in reply.get_json()["error"], reply.get_json()
+
+
+def test_compressed_png_text_is_bounded_when_the_file_is_opened(shapes_client, bearer):
+    """zTXt and iTXt are inflated as a PNG is opened, outside the decode budget: 63 chunks of 1 KB,
+    each 1 MiB of text, held 67 MB a thread (Pillow's own cap is 64 MiB an image)."""
+    png = encode(circle())
+    at = png.index(b"IDAT") - 4
+    text = b"".join(png_chunk(b"zTXt", b"k%d\0\0" % n + zlib.compress(b"A" * (1 << 20), 9)) for n in range(8))
+    reply = upload(shapes_client, bearer, ("text.png", png[:at] + text + png[at:]))
+    assert reply.status_code == 400 and "text chunks" in reply.get_json()["error"], reply.get_json()
+    one = png_chunk(b"zTXt", b"k\0\0" + zlib.compress(b"A" * (1 << 20), 9))  # 1 MiB of text: fine
+    assert upload(shapes_client, bearer, ("one.png", png[:at] + one + png[at:])).get_json()["prediction"] == "circle"
+    # One ICC profile is the standard's; more, each inflated as the file opens, are refused.
+    icc = png_chunk(b"iCCP", b"p\0\0" + zlib.compress(b"\0" * (1 << 20), 9))
+    reply = upload(shapes_client, bearer, ("icc.png", png[:at] + icc * 2 + png[at:]))
+    assert reply.status_code == 400 and "more than one ICC profile" in reply.get_json()["error"], reply.get_json()
+
+
+def test_fill_bytes_before_a_restart_marker_are_not_the_end_of_the_scan(shapes_client, bearer):
+    """T.81 allows 0xFF fill before any marker, RSTn inside a scan included: Pillow decodes such
+    a JPEG, so the structure walk must not take what follows for padding."""
+    data = encode(circle().resize((1600, 1600)), "JPEG", restart_marker_blocks=1)  # 10,000 restarts
+    scan = data.index(b"\xff\xda")
+    restart = data.index(b"\xff\xd0", scan)
+    filled = data[:restart] + b"\xff" * 3 + data[restart:]
+    reply = upload(shapes_client, bearer, ("fill.jpg", filled))
+    assert reply.status_code == 200 and reply.get_json()["prediction"] == "circle", reply.get_json()

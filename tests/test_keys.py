@@ -239,6 +239,7 @@ def test_purge_asks_on_a_terminal(env, keypair, auth, answer, deleted):
         ("redis://:redis@127.0.0.1:{port}/0", "redis://:***@127.0.0.1:{port}/0"),  # as the scheme's name
         ("redis://127.0.0.1:{port}/0?password=hunter2", "redis://127.0.0.1:{port}/0?password=***"),  # redis-py reads it
         ("redis://hunter2@127.0.0.1:{port}/0", "redis://***@127.0.0.1:{port}/0"),  # a user part alone may be one
+        ("redis://127.0.0.1:{port}/0?pass%77ord=hunter2", "redis://127.0.0.1:{port}/0?pass%77ord=***"),  # unquoted
     ],
 )
 def test_unreachable_redis_names_the_url_without_its_password(url, shown):

@@ -144,6 +144,12 @@ BAD = {
         "instances: values must be numbers, not true or false",
     ),
     "a boolean among columnar numbers": ({"inputs": [[[[0, 0, False]] * 64] * 64]}, 400, "not true or false"),
+    # json.loads reads UTF-16 and UTF-32 too, where "true" is not the bytes b"true"
+    "a boolean among numbers in UTF-16": (
+        json.dumps({"instances": [[[[True, 0.0, 0.0]] + [[0.0] * 3] * 63] + [[[0.0] * 3] * 64] * 63]}).encode("utf-16"),
+        400,
+        "not true or false",
+    ),
     "a named example with a boolean": (
         {"instances": [{"keras_tensor": [[[0.0, 1.0, 2.0]] * 64] * 63 + [[[0.0, 1.0, False]] * 64]}]},
         400,

@@ -149,8 +149,11 @@ def may_hold_booleans(text: bytes | memoryview) -> bool:
     """Whether JSON ``text`` may hold ``true`` or ``false`` as a list item (where a tensor's
     numbers are): a bytes-level test, two ``bytes.find`` where a body has neither word. An
     object's value (tritonclient's ``"binary_data_output": true``) follows a ":" and is not
-    one; a word inside a string may be taken for one, which costs only the precise check."""
+    one; a word inside a string may be taken for one, which costs only the precise check. JSON
+    in UTF-16 or UTF-32 (json.loads reads those too) is not looked at: it may."""
     data = text if isinstance(text, bytes) else bytes(text)
+    if json.detect_encoding(data[:4]) != "utf-8":
+        return True
     found = 0
     for word in (b"true", b"false"):
         at = data.find(word)
