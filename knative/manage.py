@@ -195,7 +195,9 @@ def set_image(name: str, ref: str) -> None:
     if name != "token":
         write_catalog()  # a new image may carry a retrained bundle
     entry = images[f"thalamus/{name}"]
-    print(f"thalamus-{name} runs {entry['newName']}@{entry['digest']}: kubectl apply -k knative/ (or knative/routing)")
+    tag = f":{entry['newTag']}" if "newTag" in entry else ""
+    runs = f"{entry['newName']}{tag}@{entry['digest']}"
+    print(f"thalamus-{name} runs {runs}: kubectl apply -k knative/ (or knative/routing)")
 
 
 def write_catalog() -> None:

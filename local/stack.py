@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -191,10 +192,17 @@ class Stack:
         for child in self.children:
             print(f"  {child.name:<18} {child.url:<26} {child.model}")
         model = self.children[2].model if len(self.children) > 2 else "MODEL"
+        # keys.py must find the same Redis and prefix: say so when they are not the defaults.
+        shown = settings.redis_url_masked
+        env = "" if settings.redis_url_is_default else f"REDIS_URL={shlex.quote(shown)} "
+        if env and shown != settings.redis_url:
+            env = "REDIS_URL=<the REDIS_URL above, with its password> "
+        if settings.prefix != config.Settings.prefix:
+            env += f"THALAMUS_PREFIX={shlex.quote(settings.prefix)} "
         print(
             f"""
 Next steps (docs: {gateway}/docs):
-  ./keys.py -g client.json
+  {env}./keys.py -g client.json
   TOKEN=$(curl -s -X POST {gateway}/token.json -H 'Content-Type: application/json' \\
           -d @client.json | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
   curl -H "Authorization: Bearer $TOKEN" -F file=@photo.jpg {gateway}/models/{model}/predict.json

@@ -699,9 +699,10 @@ class UsageRecorder:
         except Exception:  # counting must never fail a request
             log.exception("usage: cannot count a request")
 
-    def flush(self) -> None:
-        """Add the pending counts to Redis now; on failure keep them for the next flush. A flush
-        another thread has under way is waited for: when this returns, no count is in flight."""
+    def flush(self, at_exit: bool = False) -> None:
+        """Add the pending counts to Redis now; on failure keep them for the next flush (at exit
+        there is none: say how many are lost). A flush another thread has
+        under way is waited for: when this returns, no count is in flight."""
         with self._flushing:
             with self._lock:
                 pending, self._counts = list(self._counts.items()), {}
@@ -712,6 +713,14 @@ class UsageRecorder:
                 try:
                     self._flush_script(keys=[self._prefix + "last-used", self._prefix + "purged"], args=args)
                 except redis.RedisError as exc:
+                    if at_exit:
+                        lost = sum(requests for _, (requests, _, _) in pending[start:])
+                        log.warning(
+                            "usage: cannot write counts to Redis (%s) at exit: %d requests not counted",
+                            type(exc).__name__,
+                            lost,
+                        )
+                        return
                     log.warning("usage: cannot write counts to Redis (%s); will retry", type(exc).__name__)
                     self._keep(pending[start:])
                     return
@@ -741,7 +750,7 @@ class _Flusher:
             if self._pid != os.getpid():
                 self._pid = os.getpid()
                 threading.Thread(target=self._run, name="thalamus-usage", daemon=True).start()
-                atexit.register(self.flush_all)
+                atexit.register(self.flush_all, at_exit=True)
 
     def _run(self) -> None:
         while True:
@@ -751,11 +760,11 @@ class _Flusher:
             except Exception:  # whatever it was, the next second's counts still go out
                 log.exception("usage: flush failed")
 
-    def flush_all(self) -> None:
+    def flush_all(self, at_exit: bool = False) -> None:
         with self._lock:
             recorders = list(self._recorders)
         for recorder in recorders:
-            recorder.flush()
+            recorder.flush(at_exit)
 
     def after_fork(self) -> None:
         # A fork copies locks in whatever state another thread held them: start the child afresh.

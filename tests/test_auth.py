@@ -4,6 +4,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import astuple
 
 import pytest
 import redis
@@ -314,6 +315,16 @@ def test_usage_waits_out_a_redis_outage(own_redis, settings):
     own_redis.start()  # empty: the throw-away server keeps no data
     store.usage.flush()
     assert [(r.requests, r.label) for r in store.usage_report(pair.public_key)] == [(1, "(revoked)")]
+
+
+def test_counts_lost_at_exit_are_said_so_not_promised_a_retry(own_redis, settings, caplog):
+    store = KeyAdmin(settings.replace(redis_url=own_redis.url))
+    session = store.issue_token(*astuple(store.create_key()), "a").session
+    for _ in range(3):
+        store.record_request(session, "shapes", 200)
+    own_redis.stop()
+    store.usage.flush(at_exit=True)  # what the exit flush does: there is no next flush
+    assert "at exit: 3 requests not counted" in caplog.text and "will retry" not in caplog.text
 
 
 def test_a_usage_flush_never_takes_a_requests_pool_slot(own_redis, settings):

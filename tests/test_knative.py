@@ -511,7 +511,8 @@ def test_routing_host_is_set_once(project):
 
 def test_set_image_records_a_digest_or_explains_how_to_get_one(project):
     pinned = "registry.example.com/t/token:1.4@sha256:" + "a" * 64
-    assert run_manage(project, "set-image", "token", pinned).returncode == 0
+    done = run_manage(project, "set-image", "token", pinned)
+    assert done.returncode == 0 and f"runs {pinned}:" in done.stdout  # what it wrote, the tag included
     token = one(kustomize(project / "knative"), "Service", "thalamus-token")
     assert token["spec"]["template"]["spec"]["containers"][0]["image"] == pinned
     tag_only = run_manage(project, "set-image", "token", "registry.example.com/t/token:1.5", env={"PATH": "/nowhere"})
