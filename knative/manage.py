@@ -220,10 +220,19 @@ def render_model(name: str) -> str:
     )
 
 
+_MIN_SCALE = re.compile(r'^( +autoscaling\.knative\.dev/min-scale: )"?(\d+)"?$', re.M)
+
+
 def render_models() -> None:
-    """Re-render every deployed model's Service from the template (after editing the template)."""
+    """Re-render every deployed model's Service from the template (after editing the template),
+    keeping each one's min-scale: the per-model setting the README gives (a model that must
+    never make a user wait keeps a pod); everything else comes from the template."""
     for name in models():
-        (FUNCTIONS / "models" / f"{name}.yaml").write_text(render_model(name))
+        path = FUNCTIONS / "models" / f"{name}.yaml"
+        text = render_model(name)
+        if path.exists() and (kept := _MIN_SCALE.search(path.read_text())):
+            text = _MIN_SCALE.sub(lambda line: f'{line.group(1)}"{kept.group(2)}"', text)
+        path.write_text(text)
 
 
 def add_model(name: str, ref: str | None) -> None:

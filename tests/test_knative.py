@@ -489,12 +489,17 @@ def test_model_services_are_rendered_from_the_template(project):
         assert committed == manage.render_model(name), f"run knative/manage.py render ({name})"
     template = project / "knative/functions/model-template.yaml"
     template.write_text(template.read_text().replace('max-scale: "20"', 'max-scale: "7"'))
+    shapes = project / "knative/functions/models/shapes.yaml"  # kept warm, as the README suggests
+    shapes.write_text(shapes.read_text().replace('min-scale: "0"', 'min-scale: "1"'))
     result = run_manage(project, "render")
     assert result.returncode == 0, result.stderr
     for service in knative_services(kustomize(project / "knative")):
         annotations = service["spec"]["template"]["metadata"]["annotations"]
         expected = "10" if service["metadata"]["name"] == "thalamus-token" else "7"
         assert annotations["autoscaling.knative.dev/max-scale"] == expected
+        if service["metadata"]["name"] != "thalamus-token":  # each model keeps its own min-scale
+            warm = service["metadata"]["name"] == "thalamus-shapes"
+            assert annotations["autoscaling.knative.dev/min-scale"] == ("1" if warm else "0")
 
 
 def test_routing_host_is_set_once(project):
