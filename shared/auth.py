@@ -72,7 +72,9 @@ local function audit(stream, user, host, action, pk, detail)
              'public_key', pk, 'user', user, 'host', host, 'detail', detail)
 end
 local function note_expiry(key, stream, host, pk, expires)
-  if redis.call('HSETNX', key, 'expiry_noted', '1') == 1 then
+  -- Read first: once noted, nothing is written, so a full Redis (maxmemory, which refuses any
+  -- write in a script) still answers an expired key's token with 401, not "Redis is full".
+  if redis.call('HEXISTS', key, 'expiry_noted') == 0 and redis.call('HSETNX', key, 'expiry_noted', '1') == 1 then
     audit(stream, '-', host, 'expired', pk, 'expiry reached at ' .. expires)
   end
 end

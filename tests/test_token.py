@@ -348,6 +348,27 @@ def test_a_full_redis_gives_503_and_keeps_what_it_has(own_redis, settings):
     assert post_json(client, body).status_code == 200
 
 
+def test_a_full_redis_still_says_401_to_an_expired_keys_token(own_redis, settings):
+    """Once its expiry is noted, refusing an expired key's token writes nothing: a full Redis
+    answers it 401 as before, not "Redis is full" (a capacity problem, retry in 30 s)."""
+    settings = settings.replace(redis_url=own_redis.url)
+    client = function_client(create_service(settings))
+    store = AuthStore(settings)
+    pair = store.create_key()
+    token = store.issue_token(pair.public_key, pair.secret_key, "t").token
+    raw = redis.Redis.from_url(own_redis.url)
+    raw.hset(f"{settings.prefix}key:{pair.public_key}", "expires", int(time.time()) - 5)
+    bearer = {"Authorization": f"Bearer {token}"}
+    assert client.get("/session.json", headers=bearer).status_code == 401  # notes the expiry
+    raw.config_set("maxmemory-policy", "noeviction")
+    raw.config_set("maxmemory", 1)
+    try:
+        reply = client.get("/session.json", headers=bearer)
+        assert reply.status_code == 401, reply.get_json()
+    finally:
+        raw.config_set("maxmemory", 0)
+
+
 def test_a_hung_redis_costs_one_wait_then_fast_answers_until_it_is_back(own_redis):
     settings = Settings(redis_url=own_redis.url, redis_url_is_default=False, prefix="hung:")
     auth = AuthStore(settings)

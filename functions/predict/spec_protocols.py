@@ -306,7 +306,7 @@ def paths(
 def _schemas(labels: list[str], input_name: str, output_name: str) -> dict[str, Any]:
     # A V1 example: nested lists of numbers (the model's input) or an image file, bare or named
     # after the model's input (TF Serving's named form). `inputs` (columnar) holds the batch.
-    numbers = {"type": "array", "description": "nested lists of numbers"}
+    numbers = {"type": "array", "minItems": 1, "description": "nested lists of numbers"}
     image = {
         "type": "object",
         "required": ["b64"],
