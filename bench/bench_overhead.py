@@ -1,12 +1,13 @@
 """Where a warm prediction's time goes inside a predict function, layer by layer, in-process.
 
-    .venv/bin/python bench/bench_overhead.py [--requests 1000] [--gap-ms 4]
+    .venv/bin/python bench/bench_overhead.py [--requests 1000] [--gap-ms 4] [--photo drawing|detailed]
 
 Loads the predict function for the reference network (``bench/reference_model.py``) in this
 process as ``shared.server`` loads it (functions-framework's app, the access log, JSON logs, the
 Prometheus folder, a throw-away redis-server for the token), and calls its WSGI app with the
-bench's 640x480 JPEG as a multipart upload and a Bearer token: no socket and no gunicorn, so what
-is left is the function's own code. Each layer is timed without the layers it calls:
+bench's 640x480 JPEG (``--photo``, as in ``bench_predict.py``) as a multipart upload and a Bearer
+token: no socket and no gunicorn, so what is left is the function's own code. Each layer is
+timed without the layers it calls:
 
 - WSGI: building the request's environ, reading the answer, closing it (the bench's own share);
 - the access log and request metrics (``shared.access``);
@@ -144,9 +145,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--gap-ms", type=float, default=4.0, help="idle before each request, second column")
+    parser.add_argument("--photo", choices=sorted(bench_predict.PHOTOS), default="drawing", help="the JPEG sent")
     args = parser.parse_args()
 
-    bundle, photo = reference_model.build(), bench_predict.sample_photo()
+    bundle, photo = reference_model.build(), bench_predict.sample_photo(args.photo)
     with tempfile.TemporaryDirectory() as tmp:
         redis_server = RedisServer(free_port(), Path(tmp) / "redis").start()
         try:

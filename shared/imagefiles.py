@@ -43,8 +43,10 @@ MAX_WEBP_CHUNKS = 65_536
 _JPEG_SIZELESS = frozenset({0x01, *range(0xD0, 0xD9)})  # TEM, RSTn, SOI: markers without a length
 _JPEG_MARKER = re.compile(rb"\xff(?=[^\x00\xff])")  # 0xFF and a marker code: fill and stuffing skipped
 # The end of entropy-coded data: a marker other than RSTn, after any 0xFF fill (T.81 B.1.1.2
-# allows fill before a restart marker too: that is not the end).
-_JPEG_SCAN_END = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")
+# allows fill before a restart marker too: that is not the end). Spelled with a literal first
+# byte so the search skips to each 0xFF at C speed: as \xff+ it tried a match at every byte
+# (0.8 ms for a 100 KB photo, against 45 µs).
+_JPEG_SCAN_END = re.compile(rb"\xff\xff*[^\x00\xd0-\xd7\xff]")
 _GIF_JUNK = re.compile(rb"[^!,;]*")  # what Pillow skips between GIF blocks
 
 

@@ -321,9 +321,11 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
         a head sent byte by byte costs linear time, not quadratic."""
         buf, start, conn.scanned = conn.head, conn.scanned, len(conn.head)
         if conn.need is None:
-            if BARE_LF.search(buf, start):
-                return 200  # gunicorn's parser refuses it (400) without reading more
             end = buf.find(b"\r\n\r\n", max(0, start - 3))
+            # In the head only: the body that came with it may be long and hold no newline,
+            # and this pattern is tried at every byte it is searched over.
+            if BARE_LF.search(buf, start, len(buf) if end < 0 else end + 4):
+                return 200  # gunicorn's parser refuses it (400) without reading more
             limit = self.cfg.limit_request_line  # one leading CRLF is allowed: search from 1
             if end < 0 and 0 < limit < len(buf) - 2 and buf.find(b"\r\n", 1) < 0:
                 return 414
