@@ -112,11 +112,14 @@ def request_id_of(request: Any) -> str:
     return request_id(environ)
 
 
-def log_refusal(status: int, message: str, request_id: str, method: str, sent: int) -> None:
-    """The access line of an answer the worker gives itself (the application's lines:
-    :class:`shared.access.AccessLog`); the route is "unmatched", as for any unknown path."""
+def refuse(sock: DeadlineSocket, status: int, message: str, request_id: str, method: str) -> None:
+    """Answer ``status`` with ``{"error": message}`` on ``sock`` if it takes the answer at once,
+    and log its access line (the application's lines: :class:`shared.access.AccessLog`); the
+    route is "unmatched", as for any unknown path."""
+    answer = json_error(status, message, request_id)
+    sock.send_nowait(answer)
     fields = {"event": "access", "method": method, "route": "unmatched", "status": status}
-    fields.update(request_id=request_id, bytes_in=0, bytes_out=sent, error=message)
+    fields.update(request_id=request_id, bytes_in=0, bytes_out=len(answer), error=message)
     ACCESS_LOG.info(f"{status} {method or '-'} unmatched", extra=fields)
 
 
@@ -389,11 +392,9 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
 
     def reject(self, conn: Any, status: int, message: str) -> None:
         self.log.warning("refused a request from %s: %s", _ip(conn.client), message)
-        rid = uuid.uuid4().hex  # the head is not whole (or too large): no header of it is read
-        answer = json_error(status, message, rid)
-        conn.sock.send_nowait(answer)
         method = METHOD.match(conn.head)
-        log_refusal(status, message, rid, method.group().decode() if method else "", len(answer))
+        # The head is not whole (or too large): no header of it is read, the request id is new.
+        refuse(conn.sock, status, message, uuid.uuid4().hex, method.group().decode() if method else "")
         self.close(conn)
 
     def close(self, conn: Any) -> None:
@@ -537,8 +538,4 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
             self.log.exception("error handling a request")
         else:
             self.log.warning("refused a request from %s: %s", _ip(address), exc)
-        rid = request_id_of(request)
-        answer = json_error(status, message, rid)
-        client.send_nowait(answer)
-        method = str(getattr(request, "method", None) or "")[:16]
-        log_refusal(status, message, rid, method, len(answer))
+        refuse(client, status, message, request_id_of(request), str(getattr(request, "method", None) or "")[:16])
