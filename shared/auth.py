@@ -14,7 +14,8 @@ Layout (``P`` is the prefix; everything Thalamus writes is under it, so purge fi
 - ``P fail:addr:<address>``, ``P fail:key:<pk>``, ``P fail:key-addr:<pk>:<address>``: failed
   token requests (brute-force limits);
 - ``P usage:<pk>:<YYYY-MM-DD>``: hash ``r:<model>``, ``e:<model>``, ``t:<model>`` (requests,
-  errors, last use), kept :data:`USAGE_DAYS` days; ``P last-used``: hash pk → last use;
+  errors, last use), kept :data:`~shared.usage.USAGE_DAYS` days; ``P last-used``: hash pk → last
+  use (both written by :mod:`shared.usage`);
 - ``P audit``: stream of key events (action, public_key, user, host, detail), capped;
 - ``P purged``: when the last purge ended (its counts may still arrive: they are dropped).
 
@@ -24,7 +25,6 @@ carry more rights than its key has at the moment it is used.
 
 from __future__ import annotations
 
-import atexit
 import base64
 import functools
 import getpass
@@ -37,18 +37,15 @@ import os
 import re
 import secrets
 import socket
-import threading
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, cast
-
-import redis
 
 from shared import metrics, store
 from shared.config import Rate, Settings
 from shared.errors import BadRequest, Forbidden, InvalidCredentials, TooManyRequests, Unauthorized, UnknownKey
 from shared.tokencache import PROPAGATION_SECONDS, TokenCache
+from shared.usage import USAGE_DAYS, UsageRecorder
 
 log = logging.getLogger("thalamus")
 
@@ -61,8 +58,6 @@ MODEL_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 # scrypt cost: N=2^14, r=8, p=1 uses 16 MiB and about 40-50 ms on one core here (see README).
 SCRYPT_N, SCRYPT_R, SCRYPT_P, SCRYPT_LEN = 1 << 14, 8, 1, 32
 AUDIT_MAX_ENTRIES = 10_000  # the audit stream is trimmed to about this many events
-USAGE_DAYS = 90  # usage counters are kept this many days
-USAGE_FLUSH_SECONDS = 1.0  # how often a process adds its usage counts to Redis
 
 # Appends an audit event (the stream entry's ID is its time) unless no user is given.
 AUDIT_LUA = f"""
@@ -167,28 +162,6 @@ _RECORD_FAILURE = """
 for _, name in ipairs(KEYS) do
   redis.call('INCR', name)
   if redis.call('TTL', name) < 0 then redis.call('EXPIRE', name, ARGV[1]) end
-end
-"""
-
-# KEYS: last-used hash, purge time. ARGV: prefix, ttl, then (pk, day, model, requests, errors,
-# last) groups. Counts last used by the end of the last purge, of a key that does not exist, are
-# dropped: they belong to a purged key (a key made since then keeps its counts).
-_FLUSH_USAGE = """
-local purged = tonumber(redis.call('GET', KEYS[2]) or '0')
-for i = 3, #ARGV, 6 do
-  local name = ARGV[1] .. 'usage:' .. ARGV[i] .. ':' .. ARGV[i + 1]
-  local model, last = ARGV[i + 2], tonumber(ARGV[i + 5])
-  if last > purged or redis.call('EXISTS', ARGV[1] .. 'key:' .. ARGV[i]) == 1 then
-    redis.call('HINCRBY', name, 'r:' .. model, ARGV[i + 3])
-    redis.call('HINCRBY', name, 'e:' .. model, ARGV[i + 4])
-    if tonumber(redis.call('HGET', name, 't:' .. model) or '0') < last then
-      redis.call('HSET', name, 't:' .. model, last)
-    end
-    redis.call('EXPIRE', name, ARGV[2])
-    if tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0') < last then
-      redis.call('HSET', KEYS[1], ARGV[i], last)
-    end
-  end
 end
 """
 
@@ -658,123 +631,3 @@ def describe_key(scopes: list[str] | None, label: str, expires: int | None, rate
     """A key's settings in one line, for the audit stream (never its secret)."""
     models = ",".join(scopes) if scopes else "*"
     return f"models={models} label={label!r} expires={utc(expires)} rate={rate or 'unlimited'}"
-
-
-class UsageRecorder:
-    """Counts answered requests per key, model and UTC day in this process; one background
-    thread per process adds every recorder's counts to Redis each :data:`USAGE_FLUSH_SECONDS`
-    and at exit. Counting costs a request no Redis round trip, and a Redis outage costs it
-    nothing at all: counts wait, bounded, for the next flush."""
-
-    MAX_PENDING = 100_000  # distinct (key, day, model) entries kept while Redis is unreachable
-    # Entries per script call: 5,000 take Redis about 0.1 s, far inside the client's timeout
-    # (a call that times out is sent again by the client's retry, and counted twice).
-    FLUSH_CHUNK = 5_000
-
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
-        self._redis = client
-        self._prefix = prefix
-        self._flush_script = client.register_script(_FLUSH_USAGE)
-        self._lock = threading.Lock()
-        # One flush at a time, from taking the counts to Redis's answer: the exit flush waits for
-        # one in flight on the background thread (which exit would kill, losing its counts).
-        self._flushing = threading.Lock()
-        self._counts: dict[tuple[str, str, str], list[int]] = {}
-        self._pid = 0  # the process these counts belong to (a forked child starts afresh)
-
-    def add(self, public_key: str, model: str | None, error: bool) -> None:
-        """Count one request (an error when ``error``); never raises."""
-        try:
-            now = time.time()
-            entry_key = (public_key, time.strftime("%Y-%m-%d", time.gmtime(now)), model or "-")
-            with self._lock:
-                if self._pid != os.getpid():
-                    self._pid = os.getpid()
-                    self._counts = {}  # a fork's copy of the parent's pending counts is the parent's
-                    _flusher.watch(self)
-                entry = self._counts.get(entry_key)
-                if entry is None:
-                    entry = self._counts[entry_key] = [0, 0, 0]
-                entry[0] += 1
-                entry[1] += error
-                entry[2] = int(now)
-        except Exception:  # counting must never fail a request
-            log.exception("usage: cannot count a request")
-
-    def flush(self, at_exit: bool = False) -> None:
-        """Add the pending counts to Redis now; on failure keep them for the next flush (at exit
-        there is none: say how many are lost). A flush another thread has
-        under way is waited for: when this returns, no count is in flight."""
-        with self._flushing:
-            with self._lock:
-                pending, self._counts = list(self._counts.items()), {}
-            for start in range(0, len(pending), self.FLUSH_CHUNK):
-                args: list[str | int] = [self._prefix, (USAGE_DAYS + 1) * 86400]
-                for (public_key, day, model), (requests, errors, last) in pending[start : start + self.FLUSH_CHUNK]:
-                    args += [public_key, day, model, requests, errors, last]
-                try:
-                    self._flush_script(keys=[self._prefix + "last-used", self._prefix + "purged"], args=args)
-                except redis.RedisError as exc:
-                    if at_exit:
-                        lost = sum(requests for _, (requests, _, _) in pending[start:])
-                        log.warning(
-                            "usage: cannot write counts to Redis (%s) at exit: %d requests not counted",
-                            type(exc).__name__,
-                            lost,
-                        )
-                        return
-                    log.warning("usage: cannot write counts to Redis (%s); will retry", type(exc).__name__)
-                    self._keep(pending[start:])
-                    return
-
-    def _keep(self, unsent: list[tuple[tuple[str, str, str], list[int]]]) -> None:
-        with self._lock:
-            for entry_key, (requests, errors, last) in unsent:
-                if len(self._counts) >= self.MAX_PENDING and entry_key not in self._counts:
-                    break
-                entry = self._counts.setdefault(entry_key, [0, 0, 0])
-                entry[0] += requests
-                entry[1] += errors
-                entry[2] = max(entry[2], last)
-
-
-class _Flusher:
-    """The one thread per process that flushes every recorder in use, and the exit flush."""
-
-    def __init__(self) -> None:
-        self._recorders: weakref.WeakSet[UsageRecorder] = weakref.WeakSet()
-        self._lock = threading.Lock()
-        self._pid = 0
-
-    def watch(self, recorder: UsageRecorder) -> None:
-        with self._lock:
-            self._recorders.add(recorder)
-            if self._pid != os.getpid():
-                self._pid = os.getpid()
-                threading.Thread(target=self._run, name="thalamus-usage", daemon=True).start()
-                atexit.register(self.flush_all, at_exit=True)
-
-    def _run(self) -> None:
-        while True:
-            time.sleep(USAGE_FLUSH_SECONDS)
-            try:
-                self.flush_all()
-            except Exception:  # whatever it was, the next second's counts still go out
-                log.exception("usage: flush failed")
-
-    def flush_all(self, at_exit: bool = False) -> None:
-        with self._lock:
-            recorders = list(self._recorders)
-        for recorder in recorders:
-            recorder.flush(at_exit)
-
-    def after_fork(self) -> None:
-        # A fork copies locks in whatever state another thread held them: start the child afresh.
-        self._lock = threading.Lock()
-        for recorder in list(self._recorders):
-            recorder._lock, recorder._flushing = threading.Lock(), threading.Lock()
-            recorder._counts = {}  # the parent's, which the parent flushes
-
-
-_flusher = _Flusher()
-os.register_at_fork(after_in_child=_flusher.after_fork)
