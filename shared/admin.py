@@ -7,7 +7,6 @@ Functions never import this module (their images do not hold it); the request pa
 from __future__ import annotations
 
 import datetime
-import json
 import re
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from shared.auth import (
     hash_secret,
     rate_field,
     salt_of,
+    scopes_field,
     utc,
 )
 from shared.config import Rate
@@ -168,7 +168,7 @@ class KeyAdmin(AuthStore):
         fields: dict[str, str] = {}
         shown: list[str] = []
         if not isinstance(scopes, Unchanged):
-            fields["scopes"] = json.dumps(scopes) if scopes else ""
+            fields["scopes"] = scopes_field(scopes)
             shown.append(f"models={','.join(scopes) if scopes else '*'}")
         if not isinstance(label, Unchanged):
             fields["label"] = label

@@ -246,6 +246,16 @@ def parse_scopes(text: str | None) -> list[str] | None:
     return names
 
 
+def scopes_field(scopes: list[str] | None) -> str:
+    """How a key record stores ``scopes``: a JSON list of model names, empty for all models."""
+    return json.dumps(scopes) if scopes else ""
+
+
+def parse_scopes_field(text: str | None) -> list[str] | None:
+    """The inverse of :func:`scopes_field`."""
+    return json.loads(text) if text else None
+
+
 def rate_field(rate: Rate | None) -> str:
     """How a key record stores ``rate``: ``limit/window`` in seconds, empty for unlimited."""
     return f"{rate.limit}/{rate.window}" if rate else ""
@@ -387,7 +397,7 @@ class AuthStore:
             self._k("key", pair.public_key),
             mapping={
                 "secret": hash_secret(pair.secret_key),
-                "scopes": json.dumps(scopes) if scopes else "",
+                "scopes": scopes_field(scopes),
                 "label": label,
                 "created": int(time.time()),
                 "expires": "" if expires is None else int(expires),
@@ -455,7 +465,7 @@ class AuthStore:
                 KeyInfo(
                     public_key,
                     label or "",
-                    json.loads(scopes) if scopes else None,
+                    parse_scopes_field(scopes),
                     int(created or 0),
                     int(live),
                     int(expires) if expires else None,
@@ -529,7 +539,7 @@ class AuthStore:
         if reply[0] != 1:  # revoked, rotated or expired: the same answer as a wrong secret
             raise InvalidCredentials()
         ttl, scopes = int(reply[1]), reply[2]
-        return IssuedToken(token, ttl, Session(public_key, json.loads(scopes) if scopes else None, ttl))
+        return IssuedToken(token, ttl, Session(public_key, parse_scopes_field(scopes), ttl))
 
     def authenticate(self, authorization: str | None, model: str | None = None) -> Session:
         """The session of an ``Authorization: Bearer <token>`` header value, allowed to call
@@ -562,7 +572,7 @@ class AuthStore:
         if reply[0] == 0:  # unknown or expired token, revoked or expired key
             metrics.AUTH_FAILURES.labels("invalid").inc()
             raise Unauthorized()
-        public_key, scopes = reply[1], json.loads(reply[2]) if reply[2] else None
+        public_key, scopes = reply[1], parse_scopes_field(reply[2])
         if reply[0] == 1:
             metrics.AUTH_FAILURES.labels("forbidden").inc()
             self.usage.add(public_key, model, error=True)  # a key probing models it may not call shows
