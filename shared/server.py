@@ -93,14 +93,14 @@ class Gunicorn(gunicorn.app.base.BaseApplication):  # type: ignore[misc]  # guni
             cfg.on_exit(self)
 
 
-def gunicorn_options(settings: Settings, host: str, port: int, threads: int | None = None) -> dict[str, Any]:
+def gunicorn_options(
+    settings: Settings, host: str, port: int, threads: int | None = None, function: str = ""
+) -> dict[str, Any]:
     """gunicorn's settings for a server: ``WORKERS`` processes × ``THREADS`` threads on
-    :class:`~shared.worker.DeadlineWorker`, with the request deadlines and size limits."""
-    worker = type(
-        "Worker",
-        (DeadlineWorker,),
-        {"header_timeout": float(settings.header_timeout), "body_timeout": float(settings.body_timeout)},
-    )
+    :class:`~shared.worker.DeadlineWorker`, with the request deadlines and size limits; the
+    worker counts its own refusals in ``function``'s request metrics (none: not counted)."""
+    deadlines = {"header_timeout": float(settings.header_timeout), "body_timeout": float(settings.body_timeout)}
+    worker = type("Worker", (DeadlineWorker,), {**deadlines, "function": function})
     return {
         "bind": f"{host}:{port}",
         "workers": settings.workers,
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     gc.enable()
     # The start-up line shows the port really served, and the threads.
     settings = settings.replace(port=args.port or settings.port, threads=serving_threads(settings))
-    options = gunicorn_options(settings, args.host, settings.port)
+    options = gunicorn_options(settings, args.host, settings.port, function=function)
     logs.event(log, f"{function} serving on {options['bind']}", event="start", settings=settings.summary())
     Gunicorn(app, {**options, **_hooks(function, metrics_dir)}).serve()
     return 0

@@ -112,15 +112,21 @@ def request_id_of(request: Any) -> str:
     return request_id(environ)
 
 
-def refuse(sock: DeadlineSocket, status: int, message: str, request_id: str, method: str) -> None:
+def refuse(sock: DeadlineSocket, status: int, message: str, request_id: str, method: str, function: str) -> None:
     """Answer ``status`` with ``{"error": message}`` on ``sock`` if it takes the answer at once,
-    and log its access line (the application's lines: :class:`shared.access.AccessLog`); the
-    route is "unmatched", as for any unknown path."""
+    log its access line (the application's lines: :class:`shared.access.AccessLog`) and, for a
+    ``function``, count it in its request metrics; the route is "unmatched", as for any unknown
+    path. Not in the duration histogram: no application ran."""
     answer = json_error(status, message, request_id)
     sock.send_nowait(answer)
     fields = {"event": "access", "method": method, "route": "unmatched", "status": status}
     fields.update(request_id=request_id, bytes_in=0, bytes_out=len(answer), error=message)
     ACCESS_LOG.info(f"{status} {method or '-'} unmatched", extra=fields)
+    if function:
+        from shared import metrics  # not at the top: see request_id_of
+        from shared.access import METHODS
+
+        metrics.REQUESTS.labels(function, "unmatched", method if method in METHODS else "other", str(status)).inc()
 
 
 def _ip(address: Any) -> str:
@@ -249,6 +255,7 @@ class GuardedBody(Body):  # type: ignore[misc]  # gunicorn has no type informati
 class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no type information
     """gthread with deadlines; the class attributes are set by shared/server.py from Settings."""
 
+    function = ""  # the function served, whose request metrics count the worker's refusals too
     header_timeout = 10.0  # request head (and a small body) must arrive within this
     body_timeout = 10.0  # the application's body reads, from dispatch (+ bytes / min_rate)
     send_timeout = 30.0  # writing one answer, from its first byte
@@ -394,7 +401,7 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
         self.log.warning("refused a request from %s: %s", _ip(conn.client), message)
         method = METHOD.match(conn.head)
         # The head is not whole (or too large): no header of it is read, the request id is new.
-        refuse(conn.sock, status, message, uuid.uuid4().hex, method.group().decode() if method else "")
+        refuse(conn.sock, status, message, uuid.uuid4().hex, method.group().decode() if method else "", self.function)
         self.close(conn)
 
     def close(self, conn: Any) -> None:
@@ -538,4 +545,5 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
             self.log.exception("error handling a request")
         else:
             self.log.warning("refused a request from %s: %s", _ip(address), exc)
-        refuse(client, status, message, request_id_of(request), str(getattr(request, "method", None) or "")[:16])
+        method = str(getattr(request, "method", None) or "")[:16]
+        refuse(client, status, message, request_id_of(request), method, self.function)

@@ -4,6 +4,7 @@ right 4xx, nobody else waits, and the server logs no traceback."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from local.helpers import demo_image, encode, free_port, function_command, wait_http
 from shared.worker import JOIN_BODY_BYTES, DeadlineSocket, request_id_of
@@ -332,6 +334,21 @@ def test_the_servers_own_answers_carry_a_request_id_and_an_access_line(serve):
         assert (line["status"], line["route"], line.get("method", "")) == (status, "unmatched", method), line
         assert line["error"] and line["bytes_out"] > 0
     assert "mine-1" not in access
+    # ... and each is counted in the function's request metrics, as route "unmatched"
+    want = collections.Counter(str(status) for status, _ in ids.values())
+    while (counted := unmatched_requests(server.base)) != want and time.monotonic() < deadline + 5:
+        time.sleep(0.05)
+    assert counted == want
+
+
+def unmatched_requests(base: str) -> collections.Counter[str]:
+    """thalamus_requests_total of route "unmatched", by status, from the function's /metrics."""
+    counted: collections.Counter[str] = collections.Counter()
+    for family in text_string_to_metric_families(requests.get(base + "/metrics", timeout=5).text):
+        for sample in family.samples:
+            if sample.name == "thalamus_requests_total" and sample.labels["route"] == "unmatched":
+                counted[sample.labels["status"]] += int(sample.value)
+    return counted
 
 
 def test_a_parsed_requests_own_id_is_kept():
