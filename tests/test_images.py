@@ -2,16 +2,19 @@
 
 import io
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from local import ROOT
 from local.helpers import demo_image, encode
 from shared import imaging
 from shared.errors import BadRequest
-from tests.conftest import predict_client
+from tests.conftest import predict_client, subprocess_env
 from tests.test_predict import upload
 
 
@@ -330,6 +333,29 @@ def test_compressed_png_text_is_bounded_when_the_file_is_opened(shapes_client, b
     icc = png_chunk(b"iCCP", b"p\0\0" + zlib.compress(b"\0" * (1 << 20), 9))
     reply = upload(shapes_client, bearer, ("icc.png", png[:at] + icc * 2 + png[at:]))
     assert reply.status_code == 400 and "more than one ICC profile" in reply.get_json()["error"], reply.get_json()
+
+
+def test_a_long_run_of_fill_in_a_scan_is_walked_in_linear_time(shapes_client, bearer, tmp_path):
+    """Fill (0xFF) before a restart marker or a stuffed 0xFF00, which libjpeg skips, once made the
+    structure walk go over the rest of the run from each of its bytes, holding the GIL: 40,000 of
+    them (a valid 45 KB JPEG) took 10 s of CPU. A million must not hang it."""
+    data = encode(circle(), "JPEG", restart_marker_blocks=1)
+    restart = data.index(b"\xff\xd0", data.index(b"\xff\xda"))
+    filled = data[:restart] + b"\xff" * 1_000_000 + data[restart:]
+    (tmp_path / "fill.jpg").write_bytes(filled)
+    # In a process of its own: the walk holds the GIL, so a thread here could not be waited for.
+    walk = "import sys; from shared import imagefiles; print(imagefiles.check(open(sys.argv[1], 'rb').read()))"
+    scans = subprocess.run(
+        [sys.executable, "-c", walk, str(tmp_path / "fill.jpg")],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,  # quadratic, the walk took hours
+    )
+    assert scans.stdout.strip() == "1", scans.stderr
+    reply = upload(shapes_client, bearer, ("fill.jpg", filled))
+    assert reply.status_code == 200 and reply.get_json()["prediction"] == "circle", reply.get_json()
 
 
 def test_fill_bytes_before_a_restart_marker_are_not_the_end_of_the_scan(shapes_client, bearer):
