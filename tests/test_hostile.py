@@ -24,7 +24,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from local.helpers import demo_image, encode, free_port, function_command, wait_http
-from shared.worker import JOIN_BODY_BYTES, DeadlineSocket, request_id_of
+from shared.worker import JOIN_BODY_BYTES, MAX_BODY_CHUNKS, DeadlineSocket, request_id_of
 from tests.conftest import subprocess_env
 
 DEADLINE = 2  # REQUEST_HEADER_TIMEOUT and REQUEST_BODY_TIMEOUT of the servers under attack
@@ -543,6 +543,29 @@ def test_pipelined_requests_take_their_turn(serve):
     finally:
         for flood in floods:
             flood.close()
+
+
+def test_a_body_in_too_many_chunks_is_refused(serve, token_header):
+    """gunicorn's parser spends some microseconds of Python on every chunk, whatever its size (a
+    megabyte in one-byte chunks took 3.5 s of CPU), and the body limits count bytes: past
+    MAX_BODY_CHUNKS chunks a body is refused (400, the connection closed); below, it is read."""
+    server = serve("predict", MODEL_NAME="shapes")
+    image = encode(demo_image("shapes", "circle", 3))
+    form = (b'--b\r\nContent-Disposition: form-data; name="file"; filename="c.png"\r\n\r\n'
+            + image + b"\r\n--b--\r\n")  # fmt: skip
+    bearer = "Authorization: " + token_header["Authorization"]
+    head = [bearer, "Content-Type: multipart/form-data; boundary=b", "Transfer-Encoding: chunked"]
+
+    def chunked(body: bytes, size: int) -> bytes:
+        chunks = [body[at : at + size] for at in range(0, len(body), size)]
+        return b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks) + b"0\r\n\r\n"
+
+    path = "/models/shapes/predict.json"
+    code, _, body = exchange(server.port, request("POST", path, *head, body=chunked(form, len(form) // 100 + 1)))
+    assert code == 200 and json.loads(body)["prediction"] == "circle", body
+    flood = b"1\r\nx\r\n" * (MAX_BODY_CHUNKS + 1) + b"0\r\n\r\n"
+    error = assert_json_error(exchange(server.port, request("POST", path, *head, body=flood)), 400)
+    assert f"more than {MAX_BODY_CHUNKS} chunks" in error
 
 
 @pytest.mark.parametrize("trailer", [b"", b"X-Checksum: 1\r\n"], ids=["plain", "with-trailer"])
