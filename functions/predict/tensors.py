@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import gc
 import itertools
 import json
 import math
-import re
 import struct
 import sys
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import flask
@@ -28,7 +29,7 @@ from functions.predict.model import Model
 from shared import imaging
 from shared.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
-NON_BMP = re.compile(rb"[\xf0-\xf4]")  # the lead byte of a 4-byte UTF-8 character
+NON_BMP_LEADS = (b"\xf0", b"\xf1", b"\xf2", b"\xf3", b"\xf4")  # lead bytes of 4-byte UTF-8 characters
 GZIP_MAGIC = b"\x1f\x8b"  # how every gzip member begins (RFC 1952)
 # A gzip body may be several members one after the other (``cat a.gz b.gz``); each costs a
 # decompressor, so there is a bound (bgzip's 64 KiB members make 160 of a 10 MiB body).
@@ -83,7 +84,8 @@ def json_cost(text: bytes) -> int:
     are much larger than their JSON (``{},`` is 3 bytes of text and ~70 of dict and list slot):
     the text decoded (1, 2 or 4 bytes a character) and the strings in it, ~64 bytes a container,
     ~100 a dict entry, ~50 a string and ~32 a value (a float and its slot)."""
-    width = 1 if text.isascii() else 4 if NON_BMP.search(text) else 2
+    # memchr for each lead byte: a character class searched with re took ~6 ns a byte
+    width = 1 if text.isascii() else 4 if any(lead in text for lead in NON_BMP_LEADS) else 2
     containers = text.count(b"[") + text.count(b"{")
     return (
         2 * width * len(text) + 64 * containers + 100 * text.count(b":") + 25 * text.count(b'"') + 32 * text.count(b",")
@@ -102,7 +104,8 @@ def parse_json(data: bytes | memoryview, what: str = "body", max_cost: int | Non
             "as b64 or BYTES, tensors as V2 binary data (binary_data_size), or fewer examples"
         )
     try:
-        return json.loads(text)
+        with _collector_paused():
+            return json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"{what} is not valid JSON ({exc})") from None
     except ValueError as exc:  # Python's bound on the digits of an int (sys.set_int_max_str_digits)
@@ -113,6 +116,21 @@ def parse_json(data: bytes | memoryview, what: str = "body", max_cost: int | Non
         ) from None
     except RecursionError:
         raise BadRequest(f"{what} is nested too deeply") from None
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic garbage collector off meanwhile (for the process: other threads run without it
+    too, for as long). json.loads makes no cycle, but each list and dict it makes counts towards
+    the next collection, which walks them all again: 800,000 empty lists (2.4 MB of JSON) took
+    266 ms to parse with it, 36 ms without; a 7.8 MB FP32 tensor 176 ms, 132 ms without."""
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
 
 
 def check_batch_size(count: int, what: str) -> None:
