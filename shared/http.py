@@ -108,6 +108,11 @@ def read_json(request: flask.Request) -> dict[str, Any]:
     return body
 
 
+# Proxies in front of a function: an ingress, the activator, queue-proxy, perhaps a load balancer.
+# Without a bound, a trusted peer's header of 7,000 hops took 34 ms to walk.
+MAX_FORWARDED_HOPS = 16
+
+
 def client_address(request: flask.Request, trusted: tuple[IPNetwork, ...]) -> str:
     """The caller's IP address, for per-address limits.
 
@@ -115,12 +120,13 @@ def client_address(request: flask.Request, trusted: tuple[IPNetwork, ...]) -> st
     X-Forwarded-For from the right (each proxy appends the address it saw; what a client forges
     stays on the left) past the trusted proxies to the first other address. Only what a trusted
     hop wrote is believed: an entry that is not an IP address ends the walk at the hop that
-    wrote it. Always a valid IP address in canonical form.
+    wrote it. At most MAX_FORWARDED_HOPS entries are read (past them, the last trusted hop read
+    stands for the client). Always a valid IP address in canonical form.
     """
     believed = _ip(request.remote_addr)
     if believed is None:
         return "0.0.0.0"  # noqa: S104 (no peer at all: a unix socket or a test; one shared bucket)
-    forwarded = request.headers.get("X-Forwarded-For", "").split(",")
+    forwarded = request.headers.get("X-Forwarded-For", "").rsplit(",", MAX_FORWARDED_HOPS)[-MAX_FORWARDED_HOPS:]
     for entry in reversed(forwarded):
         if not any(believed in network for network in trusted):
             break  # ``believed`` is not a proxy: it is the client
