@@ -8,6 +8,8 @@ import gc
 import gzip
 import json
 import struct
+import sys
+import threading
 import zlib
 
 import numpy as np
@@ -570,3 +572,28 @@ def test_parsing_pauses_the_garbage_collector_and_always_resumes_it():
         with pytest.raises(BadRequest):
             parse_json(bad)
         assert gc.isenabled()
+
+
+def parse_together(start: threading.Barrier) -> None:
+    start.wait()
+    for _ in range(50):
+        parse_json(b'{"instances": [[1, 2, 3], [4, 5, 6]]}')
+
+
+def test_concurrent_parses_never_leave_the_garbage_collector_off():
+    """The collector is one for the process: threads parsing at once must not leave it off (a
+    "was it on? off, then back on if it was" per call did, in 4 % of such trials)."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # a GIL hand-off between any two steps
+    try:
+        for _ in range(200):
+            start = threading.Barrier(8)
+            threads = [threading.Thread(target=parse_together, args=(start,)) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert gc.isenabled()
+    finally:
+        sys.setswitchinterval(interval)
+        gc.enable()
