@@ -11,10 +11,10 @@ same token, JSON access lines at INFO as the images log) and measured in turns, 
 every round. Each round, for each server: --requests sequential warm requests on one keep-alive
 connection (p50), then ``wrk`` at 8 connections for --seconds (requests/s, and the server's CPU
 time per request). Prints each round, then per figure the median of the rounds' NEW/OLD ratios
-and their interquartile range: a change is real when the range leaves 1.00 behind (the same tree
-against itself gives ratios within a few percent of 1.00; try ``bench_pair.py HEAD`` to see this
-machine's spread). The request is the bench's 640x480 JPEG as a multipart upload, or with --v1 as
-TF Serving V1 JSON (the image in base64).
+and their interquartile range: one round's ratio may be off by tens of percent, so judge a change
+by the range over 8 rounds or more, and against the machine's own spread: ``bench_pair.py HEAD``
+with no uncommitted changes, the same tree against itself. The request is the bench's 640x480
+JPEG as a multipart upload, or with --v1 as TF Serving V1 JSON (the image in base64).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import argparse
 import base64
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,13 +43,10 @@ FIGURES = ("p50", "rps", "cpu_ms")
 
 def checkout(revision: str | None, into: Path) -> Path:
     """The project at ``revision`` (None: the working tree, uncommitted changes included) in ``into``."""
-    files = subprocess.run(
-        ["git", "ls-files", "-z"] if revision is None else ["git", "ls-tree", "-r", "-z", "--name-only", revision],
-        cwd=ROOT, check=True, capture_output=True,
-    ).stdout.split(b"\0")  # fmt: skip
     into.mkdir(parents=True)
     if revision is None:
-        for name in filter(None, files):
+        files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, check=True, capture_output=True).stdout
+        for name in filter(None, files.split(b"\0")):
             source, target = ROOT / name.decode(), into / name.decode()
             if source.is_file():
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -94,6 +92,11 @@ def main() -> None:
     parser.add_argument("--photo", choices=sorted(bench_predict.PHOTOS), default="drawing")
     parser.add_argument("--v1", action="store_true", help="send TF Serving V1 JSON instead of multipart")
     args = parser.parse_args()
+    if not shutil.which("wrk"):
+        raise SystemExit("bench_pair.py: wrk is missing (Debian: apt-get install wrk)")
+    for revision in filter(None, (args.old, args.new)):
+        if subprocess.run(["git", "rev-parse", "--verify", "-q", revision], cwd=ROOT, capture_output=True).returncode:
+            raise SystemExit(f"bench_pair.py: no such revision: {revision}")
 
     if args.model == "reference":
         import reference_model  # noqa: PLC0415 (bench/ sibling, builds on first use)

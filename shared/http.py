@@ -39,6 +39,10 @@ from shared.multipart import FormParser
 
 log = logging.getLogger("thalamus")
 
+# Proxies in front of a function: an ingress, the activator, queue-proxy, perhaps a load balancer.
+# Without a bound, a trusted peer's X-Forwarded-For of 7,000 hops took 34 ms to walk.
+MAX_FORWARDED_HOPS = 16
+
 
 class Request(flask.Request):
     """Flask's request, with multipart bodies split in memory by :mod:`shared.multipart` instead
@@ -106,11 +110,6 @@ def read_json(request: flask.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
     return body
-
-
-# Proxies in front of a function: an ingress, the activator, queue-proxy, perhaps a load balancer.
-# Without a bound, a trusted peer's header of 7,000 hops took 34 ms to walk.
-MAX_FORWARDED_HOPS = 16
 
 
 def client_address(request: flask.Request, trusted: tuple[IPNetwork, ...]) -> str:

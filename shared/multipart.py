@@ -10,9 +10,10 @@ each file is one slice of the body: 2-4 times less CPU, all of it under the GIL
 :class:`FormParser` plugs this into Flask's request (``request.files``, ``request.form``) in
 place of werkzeug's, with werkzeug's limits (``MAX_FORM_PARTS``, ``MAX_FORM_MEMORY_SIZE``), bounds
 of its own on the parts' headers, and werkzeug's answers: a body that cannot be split is an
-empty form, a limit exceeded is :class:`werkzeug.exceptions.RequestEntityTooLarge`. A part
-without a name (RFC 7578 requires ``Content-Disposition: form-data; name=...``, which werkzeug
-reads as the name "") is a :class:`~shared.errors.BadRequest` saying so.
+empty form, werkzeug's limits exceeded are :class:`werkzeug.exceptions.RequestEntityTooLarge`.
+Its own bound on the parts' headers, and a part without a name (RFC 7578 requires
+``Content-Disposition: form-data; name=...``, which werkzeug reads as the name ""), are a
+:class:`~shared.errors.BadRequest` saying so.
 """
 
 from __future__ import annotations

@@ -17,8 +17,8 @@ sending headers (or a body) byte by byte hold every thread. Here:
 - every answer gunicorn itself gives (malformed request line or headers, limits, framing) is
   JSON with the right status: 400, 408, 414, 431, never HTML or a traceback; like every other
   answer it carries an ``X-Request-Id`` (the caller's when its headers were parsed, else a new
-  one) and is logged as an access line (route "unmatched"): it never reaches the application,
-  whose :class:`shared.access.AccessLog` does both for the others.
+  one), is logged as an access line and counted in the request metrics (route "unmatched"): it
+  never reaches the application, whose :class:`shared.access.AccessLog` does that for the others.
 
 Plain HTTP/1.x only (TLS ends at the ingress). gunicorn is pinned: this subclass relies on
 ``ThreadWorker`` internals (accept, enqueue_req, handle, handle_request, finish_request,

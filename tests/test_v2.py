@@ -18,7 +18,7 @@ import requests
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from functions.predict import pipeline
+from functions.predict import pipeline, tensors
 from functions.predict.tensors import parse_json
 from local.helpers import demo_image, encode
 from shared import imaging
@@ -562,12 +562,16 @@ def test_tritonclient_through_the_gateway(running_stack, tmp_path, pngs):
         client.close()
 
 
-def test_parsing_pauses_the_garbage_collector_and_always_resumes_it():
+def test_parsing_pauses_the_garbage_collector_and_always_resumes_it(monkeypatch):
     """JSON documents are parsed with the cyclic collector off (it walked every list json.loads
     made, again and again: 2x slower for a document of many lists), and back on afterwards,
     whether the document parsed or not."""
     assert gc.isenabled()
+    seen = []
+    loads = tensors.json.loads
+    monkeypatch.setattr(tensors.json, "loads", lambda text: seen.append(gc.isenabled()) or loads(text))
     assert parse_json(json.dumps({"data": [[]] * 1000}).encode()) == {"data": [[]] * 1000}
+    assert seen == [False]  # paused while parsing
     for bad in (b"{", b"[" * 100_000, b'{"a": 1' + b"1" * 5000 + b"}"):
         with pytest.raises(BadRequest):
             parse_json(bad)
