@@ -109,8 +109,7 @@ class Gateway:
     def _local(self, environ: Environ, start_response: StartResponse, path: str) -> Iterable[bytes]:
         close = has_body(environ)  # these never read a body: do not let gunicorn wait for one
         if environ["REQUEST_METHOD"] not in ("GET", "HEAD"):
-            name = path.removeprefix("/openapi/").removesuffix(".json")
-            if path in LOCAL_PATHS or path.removeprefix("/docs/") in docs.ASSETS or name in self._functions():
+            if path in LOCAL_PATHS or path.removeprefix("/docs/") in docs.ASSETS or self._openapi_of(path):
                 raise MethodNotAllowed(["GET", "HEAD"])  # a path it serves, as a function answers
             raise NotFound(f"no such path: {path}")
         if path == "/healthz":
@@ -127,13 +126,15 @@ class Gateway:
             return docs.asset(path.removeprefix("/docs/"))(environ, start_response)
         if path == "/openapi.json":
             return _json(start_response, 200, self._merged_openapi(), close=close)
-        if path.startswith("/openapi/") and path.endswith(".json"):
-            name = path.removeprefix("/openapi/").removesuffix(".json")
-            if name in self._functions():
-                return _json(
-                    start_response, 200, self._fetch_json(self._functions()[name], "/openapi.json"), close=close
-                )
+        if base := self._openapi_of(path):
+            return _json(start_response, 200, self._fetch_json(base, "/openapi.json"), close=close)
         raise NotFound(f"no such path: {path}")
+
+    def _openapi_of(self, path: str) -> str | None:
+        """The function whose OpenAPI document ``path`` (``/openapi/<name>.json``) is: its URL."""
+        if path.startswith("/openapi/") and path.endswith(".json"):
+            return self._functions().get(path.removeprefix("/openapi/").removesuffix(".json"))
+        return None
 
     def _ready(self, base: str) -> bool:
         try:

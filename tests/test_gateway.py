@@ -14,7 +14,7 @@ def test_its_own_paths_answer_a_wrong_method_with_405_as_a_function_does(running
     assert requests.get(running_stack.gateway + path, timeout=10).status_code == 200
 
 
-@pytest.mark.parametrize("path", ["/robots.txt", "/docs/nothing.js", "/openapi/nobody.json"])
+@pytest.mark.parametrize("path", ["/robots.txt", "/docs/nothing.js", "/openapi/nobody.json", "/openapi/token"])
 def test_a_path_of_nobody_stays_404_whatever_the_method(running_stack, path):
     for method in ("GET", "POST"):
         reply = requests.request(method, running_stack.gateway + path, timeout=10)
