@@ -31,7 +31,6 @@ import tempfile
 from pathlib import Path
 
 import bench_predict
-import replica
 
 from local import ROOT
 from local.helpers import RedisServer, free_port
@@ -68,14 +67,12 @@ def target(tree: Path, model: str, bundle: Path, env: dict[str, str], body: byte
 
 
 def measure(server: bench_predict.Target, tree: Path, args: argparse.Namespace) -> dict[str, float]:
-    port = free_port()
-    command = [part.replace("{port}", str(port)) for part in server.command]
-    proc, _ = replica.spawn_until_ok(command, port, server.path, server.body, server.headers, env=server.env, cwd=tree)
+    proc, port = bench_predict.start(server, cwd=tree)
     try:
         p50, _ = bench_predict.warm(port, server, args.requests)
         loaded = bench_predict.load(port, proc, server, args.seconds, 8)
     finally:
-        replica.stop(proc)
+        bench_predict.stop(server, proc, port)
     if loaded["errors"]:
         raise SystemExit(f"bench_pair.py: {loaded['errors']:.0f} errors under load from {tree}")
     return {"p50": p50, "rps": loaded["rps"], "cpu_ms": loaded["cpu_ms"]}

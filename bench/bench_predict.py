@@ -107,11 +107,11 @@ def command_of(target: Target, port: int) -> list[str]:
     return command if target.cgroup is None else in_cgroup(target.cgroup, command)
 
 
-def start(target: Target) -> tuple[subprocess.Popen[bytes], int]:
-    """Spawn ``target`` and wait until it answers its request with 200: (process, port)."""
+def start(target: Target, cwd: Path = ROOT) -> tuple[subprocess.Popen[bytes], int]:
+    """Spawn ``target`` in ``cwd`` and wait until it answers its request with 200: (process, port)."""
     port = free_port()
     proc, _ = replica.spawn_until_ok(
-        command_of(target, port), port, target.path, target.body, target.headers, env=target.env, cwd=ROOT
+        command_of(target, port), port, target.path, target.body, target.headers, env=target.env, cwd=cwd
     )
     return proc, port
 
