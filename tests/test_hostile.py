@@ -21,11 +21,11 @@ from pathlib import Path
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
 from local.helpers import demo_image, encode, free_port, function_command, wait_http
 from shared.worker import JOIN_BODY_BYTES, MAX_BODY_CHUNKS, DeadlineSocket, request_id_of
 from tests.conftest import subprocess_env
+from tests.test_observability import scrape_when, total
 
 DEADLINE = 2  # REQUEST_HEADER_TIMEOUT and REQUEST_BODY_TIMEOUT of the servers under attack
 
@@ -336,19 +336,10 @@ def test_the_servers_own_answers_carry_a_request_id_and_an_access_line(serve):
     assert "mine-1" not in access
     # ... and each is counted in the function's request metrics, as route "unmatched"
     want = collections.Counter(str(status) for status, _ in ids.values())
-    while (counted := unmatched_requests(server.base)) != want and time.monotonic() < deadline + 5:
-        time.sleep(0.05)
-    assert counted == want
-
-
-def unmatched_requests(base: str) -> collections.Counter[str]:
-    """thalamus_requests_total of route "unmatched", by status, from the function's /metrics."""
-    counted: collections.Counter[str] = collections.Counter()
-    for family in text_string_to_metric_families(requests.get(base + "/metrics", timeout=5).text):
-        for sample in family.samples:
-            if sample.name == "thalamus_requests_total" and sample.labels["route"] == "unmatched":
-                counted[sample.labels["status"]] += int(sample.value)
-    return counted
+    unmatched = {"route": "unmatched"}
+    samples = scrape_when(server.base, lambda now: total(now, "thalamus_requests_total", **unmatched) >= len(ids))
+    assert total(samples, "thalamus_requests_total", **unmatched) == len(ids)
+    assert {status: total(samples, "thalamus_requests_total", **unmatched, status=status) for status in want} == want
 
 
 def test_a_parsed_requests_own_id_is_kept():
