@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole Thalamus test suite on a fresh machine: installs what the tests need
-# (.venv with requirements-dev.txt, Debian's chromium for the /docs browser test, podman for
-# the container tests), runs ruff, ruff format --check and mypy, then pytest with coverage.
+# (.venv with requirements-dev.txt, Debian's chromium for the /docs browser test and jpegtran for
+# arithmetic-coded JPEGs, podman for the container tests), runs ruff, ruff format --check and mypy,
+# then pytest with coverage.
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -25,8 +26,12 @@ fi
 
 # System packages some tests need (root on Debian; elsewhere those tests skip with a reason).
 if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
-  if ! command -v chromium >/dev/null; then
-    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  # chromium for the /docs browser test, jpegtran to make arithmetic-coded JPEGs
+  missing=()
+  command -v chromium >/dev/null || missing+=(chromium)
+  command -v jpegtran >/dev/null || missing+=(libjpeg-turbo-progs)
+  if ((${#missing[@]})); then
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
   # The machine's podman setup sits beside the repository, or beside the one this is a clone of.
   origin=$(git config --get remote.origin.url 2>/dev/null || true)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import re
 import struct
 import threading
 import warnings
@@ -51,6 +52,10 @@ FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 # the scan limit, the progressive buffers (as "MPO" alone it decoded at full size, unbounded).
 JPEG = ("JPEG", "MPO")
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated upload is an error, not a grey half-image
+# Pillow warns about an upload's broken metadata (each corrupt EXIF entry of a JPEG it opens, up to
+# thousands a file): the client's problem, not the operator's, and raw stderr lines between the
+# JSON logs. Not shown.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 # A PNG's compressed text (zTXt, iTXt) is inflated as the file is opened, outside the decode
 # budget: Pillow allows 64 MiB an image (63 chunks of 1 KB, each inflating to 1 MiB: 67 MB a
 # thread from a 66 KB upload). 4 MiB in all is far above real metadata; over it is a 400.
@@ -74,16 +79,24 @@ _ORIENTATION = {  # EXIF Orientation → transpose, as ImageOps.exif_transpose m
     7: Image.Transpose.TRANSVERSE,
     8: Image.Transpose.ROTATE_90,
 }
+_XMP_ORIENTATION = re.compile(rb'tiff:Orientation(="|>)([0-9])')  # where Pillow looks without EXIF
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _BAND_BYTES_PER_PIXEL = 6 * 4  # crop, RGBA, white, composite, RGB of one band (measured ~4 MiB)
 _ROW_POINTER = 8  # Pillow's storage keeps a pointer per row
 _SIXTEEN_TO_EIGHT = (np.arange(65536) // 257).astype(np.uint8)  # exact floor(v / 257)
 # CPU model, nanoseconds per pixel, fitted on 40 Mpx images (Pillow 13, one core of the 2-core
 # machine this was built on) to over- rather than under-estimate. File size, which
-# MAX_UPLOAD_BYTES bounds, adds entropy-decoding time on top.
+# MAX_UPLOAD_BYTES bounds, adds entropy-decoding time on top (Huffman: 6-12 ns a byte).
 _NS_DECODE = {"PNG": 10.0, "GIF": 5.0, "BMP": 2.0, "WEBP": 20.0, "JPEG": 1.0, "MPO": 1.0}  # per full-size pixel
-_NS_BMP_RLE8, _NS_BMP_RLE4 = 6.0, 72.0  # Pillow decodes RLE in Python, RLE4 a pixel at a time
+# Pillow decodes an RLE BMP in Python: up to 225 ns a pixel (runs of one pixel), 153 (rows padded
+# a pixel at a time after an end of line), and 195 ns a byte of commands that add nothing
+# (measured idle; twice that beside other work). So a pixel and a byte each count.
+_NS_BMP_RLE, _NS_BMP_RLE_BYTE = 300.0, 400.0
 _NS_PER_SCAN = 2.0  # progressive JPEG: each scan passes over the full-size coefficients
+_NS_JPEG_LOSSLESS = 25.0  # per pixel, at full size (measured 9-16 ns)
+# Arithmetic-coded JPEG: a decision per coefficient bit, whatever the draft (measured up to 413 ns
+# a byte and 25 ns a full-size pixel, a file made to be slow: every block one last coefficient).
+_NS_ARITHMETIC, _NS_ARITHMETIC_BYTE = 25.0, 400.0
 _NS_BAND = 8.0  # crop + convert + transpose + reduce, per decoded pixel
 _NS_ALPHA = 25.0  # compositing over white, per decoded pixel
 
@@ -167,12 +180,15 @@ class Limits:
 # -- the header and the cost -------------------------------------------------------------------
 
 
-def estimate(image: Image.Image, full_size: tuple[int, int], scans: int, target: tuple[int, int]) -> Cost:
-    """The cost of decoding ``image`` (opened and drafted, not loaded) and reducing it in bands
-    towards ``target``: its pixels in Pillow's storage and a pointer per row, plus what each
-    decoder adds (measured): WebP keeps four canvases (16 B/px whatever the mode); a progressive
-    JPEG keeps whole-image coefficient buffers at full size (2 bytes per coefficient), which draft
-    does not shrink; an RLE BMP is decoded in Python into two more copies. A band is
+def estimate(
+    image: Image.Image, full_size: tuple[int, int], structure: imagefiles.Structure, target: tuple[int, int]
+) -> Cost:
+    """The cost of decoding ``image`` (opened and drafted, not loaded; ``structure`` what the walk
+    found in its file) and reducing it in bands towards ``target``: its pixels in Pillow's storage
+    and a pointer per row, plus what each decoder adds (measured): WebP keeps four canvases
+    (16 B/px whatever the mode); a progressive JPEG keeps whole-image coefficient buffers at full
+    size (2 bytes per coefficient), which draft does not shrink; an arithmetic-coded JPEG is read
+    whole; an RLE BMP is decoded in Python into two more copies. A band is
     BAND_PIXELS, or more when one row, or one reduce block's rows (at most pixels / (3 x the
     target's smaller side)), is larger."""
     width, height = image.size
@@ -181,17 +197,21 @@ def estimate(image: Image.Image, full_size: tuple[int, int], scans: int, target:
     nanoseconds = full * _NS_DECODE.get(image.format or "", 20.0)
     if image.format == "WEBP":
         nbytes = pixels * 16
-    elif image.format in JPEG and (image.info.get("progressive") or scans > 1):
+    elif image.format in JPEG and (image.info.get("progressive") or structure.scans > 1):
         layers = getattr(image, "layer", None) or [(0, 1, 1, 0)] * len(image.getbands())
         hmax, vmax = max(h for _, h, _, _ in layers), max(v for _, _, v, _ in layers)
         for _, h, v, _ in layers:
             columns = math.ceil(math.ceil(full_size[0] * h / hmax) / 8)
             nbytes += columns * math.ceil(math.ceil(full_size[1] * v / vmax) / 8) * 64 * 2
-        nanoseconds += full * _NS_PER_SCAN * scans
+        nanoseconds += full * _NS_PER_SCAN * structure.scans
     elif isinstance(image, ImageFile.ImageFile) and image.tile and image.tile[0].codec_name == "bmp_rle":
         nbytes += pixels * 2 + pixels // 8
-        rle4 = isinstance(args := image.tile[0].args, tuple) and bool(args[1])
-        nanoseconds = full * (_NS_BMP_RLE4 if rle4 else _NS_BMP_RLE8)
+        nanoseconds = full * _NS_BMP_RLE + structure.size * _NS_BMP_RLE_BYTE
+    if structure.lossless:
+        nanoseconds += full * _NS_JPEG_LOSSLESS
+    if structure.arithmetic:
+        nbytes += structure.size
+        nanoseconds += full * _NS_ARITHMETIC + structure.size * _NS_ARITHMETIC_BYTE
     alpha = image.mode in _ALPHA_MODES or "transparency" in image.info
     nanoseconds += pixels * (_NS_BAND + (_NS_ALPHA if alpha else 0.0))
     band = max(BAND_PIXELS, width, int(pixels / (REDUCING_GAP * max(1, min(target)))))
@@ -204,7 +224,7 @@ def open_image(data: bytes, max_pixels: int, target: tuple[int, int]) -> tuple[I
     as ``target``), and its estimated cost."""
     if not data:
         raise BadRequest("file is empty")
-    scans = imagefiles.check(data)
+    structure = imagefiles.check(data)
     if (size := imagefiles.webp_size(data)) and size[0] * size[1] > max_pixels:
         raise BadRequest(f"image too large: {size[0]}x{size[1]} pixels (limit {max_pixels})")
     with warnings.catch_warnings():
@@ -230,8 +250,11 @@ def open_image(data: bytes, max_pixels: int, target: tuple[int, int]) -> tuple[I
             image.close()
             raise BadRequest("JPEG is invalid: a component's sampling factors are not 1 to 4")
         side = max(target)  # EXIF orientation may swap width and height: the larger side
-        image.draft("RGB" if image.mode != "L" else "L", (side, side))
-    return image, estimate(image, full_size, scans, target)
+        if not structure.lossless:  # libjpeg cannot scale a lossless JPEG (it refuses the decode)
+            image.draft("RGB" if image.mode != "L" else "L", (side, side))
+        if structure.arithmetic:  # handed over in one piece (see imagefiles.Structure.arithmetic)
+            image.decodermaxblock = len(data)
+    return image, estimate(image, full_size, structure, target)
 
 
 def header_cost(data: bytes, limits: Limits, target: tuple[int, int]) -> Cost:
@@ -256,10 +279,14 @@ def check_request(costs: Sequence[Cost], limits: Limits) -> None:
 
 def _to_mode(band: Image.Image, target: str) -> Image.Image:
     """One band in the model's mode: 16-bit → 8-bit, transparency over white, anything → L/RGB."""
-    mode = band.mode
+    mode, key = band.mode, band.info.get("transparency")  # P: an index; 1, L, I;16, RGB: a PNG colour key
     if mode.startswith("I;16"):
-        band = Image.fromarray(_SIXTEEN_TO_EIGHT[np.asarray(band)])
-    elif mode in _ALPHA_MODES or (mode == "P" and "transparency" in band.info):
+        sixteen = np.asarray(band)
+        eight = _SIXTEEN_TO_EIGHT[sixteen]
+        if isinstance(key, int):
+            eight[sixteen == key] = 255  # a colour key is all or nothing: white where it matches
+        band = Image.fromarray(eight)
+    elif mode in _ALPHA_MODES or (key is not None and mode in ("P", "1", "L", "RGB")):
         rgba = band if mode == "RGBA" else band.convert("RGBA")
         band = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
     elif mode not in ("L", "RGB"):
@@ -268,10 +295,22 @@ def _to_mode(band: Image.Image, target: str) -> Image.Image:
 
 
 def _orientation(image: Image.Image) -> Image.Transpose | None:
+    """How to turn ``image`` upright, from its EXIF Orientation, else its XMP's, as Pillow's
+    getexif() finds them, but read by :func:`imagefiles.exif_orientation` (see there why)."""
+    info, value = image.info, None
+    exif = info.get("exif")
     # A broken EXIF block is not worth refusing the image for: it stays as stored.
-    with contextlib.suppress(OSError, ValueError, SyntaxError, KeyError, TypeError):
-        return _ORIENTATION.get(image.getexif().get(0x0112, 1))
-    return None
+    with contextlib.suppress(ValueError, TypeError):
+        if exif is None and "Raw profile type exif" in info:  # PNG text chunk (ImageMagick, exiftool)
+            exif = bytes.fromhex("".join(info["Raw profile type exif"].split("\n")[3:]))
+        if isinstance(exif, bytes):
+            value = imagefiles.exif_orientation(exif)
+    if value is None:
+        xmp = info.get("XML:com.adobe.xmp") or info.get("xmp")  # PNG's iTXt (str), JPEG's and WebP's (bytes)
+        xmp = xmp.encode("utf-8", "replace") if isinstance(xmp, str) else xmp
+        if isinstance(xmp, bytes) and (found := _XMP_ORIENTATION.search(xmp)):
+            value = int(found[2])
+    return _ORIENTATION.get(value or 1)
 
 
 def _axes(method: Image.Transpose | None) -> tuple[bool, bool]:
@@ -298,7 +337,7 @@ def _reduce_in_bands(image: Image.Image, size: tuple[int, int], target: str) -> 
     factor_y = int(upright_h / size[1] / REDUCING_GAP) or 1
     step = factor_x if swap else factor_y  # the factor along the stored rows
     box = (0.0, 0.0, upright_w / factor_x, upright_h / factor_y)
-    if method is None and (factor_x, factor_y) == (1, 1) and image.mode == target:
+    if method is None and (factor_x, factor_y) == (1, 1) and image.mode == target and "transparency" not in image.info:
         return image, box  # nothing to convert, turn or reduce: the decoded image itself
     rows = max(step, BAND_PIXELS // width // step * step)
     out = Image.new(target, (-(-upright_w // factor_x), -(-upright_h // factor_y)))

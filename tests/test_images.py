@@ -1,14 +1,17 @@
 """Uploads as careful users and careless ones send them: formats, modes, orientation, bad data."""
 
 import io
+import shutil
 import struct
 import subprocess
 import sys
+import time
+import warnings
 import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from local import ROOT
 from local.helpers import demo_image, encode
@@ -99,6 +102,211 @@ def test_exif_orientation_is_applied(settings, bearer):
     data = encode(stored, "JPEG", exif=exif.tobytes(), quality=92)
     reply = upload(client, bearer, ("photo.jpg", data), name="arrows")
     assert reply.status_code == 200 and reply.get_json()["prediction"] == "up"
+
+
+def exif_block(order, entries, count=None):
+    """EXIF bytes: one directory of ``entries`` (tag, type, count, 4 value bytes), ``count`` as
+    its declared entry count (default: the real one)."""
+    fmt = "<" if order == "II" else ">"
+    head = (b"II*\0" if order == "II" else b"MM\0*") + struct.pack(fmt + "I", 8)
+    table = b"".join(struct.pack(fmt + "HHI", tag, kind, n) + value for tag, kind, n, value in entries)
+    return b"Exif\0\0" + head + struct.pack(fmt + "H", len(entries) if count is None else count) + table + bytes(4)
+
+
+def exif_cases():
+    """EXIF blocks as cameras write them and as broken or hostile files hold them."""
+    rng = np.random.default_rng(7)
+    for order in ("II", "MM"):
+        fmt = "<" if order == "II" else ">"
+        for value in range(10):
+            short, long = struct.pack(fmt + "H", value) + bytes(2), struct.pack(fmt + "I", value)
+            yield exif_block(order, [(0x010F, 2, 4, b"Cam\0"), (0x0112, 3, 1, short)])
+            yield exif_block(order, [(0x0112, 4, 1, long)])
+            yield exif_block(order, [(0x0112, 1, 1, long)])  # a byte: not an orientation to Pillow
+            yield exif_block(order, [(0x0112, 3, 2, short)])  # two values: the first counts
+            yield exif_block(order, [(0x0112, 99, 1, short), (0x0112, 3, 1, short)])  # unknown type skipped
+            yield exif_block(order, [(0x0112, 3, 1, short), (0x0112, 3, 1, struct.pack(fmt + "HH", 6, 0))])
+            yield exif_block(order, [(0x0112, 3, 1, short)], count=40)  # fewer entries than declared
+            yield exif_block(order, [(0x010F, 2, 4_000_000, bytes(4)), (0x0112, 3, 1, short)])  # data past the end
+        for _ in range(150):
+            entries = [
+                (int(rng.choice([0x0112, 0x0112, 0x010F])), int(rng.choice([1, 2, 3, 4, 7, 9, 13, 0, 40])),
+                 int(rng.choice([0, 1, 1, 2, 3])), rng.bytes(4))
+                for _ in range(rng.integers(0, 6))
+            ]  # fmt: skip
+            yield exif_block(order, entries)
+
+
+def test_exif_orientation_is_read_as_pillow_reads_it():
+    # The service reads the Orientation tag itself (Pillow parses every entry in Python); on
+    # every block, of cameras or broken, it must turn the picture as Pillow's getexif() says.
+    picture, compared = Image.new("RGB", (8, 6), "red"), 0
+    for exif in exif_cases():
+        for fmt in ("JPEG", "PNG", "WEBP"):
+            data = encode(picture, fmt, exif=exif)
+            with warnings.catch_warnings():  # Pillow's, about the broken blocks
+                warnings.simplefilter("ignore")
+                ours, theirs = Image.open(io.BytesIO(data)), Image.open(io.BytesIO(data))
+                ours.load()
+                expected = imaging._ORIENTATION.get(theirs.getexif().get(0x0112, 1))
+            assert imaging._orientation(ours) == expected, (fmt, exif.hex())
+            compared += 1
+    assert compared > 1000
+
+
+def test_exif_orientation_from_xmp_and_png_text():
+    # Without an EXIF Orientation, Pillow (and so the service) takes XMP's tiff:Orientation.
+    picture = Image.new("RGB", (8, 6), "red")
+    for value in (1, 3, 6, 8):
+        xmp = f'<x:xmpmeta><rdf:Description tiff:Orientation="{value}"/></x:xmpmeta>'.encode()
+        text = PngImagePlugin.PngInfo()
+        text.add_itxt("XML:com.adobe.xmp", xmp.decode())
+        raw = PngImagePlugin.PngInfo()
+        block = exif_block("MM", [(0x0112, 3, 1, struct.pack(">HH", value, 0))])[6:]
+        raw.add_text("Raw profile type exif", f"\nexif\n{len(block):8d}\n" + block.hex())
+        for data in (encode(picture, "JPEG", xmp=xmp), encode(picture, "WEBP", xmp=xmp),
+                     encode(picture, "PNG", pnginfo=text), encode(picture, "PNG", pnginfo=raw)):  # fmt: skip
+            image = Image.open(io.BytesIO(data))
+            image.load()
+            assert imaging._orientation(image) == imaging._ORIENTATION.get(value), (value, image.format)
+
+
+def test_exif_with_65535_entries_costs_no_warnings_and_little_cpu(settings, bearer):
+    # Each entry claims more data than the block holds: Pillow's getexif() warned for each
+    # (13 MB of raw stderr per file) and took 0.4 s of CPU per file, outside the CPU budget.
+    entries = [(tag, 7, 0x7FFFFFFF, struct.pack("<I", 8)) for tag in range(1, 65535)]
+    entries.append((0x0112, 3, 1, struct.pack("<HH", 6, 0)))  # the last entry: rotate 90° clockwise
+    exif = exif_block("II", entries)
+    stored = demo_image("arrows", "left", 11)
+    files = [(f"{i}.webp", encode(stored, "WEBP", exif=exif)) for i in range(12)]
+    client = predict_client(settings, "arrows")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        started = time.process_time()
+        reply = upload(client, bearer, *files, name="arrows")
+        spent = time.process_time() - started
+    assert reply.status_code == 200, reply.get_json()
+    assert {result["prediction"] for result in reply.get_json()["results"]} == {"up"}
+    assert [str(w.message) for w in caught] == []
+    assert spent < imaging.Limits(1).cpu_seconds  # within one request's decode budget (it was 7 s)
+
+
+def key_transparency_pngs():
+    """A black triangle on a transparent background, stored as near-black, in every PNG kind of
+    transparency: an alpha channel, and the colour keys (tRNS) of 1-bit, grey, 16-bit grey, RGB."""
+    from PIL import ImageDraw
+
+    alpha = Image.new("RGBA", (120, 100), (40, 40, 40, 0))
+    ImageDraw.Draw(alpha).polygon([(60, 10), (105, 88), (15, 88)], fill=(0, 0, 0, 255))
+    grey = alpha.convert("L")
+    yield "RGBA", encode(alpha)
+    yield "RGB key", encode(alpha.convert("RGB"), transparency=(40, 40, 40))
+    yield "L key", encode(grey, transparency=40)
+    yield "I;16 key", encode(Image.fromarray(np.asarray(grey).astype(np.uint16) * 257), transparency=40 * 257)
+    yield "1 key", encode(Image.fromarray(np.asarray(grey) > 0), transparency=1)
+
+
+@pytest.mark.parametrize("name, data", [pytest.param(*case, id=case[0]) for case in key_transparency_pngs()])
+def test_every_kind_of_png_transparency_is_composited_over_white(shapes_client, bearer, name, data):
+    # Optimisers (optipng, oxipng) store all-or-nothing alpha as a colour key: it must come out
+    # white as an alpha channel does, not as the stored near-black (a triangle on black).
+    assert "transparency" in Image.open(io.BytesIO(data)).info or name == "RGBA"
+    reply = upload(shapes_client, bearer, ("t.png", data))
+    assert reply.status_code == 200 and reply.get_json()["prediction"] == "triangle", (name, reply.get_json())
+    limits, spec = imaging.Limits(40_000_000), {"height": 64, "width": 64, "channels": 3}
+    assert imaging.model_input(data, limits, spec, {})[0, 0].tolist() == [255.0] * 3
+
+
+def rle8_bmp(width, height, commands):
+    """An 8-bit grey BMP whose pixels are the RLE8 ``commands`` (bottom row first)."""
+    palette = b"".join(bytes((i, i, i, 0)) for i in range(256))
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(commands), 2835, 2835, 256, 0)
+    offset = 14 + len(info) + len(palette)
+    return b"BM" + struct.pack("<IHHI", offset + len(commands), 0, 0, offset) + info + palette + commands
+
+
+def rle8_encode(image):
+    """``image`` (L) as RLE8 commands: runs of one value, an end of line per row."""
+    commands = bytearray()
+    for row in np.asarray(image)[::-1]:
+        starts = np.flatnonzero(np.diff(row.astype(int), prepend=-1))
+        for start, end in zip(starts, [*starts[1:], len(row)], strict=True):
+            for at in range(start, end, 255):
+                commands += bytes((min(255, end - at), row[start]))
+        commands += b"\x00\x00"
+    return bytes(commands + b"\x00\x01")
+
+
+def test_rle_bmp_is_decoded_and_its_python_decoder_is_counted(shapes_client, bearer):
+    # Pillow decodes RLE in Python: 150-225 ns a pixel (1 ms per 6,000 here), and ~200 ns per byte
+    # of commands that add nothing. The estimate counted 6 ns a pixel and no byte: a 3.5 KB file
+    # of 65,535 x 610 pixels, each row one pixel then an end of line, took 8-12 s of CPU.
+    circle_bmp = rle8_bmp(*circle().size, rle8_encode(circle().convert("L")))
+    reply = upload(shapes_client, bearer, ("circle.bmp", circle_bmp))
+    assert reply.status_code == 200 and reply.get_json()["prediction"] == "circle", reply.get_json()
+    padded = rle8_bmp(65535, 610, b"\x01\xc8\x00\x00" * 610 + b"\x00\x01")
+    idle = rle8_bmp(2, 2, b"\x02\x10" + b"\xff\x10" * 5_000_000 + b"\x00\x00\x02\x20\x00\x01")  # 10 MB
+    several = [(f"{i}.bmp", rle8_bmp(8000, 610, b"\x01\xc8\x00\x00" * 610 + b"\x00\x01")) for i in range(4)]
+    for files in ([("padded.bmp", padded)], [("idle.bmp", idle)], several):
+        reply = upload(shapes_client, bearer, *files)
+        assert reply.status_code == 400 and "s of CPU" in reply.get_json()["error"], reply.get_json()
+
+
+def lossless_jpeg(grey):
+    """``grey`` (2-D uint8) as an 8-bit lossless JPEG (SOF3, predictor 1: the pixel on the left)."""
+    pixels = grey.astype(np.int32)
+    predicted = np.empty_like(pixels)
+    predicted[0, 0], predicted[0, 1:], predicted[1:, 0] = 128, pixels[0, :-1], pixels[:-1, 0]
+    predicted[1:, 1:] = pixels[1:, :-1]
+    differences = (pixels - predicted).ravel().tolist()
+    bits = []  # Huffman: the 17 categories as 5-bit codes, each followed by its difference's bits
+    for difference in differences:
+        category = abs(difference).bit_length()
+        bits.append(f"{category:05b}")
+        if category:
+            bits.append(f"{difference if difference > 0 else difference + (1 << category) - 1:0{category}b}")
+    stream = "".join(bits)
+    stream += "1" * (-len(stream) % 8)
+    data = int(stream, 2).to_bytes(len(stream) // 8, "big").replace(b"\xff", b"\xff\x00")
+
+    def segment(marker, payload):
+        return bytes((0xFF, marker)) + struct.pack(">H", len(payload) + 2) + payload
+
+    height, width = grey.shape
+    frame = segment(0xC3, struct.pack(">BHHB", 8, height, width, 1) + bytes((1, 0x11, 0)))
+    table = segment(0xC4, bytes(1) + bytes((0, 0, 0, 0, 17)) + bytes(11) + bytes(range(17)))
+    scan = segment(0xDA, bytes((1, 1, 0, 1, 0, 0)))
+    return b"\xff\xd8" + frame + table + scan + data + b"\xff\xd9"
+
+
+def test_lossless_jpeg_is_decoded_at_full_size(shapes_client, bearer):
+    # libjpeg cannot scale a lossless JPEG: drafted like any other JPEG, it was refused as corrupt.
+    grey = circle().convert("L").resize((400, 400))
+    data = lossless_jpeg(np.asarray(grey))
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    assert np.array_equal(np.asarray(image), np.asarray(grey))  # what Pillow makes of the file
+    reply = upload(shapes_client, bearer, ("lossless.jpg", data))
+    assert reply.status_code == 200 and reply.get_json()["prediction"] == "circle", reply.get_json()
+
+
+JPEGTRAN = shutil.which("jpegtran")
+
+
+@pytest.mark.skipif(JPEGTRAN is None, reason="jpegtran (Debian's libjpeg-turbo-progs) makes the file: ./test.sh")
+def test_arithmetic_coded_jpeg_is_decoded_and_counted(shapes_client, bearer):
+    # libjpeg's arithmetic decoder cannot stop and resume inside the data, and Pillow handed it
+    # 64 KB at a time: every such file over 64 KB was refused as corrupt.
+    picture = np.asarray(circle().resize((1024, 1024)), dtype=np.int16)
+    noisy = np.clip(picture + np.random.default_rng(3).integers(-20, 21, picture.shape), 0, 255).astype(np.uint8)
+    huffman = encode(Image.fromarray(noisy), "JPEG", quality=95)
+    arithmetic = subprocess.run([JPEGTRAN, "-arithmetic"], input=huffman, capture_output=True, check=True).stdout
+    assert len(arithmetic) > 65536
+    replies = [upload(shapes_client, bearer, ("a.jpg", data)).get_json() for data in (huffman, arithmetic)]
+    assert replies[1] == replies[0] and replies[0]["prediction"] == "circle"
+    limits = imaging.Limits(40_000_000)
+    plain, coded = (imaging.header_cost(data, limits, (64, 64)) for data in (huffman, arithmetic))
+    assert coded.cpu_seconds > plain.cpu_seconds + len(arithmetic) * 100e-9  # its data counted a byte at a time
 
 
 def test_large_photo_and_tiny_icon(shapes_client, bearer):
@@ -218,7 +426,13 @@ def metadata_floods(size):
     assert webp[12:16] == b"VP8X"
     varied = b"".join(bytes((0xFF, 0xE0 + n % 16, 0, 4, n % 256, 1)) for n in range(16))
     flood_webp = webp[12:30] + b"XXXX\0\0\0\0" * (size // 8) + webp[30:]
+    tiff = exif_block("II", [(tag, 7, 0x7FFFFFFF, bytes(4)) for tag in range(min(size // 12, 65535))])[6:]
+    exif = b"".join(  # in APP1 segments of 64,000 bytes, which Pillow joins into one block
+        b"\xff\xe1" + struct.pack(">H", len(piece) + 8) + b"Exif\0\0" + piece
+        for piece in (tiff[at : at + 64000] for at in range(0, len(tiff), 64000))
+    )
     return {
+        "jpeg-exif-entries": jpeg[:2] + exif + jpeg[2:],
         "jpeg-empty-app1": jpeg[:2] + b"\xff\xe1\x00\x02" * (size // 4) + jpeg[2:],
         "jpeg-varied-appn": jpeg[:2] + varied * (size // len(varied)) + jpeg[2:],
         "jpeg-comments": jpeg[:2] + b"\xff\xfe\x00\x02" * (size // 4) + jpeg[2:],
@@ -230,7 +444,7 @@ def metadata_floods(size):
 
 
 FLOOD_WORDS = {"jpeg-fill-bytes": "bytes of padding", "gif-comment-blocks": "extension blocks",
-               "png-private-chunks": "metadata chunks"}  # fmt: skip
+               "png-private-chunks": "metadata chunks", "jpeg-exif-entries": "EXIF has"}  # fmt: skip
 
 
 def flood_words(name):
@@ -344,7 +558,7 @@ def test_a_long_run_of_fill_in_a_scan_is_walked_in_linear_time(shapes_client, be
     filled = data[:restart] + b"\xff" * 1_000_000 + data[restart:]
     (tmp_path / "fill.jpg").write_bytes(filled)
     # In a process of its own: the walk holds the GIL, so a thread here could not be waited for.
-    walk = "import sys; from shared import imagefiles; print(imagefiles.check(open(sys.argv[1], 'rb').read()))"
+    walk = "import sys; from shared import imagefiles; print(imagefiles.check(open(sys.argv[1], 'rb').read()).scans)"
     scans = subprocess.run(
         [sys.executable, "-c", walk, str(tmp_path / "fill.jpg")],
         cwd=ROOT,
