@@ -61,16 +61,16 @@ AUDIT_MAX_ENTRIES = 10_000  # the audit stream is trimmed to about this many eve
 
 # Appends an audit event (the stream entry's ID is its time) unless no user is given.
 AUDIT_LUA = f"""
-local function audit(stream, user, host, action, pk, detail)
+local function audit(stream, user, host, action, pk, detail, call)
   if user == '' then return end
-  redis.call('XADD', stream, 'MAXLEN', '~', {AUDIT_MAX_ENTRIES}, '*', 'action', action,
-             'public_key', pk, 'user', user, 'host', host, 'detail', detail)
+  (call or redis.call)('XADD', stream, 'MAXLEN', '~', {AUDIT_MAX_ENTRIES}, '*', 'action', action,
+                       'public_key', pk, 'user', user, 'host', host, 'detail', detail)
 end
 local function note_expiry(key, stream, host, pk, expires)
-  -- Read first: once noted, nothing is written, so a full Redis (maxmemory, which refuses any
-  -- write in a script) still answers an expired key's token with 401, not "Redis is full".
-  if redis.call('HEXISTS', key, 'expiry_noted') == 0 and redis.call('HSETNX', key, 'expiry_noted', '1') == 1 then
-    audit(stream, '-', host, 'expired', pk, 'expiry reached at ' .. expires)
+  -- Noted once, if Redis takes writes: a full Redis (maxmemory) or a read-only one (a replica,
+  -- as in a failover) refuses them, and the expired key's token still gets its 401, not a 503.
+  if redis.call('HEXISTS', key, 'expiry_noted') == 0 and redis.pcall('HSETNX', key, 'expiry_noted', '1') == 1 then
+    audit(stream, '-', host, 'expired', pk, 'expiry reached at ' .. expires, redis.pcall)
   end
 end
 """

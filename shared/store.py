@@ -9,6 +9,7 @@ hangs (accepts, then says nothing) costs one request that wait, not every reques
 from __future__ import annotations
 
 import functools
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +27,22 @@ from shared.errors import OutcomeUnknown, ServiceUnavailable
 
 # What redis-py raises when the server is unreachable, slow, or restarting.
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+# Error replies that are about Redis's state, not the command: it did nothing and may do it soon.
+# OOM: maxmemory with noeviction, writes refused (never a silently evicted key or token); READONLY:
+# a replica, as the old primary is during a failover; MASTERDOWN: a replica that lost its primary;
+# BUSY: another client's script runs too long; MISCONF: snapshots failing, writes refused;
+# NOREPLICAS, TRYAGAIN, CLUSTERDOWN: replication or a cluster not ready; NOPERM: an ACL that does
+# not allow this (an operator's setting). Inside a Lua script they arrive as script errors that
+# carry the code; redis-py strips the code of those it has a class for.
+_REFUSALS = re.compile(r"(?:^|-|: )(OOM|READONLY|MASTERDOWN|BUSY|MISCONF|NOREPLICAS|TRYAGAIN|CLUSTERDOWN|NOPERM)\b")
+_REFUSAL_CLASSES = {
+    redis.exceptions.OutOfMemoryError: "OOM",
+    redis.exceptions.ReadOnlyError: "READONLY",
+    redis.exceptions.MasterDownError: "MASTERDOWN",
+    redis.exceptions.TryAgainError: "TRYAGAIN",
+    redis.exceptions.ClusterDownError: "CLUSTERDOWN",
+    redis.exceptions.NoPermissionError: "NOPERM",
+}
 # Per thread: whether a command went out and its answer never came (see OutcomeUnknown).
 _unanswered = threading.local()
 
@@ -147,6 +164,15 @@ def breaker(url: str) -> Breaker:
     return Breaker()
 
 
+def _refusal(exc: redis.ResponseError) -> str | None:
+    """The code of an error reply about Redis's state (see _REFUSALS), None for any other."""
+    for kind, code in _REFUSAL_CLASSES.items():
+        if isinstance(exc, kind):
+            return code
+    found = _REFUSALS.search(str(exc))
+    return found[1] if found else None
+
+
 class _UsesRedis(Protocol):
     settings: Settings
 
@@ -176,14 +202,16 @@ def unavailable_when_down(method: Callable[Concatenate[S, P], R]) -> Callable[Co
                 "Redis unreachable; retry shortly", detail=f"Redis unreachable at {where}"
             ) from None
         except redis.ResponseError as exc:
-            # maxmemory with noeviction (knative/data/redis.yaml): writes are refused, never a
-            # silently evicted key or token; reads still work. Inside a Lua script the refusal
-            # arrives as a script error carrying the OOM message.
-            if not isinstance(exc, redis.exceptions.OutOfMemoryError) and "OOM command not allowed" not in str(exc):
-                raise
+            if (refusal := _refusal(exc)) is None:
+                raise  # about the command itself: a bug here, not an outage
+            metrics.REDIS_ERRORS.labels(method.__name__).inc()
             where = self.settings.redis_url_masked
+            if refusal == "OOM":  # maxmemory with noeviction (knative/data/redis.yaml): see _REFUSALS
+                raise ServiceUnavailable(
+                    "Redis is full; retry later", retry_after=30, detail=f"Redis is full (maxmemory) at {where}"
+                ) from None
             raise ServiceUnavailable(
-                "Redis is full; retry later", retry_after=30, detail=f"Redis is full (maxmemory) at {where}"
+                "Redis cannot serve this now; retry shortly", detail=f"Redis at {where} refused: {refusal} {exc}"
             ) from None
 
     return cast(Callable[Concatenate[S, P], R], guarded)

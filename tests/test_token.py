@@ -1,18 +1,23 @@
 """The token function through functions-framework's test client, one test per status."""
 
 import base64
+import contextlib
 import gzip
 import json
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
 import redis
 
 from functions.token.service import create_service
+from local import ROOT
 from local.helpers import free_port
 from shared.auth import AuthStore
 from shared.config import Rate, Settings
-from tests.conftest import function_client
+from tests.conftest import function_client, subprocess_env
 
 WRONG_SK = "sk_" + "x" * 43
 SOME_PK = "pk_" + "a" * 43
@@ -367,6 +372,64 @@ def test_a_full_redis_still_says_401_to_an_expired_keys_token(own_redis, setting
         assert reply.status_code == 401, reply.get_json()
     finally:
         raw.config_set("maxmemory", 0)
+
+
+@contextlib.contextmanager
+def refusing(raw, state):
+    """``raw``'s Redis refusing commands for its own state meanwhile: a read-only replica (an old
+    primary in a failover: READONLY for writes), a replica that lost its primary and serves
+    nothing (MASTERDOWN), or one busy with another client's endless script (BUSY)."""
+    if state == "busy":
+        raw.config_set("lua-time-limit", 50)  # BUSY for others once a script has run this long (ms)
+
+        def endless():
+            with contextlib.suppress(redis.ResponseError):  # "killed by user", below
+                raw.eval("while true do end", 0)
+
+        looping = threading.Thread(target=endless)
+        looping.start()
+        time.sleep(0.3)
+    else:
+        raw.config_set("replica-serve-stale-data", "yes" if state == "read-only" else "no")
+        raw.execute_command("REPLICAOF", "127.0.0.1", free_port())  # a primary that is not there
+    try:
+        yield
+    finally:
+        if state == "busy":
+            raw.script_kill()  # on another connection of the pool
+            looping.join()
+        else:
+            raw.execute_command("REPLICAOF", "NO", "ONE")
+
+
+@pytest.mark.parametrize("state", ["read-only", "masterdown", "busy"])
+def test_a_redis_that_refuses_for_its_own_state_gives_503_not_500(own_redis, settings, state):
+    # A failover's old primary, a replica without its primary, a script that will not end: Redis
+    # answers with an error reply, not silence. Each was a 500 with a traceback in the log.
+    settings = settings.replace(redis_url=own_redis.url)
+    client = function_client(create_service(settings))
+    store = AuthStore(settings)
+    pair, expired = store.create_key(), store.create_key()
+    body = {"public_key": pair.public_key, "secret_key": pair.secret_key}
+    token = store.issue_token(expired.public_key, expired.secret_key, "t").token
+    raw = redis.Redis.from_url(own_redis.url)
+    raw.hset(f"{settings.prefix}key:{expired.public_key}", "expires", int(time.time()) - 5)  # not noted yet
+    with refusing(redis.Redis.from_url(own_redis.url), state):
+        refused = post_json(client, body)
+        assert refused.status_code == 503 and "retry" in refused.get_json()["error"], refused.get_json()
+        assert int(refused.headers["Retry-After"]) > 0
+        assert str(own_redis.port) not in refused.get_json()["error"]
+        session = client.get("/session.json", headers={"Authorization": f"Bearer {token}"})
+        # A read-only Redis still answers reads: the expired key's token gets its 401 (noting the
+        # expiry is a write it refuses, and waits for the next time).
+        assert session.status_code == (401 if state == "read-only" else 503), session.get_json()
+        cli = subprocess.run(
+            [sys.executable, str(ROOT / "keys.py"), "-r", pair.public_key], capture_output=True, text=True,
+            env=subprocess_env(REDIS_URL=own_redis.url, THALAMUS_PREFIX=settings.prefix), timeout=60,
+        )  # fmt: skip
+        assert cli.returncode != 0 and "Traceback" not in cli.stderr and len(cli.stderr.strip().splitlines()) == 1
+    assert post_json(client, body).status_code == 200  # and back once Redis is
+    assert client.get("/session.json", headers={"Authorization": f"Bearer {token}"}).status_code == 401
 
 
 def test_a_hung_redis_costs_one_wait_then_fast_answers_until_it_is_back(own_redis):
