@@ -170,6 +170,10 @@ def start_predict(**setup):
         ({"MODEL_NAME": "nope"}, "model.json not found"),
         ({"MODEL_NAME": "shapes", "MODEL_DIR": str(ROOT / "models" / "arrows")}, "holds model 'arrows'"),
         ({"MODEL_NAME": "shapes", "MAX_IMAGE_PIXELS": "lots"}, "MAX_IMAGE_PIXELS must be an integer"),
+        ({"MODEL_NAME": "shapes", "REDIS_URL": "redis://127.0.0.1:notaport/0"}, "REDIS_URL is not a usable"),
+        ({"MODEL_NAME": "shapes", "REDIS_URL": "bogus://127.0.0.1/0"}, "REDIS_URL is not a usable"),
+        # An option redis-py does not know was a 500 with a traceback on every request; the password stays out.
+        ({"MODEL_NAME": "shapes", "REDIS_URL": "redis://:hunter22@127.0.0.1/0?Pasword=x"}, "unexpected keyword"),
     ],
 )
 def test_broken_configuration_stops_at_start_with_one_line(setup, reason):
@@ -177,6 +181,7 @@ def test_broken_configuration_stops_at_start_with_one_line(setup, reason):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]  # exactly one line
     assert result.stderr.startswith("predict: ") and reason in result.stderr
+    assert "hunter22" not in result.stderr
 
 
 def test_broken_bundle_stops_at_start(tmp_path):
