@@ -21,7 +21,7 @@ from typing import Any, cast
 import flask
 import functions_framework
 from werkzeug import exceptions as wz
-from werkzeug.routing import BaseConverter, Map, Rule
+from werkzeug.routing import BaseConverter, Map, RequestRedirect, Rule
 
 from shared import docs, metrics
 from shared.access import AccessLog, Exchange, exchange_of
@@ -83,6 +83,11 @@ class Route:
     handler: Handler
     # A bearer token is required; when the rule has a <name>, the key must be allowed that model.
     auth: bool = False
+
+    @property
+    def takes_body(self) -> bool:
+        """Whether a request of this route may have a body to read (POST, PUT, PATCH)."""
+        return not {"POST", "PUT", "PATCH"}.isdisjoint(self.methods)
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> flask.Response:
@@ -283,7 +288,7 @@ class Service:
             except ThalamusError as refused:
                 exchange.public_key = refused.public_key
                 raise
-        if has_body(request.environ):
+        if has_body(request.environ) and route.takes_body:  # elsewhere left unread (see __call__)
             _read_body(request, self.max_body)
         result = route.handler(Call(request, args, exchange.session))
         return result if isinstance(result, flask.Response) else json_response(result)
@@ -339,8 +344,9 @@ def entry_point(service: Service, observe: bool = True) -> Callable[[flask.Reque
 
     Called while functions-framework loads ``main.py`` (inside ``create_app``), it also makes the
     framework's own answers JSON: its fixed 404s (``/robots.txt``, ``/favicon.ico``) and routing
-    errors get ``{"error": ...}``, paths with doubled slashes reach the service instead of
-    being redirected, and multipart bodies are split by :mod:`shared.multipart`.
+    errors get ``{"error": ...}`` (a body left unread), its redirects are 404s, paths with doubled
+    slashes reach the service instead of being redirected, and multipart bodies are split by
+    :mod:`shared.multipart`.
     """
     if flask.has_app_context():
         app = flask.current_app
@@ -348,6 +354,7 @@ def entry_point(service: Service, observe: bool = True) -> Callable[[flask.Reque
         app.request_class = Request
         app.register_error_handler(wz.HTTPException, _framework_error)
         app.register_error_handler(ThalamusError, error_response)
+        app.before_request(_no_redirect)
         if observe:  # False only to measure what the access log and request metrics cost (bench/)
             app.wsgi_app = AccessLog(app.wsgi_app, service.function)  # type: ignore[method-assign]
 
@@ -358,6 +365,20 @@ def entry_point(service: Service, observe: bool = True) -> Callable[[flask.Reque
 
 
 def _framework_error(exc: wz.HTTPException) -> flask.Response:
+    """What Flask or functions-framework answer before the service runs (their /robots.txt and
+    /favicon.ico, a Host they refuse, an Upgrade they do not serve), as the service answers: in
+    JSON, a body left unread and its connection closed (functions-framework would read all of
+    it first, whatever its size: no token, no MAX_UPLOAD_BYTES)."""
     message = f"no such path: {flask.request.path}" if exc.code == 404 else exc.description or exc.name
     exchange_of(flask.request.environ).error = message
-    return json_response({"error": message}, exc.code or 500)
+    response = json_response({"error": message}, exc.code or 500)
+    if has_body(flask.request.environ):
+        _leave_body_unread(flask.request, response)
+    return response
+
+
+def _no_redirect() -> None:
+    """Flask answers its routing's redirects itself, in HTML, to the host the client names (an
+    empty path, as in ``GET http://x HTTP/1.1``, goes to ``/``): a 404 here, like any unknown path."""
+    if isinstance(flask.request.routing_exception, RequestRedirect):
+        raise wz.NotFound()

@@ -473,8 +473,8 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
                 deadline = min(deadline, self.stopped_at + STOP_KEEPALIVE_LINGER)
             if force or (deadline <= now and (conn.closing or not conn.head)):
                 self.close_now(conn)
-            elif deadline <= now:
-                self.reject(conn, 408, "request headers not received in time")
+            elif deadline <= now:  # a whole head, then its small body late (need): the body's fault
+                self.reject(conn, 408, f"request {'body' if conn.need is not None else 'headers'} not received in time")
 
     def enqueue_req(self, conn: Any) -> None:
         self.in_flight += 1

@@ -185,6 +185,15 @@ def test_slow_headers_get_408_json_at_the_deadline(serve):
         assert re.search(rb"\r\nX-Request-Id: [0-9a-f]{32}\r\n", head), head
 
 
+def test_a_small_body_that_comes_late_gets_408_naming_the_body(serve):
+    # The whole head came, then part of a small body (which the poller reads before dispatch).
+    server = serve("token")
+    head = request("POST", "/token.json", "Content-Type: application/json", "Content-Length: 100")
+    started = time.monotonic()
+    error = assert_json_error(exchange(server.port, head + b'{"public_key": ', timeout=DEADLINE + 5), 408)
+    assert error == "request body not received in time" and time.monotonic() - started < DEADLINE + 2
+
+
 def test_no_token_is_refused_before_the_body_is_read(serve):
     server = serve("predict", MODEL_NAME="shapes")
     head = request("POST", "/models/shapes/predict.json", "Content-Type: multipart/form-data; boundary=x",
@@ -193,6 +202,42 @@ def test_no_token_is_refused_before_the_body_is_read(serve):
         sock.sendall(head)  # and not one byte of the 5 MB body
         answer = sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 401 ") and b"Connection: close" in answer
+
+
+BIG = "Content-Length: 10000000"  # under MAX_UPLOAD_BYTES: no 413 first
+NO_BODY_WANTED = {  # requests answered without a token, each with a 10 MB body never sent
+    "the framework's /robots.txt": (request("PUT", "/robots.txt", BIG), 404),
+    "the framework's /favicon.ico": (request("POST", "/favicon.ico", BIG), 404),
+    "an Upgrade Flask refuses": (
+        request("POST", "/models/shapes/predict.json", "Connection: Upgrade", "Upgrade: websocket", BIG), 400),
+    "a Host Flask refuses": (request("POST", "/models/shapes/predict.json", BIG).replace(b"thalamus", b"a..b"), 400),
+    "a route without a body": (request("GET", "/healthz", BIG), 200),
+    "a route without a body, 100-continue asked": (request("GET", "/openapi.json", BIG, "Expect: 100-continue"), 200),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("what", NO_BODY_WANTED)
+def test_answers_that_need_no_body_never_read_one(serve, what):
+    # Flask and functions-framework answer some requests before the service runs, and read the
+    # whole body afterwards (two requests took a replica from 75 to 706 MiB); the service read
+    # the body of every route that had one, /healthz's too, holding a thread while it came.
+    server = serve("predict", MODEL_NAME="shapes")
+    head, status = NO_BODY_WANTED[what]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(head)  # and not one byte of the body
+        answer = b""
+        while chunk := sock.recv(65536):  # until the server closes: it must not wait for the body
+            answer += chunk
+    assert answer.startswith(f"HTTP/1.1 {status} ".encode()) and b"Connection: close" in answer, answer
+    assert b"application/json" in answer and b"100 Continue" not in answer, answer
+
+
+def test_a_request_for_an_empty_path_is_a_json_404_not_a_redirect(serve):
+    # Flask redirected it, in HTML, to the host the client named.
+    server = serve("predict", MODEL_NAME="shapes")
+    answer = exchange(server.port, b"GET http://x HTTP/1.1\r\nHost: attacker.example\r\n\r\n")
+    assert "no such path" in assert_json_error(answer, 404)
+    assert "location" not in answer[1]
 
 
 def test_a_100_continue_is_sent_only_once_the_token_is_good(serve, token_header):
