@@ -44,6 +44,12 @@ SOURCE_ADDRESS = "127.0.0.2"
 LOCAL_PATHS = {"/", "/healthz", "/readyz", "/docs", "/docs/", "/openapi.json"}
 
 
+def hop_by_hop(connection: str) -> set[str]:
+    """The headers a ``Connection`` header names: for this hop only, never forwarded (RFC 9110
+    7.6.1), whichever side sent them."""
+    return {name.strip().lower() for name in connection.split(",") if name.strip()}
+
+
 def source_address() -> str:
     """SOURCE_ADDRESS when this machine can connect from it, else 127.0.0.1."""
     with socket.socket() as sock:
@@ -187,8 +193,9 @@ class Gateway:
         return merged
 
     def _proxy(self, environ: Environ, start_response: StartResponse, base: str) -> Iterable[bytes]:
+        dropped = DROPPED | hop_by_hop(environ.get("HTTP_CONNECTION", ""))
         headers = {key[5:].replace("_", "-").title(): value for key, value in environ.items()
-                   if key.startswith("HTTP_") and key[5:].replace("_", "-").lower() not in DROPPED}  # fmt: skip
+                   if key.startswith("HTTP_") and key[5:].replace("_", "-").lower() not in dropped}  # fmt: skip
         headers["X-Forwarded-For"] = environ.get("REMOTE_ADDR", "")
         headers["X-Request-Id"] = environ["thalamus.request_id"]
         if environ.get("CONTENT_TYPE"):
@@ -219,7 +226,8 @@ class Gateway:
         except (OSError, http.client.HTTPException):  # refused, reset, or nothing was sent
             conn.close()
             raise BadGateway(f"function at {base} is not answering") from None
-        reply = [(k, v) for k, v in upstream.getheaders() if k.lower() not in DROPPED]
+        dropped = DROPPED | hop_by_hop(", ".join(upstream.headers.get_all("Connection") or []))
+        reply = [(k, v) for k, v in upstream.getheaders() if k.lower() not in dropped]
         if length := upstream.getheader("Content-Length"):
             reply.append(("Content-Length", length))
         if upstream.getheader("Connection", "").lower() == "close":

@@ -9,6 +9,7 @@ a Redis password or image bytes.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from contextvars import ContextVar
 from typing import Any
@@ -35,6 +36,13 @@ class _Context(logging.Filter):
         return True
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _escaped(control: re.Match[str]) -> str:
+    return repr(control[0])[1:-1]  # "\n", "\x1b"
+
+
 class _Text(logging.Formatter):
     """``token  | 02:51:07 INFO  200 POST /token.json 64.8 ms  request_id=… public_key=…``:
     the function first, then the message, then the extra fields; no colours."""
@@ -45,7 +53,9 @@ class _Text(logging.Formatter):
             extras["request_id"] = record.request_id  # type: ignore[attr-defined]
         fields = "  " + " ".join(f"{key}={value}" for key, value in extras.items()) if extras else ""
         line = f"{record.function:<14}| {self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} "  # type: ignore[attr-defined]
-        line += record.getMessage() + fields
+        # What a client sent (a path in an error, a header) may hold a newline: escaped, it cannot
+        # start a line of its own that reads like the service's.
+        line += _CONTROL.sub(_escaped, record.getMessage() + fields)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line

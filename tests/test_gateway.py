@@ -1,9 +1,17 @@
 """The local gateway's own answers (local/gateway.py), over real HTTP on the running stack."""
 
+import http.server
+import json
 import socket
+import threading
 
 import pytest
 import requests
+import werkzeug.test
+
+from local.gateway import Gateway
+from local.helpers import free_port
+from shared.access import AccessLog
 
 
 @pytest.mark.parametrize("path", ["/healthz", "/readyz", "/docs", "/", "/openapi.json", "/openapi/token.json"])
@@ -33,3 +41,37 @@ def test_a_100_continue_never_follows_its_answer(running_stack):
         while chunk := sock.recv(65536):  # until the server closes
             received += chunk
     assert received.startswith(b"HTTP/1.1 200 ") and received.count(b"HTTP/1.1") == 1, received
+
+
+class _Echo(http.server.BaseHTTPRequestHandler):
+    """A function stand-in that answers with the headers it got, and one for its own hop."""
+
+    def do_POST(self):
+        body = json.dumps(dict(self.headers.items())).encode()
+        self.send_response(200)
+        headers = {"Content-Type": "application/json", "Content-Length": str(len(body)),
+                   "Connection": "X-Upstream-Hop", "X-Upstream-Hop": "1", "X-Upstream-Kept": "1"}  # fmt: skip
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_headers_a_connection_header_names_stay_on_their_hop():
+    # RFC 9110 7.6.1: a proxy removes the headers that Connection lists, both ways.
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), _Echo)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{upstream.server_address[1]}"
+        client = werkzeug.test.Client(AccessLog(Gateway(url, {}), "gateway"))
+        reply = client.post("/token.json", data=b"{}", headers={
+            "Connection": "keep-alive, X-Hop-Secret", "X-Hop-Secret": "1", "X-Kept": "1"})  # fmt: skip
+        seen = {name.lower() for name in reply.get_json()}
+        assert "x-kept" in seen and "x-hop-secret" not in seen, seen
+        assert reply.headers.get("X-Upstream-Kept") == "1" and "X-Upstream-Hop" not in reply.headers
+    finally:
+        upstream.shutdown()
+        upstream.server_close()

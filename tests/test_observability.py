@@ -264,3 +264,17 @@ def test_the_gateway_passes_the_request_id_on_and_both_log_it(running_stack):
         time.sleep(0.1)
     assert sorted(line.split("|")[0].strip() for line in mentions) == ["gateway", "token"]
     assert all("401 GET" in line for line in mentions)
+
+
+def test_a_client_cannot_forge_lines_of_the_text_log(function):
+    # The text format (./start.sh's) writes what a client sent as it came: a path with a newline
+    # in an error's message would start a line that reads like the service's own.
+    token = function("token", LOG_FORMAT="text")
+    forged = "/x%0Atoken%20%20%20%20%20%20%20%20%20|%2000:00:00%20INFO%20%20%20%20200%20POST%20/token.json"
+    assert requests.get(token.base + forged, timeout=10).status_code == 404
+    deadline = time.monotonic() + 5
+    while "no such path" not in (text := token.log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    access = [line for line in text.splitlines() if "no such path" in line]
+    assert len(access) == 1 and "/x\\ntoken" in access[0], text
+    assert not any(line.split("|", 1)[-1].startswith(" 00:00:00") for line in text.splitlines()), text
