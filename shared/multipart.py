@@ -11,7 +11,8 @@ each file is one slice of the body: 2-4 times less CPU, all of it under the GIL
 place of werkzeug's, with werkzeug's limits (``MAX_FORM_PARTS``, ``MAX_FORM_MEMORY_SIZE``), bounds
 of its own on the parts' headers, and werkzeug's answers: a body that cannot be split is an
 empty form, werkzeug's limits exceeded are :class:`werkzeug.exceptions.RequestEntityTooLarge`.
-Its own bound on the parts' headers, and a part without a name (RFC 7578 requires
+Its own bounds on the parts' headers (lines, bytes of one part's, bytes of all), and a part
+without a name (RFC 7578 requires
 ``Content-Disposition: form-data; name=...``, which werkzeug reads as the name ""), are a
 :class:`~shared.errors.BadRequest` saying so.
 """
@@ -61,8 +62,9 @@ def split(
 
     Raises ValueError when the body is not a whole multipart body for ``boundary`` (no
     boundary, no closing delimiter, a part without its blank line), RequestEntityTooLarge past
-    ``max_parts`` parts or for a text field over ``max_field_bytes``, and BadRequest for more
-    than MAX_FORM_HEADER_BYTES of part headers or a part without a name (see :func:`_nameless`).
+    ``max_parts`` parts or for a text field over ``max_field_bytes``, and BadRequest for a part
+    with over MAX_PART_HEADERS header lines or MAX_HEADER_BYTES of them, more than
+    MAX_FORM_HEADER_BYTES of part headers in all, or a part without a name (see :func:`_nameless`).
     Line breaks may be CRLF or LF; a preamble before the first delimiter and an epilogue after
     the last are ignored.
     """
@@ -81,7 +83,7 @@ def split(
             raise RequestEntityTooLarge()
         at += 2 if body.startswith(b"\r\n", at) else 1  # the delimiter's line break
         next_at = delimiters.after(at)
-        headers_end, content_at = _blank_line(body, at, min(next_at + 1, at + MAX_HEADER_BYTES))
+        headers_end, content_at = _blank_line(body, at, next_at + 1)
         header_bytes += headers_end - at
         if header_bytes > MAX_FORM_HEADER_BYTES:
             raise BadRequest(f"multipart part headers over {MAX_FORM_HEADER_BYTES // 1024} KiB in all")
@@ -151,19 +153,22 @@ def _content_end(body: bytes, start: int, delimiter_at: int) -> int:
     return max(start, delimiter_at)
 
 
-def _blank_line(body: bytes, start: int, end: int) -> tuple[int, int]:
+def _blank_line(body: bytes, start: int, delimiter: int) -> tuple[int, int]:
     """(end of a part's headers, start of its content): the first empty line between ``start``
-    and ``end`` (the part's delimiter, or MAX_HEADER_BYTES on). Raises ValueError when there is
-    none."""
+    and the part's ``delimiter``, within MAX_HEADER_BYTES. Raises ValueError when the part has
+    none (a malformed body), BadRequest when its headers run on past MAX_HEADER_BYTES."""
     if body.startswith(b"\r\n", start):
         return start, start + 2
     if body.startswith(b"\n", start):
         return start, start + 1
+    end = min(delimiter, start + MAX_HEADER_BYTES)
     crlf, lf = body.find(b"\r\n\r\n", start, end), body.find(b"\n\n", start, end)
     if crlf >= 0 and (lf < 0 or crlf < lf):
         return crlf, crlf + 4
     if lf >= 0:
         return lf, lf + 2
+    if end < delimiter:
+        raise BadRequest(f"a multipart part's headers are over {MAX_HEADER_BYTES // 1024} KiB")
     raise ValueError("multipart part without the blank line after its headers")
 
 
@@ -172,7 +177,7 @@ def _headers(block: bytes) -> Headers:
     headers = Headers()
     lines = block.replace(b"\r\n", b"\n").replace(b"\n ", b" ").replace(b"\n\t", b" ").split(b"\n")
     if len(lines) > MAX_PART_HEADERS:
-        raise ValueError("too many headers in a multipart part")
+        raise BadRequest(f"a multipart part has over {MAX_PART_HEADERS} header lines")
     for line in lines:
         name, colon, value = line.decode("utf-8", "replace").partition(":")
         if colon:

@@ -90,7 +90,6 @@ def test_a_file_holding_the_boundary_text_arrives_whole():
         (b'--b\r\nContent-Disposition: form-data; name="f"\r\n\r\nno end', "unclosed"),
         (b'--b\r\nContent-Disposition: form-data; name="f"\r\nno blank line\r\n--b--\r\n', "no blank line"),
         (b'--b\r\nContent-Disposition: form-data; name="f"; filename="a.png"\r\n\r\nPART\r\n--b', "cut short"),
-        (b"--b\r\n" + b"X-A: 1\r\n" * 17 + b'Content-Disposition: form-data; name="f"\r\n\r\nv\r\n--b--', "headers"),
         (b"--b", "a delimiter and nothing else"),
     ],
 )
@@ -99,6 +98,17 @@ def test_a_broken_body_is_a_value_error(data, why):
         assert split(data, b"b") == ([], [])
         return
     with pytest.raises(ValueError):
+        split(data, b"b")
+
+
+@pytest.mark.parametrize(
+    "headers, words",
+    [(b"X-A: 1\r\n" * 17, "over 16 header lines"), (b"X-A: " + b"a" * 9000 + b"\r\n", "headers are over 8 KiB")],
+)
+def test_a_part_over_the_header_bounds_is_a_bad_request_saying_so(headers, words):
+    # Not "no part could be read": the part is whole, its headers are too many or too long.
+    data = b"--b\r\n" + headers + b'Content-Disposition: form-data; name="f"\r\n\r\nv\r\n--b--'
+    with pytest.raises(BadRequest, match=words):
         split(data, b"b")
 
 

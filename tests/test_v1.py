@@ -156,6 +156,7 @@ BAD = {
         "not true or false",
     ),
     "an integer of 5000 digits": (b'{"instances": [' + b"1" * 5000 + b"]}", 400, "body: number too long"),
+    "an integer beyond float64": ({"instances": [[[[10**400] * 3] * 64] * 64]}, 400, "beyond the range"),
     "ragged": ({"instances": [ONE, [[0.0]]]}, 400, "rectangular"),
     "NaN": (json.dumps({"instances": [[[[float("nan")] * 3] * 64] * 64]}).encode(), 400, "finite"),
     "beyond float32": ({"instances": [[[[1e39] * 3] * 64] * 64]}, 400, "finite"),
@@ -178,6 +179,17 @@ def test_bad_request(shapes_client, bearer, case):
     assert message in reply.get_json()["error"]
     assert "sys." not in reply.get_json()["error"]  # never Python's advice to its programmer
     check(shapes_client.get("/openapi.json").get_json(), f"/v1/models/{MODEL}:predict", "post", reply)
+
+
+def test_integers_past_64_bits_are_numbers_as_their_floats_are(shapes_client, bearer):
+    # numpy makes an object array of 10**20 (past int64 and uint64): it was "values must be numbers".
+    path, answers = f"/v1/models/{MODEL}:predict", []
+    for big in (10**20, 1e20, 2**64, 2.0**64):
+        instance = [[[big, 0, 0]] + [[0, 0, 0]] * 63] + [[[0, 0, 0]] * 64] * 63
+        reply = shapes_client.post(path, headers=bearer, data=json.dumps({"instances": [instance]}).encode())
+        answers.append((reply.status_code, reply.get_json()))
+    assert answers[0] == answers[1] and answers[2] == answers[3], answers
+    assert answers[0][0] == 200
 
 
 def test_booleans_outside_the_tensors_and_words_in_strings_change_nothing(shapes_client, bearer, pngs):
