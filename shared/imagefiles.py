@@ -10,6 +10,7 @@ Pillow would only find out by allocating (a WebP's canvas, a JPEG's scan count).
 
 from __future__ import annotations
 
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -62,22 +63,27 @@ _GIF_JUNK = re.compile(rb"[^!,;]*")  # what Pillow skips between GIF blocks
 
 
 # EXIF: bytes per value of each TIFF field type Pillow reads (it skips an entry of any other
-# type), and the types whose values are integers. Pillow's getexif() parses every entry of a
-# directory in Python and warns for each broken one: 65,535 entries (786 KB) took 0.4 s and wrote
-# 13 MB of warnings to stderr.
+# type), and how it reads a number of each. Pillow's getexif() parses every entry of a directory
+# in Python and warns for each broken one: 65,535 entries (786 KB) took 0.4 s and wrote 13 MB of
+# warnings to stderr.
 _TIFF_UNIT = np.zeros(65536, np.uint64)
 _TIFF_UNIT[[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 16]] = [1, 1, 2, 4, 8, 1, 1, 2, 4, 8, 4, 8, 4, 8]
-_TIFF_INTEGERS = {3: "H", 4: "I", 6: "b", 8: "h", 9: "i", 13: "I"}
+_TIFF_NUMBERS = {3: "H", 4: "I", 5: "II", 6: "b", 8: "h", 9: "i", 10: "ii", 11: "f", 12: "d", 13: "I", 16: "Q"}
 _TIFF_ENTRY = [("tag", "u2"), ("type", "u2"), ("count", "u4"), ("value", "u4")]
+# The headers Pillow takes for a TIFF (two misspelt, and big-endian BigTIFF read as a plain TIFF;
+# little-endian BigTIFF it cannot read in EXIF), and the one or two "Exif" prefixes it drops.
+_TIFF_ORDER = {b"MM\x00*": ">", b"II*\x00": "<", b"MM*\x00": ">", b"II\x00*": "<", b"MM\x00+": ">"}
+_EXIF_PREFIXES = re.compile(rb"(?:Exif\x00\x00){1,2}")
 _ORIENTATION_TAG = 0x0112
 
 
 def _first_directory(exif: bytes) -> tuple[bytes, str, int, int] | None:
-    """An EXIF block's TIFF data (after the ``Exif`` prefixes, which Pillow drops too), its byte
-    order, and where its first directory starts and how many entries it says it has."""
-    while exif.startswith(b"Exif\x00\x00"):
-        exif = exif[6:]
-    order = {b"II*\x00": "<", b"MM\x00*": ">"}.get(exif[:4])
+    """An EXIF block's TIFF data (after the ``Exif`` prefixes Pillow drops), its byte order, and
+    where its first directory starts and how many entries it says it has; None when Pillow would
+    read no directory in it."""
+    if prefixes := _EXIF_PREFIXES.match(exif):
+        exif = exif[prefixes.end() :]
+    order = _TIFF_ORDER.get(exif[:4])
     if order is None or len(exif) < 8:
         return None
     (start,) = struct.unpack_from(order + "I", exif, 4)
@@ -95,32 +101,46 @@ def exif_entries(exif: bytes) -> int:
     return min(count, (len(exif) - start - 2) // 12)
 
 
-def exif_orientation(exif: bytes) -> int | None:
+def exif_orientation(exif: bytes) -> float | None:
     """The Orientation tag (0x0112) of an EXIF block's first directory as Pillow's getexif()
-    reads it, with every entry looked at in one vectorised pass: the first entry of that tag that
-    Pillow keeps (a type it reads, a value it can read) decides; its first value when it
-    holds integers, else 0 (present, but no orientation). None when there is no such entry or no EXIF:
-    Pillow then looks in the XMP."""
+    reads it, every entry looked at in one vectorised pass: the first entry of that tag that
+    Pillow keeps (a type it reads, a value it can read) decides, by its first value when it holds
+    numbers (6.0 and 12/2 are 6 to Pillow too), else 0 (present, but no orientation). None when
+    there is no such entry or no EXIF: Pillow then looks in the XMP."""
     if (directory := _first_directory(exif)) is None:
         return None
     exif, order, start, count = directory
     table = exif[start + 2 : start + 2 + 12 * count]
     entries = np.frombuffer(table, np.dtype([(name, order + kind) for name, kind in _TIFF_ENTRY]), len(table) // 12)
-    size = _TIFF_UNIT[entries["type"]] * entries["count"]
-    # Values over 4 bytes lie elsewhere: Pillow skips one once their sizes add up past the block's,
-    # and stops reading the directory at one that lies past its end.
+    size, tags, index = _TIFF_UNIT[entries["type"]] * entries["count"], entries["tag"], np.arange(len(entries))
+    # Pillow passes over an entry whose tag it already holds, and one of a type it does not read.
+    # Values over 4 bytes lie elsewhere: it adds up their sizes, skips every such entry once they
+    # are past the block's (the k-th on), and stops at the first that lies past the block's end.
+    first = _first_of_each_tag(tags, size > 0)  # before the k-th, every one of them is kept
     elsewhere = size > 4
-    skipped = elsewhere & (np.cumsum(np.where(elsewhere, size, 0)) > len(exif))
-    past_end = np.flatnonzero(elsewhere & ~skipped & (entries["value"].astype(np.uint64) + size > len(exif)))
-    kept = (entries["tag"] == _ORIENTATION_TAG) & (size > 0) & ~skipped
-    if not (found := np.flatnonzero(kept[: past_end[0] if past_end.size else None])).size:
+    over = np.flatnonzero(np.cumsum(np.where(first & elsewhere, size, 0)) > len(exif))
+    before_k = index < (over[0] if over.size else len(entries))
+    kept = _first_of_each_tag(tags, (size > 0) & (before_k | ~elsewhere))
+    past_end = np.flatnonzero(first & elsewhere & before_k & (entries["value"].astype(np.uint64) + size > len(exif)))
+    orientation = kept & (tags == _ORIENTATION_TAG)
+    if not (found := np.flatnonzero(orientation[: past_end[0] if past_end.size else None])).size:
         return None
-    entry, inline = entries[found[0]], start + 2 + 12 * int(found[0]) + 8
-    if (integer := _TIFF_INTEGERS.get(int(entry["type"]))) is None:
+    at, entry = int(found[0]), entries[int(found[0])]
+    if (number := _TIFF_NUMBERS.get(int(entry["type"]))) is None:
         return 0
-    # Orientation is one value: Pillow takes the first, from the entry or where it points.
-    where = inline if size[found[0]] <= 4 else int(entry["value"])
-    return int(struct.unpack_from(order + integer, exif, where)[0])
+    where = start + 2 + 12 * at + 8 if size[at] <= 4 else int(entry["value"])  # in the entry, or where it points
+    value = struct.unpack_from(order + number, exif, where)
+    if len(value) == 2:  # a rational
+        return value[0] / value[1] if value[1] else math.nan
+    return float(value[0])
+
+
+def _first_of_each_tag(tags: np.ndarray, among: np.ndarray) -> np.ndarray:
+    """Which entries are the first of their tag among those ``among`` selects."""
+    first = np.zeros(len(tags), bool)
+    first[np.unique(np.where(among, tags, -1), return_index=True)[1]] = True
+    result: np.ndarray = first & among
+    return result
 
 
 @dataclass(frozen=True)
@@ -190,7 +210,7 @@ def _jpeg_walk(data: bytes) -> Structure:
         length = int.from_bytes(data[position + 2 : position + 4], "big")
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and not frame:
             frame = marker  # SOFn (C4, C8 and CC are DHT, JPG and DAC)
-        if marker == 0xE1 and not scans and data.startswith(b"Exif\x00\x00", position + 4):
+        if marker == 0xE1 and not scans and data.startswith(b"Exif\x00\x00", position + 4, position + 2 + length):
             exif.append(data[position + (4 if not exif else 10) : position + 2 + length])  # as Pillow joins them
         position += 2 + max(length, 2)  # a length under 2: Pillow and libjpeg read on after it
         if marker == 0xDA:

@@ -70,7 +70,7 @@ BUDGET_WAIT_SECONDS = 5.0  # then 503 + Retry-After: the client comes back, no t
 
 # Bytes per pixel of Pillow's storage: every mode but the 8- and 16-bit ones takes 4 (RGB too).
 _STORAGE = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2}
-_ORIENTATION = {  # EXIF Orientation → transpose, as ImageOps.exif_transpose maps it
+_ORIENTATION: dict[float, Image.Transpose] = {  # EXIF Orientation → transpose, as ImageOps.exif_transpose maps it
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
     4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -94,9 +94,10 @@ _NS_DECODE = {"PNG": 10.0, "GIF": 5.0, "BMP": 2.0, "WEBP": 20.0, "JPEG": 1.0, "M
 _NS_BMP_RLE, _NS_BMP_RLE_BYTE = 300.0, 400.0
 _NS_PER_SCAN = 2.0  # progressive JPEG: each scan passes over the full-size coefficients
 _NS_JPEG_LOSSLESS = 25.0  # per pixel, at full size (measured 9-16 ns)
-# Arithmetic-coded JPEG: a decision per coefficient bit, whatever the draft (measured up to 413 ns
-# a byte and 25 ns a full-size pixel, a file made to be slow: every block one last coefficient).
-_NS_ARITHMETIC, _NS_ARITHMETIC_BYTE = 25.0, 400.0
+# Arithmetic-coded JPEG: a decision per bit of every coefficient, whatever the draft, and a
+# decision costs next to nothing in the file when it is always the same: blocks of 63 large equal
+# coefficients took 10-12 us a block (1.1 us a byte). So a block counts, at full size.
+_NS_ARITHMETIC_BLOCK = 20_000.0
 _NS_BAND = 8.0  # crop + convert + transpose + reduce, per decoded pixel
 _NS_ALPHA = 25.0  # compositing over white, per decoded pixel
 
@@ -198,11 +199,7 @@ def estimate(
     if image.format == "WEBP":
         nbytes = pixels * 16
     elif image.format in JPEG and (image.info.get("progressive") or structure.scans > 1):
-        layers = getattr(image, "layer", None) or [(0, 1, 1, 0)] * len(image.getbands())
-        hmax, vmax = max(h for _, h, _, _ in layers), max(v for _, _, v, _ in layers)
-        for _, h, v, _ in layers:
-            columns = math.ceil(math.ceil(full_size[0] * h / hmax) / 8)
-            nbytes += columns * math.ceil(math.ceil(full_size[1] * v / vmax) / 8) * 64 * 2
+        nbytes += _jpeg_blocks(image, full_size) * 64 * 2
         nanoseconds += full * _NS_PER_SCAN * structure.scans
     elif isinstance(image, ImageFile.ImageFile) and image.tile and image.tile[0].codec_name == "bmp_rle":
         nbytes += pixels * 2 + pixels // 8
@@ -211,11 +208,21 @@ def estimate(
         nanoseconds += full * _NS_JPEG_LOSSLESS
     if structure.arithmetic:
         nbytes += structure.size
-        nanoseconds += full * _NS_ARITHMETIC + structure.size * _NS_ARITHMETIC_BYTE
+        nanoseconds += _jpeg_blocks(image, full_size) * _NS_ARITHMETIC_BLOCK
     alpha = image.mode in _ALPHA_MODES or "transparency" in image.info
     nanoseconds += pixels * (_NS_BAND + (_NS_ALPHA if alpha else 0.0))
     band = max(BAND_PIXELS, width, int(pixels / (REDUCING_GAP * max(1, min(target)))))
     return Cost(nbytes + band * _BAND_BYTES_PER_PIXEL, nanoseconds / 1e9, full)
+
+
+def _jpeg_blocks(image: Image.Image, full_size: tuple[int, int]) -> int:
+    """The 8x8 blocks of a JPEG at full size, over its components (each sampled at its factors)."""
+    layers = getattr(image, "layer", None) or [(0, 1, 1, 0)] * len(image.getbands())
+    hmax, vmax = max(h for _, h, _, _ in layers), max(v for _, _, v, _ in layers)
+    return sum(
+        math.ceil(math.ceil(full_size[0] * h / hmax) / 8) * math.ceil(math.ceil(full_size[1] * v / vmax) / 8)
+        for _, h, v, _ in layers
+    )
 
 
 def open_image(data: bytes, max_pixels: int, target: tuple[int, int]) -> tuple[Image.Image, Cost]:
@@ -244,6 +251,8 @@ def open_image(data: bytes, max_pixels: int, target: tuple[int, int]) -> tuple[I
     if max(width, height) > MAX_SIDE:
         image.close()
         raise BadRequest(f"image too long: {width}x{height} pixels (limit {MAX_SIDE} on a side)")
+    if image.format == "PNG":
+        _png_colour_key(image)
     if image.format in JPEG:
         # Each component's sampling factors are 1 to 4 (ITU T.81 B.2.2); 0 also divides by zero
         if not all(1 <= h <= 4 and 1 <= v <= 4 for _, h, v, _ in getattr(image, "layer", [])):
@@ -255,6 +264,18 @@ def open_image(data: bytes, max_pixels: int, target: tuple[int, int]) -> tuple[I
         if structure.arithmetic:  # handed over in one piece (see imagefiles.Structure.arithmetic)
             image.decodermaxblock = len(data)
     return image, estimate(image, full_size, structure, target)
+
+
+def _png_colour_key(image: Image.Image) -> None:
+    """A PNG's colour key (tRNS) in the scale of the pixels Pillow gives: it widens 2- and 4-bit
+    grey to 8 bits and keeps the high byte of 16-bit RGB, but leaves the key as stored (so it
+    matched no pixel, and the transparent background kept its stored colour)."""
+    tile = image.tile if isinstance(image, ImageFile.ImageFile) else None
+    key, rawmode = image.info.get("transparency"), tile[0].args if tile else None
+    if isinstance(key, int) and rawmode in ("L;2", "L;4"):
+        image.info["transparency"] = key * (85 if rawmode == "L;2" else 17)
+    elif isinstance(key, tuple) and rawmode == "RGB;16B":
+        image.info["transparency"] = tuple(value >> 8 for value in key)  # as close as 8 bits get
 
 
 def header_cost(data: bytes, limits: Limits, target: tuple[int, int]) -> Cost:
