@@ -38,7 +38,10 @@ def mask_url(url: str) -> str:
     """``url`` with its secrets replaced by ``***``: the password of its user part (the whole
     user part when it has no ``:``, as redis-py may read it as a password), and any
     ``password=`` in its query (redis-py takes one there too)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not even a URL (an unclosed IPv6 bracket): nothing of it is shown
+        return "(not a URL)"
     netloc = parts.netloc
     if "@" in netloc:
         user, _, host = netloc.rpartition("@")
@@ -173,14 +176,29 @@ def _path(variable: str, raw: str) -> Path:
     return Path(raw)
 
 
+# The URL options redis-py reads that make sense here; any other it passes on to the connection
+# as an argument, many of which only fail on the first command (a 500 on every request).
+REDIS_URL_OPTIONS = frozenset({
+    "db", "username", "password", "client_name", "protocol", "health_check_interval", "max_connections",
+    "retry_on_timeout", "socket_connect_timeout", "socket_keepalive", "socket_read_size", "socket_timeout",
+    "timeout", "ssl_ca_certs", "ssl_ca_data", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_password",
+    "ssl_cert_reqs", "ssl_check_hostname", "ssl_min_version", "ssl_ciphers",
+})  # fmt: skip
+
+
 def _redis_url(variable: str, raw: str) -> str:
     """A URL redis-py can connect with: its scheme, port and options checked now, at start, not
     on each request (an unknown option there was a 500 with a traceback on every one)."""
     import redis  # noqa: PLC0415 (only where a Redis URL is set)
 
     try:
-        redis.ConnectionPool.from_url(raw).make_connection()  # builds the connection, connects nowhere
-    except (ValueError, TypeError) as exc:
+        fields = (field.partition("=")[0] for field in re.split("[&;]", urlsplit(raw).query))
+        if unknown := sorted({unquote_plus(name) for name in fields if name} - REDIS_URL_OPTIONS):
+            raise ValueError(f"unknown option {unknown[0]!r} (known: {', '.join(sorted(REDIS_URL_OPTIONS))})")
+        connection = redis.ConnectionPool.from_url(raw).make_connection()  # built, connected nowhere
+        if re.search(r"\s", str(getattr(connection, "client_name", None) or "")):
+            raise ValueError("client_name may not hold spaces (Redis refuses it)")
+    except (ValueError, TypeError, LookupError, redis.RedisError) as exc:
         raise ConfigError(f"{variable} is not a usable Redis URL ({mask_url(raw)}): {exc}") from None
     return raw
 

@@ -354,7 +354,8 @@ def entry_point(service: Service, observe: bool = True) -> Callable[[flask.Reque
         app.request_class = Request
         app.register_error_handler(wz.HTTPException, _framework_error)
         app.register_error_handler(ThalamusError, error_response)
-        app.before_request(_no_redirect)
+        app.register_error_handler(500, _internal_error)  # instead of functions-framework's HTML one
+        app.before_request(_only_the_function)
         if observe:  # False only to measure what the access log and request metrics cost (bench/)
             app.wsgi_app = AccessLog(app.wsgi_app, service.function)  # type: ignore[method-assign]
 
@@ -377,8 +378,16 @@ def _framework_error(exc: wz.HTTPException) -> flask.Response:
     return response
 
 
-def _no_redirect() -> None:
-    """Flask answers its routing's redirects itself, in HTML, to the host the client names (an
-    empty path, as in ``GET http://x HTTP/1.1``, goes to ``/``): a 404 here, like any unknown path."""
-    if isinstance(flask.request.routing_exception, RequestRedirect):
+def _only_the_function() -> None:
+    """What Flask would answer itself, without an error the handlers above see, is a 404 here,
+    like any unknown path: its routing's redirects (in HTML, to the host the client names: an
+    empty path, as in ``GET http://x HTTP/1.1``, goes to ``/``) and its ``/static/<file>`` route
+    (OPTIONS got an empty 200, and functions-framework then read the whole body)."""
+    rule = flask.request.url_rule
+    if isinstance(flask.request.routing_exception, RequestRedirect) or (rule is not None and rule.endpoint == "static"):
         raise wz.NotFound()
+
+
+def _internal_error(exc: wz.InternalServerError) -> flask.Response:
+    """An error no handler took (Flask logs it with its traceback first): JSON, no traceback."""
+    return _framework_error(exc) if flask.has_request_context() else json_response({"error": "internal error"}, 500)

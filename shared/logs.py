@@ -36,7 +36,7 @@ class _Context(logging.Filter):
         return True
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # C0, DEL, C1 (NEL, CSI), line and paragraph separators
 
 
 def _escaped(control: re.Match[str]) -> str:

@@ -35,6 +35,8 @@ REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 # not allow this (an operator's setting). Inside a Lua script they arrive as script errors that
 # carry the code; redis-py strips the code of those it has a class for.
 _REFUSALS = re.compile(r"(?:^|-|: )(OOM|READONLY|MASTERDOWN|BUSY|MISCONF|NOREPLICAS|TRYAGAIN|CLUSTERDOWN|NOPERM)\b")
+# Redis 6 says an ACL refusal inside a script without its code.
+_ACL_IN_SCRIPT = re.compile(r"can't run this command or subcommand|can't access at least one of the keys")
 _REFUSAL_CLASSES = {
     redis.exceptions.OutOfMemoryError: "OOM",
     redis.exceptions.ReadOnlyError: "READONLY",
@@ -169,8 +171,9 @@ def _refusal(exc: redis.ResponseError) -> str | None:
     for kind, code in _REFUSAL_CLASSES.items():
         if isinstance(exc, kind):
             return code
-    found = _REFUSALS.search(str(exc))
-    return found[1] if found else None
+    if found := _REFUSALS.search(str(exc)):
+        return found[1]
+    return "NOPERM" if _ACL_IN_SCRIPT.search(str(exc)) else None
 
 
 class _UsesRedis(Protocol):

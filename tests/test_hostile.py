@@ -213,6 +213,7 @@ NO_BODY_WANTED = {  # requests answered without a token, each with a 10 MB body 
     "a Host Flask refuses": (request("POST", "/models/shapes/predict.json", BIG).replace(b"thalamus", b"a..b"), 400),
     "a route without a body": (request("GET", "/healthz", BIG), 200),
     "a route without a body, 100-continue asked": (request("GET", "/openapi.json", BIG, "Expect: 100-continue"), 200),
+    "Flask's own /static/ route": (request("OPTIONS", "/static/x", BIG), 404),
 }  # fmt: skip
 
 

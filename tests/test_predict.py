@@ -173,7 +173,9 @@ def start_predict(**setup):
         ({"MODEL_NAME": "shapes", "REDIS_URL": "redis://127.0.0.1:notaport/0"}, "REDIS_URL is not a usable"),
         ({"MODEL_NAME": "shapes", "REDIS_URL": "bogus://127.0.0.1/0"}, "REDIS_URL is not a usable"),
         # An option redis-py does not know was a 500 with a traceback on every request; the password stays out.
-        ({"MODEL_NAME": "shapes", "REDIS_URL": "redis://:hunter22@127.0.0.1/0?Pasword=x"}, "unexpected keyword"),
+        ({"MODEL_NAME": "shapes", "REDIS_URL": "redis://:hunter22@127.0.0.1/0?Pasword=x"}, "unknown option 'Pasword'"),
+        ({"MODEL_NAME": "shapes", "REDIS_URL": "redis://127.0.0.1/0?client_name=my%20app"}, "may not hold spaces"),
+        ({"MODEL_NAME": "shapes", "REDIS_URL": "redis://:hunter22@[::1/0"}, "not a usable Redis URL"),
     ],
 )
 def test_broken_configuration_stops_at_start_with_one_line(setup, reason):

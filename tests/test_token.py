@@ -432,6 +432,18 @@ def test_a_redis_that_refuses_for_its_own_state_gives_503_not_500(own_redis, set
     assert client.get("/session.json", headers={"Authorization": f"Bearer {token}"}).status_code == 401
 
 
+def test_an_acl_that_forbids_a_command_of_the_scripts_is_a_503(own_redis, settings):
+    # Redis 6 reports an ACL refusal inside a script without its NOPERM code: it was a 500.
+    raw = redis.Redis.from_url(own_redis.url)
+    raw.execute_command("ACL", "SETUSER", "noincr", "on", ">pw1", "~*", "+@all", "-incr")
+    store = AuthStore(settings.replace(redis_url=own_redis.url))
+    pair = store.create_key()
+    limited = settings.replace(redis_url=own_redis.url.replace("redis://", "redis://noincr:pw1@"))
+    client = function_client(create_service(limited))
+    refused = post_json(client, {"public_key": pair.public_key, "secret_key": "sk_" + "A" * 43})  # counts a failure
+    assert refused.status_code == 503 and int(refused.headers["Retry-After"]) > 0, refused.get_json()
+
+
 def test_a_hung_redis_costs_one_wait_then_fast_answers_until_it_is_back(own_redis):
     settings = Settings(redis_url=own_redis.url, redis_url_is_default=False, prefix="hung:")
     auth = AuthStore(settings)

@@ -185,7 +185,7 @@ def test_integers_past_64_bits_are_numbers_as_their_floats_are(shapes_client, be
     # numpy makes an object array of 10**20 (past int64 and uint64): it was "values must be numbers".
     path, answers = f"/v1/models/{MODEL}:predict", []
     for big in (10**20, 1e20, 2**64, 2.0**64):
-        instance = [[[big, 0, 0]] + [[0, 0, 0]] * 63] + [[[0, 0, 0]] * 64] * 63
+        instance = [[[big, 0.5, 0]] + [[0, 0, 0]] * 63] + [[[0, 0, 0]] * 64] * 63  # among floats too
         reply = shapes_client.post(path, headers=bearer, data=json.dumps({"instances": [instance]}).encode())
         answers.append((reply.status_code, reply.get_json()))
     assert answers[0] == answers[1] and answers[2] == answers[3], answers

@@ -177,8 +177,8 @@ def dense(value: Any, where: str, text: bytes | memoryview | None = None) -> np.
         array = np.asarray(value)
     except (ValueError, TypeError):
         raise BadRequest(f"{where}: not a rectangular (dense) nested list of numbers") from None
-    if array.dtype == object and array.size and all(type(leaf) is int for leaf in array.flat):
-        try:  # integers past 64 bits: numbers, as 1e20 is
+    if array.dtype == object and array.size and all(type(leaf) in (int, float) for leaf in array.flat):
+        try:  # integers past 64 bits (among floats too): numbers, as 1e20 is
             array = array.astype(np.float64)
         except OverflowError:
             raise BadRequest(f"{where}: a number beyond the range of floating point") from None
