@@ -354,7 +354,7 @@ def entry_point(service: Service, observe: bool = True) -> Callable[[flask.Reque
         app.request_class = Request
         app.register_error_handler(wz.HTTPException, _framework_error)
         app.register_error_handler(ThalamusError, error_response)
-        app.register_error_handler(500, _internal_error)  # instead of functions-framework's HTML one
+        app.register_error_handler(500, _framework_error)  # instead of functions-framework's HTML one
         app.before_request(_only_the_function)
         if observe:  # False only to measure what the access log and request metrics cost (bench/)
             app.wsgi_app = AccessLog(app.wsgi_app, service.function)  # type: ignore[method-assign]
@@ -367,10 +367,14 @@ def entry_point(service: Service, observe: bool = True) -> Callable[[flask.Reque
 
 def _framework_error(exc: wz.HTTPException) -> flask.Response:
     """What Flask or functions-framework answer before the service runs (their /robots.txt and
-    /favicon.ico, a Host they refuse, an Upgrade they do not serve), as the service answers: in
-    JSON, a body left unread and its connection closed (functions-framework would read all of
-    it first, whatever its size: no token, no MAX_UPLOAD_BYTES)."""
-    message = f"no such path: {flask.request.path}" if exc.code == 404 else exc.description or exc.name
+    /favicon.ico, a Host they refuse, an Upgrade they do not serve, an error no handler took,
+    which Flask logs with its traceback), as the service answers: in JSON, a body left unread and
+    its connection closed (functions-framework would read all of it first, whatever its size: no
+    token, no MAX_UPLOAD_BYTES)."""
+    if exc.code == 500:
+        message = "internal error"  # the service's own words for a bug
+    else:
+        message = f"no such path: {flask.request.path}" if exc.code == 404 else exc.description or exc.name
     exchange_of(flask.request.environ).error = message
     response = json_response({"error": message}, exc.code or 500)
     if has_body(flask.request.environ):
@@ -386,8 +390,3 @@ def _only_the_function() -> None:
     rule = flask.request.url_rule
     if isinstance(flask.request.routing_exception, RequestRedirect) or (rule is not None and rule.endpoint == "static"):
         raise wz.NotFound()
-
-
-def _internal_error(exc: wz.InternalServerError) -> flask.Response:
-    """An error no handler took (Flask logs it with its traceback first): JSON, no traceback."""
-    return _framework_error(exc) if flask.has_request_context() else json_response({"error": "internal error"}, 500)
