@@ -34,8 +34,9 @@ try:
     from local import redis_server
     from shared import config, tokencache
     from shared.admin import UNCHANGED, KeyAdmin, parse_duration, parse_expiry
-    from shared.auth import PUBLIC_KEY_RE, Actor, KeyInfo, Keypair, parse_scopes, utc
+    from shared.credentials import PUBLIC_KEY_RE, Keypair
     from shared.errors import OutcomeUnknown, ThalamusError
+    from shared.keyrecords import Actor, KeyInfo, parse_scopes, utc
 except ImportError:
     # Run by a python without the project's packages: use the project's .venv when it exists.
     venv_python = Path(__file__).resolve().parent / ".venv" / "bin" / "python"

@@ -28,8 +28,9 @@ import redis
 
 from local import ROOT
 from local.helpers import RedisServer, free_port, percentile_ms, photo_jpeg, wait_http
-from shared.auth import AuthStore, Session, token_digest
+from shared.auth import AuthStore, Session
 from shared.config import Rate, Settings
+from shared.credentials import token_digest
 
 CONFIGS = ("baseline: no usage, no rate", "usage, unlimited key", "usage + rate")
 ROUND_TRIPS = ("cmdstat_evalsha", "cmdstat_eval", "cmdstat_script|load")

@@ -27,8 +27,8 @@ import psutil
 import redis
 
 from local.helpers import RedisServer, free_port, function_command, percentile_ms, wait_http
-from shared import auth as auth_lib
-from shared import config
+from shared import config, credentials
+from shared.auth import AuthStore
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
             base = f"http://127.0.0.1:{port}"
             wait_http(base + "/healthz", proc)
             settings = config.Settings.from_env(env)
-            pair = auth_lib.AuthStore(settings).create_key()
+            pair = AuthStore(settings).create_key()
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
             conn.connect()
             conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -82,14 +82,14 @@ def main() -> None:
             rss = sum(p.memory_info().rss for p in [serving, *serving.children(recursive=True)]) / 2**20
             t = time.perf_counter()
             for _ in range(50):
-                auth_lib.check_secret(pair.secret_key, auth_lib.hash_secret(pair.secret_key))
+                credentials.check_secret(pair.secret_key, credentials.hash_secret(pair.secret_key))
             scrypt_ms = (time.perf_counter() - t) / 100 * 1000
         finally:
             proc.terminate()
             proc.wait()
             server.stop()
     print(
-        f"scrypt N=2^{auth_lib.SCRYPT_N.bit_length() - 1} r={auth_lib.SCRYPT_R} p={auth_lib.SCRYPT_P}: "
+        f"scrypt N=2^{credentials.SCRYPT_N.bit_length() - 1} r={credentials.SCRYPT_R} p={credentials.SCRYPT_P}: "
         f"{scrypt_ms:.1f} ms per hash (one core)"
     )
     bound = scrypt_ms + percentile_ms(ping, 0.5)

@@ -13,22 +13,15 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from shared import store
-from shared.auth import (
-    AUDIT_LUA,
-    AuthStore,
-    KeyInfo,
-    Keypair,
-    hash_secret,
-    rate_field,
-    salt_of,
-    scopes_field,
-    utc,
-)
+from shared.auth import AuthStore
+from shared.auth_scripts import AUDIT_LUA
 from shared.config import Rate
+from shared.credentials import Keypair, hash_secret, salt_of
 from shared.errors import BadRequest, UnknownKey
+from shared.keyrecords import KeyInfo, rate_field, scopes_field, utc
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-EXPIRY_DETAIL = re.compile(r"expiry reached at (\d+)")  # auth.AUDIT_LUA's note, epoch seconds
+EXPIRY_DETAIL = re.compile(r"expiry reached at (\d+)")  # auth_scripts.AUDIT_LUA's note, epoch seconds
 
 
 class Unchanged:

@@ -335,7 +335,7 @@ def _leave_body_unread(request: flask.Request, response: flask.Response) -> None
     response.response = iter([body])
     response.headers["Connection"] = "close"  # for servers that honour it (the test client)
     close_connection = getattr(request.environ.get("wsgi.input"), "close_connection", None)
-    if close_connection is not None:  # shared.worker's body: tell gunicorn itself
+    if close_connection is not None:  # shared.deadlines.GuardedBody: tell gunicorn itself
         close_connection()
 
 

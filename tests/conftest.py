@@ -26,8 +26,9 @@ from functions.predict.service import create_service as create_predict_service
 from functions.token.service import create_service as create_token_service
 from local import ROOT
 from local.helpers import DEMO_MODELS, RedisServer, free_port, free_port_range, function_command, wait_http
-from shared.auth import AuthStore, Keypair
+from shared.auth import AuthStore
 from shared.config import Settings
+from shared.credentials import Keypair
 from shared.http import Service
 
 # -- Redis and settings ------------------------------------------------------------------------

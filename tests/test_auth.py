@@ -11,11 +11,14 @@ import redis
 import scrypt
 
 from local import ROOT
-from shared import auth as auth_module
+from shared import credentials
 from shared.admin import KeyAdmin
-from shared.auth import Actor, AuthStore, check_secret, hash_secret, parse_scopes, token_digest
+from shared.auth import AuthStore
+from shared.auth_scripts import AUDIT_MAX_ENTRIES
 from shared.config import Rate
+from shared.credentials import check_secret, hash_secret, token_digest
 from shared.errors import BadRequest, Forbidden, InvalidCredentials, TooManyRequests, Unauthorized, UnknownKey
+from shared.keyrecords import Actor, parse_scopes
 from tests.conftest import subprocess_env
 
 WRONG_SK = "sk_" + "x" * 43
@@ -113,7 +116,7 @@ def test_malformed_keys_are_bad_requests_without_scrypt(auth, scrypt_runs, publi
 
 
 def test_unknown_key_costs_the_same_scrypt_run_as_a_wrong_secret(auth, keypair, scrypt_runs):
-    auth_module._dummy_hash()  # made once per process, on first use
+    credentials.dummy_hash()  # made once per process, on first use
     scrypt_runs.clear()
     for pk in (keypair.public_key, "pk_" + "u" * 43):
         with pytest.raises(InvalidCredentials):
@@ -418,11 +421,11 @@ def test_audit_records_who_did_what_and_never_a_secret(admin, raw_redis, env):
 
 def test_audit_stream_is_capped(admin, raw_redis, env, monkeypatch):
     pipe = raw_redis.pipeline()
-    for _ in range(auth_module.AUDIT_MAX_ENTRIES + 500):
+    for _ in range(AUDIT_MAX_ENTRIES + 500):
         pipe.xadd(env["THALAMUS_PREFIX"] + "audit", {"action": "filler"})
     pipe.execute()
     admin.create_key()
-    assert raw_redis.xlen(env["THALAMUS_PREFIX"] + "audit") < auth_module.AUDIT_MAX_ENTRIES + 200
+    assert raw_redis.xlen(env["THALAMUS_PREFIX"] + "audit") < AUDIT_MAX_ENTRIES + 200
 
 
 def test_purge_removes_only_the_prefix(admin, raw_redis, env):

@@ -23,7 +23,8 @@ import pytest
 import requests
 
 from local.helpers import demo_image, encode, free_port, function_command, wait_http
-from shared.worker import JOIN_BODY_BYTES, MAX_BODY_CHUNKS, DeadlineSocket, request_id_of
+from shared.deadlines import JOIN_BODY_BYTES, MAX_BODY_CHUNKS, DeadlineSocket
+from shared.refusals import request_id_of
 from tests.conftest import subprocess_env
 from tests.test_observability import scrape_when, total
 

@@ -21,7 +21,7 @@ import redis
 from local import ROOT, redis_server
 from local.helpers import free_port
 from shared.admin import KeyAdmin
-from shared.auth import Keypair
+from shared.credentials import Keypair
 from tests.conftest import subprocess_env
 
 

@@ -19,7 +19,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from local.helpers import demo_image, encode, free_port, function_command, wait_http
-from shared.auth import token_digest
+from shared.credentials import token_digest
 from tests.conftest import subprocess_env
 
 

@@ -15,13 +15,14 @@ import pytest
 import redis
 
 from shared import tokencache
-from shared.auth import _AUTHENTICATE, AuthStore
+from shared.auth import AuthStore
+from shared.auth_scripts import AUTHENTICATE
 from shared.errors import Unauthorized
 from shared.tokencache import CHECK_SECONDS
 from tests.conftest import predict_client, subprocess_env
 from tests.test_keys import keys
 
-CHECK_SCRIPT = hashlib.sha1(_AUTHENTICATE.encode(), usedforsecurity=False).hexdigest()
+CHECK_SCRIPT = hashlib.sha1(AUTHENTICATE.encode(), usedforsecurity=False).hexdigest()
 
 
 @contextmanager

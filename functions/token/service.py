@@ -18,8 +18,9 @@ import flask
 from functions.token import catalog, spec
 from shared import metrics
 from shared.access import exchange_of
-from shared.auth import PUBLIC_KEY_RE, AuthStore, IssuedToken
+from shared.auth import AuthStore, IssuedToken
 from shared.config import Settings
+from shared.credentials import PUBLIC_KEY_RE
 from shared.errors import BadRequest, InvalidCredentials, TooManyRequests, UnsupportedMediaType
 from shared.http import Call, Route, Service, client_address, json_response, read_json
 from shared.worker import DeadlineWorker

@@ -1,0 +1,110 @@
+"""The Lua scripts that make a key's changes and a token's use atomic: a token can never carry
+more rights than its key has at the moment it is used (the Redis layout: :mod:`shared.auth`)."""
+
+AUDIT_MAX_ENTRIES = 10_000  # the audit stream is trimmed to about this many events
+
+# Appends an audit event (the stream entry's ID is its time) unless no user is given.
+AUDIT_LUA = f"""
+local function audit(stream, user, host, action, pk, detail, call)
+  if user == '' then return end
+  (call or redis.call)('XADD', stream, 'MAXLEN', '~', {AUDIT_MAX_ENTRIES}, '*', 'action', action,
+                       'public_key', pk, 'user', user, 'host', host, 'detail', detail)
+end
+local function note_expiry(key, stream, host, pk, expires)
+  -- Noted once, if Redis takes writes: a full Redis (maxmemory) or a read-only one (a replica,
+  -- as in a failover) refuses them, and the expired key's token still gets its 401, not a 503.
+  if redis.call('HEXISTS', key, 'expiry_noted') == 0 and redis.pcall('HSETNX', key, 'expiry_noted', '1') == 1 then
+    audit(stream, '-', host, 'expired', pk, 'expiry reached at ' .. expires, redis.pcall)
+  end
+end
+"""
+
+# KEYS: key, token, key-tokens, audit. ARGV: pk, the stored hash the secret matched, now,
+# token ttl, token digest, host. → {1, ttl, scopes} | {0} gone or secret rotated | {-1} expired
+ISSUE = (
+    AUDIT_LUA
+    + """
+local k = redis.call('HMGET', KEYS[1], 'secret', 'old_secret', 'old_until', 'expires', 'scopes')
+local now = tonumber(ARGV[3])
+if not k[1] then return {0} end
+local old = k[2] and k[2] == ARGV[2] and tonumber(k[3] or '0') > now
+if k[1] ~= ARGV[2] and not old then return {0} end
+local ttl = tonumber(ARGV[4])
+if k[4] and k[4] ~= '' then
+  local left = tonumber(k[4]) - now
+  if left <= 0 then note_expiry(KEYS[1], KEYS[4], ARGV[6], ARGV[1], k[4]); return {-1} end
+  if left < ttl then ttl = left end
+end
+redis.call('HSET', KEYS[2], 'pk', ARGV[1])
+redis.call('EXPIRE', KEYS[2], ttl)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
+-- now is whole seconds, the token's clock starts inside this script: one second to spare.
+redis.call('ZADD', KEYS[3], now + ttl + 1, ARGV[5])
+if redis.call('TTL', KEYS[3]) < ttl then redis.call('EXPIRE', KEYS[3], ttl) end
+return {1, ttl, k[5] or ''}
+"""
+)
+
+# KEYS: token, audit. ARGV: prefix, now, model ('' = none), host.
+# → {0} invalid | {1, pk, scopes} forbidden | {2, pk, scopes, left[, limit, count, pttl]} ok
+#   | {3, pk, scopes, left, limit, count, pttl} over the key's rate
+AUTHENTICATE = (
+    AUDIT_LUA
+    + """
+local t = redis.call('HMGET', KEYS[1], 'pk')
+if not t[1] then return {0} end
+local now = tonumber(ARGV[2])
+local key = ARGV[1] .. 'key:' .. t[1]
+local k = redis.call('HMGET', key, 'created', 'scopes', 'expires', 'rate')
+if not k[1] then return {0} end
+local exp = now + math.floor(redis.call('PTTL', KEYS[1]) / 1000)
+if k[3] and k[3] ~= '' then
+  if tonumber(k[3]) <= now then note_expiry(key, KEYS[2], ARGV[4], t[1], k[3]); return {0} end
+  exp = math.min(exp, tonumber(k[3]))
+end
+local scopes = k[2] or ''
+if ARGV[3] ~= '' and scopes ~= '' then
+  local allowed = false
+  for _, name in ipairs(cjson.decode(scopes)) do
+    if name == ARGV[3] then allowed = true end
+  end
+  if not allowed then return {1, t[1], scopes} end
+end
+if not k[4] or k[4] == '' then return {2, t[1], scopes, exp - now} end
+local limit, window = string.match(k[4], '^(%d+)/(%d+)$')
+local counter = ARGV[1] .. 'rate:' .. t[1]
+local count = redis.call('INCR', counter)
+local pttl = redis.call('PTTL', counter)
+if pttl < 0 then
+  pttl = tonumber(window) * 1000
+  redis.call('PEXPIRE', counter, pttl)
+end
+local code = 2
+if count > tonumber(limit) then code = 3 end
+return {code, t[1], scopes, exp - now, tonumber(limit), count, pttl}
+"""
+)
+
+# KEYS: key, key-tokens, rate counter, audit. ARGV: token prefix, user, host, pk, last-used hash.
+# → number of tokens killed, or -1 for no such key
+REVOKE = (
+    AUDIT_LUA
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local hashes = redis.call('ZRANGE', KEYS[2], 0, -1)
+for _, h in ipairs(hashes) do redis.call('DEL', ARGV[1] .. h) end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('HDEL', ARGV[5], ARGV[4])
+audit(KEYS[4], ARGV[2], ARGV[3], 'revoke', ARGV[4], #hashes .. ' live token(s) invalidated')
+return #hashes
+"""
+)
+
+# KEYS: failure counters. ARGV: window (seconds). One script, so a counter never lives without
+# its expiry (a window that starts with the first failure; one that somehow has none gets one).
+RECORD_FAILURE = """
+for _, name in ipairs(KEYS) do
+  redis.call('INCR', name)
+  if redis.call('TTL', name) < 0 then redis.call('EXPIRE', name, ARGV[1]) end
+end
+"""
