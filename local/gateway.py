@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from local import routes
 from shared import config, docs, logs
 from shared.access import AccessLog, exchange_of
-from shared.errors import BadGateway, MethodNotAllowed, NotFound, ThalamusError
+from shared.errors import BadGateway, InternalError, MethodNotAllowed, NotFound, ThalamusError
 from shared.http import has_body
 from shared.server import Gunicorn, gunicorn_options
 
@@ -88,12 +88,13 @@ class Gateway:
         try:
             return self._route(environ, start_response)
         except ThalamusError as error:
-            # Body errors (408, 400) or a local 404: the body may be partly unread, so close.
-            exchange_of(environ).error = error.detail
-            return _json(start_response, error.status, {"error": error.message}, list(error.headers.items()), True)
+            refused = error
         except Exception:
             log.exception("gateway error on %s", environ.get("PATH_INFO"))
-            return _json(start_response, 500, {"error": "internal error"}, close=True)
+            refused = InternalError()
+        # Body errors (408, 400), a local 404 or a bug: the body may be partly unread, so close.
+        exchange_of(environ).error = refused.detail
+        return _json(start_response, refused.status, {"error": refused.message}, list(refused.headers.items()), True)
 
     def _route(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")

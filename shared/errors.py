@@ -28,6 +28,13 @@ class ThalamusError(Exception):
         self.detail = detail or message
 
 
+class InternalError(ThalamusError):
+    """A bug (logged with its traceback): the client learns nothing of it but its status."""
+
+    def __init__(self) -> None:
+        super().__init__("internal error")
+
+
 class BadRequest(ThalamusError):
     status = 400
 

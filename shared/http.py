@@ -23,12 +23,13 @@ import functions_framework
 from werkzeug import exceptions as wz
 from werkzeug.routing import BaseConverter, Map, RequestRedirect, Rule
 
-from shared import docs, metrics
+from shared import docs, jsonbody, metrics
 from shared.access import AccessLog, Exchange, exchange_of
 from shared.auth import AuthStore, Session
 from shared.config import IPNetwork, Settings
 from shared.errors import (
     BadRequest,
+    InternalError,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
@@ -106,12 +107,7 @@ def read_json(request: flask.Request) -> dict[str, Any]:
     """The request's JSON object body, or BadRequest / UnsupportedMediaType saying what is wrong."""
     if request.mimetype != "application/json":
         raise UnsupportedMediaType("send Content-Type: application/json")
-    try:
-        body = json.loads(request.get_data(cache=True) or b"")
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("body is not valid JSON") from None
-    except RecursionError:
-        raise BadRequest("body is nested too deeply") from None
+    body = jsonbody.parse(request.get_data(cache=True))
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
     return body
@@ -254,14 +250,12 @@ class Service:
         except ThalamusError as error:
             response = error_response(error)
             exchange.error = error.detail
-        except wz.ClientDisconnected:
-            response = error_response(BadRequest("request body ended early"))
-        except wz.RequestEntityTooLarge:  # werkzeug's form parser: too many parts or a huge field
+        except wz.RequestEntityTooLarge:  # werkzeug's urlencoded form parser: too many fields or a huge one
             limit = request.max_form_parts
             response = error_response(BadRequest(f"form has too many fields (limit {limit}) or a field too large"))
         except Exception:  # a bug: log it with its traceback, answer without one
             log.exception("unhandled error on %s %s", request.method, request.path)
-            response = json_response({"error": "internal error"}, 500)
+            response = error_response(InternalError())
         if response.status_code >= 400 and exchange.error is None:
             exchange.error = _error_message(response)
         if exchange.session is not None:
@@ -372,7 +366,7 @@ def _framework_error(exc: wz.HTTPException) -> flask.Response:
     its connection closed (functions-framework would read all of it first, whatever its size: no
     token, no MAX_UPLOAD_BYTES)."""
     if exc.code == 500:
-        message = "internal error"  # the service's own words for a bug
+        message = InternalError().message  # the service's own words for a bug
     else:
         message = f"no such path: {flask.request.path}" if exc.code == 404 else exc.description or exc.name
     exchange_of(flask.request.environ).error = message

@@ -8,13 +8,12 @@ each file is one slice of the body: 2-4 times less CPU, all of it under the GIL
 (``bench/bench_multipart.py``).
 
 :class:`FormParser` plugs this into Flask's request (``request.files``, ``request.form``) in
-place of werkzeug's, with werkzeug's limits (``MAX_FORM_PARTS``, ``MAX_FORM_MEMORY_SIZE``), bounds
-of its own on the parts' headers, and werkzeug's answers: a body that cannot be split is an
-empty form, werkzeug's limits exceeded are :class:`werkzeug.exceptions.RequestEntityTooLarge`.
-Its own bounds on the parts' headers (lines, bytes of one part's, bytes of all), and a part
-without a name (RFC 7578 requires
-``Content-Disposition: form-data; name=...``, which werkzeug reads as the name ""), are a
-:class:`~shared.errors.BadRequest` saying so.
+place of werkzeug's, with werkzeug's limits (``MAX_FORM_PARTS``, ``MAX_FORM_MEMORY_SIZE``) and
+bounds of its own on the parts' headers. A body that cannot be split is an empty form, as with
+werkzeug. Every limit exceeded (parts, a text field's size, the parts' header lines, bytes of one
+part's, bytes of all), and a part without a name (RFC 7578 requires
+``Content-Disposition: form-data; name=...``, which werkzeug reads as the name ""), is a
+:class:`~shared.errors.BadRequest` saying which.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import io
 from typing import IO, Any
 
 from werkzeug.datastructures import FileStorage, Headers, MultiDict
-from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.formparser import FormDataParser, MultiPartParser
 from werkzeug.http import parse_options_header
 
@@ -61,9 +59,9 @@ def split(
     """The text fields and the files of a multipart ``body``, in the order sent.
 
     Raises ValueError when the body is not a whole multipart body for ``boundary`` (no
-    boundary, no closing delimiter, a part without its blank line), RequestEntityTooLarge past
-    ``max_parts`` parts or for a text field over ``max_field_bytes``, and BadRequest for a part
-    with over MAX_PART_HEADERS header lines or MAX_HEADER_BYTES of them, more than
+    boundary, no closing delimiter, a part without its blank line), and BadRequest past
+    ``max_parts`` parts, for a text field over ``max_field_bytes``, for a part with over
+    MAX_PART_HEADERS header lines or MAX_HEADER_BYTES of them, for more than
     MAX_FORM_HEADER_BYTES of part headers in all, or a part without a name (see :func:`_nameless`).
     Line breaks may be CRLF or LF; a preamble before the first delimiter and an epilogue after
     the last are ignored.
@@ -80,7 +78,7 @@ def split(
     header_bytes = 0
     while at < len(body) and not body.startswith(b"--", at):  # "--" after a delimiter: that was the last part
         if len(fields) + len(files) == max_parts:
-            raise RequestEntityTooLarge()
+            raise BadRequest(f"form has too many parts (limit {max_parts}, fields and files)")
         at += 2 if body.startswith(b"\r\n", at) else 1  # the delimiter's line break
         next_at = delimiters.after(at)
         headers_end, content_at = _blank_line(body, at, next_at + 1)
@@ -95,7 +93,7 @@ def split(
             raise _nameless(len(fields) + len(files) + 1, headers)
         if filename is None:
             if max_field_bytes is not None and len(content) > max_field_bytes:
-                raise RequestEntityTooLarge()
+                raise BadRequest(f"form field {name[:40]!r} too large (limit {max_field_bytes} bytes)")
             fields.append((name, content.decode(WERKZEUG.get_part_charset(headers), "replace")))
         else:
             files.append((name, FileStorage(io.BytesIO(content), filename, name, headers=headers)))

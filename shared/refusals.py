@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import uuid
+from http import HTTPStatus
 from typing import Any
 
 from gunicorn.http import errors as parse_errors
@@ -33,16 +34,6 @@ MESSAGES = {
     500: "internal error",
     501: "Transfer-Encoding other than chunked is not supported (use Content-Encoding for a compressed body)",
 }
-REASONS = {
-    400: "Bad Request",
-    403: "Forbidden",
-    408: "Request Timeout",
-    414: "URI Too Long",
-    417: "Expectation Failed",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    501: "Not Implemented",
-}
 
 
 ACCESS_LOG = logging.getLogger("thalamus.access")  # shared.access's logger (not imported: see request_id_of)
@@ -54,7 +45,7 @@ def json_error(status: int, message: str, request_id: str) -> bytes:
     must be a sane id (:func:`request_id_of`), as it goes into a header as it is."""
     body = json.dumps({"error": message[:200]}).encode()
     head = (
-        f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nX-Request-Id: {request_id}\r\nConnection: close\r\n\r\n"
     )
     return head.encode() + body

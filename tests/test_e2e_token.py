@@ -103,6 +103,23 @@ def test_requests_oauthlib_client_credentials(oauth_server, in_body):
     assert err.value.status_code == 401 and "invalid client_id" in err.value.description
 
 
+def test_oauth_clients_told_to_wait_get_a_code_they_know(serve_function, keypair):
+    """A limited address gets RFC 6749's error shape with a code, not a sentence, in ``error``:
+    clients match on it (authlib raises OAuthError(error=...)), with 429 and Retry-After kept."""
+    url = serve_function("token", AUTH_MAX_FAILURES="2") + "/token.json"
+    for _ in range(2):
+        with pytest.raises(OAuthError) as err:
+            AuthlibSession(keypair.public_key, "sk_" + "w" * 43).fetch_token(url, grant_type="client_credentials")
+        assert err.value.error == "invalid_client"
+    with pytest.raises(OAuthError) as err:
+        AuthlibSession(keypair.public_key, keypair.secret_key).fetch_token(url, grant_type="client_credentials")
+    assert err.value.error == "slow_down" and "retry in" in err.value.description
+    form = {"grant_type": "client_credentials", "client_id": keypair.public_key, "client_secret": keypair.secret_key}
+    reply = requests.post(url, data=form, timeout=10)
+    assert reply.status_code == 429 and int(reply.headers["Retry-After"]) > 0
+    assert reply.json()["error"] == "slow_down" and reply.headers["Cache-Control"] == "no-store"
+
+
 def test_curl_style_json_as_form_is_told_the_header(oauth_server):
     url, pair = oauth_server
     body = json.dumps({"public_key": pair.public_key, "secret_key": pair.secret_key})

@@ -325,6 +325,11 @@ def test_redis_down_gives_503_fast_then_recovers(own_redis, settings):
         assert str(own_redis.port) not in reply.get_json()["error"]  # the client learns no internal address
         assert int(reply.headers["Retry-After"]) > 0
         assert time.monotonic() - started < 5  # no hang
+    grant = {**GRANT, "client_id": pair.public_key, "client_secret": pair.secret_key}
+    oauth = client.post("/token.json", data=grant)  # RFC 6749's shape, with a code OAuth2 clients know
+    assert oauth.status_code == 503 and int(oauth.headers["Retry-After"]) > 0
+    assert oauth.get_json()["error"] == "temporarily_unavailable"
+    assert "Redis unreachable" in oauth.get_json()["error_description"]
     # The process can still serve (it answers the outage itself): the platform keeps it in
     # rotation rather than holding requests for a pod that would become ready.
     assert client.get("/healthz").status_code == 200

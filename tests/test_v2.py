@@ -18,10 +18,9 @@ import requests
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from functions.predict import pipeline, tensors
-from functions.predict.tensors import parse_json
+from functions.predict import pipeline
 from local.helpers import demo_image, encode
-from shared import imaging
+from shared import imaging, jsonbody
 from shared.errors import BadRequest
 from tests.conftest import demo_model, predict_client
 from tests.test_openapi import check
@@ -562,26 +561,38 @@ def test_tritonclient_through_the_gateway(running_stack, tmp_path, pngs):
         client.close()
 
 
-def test_parsing_pauses_the_garbage_collector_and_always_resumes_it(monkeypatch):
+def test_parsing_pauses_the_garbage_collector_and_always_resumes_it():
     """JSON documents are parsed with the cyclic collector off (it walked every list json.loads
     made, again and again: 2x slower for a document of many lists), and back on afterwards,
     whether the document parsed or not."""
     assert gc.isenabled()
-    seen = []
-    loads = tensors.json.loads
-    monkeypatch.setattr(tensors.json, "loads", lambda text: seen.append(gc.isenabled()) or loads(text))
-    assert parse_json(json.dumps({"data": [[]] * 1000}).encode()) == {"data": [[]] * 1000}
-    assert seen == [False]  # paused while parsing
+    collections = []
+
+    def count(phase: str, info: dict) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+
+    document = json.dumps({"data": [[]] * 100_000}).encode()
+    gc.callbacks.append(count)
+    try:
+        assert len(jsonbody.parse(document)["data"]) == 100_000
+        paused = len(collections)
+        collections.clear()
+        assert len(json.loads(document)["data"]) == 100_000
+        unpaused = len(collections)
+    finally:
+        gc.callbacks.remove(count)
+    assert paused <= 1 < 20 < unpaused  # paused: at most the one after it; else one per ~700 lists
     for bad in (b"{", b"[" * 100_000, b'{"a": 1' + b"1" * 5000 + b"}"):
         with pytest.raises(BadRequest):
-            parse_json(bad)
+            jsonbody.parse(bad)
         assert gc.isenabled()
 
 
 def parse_together(start: threading.Barrier) -> None:
     start.wait()
     for _ in range(50):
-        parse_json(b'{"instances": [[1, 2, 3], [4, 5, 6]]}')
+        jsonbody.parse(b'{"instances": [[1, 2, 3], [4, 5, 6]]}')
 
 
 def test_concurrent_parses_never_leave_the_garbage_collector_off():

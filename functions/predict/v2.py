@@ -23,7 +23,7 @@ import numpy as np
 
 from functions.predict import pipeline, tensors
 from functions.predict.model import Model
-from shared import imaging
+from shared import imaging, jsonbody
 from shared.config import Settings
 from shared.errors import BadRequest, NotFound
 from shared.http import Call
@@ -91,7 +91,7 @@ class V2:
         body = tensors.read_body(call.request, self.max_body)
         header, binary = _split(body, call.request.headers.get(HEADER_LENGTH))
         try:
-            doc = tensors.parse_json(header, "inference request", self.limits.max_json_bytes)
+            doc = jsonbody.parse(header, "inference request", self.limits.max_json_bytes)
         except BadRequest as exc:
             if HEADER_LENGTH not in call.request.headers:
                 raise

@@ -21,7 +21,7 @@ from shared.access import exchange_of
 from shared.auth import AuthStore, IssuedToken
 from shared.config import Settings
 from shared.credentials import PUBLIC_KEY_RE
-from shared.errors import BadRequest, InvalidCredentials, TooManyRequests, UnsupportedMediaType
+from shared.errors import BadRequest, InvalidCredentials, ServiceUnavailable, TooManyRequests, UnsupportedMediaType
 from shared.http import Call, Route, Service, client_address, json_response, read_json
 from shared.worker import DeadlineWorker
 
@@ -32,9 +32,17 @@ NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 class OAuthError(Exception):
     """An RFC 6749 §5.2 error: ``code`` is what OAuth2 clients match on."""
 
-    def __init__(self, code: str, description: str, status: int = 400) -> None:
+    def __init__(self, code: str, description: str, status: int = 400, headers: dict[str, str] | None = None) -> None:
         super().__init__(description)
-        self.code, self.description, self.status = code, description, status
+        self.code, self.description, self.status, self.headers = code, description, status, headers or {}
+
+    @classmethod
+    def busy(cls, error: TooManyRequests | ServiceUnavailable) -> OAuthError:
+        """A refusal that §5.2 has no code for, in words OAuth2 clients know, its status and
+        Retry-After kept: ``slow_down`` (RFC 8628's, for a client asked to wait) for 429, and
+        ``temporarily_unavailable`` (RFC 6749 §4.1.2.1's) for 503."""
+        code = "slow_down" if isinstance(error, TooManyRequests) else "temporarily_unavailable"
+        return cls(code, error.message, error.status, error.headers)
 
 
 def create_service(settings: Settings, auth: AuthStore | None = None) -> Service:
@@ -80,6 +88,9 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
                 return _oauth_error(error, basic)
             except (BadRequest, InvalidCredentials):  # a malformed client_id is an unknown client
                 return _oauth_error(OAuthError("invalid_client", "invalid client_id or client_secret", 401), basic)
+            except (TooManyRequests, ServiceUnavailable) as error:
+                exchange_of(request.environ).error = error.detail
+                return _oauth_error(OAuthError.busy(error), basic)
             body = {"access_token": issued.token, "token_type": "Bearer", "expires_in": issued.ttl}
             scopes = issued.session.scopes
             if scopes is not None or request.form.get("scope"):
@@ -128,7 +139,7 @@ def _keypair_answer(issued: IssuedToken) -> dict[str, Any]:
 
 def _oauth_error(error: OAuthError, basic: bool) -> flask.Response:
     # RFC 6749 §5.2: a client that authenticated with Basic gets 401 and a Basic challenge.
-    headers = dict(NO_STORE)
+    headers = {**NO_STORE, **error.headers}
     if error.status == 401 and basic:
         headers["WWW-Authenticate"] = 'Basic realm="thalamus"'
     return json_response({"error": error.code, "error_description": error.description}, error.status, headers)
