@@ -364,7 +364,7 @@ def run(args: argparse.Namespace, admin: KeyAdmin, settings: config.Settings) ->
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     try:
-        settings = config.Settings.from_env()
+        settings = config.load()
         if redis_server.ensure(settings):
             print(
                 f"keys.py: started the local Redis on 127.0.0.1:6379 in the background (data in "

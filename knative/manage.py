@@ -27,6 +27,7 @@ from pathlib import Path
 
 try:
     from local import istio
+    from shared import modelcatalog
 except ImportError:
     # Run by a python without the project installed: use the project's .venv when it exists.
     venv_python = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "python"
@@ -40,7 +41,6 @@ FUNCTIONS = HERE / "functions"
 CANARY = HERE / "canary"
 ROUTING = HERE / "routing"
 DEFAULT_HOST = "thalamus.example.com"
-CATALOG_FIELDS = ("name", "version", "labels", "input")
 _NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
@@ -202,14 +202,16 @@ def set_image(name: str, ref: str) -> None:
 
 def write_catalog() -> None:
     """functions/models.json: name, version, labels and input of every deployed model's bundle."""
-    catalog = []
-    for name in models():
-        bundle = ROOT / "models" / name / "model.json"
-        if not bundle.is_file():
-            raise fail(f"model {name} is deployed but {bundle.relative_to(ROOT)} is missing (./train.py makes it)")
-        meta = json.loads(bundle.read_text())
-        catalog.append({field: meta[field] for field in CATALOG_FIELDS})
-    (FUNCTIONS / "models.json").write_text(json.dumps(catalog, indent=2) + "\n")
+    bundles = [ROOT / "models" / name for name in models()]
+    for bundle in bundles:
+        if not (bundle / "model.json").is_file():
+            raise fail(
+                f"model {bundle.name} is deployed but models/{bundle.name}/model.json is missing (./train.py makes it)"
+            )
+    try:
+        modelcatalog.write(FUNCTIONS / "models.json", bundles)
+    except modelcatalog.CatalogError as exc:
+        raise fail(str(exc)) from None
 
 
 def render_model(name: str) -> str:

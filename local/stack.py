@@ -8,7 +8,6 @@ the gateway on ``--port`` (default 8000). Ctrl-C or SIGTERM stops everything it 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import signal
@@ -21,10 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from local import ROOT, die_with_parent, gateway, redis_server
-from shared import config
+from shared import config, modelcatalog
+from shared.keyrecords import MODEL_NAME_RE
 
 PID_FILE = ROOT / ".thalamus" / "stack.pid"
 CATALOG_FILE = ROOT / ".thalamus" / "models.json"  # the token function's MODEL_CATALOG
+GATEWAY_PORT = 8000  # without $PORT or --port
 
 
 def _terminate(procs: list[subprocess.Popen]) -> None:
@@ -59,28 +60,22 @@ def port_free(host: str, port: int) -> bool:
 
 
 def discover_models(models_dir: Path) -> list[str]:
-    """Names of the bundles in ``models_dir`` (folders holding model.json and model.tflite)."""
+    """Names of the bundles in ``models_dir`` (folders holding model.json and model.tflite); a
+    folder whose name no route or key could name (see MODEL_NAME_RE) is passed over, saying so."""
     if not models_dir.is_dir():
         return []
-    return sorted(
+    bundles = sorted(
         p.name
         for p in models_dir.iterdir()
         if not p.name.startswith(".")  # train.py staging
         and (p / "model.json").is_file()
         and (p / "model.tflite").is_file()
     )
-
-
-def write_catalog(models_dir: Path, models: list[str], path: Path) -> None:
-    """The model catalog the token function lists (``MODEL_CATALOG``): name, version, labels and
-    input of each bundle, from its model.json."""
-    fields = ("name", "version", "labels", "input")
-    entries = []
-    for name in models:
-        meta = json.loads((models_dir / name / "model.json").read_text())
-        entries.append({field: meta.get(field) for field in fields})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(entries, indent=1) + "\n")
+    for name in bundles:
+        if not MODEL_NAME_RE.fullmatch(name):
+            print(f"start.sh: not serving models/{name}: a model name is lowercase letters, digits and -",
+                  file=sys.stderr)  # fmt: skip
+    return [name for name in bundles if MODEL_NAME_RE.fullmatch(name)]
 
 
 def running_stack() -> str | None:
@@ -215,10 +210,7 @@ Ctrl-C stops everything.""",
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="start.sh", description="Run Thalamus locally.")
     parser.add_argument(
-        "--port",
-        type=int,
-        default=int(os.environ.get("PORT", "8000")),
-        help="gateway port; functions take the next ones (default $PORT or 8000)",
+        "--port", type=int, help=f"gateway port; functions take the next ones (default $PORT or {GATEWAY_PORT})"
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     args = parser.parse_args(argv)
@@ -227,17 +219,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"start.sh: the stack is already up at {url} (stop it with Ctrl-C there)", file=sys.stderr)
         return 1
     try:
-        settings = config.Settings.from_env({k: v for k, v in os.environ.items() if k != "PORT"})
+        settings = config.load()
     except config.ConfigError as exc:
         print(f"start.sh: {exc}", file=sys.stderr)
         return 1
-    stack = Stack(args.host, args.port)
-    stack.plan(discover_models(ROOT / "models"))
+    port = args.port or settings.port or GATEWAY_PORT
+    stack = Stack(args.host, port)
+    models = discover_models(ROOT / "models")
+    try:  # a bundle the token function's list would refuse, or its predict function
+        modelcatalog.write(CATALOG_FILE, [ROOT / "models" / name for name in models])
+    except modelcatalog.CatalogError as exc:
+        print(f"start.sh: {exc}", file=sys.stderr)
+        return 1
+    stack.plan(models)
     busy = [p for p in stack.ports() if not port_free(args.host, p)]
     if busy:
         print(
             f"start.sh: port {busy[0]} on {args.host} is already in use "
-            f"(the stack needs ports {args.port}-{args.port + len(stack.children) - 1}; try --port)",
+            f"(the stack needs ports {port}-{port + len(stack.children) - 1}; try --port)",
             file=sys.stderr,
         )
         return 1
@@ -257,7 +256,6 @@ def main(argv: list[str] | None = None) -> int:
             )
         PID_FILE.parent.mkdir(parents=True, exist_ok=True)
         PID_FILE.write_text(f"{os.getpid()} {stack.children[0].url}\n")
-        write_catalog(ROOT / "models", [c.model for c in stack.children[2:]], CATALOG_FILE)
         for child in stack.children[1:] + stack.children[:1]:
             stack.spawn(child, settings)
         for child in stack.children:

@@ -15,12 +15,11 @@ from typing import Any, cast
 from shared import store
 from shared.auth import AuthStore
 from shared.auth_scripts import AUDIT_LUA
-from shared.config import Rate
+from shared.config import TIME_UNITS, Rate
 from shared.credentials import Keypair, hash_secret, salt_of
 from shared.errors import BadRequest, UnknownKey
 from shared.keyrecords import KeyInfo, rate_field, scopes_field, utc
 
-DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 EXPIRY_DETAIL = re.compile(r"expiry reached at (\d+)")  # auth_scripts.AUDIT_LUA's note, epoch seconds
 
 
@@ -81,11 +80,12 @@ if expires and expires ~= '' then note_expiry(KEYS[1], KEYS[2], ARGV[1], ARGV[2]
 
 
 def parse_duration(text: str) -> int:
-    """``"90d"``, ``"1h"``, ``"30m"``, ``"45s"`` → seconds; ValueError unless a positive duration."""
-    match = re.fullmatch(r"(-?[0-9]{1,9})([smhd])", text.strip())
-    if not match:
+    """``"90d"``, ``"1h"``, ``"30m"``, ``"45s"`` (units :data:`~shared.config.TIME_UNITS`, as a
+    rate's) → seconds; ValueError unless a positive duration."""
+    match = re.fullmatch(r"\s*(-?[0-9]{1,9})\s*([a-z]+)\s*", text, re.IGNORECASE)
+    if not match or match[2].lower() not in TIME_UNITS:
         raise ValueError(f"duration must look like 90d, 12h, 30m or 45s, got {text!r}")
-    seconds = int(match[1]) * DURATION_UNITS[match[2]]
+    seconds = int(match[1]) * TIME_UNITS[match[2].lower()]
     if seconds <= 0:
         raise ValueError(f"duration must be more than zero, got {text!r}")
     return seconds
@@ -101,7 +101,7 @@ def parse_expiry(text: str, now: float | None = None) -> int | None:
     now = time.time() if now is None else now
     if text.strip().lower() in ("never", "none"):
         return None
-    if re.fullmatch(r"\s*-?[0-9]+[a-z]*\s*", text, re.IGNORECASE):
+    if re.fullmatch(r"\s*-?[0-9]+\s*[a-z]*\s*", text, re.IGNORECASE):
         return int(now) + parse_duration(text)
     try:
         when = datetime.datetime.fromisoformat(text.strip())
@@ -119,6 +119,8 @@ def parse_expiry(text: str, now: float | None = None) -> int | None:
 
 @dataclass(frozen=True)
 class UsageRow:
+    """One key's use of one model over the days asked: a row of ``keys.py --usage``."""
+
     public_key: str
     label: str  # "(revoked)" when the key is gone
     model: str  # "-" for requests that name no model
@@ -129,6 +131,8 @@ class UsageRow:
 
 @dataclass(frozen=True)
 class AuditEvent:
+    """One change to a key, as the audit stream holds it: a row of ``keys.py --audit``."""
+
     time: float  # epoch seconds (the stream entry's ID)
     action: str
     public_key: str

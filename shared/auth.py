@@ -81,6 +81,8 @@ class Session:
 
 @dataclass(frozen=True)
 class IssuedToken:
+    """A bearer token just made (the only time it exists in the clear), its life, its session."""
+
     token: str = field(repr=False)
     ttl: int
     session: Session

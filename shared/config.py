@@ -1,8 +1,10 @@
 """Typed settings, read from the environment once per process.
 
-This is the only module that reads ``os.environ`` for Thalamus settings: a function's
-``main.py`` calls :meth:`Settings.from_env` once and hands the result to its factory; tests
-build :class:`Settings` directly. Each default is written once, on the dataclass field.
+This is the only module that reads ``os.environ`` for Thalamus settings (prometheus_client's own
+``PROMETHEUS_MULTIPROC_DIR`` is set and read by :mod:`shared.server` and :mod:`shared.metrics`):
+a function's ``main.py``, the server, the local stack and ``keys.py`` call :func:`load` once and
+hand the result on; tests build :class:`Settings` directly, or with :meth:`Settings.from_env`
+on an environment of their own. Each default is written once, on the dataclass field.
 """
 
 from __future__ import annotations
@@ -29,8 +31,13 @@ class ConfigError(StartupError):
     """An environment variable holds a value Thalamus cannot use."""
 
 
-# Units a request rate may be given in, and their length in seconds.
-RATE_UNITS = {"s": 1, "sec": 1, "second": 1, "min": 60, "minute": 60, "h": 3600, "hour": 3600, "d": 86400, "day": 86400}
+# Units of time a rate (600/min) or a duration (90d) may be given in, in any case: their seconds.
+TIME_UNITS = {
+    unit: seconds
+    for seconds, units in ((1, "s sec secs second seconds"), (60, "m min mins minute minutes"),
+                           (3600, "h hr hrs hour hours"), (86400, "d day days"))
+    for unit in units.split()
+}  # fmt: skip
 _RATE_NAMES = {1: "s", 60: "min", 3600: "h", 86400: "d"}
 
 
@@ -66,13 +73,13 @@ class Rate:
 
     @classmethod
     def parse(cls, text: str) -> Rate:
-        """``"600/min"`` (units ``s``, ``min``, ``h``, ``d``) → Rate; ValueError saying what is wrong."""
+        """``"600/min"`` (units :data:`TIME_UNITS`) → Rate; ValueError saying what is wrong."""
         match = re.fullmatch(r"\s*([0-9]{1,9})\s*/\s*([a-z]+)\s*", text, re.IGNORECASE)
-        if not match or match[2].lower() not in RATE_UNITS:
+        if not match or match[2].lower() not in TIME_UNITS:
             raise ValueError(f"rate must look like 600/min (units s, min, h, d), got {text!r}")
         if int(match[1]) < 1:
             raise ValueError(f"rate must allow at least 1 request, got {text!r}")
-        return cls(int(match[1]), RATE_UNITS[match[2].lower()])
+        return cls(int(match[1]), TIME_UNITS[match[2].lower()])
 
 
 @dataclass(frozen=True)
@@ -108,9 +115,10 @@ class Settings:
     redis_timeout: float = 0.8
     # Predict functions answer known tokens from a cache Redis keeps current (CLIENT TRACKING).
     token_cache: bool = True
-    # The server (shared/server.py): port, gunicorn worker processes and threads per worker
-    # (None: one per CPU the process may use, at least 2; see shared.server.serving_threads).
-    port: int = 8080
+    # The server (shared/server.py): port (None: a function's 8080, as Knative sets it; the local
+    # stack's gateway 8000), gunicorn worker processes and threads per worker (None: one per CPU
+    # the process may use, at least 2; see shared.server.serving_threads).
+    port: int | None = None
     workers: int = 1
     threads: int | None = None
     # Seconds a client has to send a request's headers, and its body (a body that keeps
@@ -158,7 +166,7 @@ class Settings:
         return cls(**values)
 
     def replace(self, **changes: Any) -> Settings:
-        """A copy with ``changes`` applied (for tests and the local stack)."""
+        """A copy with ``changes`` applied (the server's port and threads as served; tests)."""
         return dataclasses.replace(self, **changes)
 
 

@@ -69,11 +69,6 @@ def matching_hash(secret: str, hashes: list[str]) -> str | None:
     return found
 
 
-def check_secret(secret: str, encoded: str) -> bool:
-    """True when ``secret`` matches ``encoded`` (from :func:`hash_secret`); constant-time compare."""
-    return matching_hash(secret, [encoded]) is not None
-
-
 @functools.cache
 def dummy_hash() -> str:
     """A hash of no key's secret, verified against when the public key is unknown, so that answer
@@ -89,6 +84,8 @@ def token_digest(token: str) -> str:
 
 @dataclass(frozen=True)
 class Keypair:
+    """What a client holds: its public key (its name everywhere) and its secret (shown once)."""
+
     public_key: str
     secret_key: str = field(repr=False)
 

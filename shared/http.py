@@ -23,6 +23,7 @@ import functions_framework
 from werkzeug import exceptions as wz
 from werkzeug.routing import BaseConverter, Map, RequestRedirect, Rule
 
+import shared
 from shared import docs, jsonbody, metrics
 from shared.access import AccessLog, Exchange, exchange_of
 from shared.auth import AuthStore, Session
@@ -67,7 +68,7 @@ class Call:
 # functions implement (tritonclient's names).
 V2_SERVER = {
     "name": "thalamus",
-    "version": "0.1.0",
+    "version": shared.__version__,
     "extensions": ["binary_tensor_data", "classification", "model_configuration"],
 }
 

@@ -1,5 +1,5 @@
-"""JSON request bodies: parsed with a bound on the memory they may take and clear errors for
-what is not JSON, too deep or has numbers Python will not read."""
+"""JSON request bodies, parsed with a bound on the memory they may take and clear errors for
+what is not JSON, too deep or has numbers Python will not read; and JSON files read at start."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from shared.errors import BadRequest
@@ -88,3 +89,14 @@ class _CollectorPause:
 
 
 _collector_paused = _CollectorPause()
+
+
+def read_file(path: Path, error: type[Exception], where: str = "") -> Any:
+    """The JSON document in the file at ``path``; ``error`` (a StartupError, as a rule) saying it is
+    missing or not JSON, after ``where`` (what names the file: a setting)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise error(f"{where}{path} not found") from None
+    except (OSError, ValueError) as exc:
+        raise error(f"{where}{path} is not valid JSON ({exc})") from None

@@ -73,6 +73,8 @@ class Actor:
 
 @dataclass(frozen=True)
 class KeyInfo:
+    """A key as ``keys.py -l`` shows it (never its secret), with its live tokens and last use."""
+
     public_key: str
     label: str
     scopes: list[str] | None

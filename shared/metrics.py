@@ -2,8 +2,9 @@
 
 With several gunicorn workers (WORKERS > 1) each worker counts on its own, so the server
 (:mod:`shared.server`) points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh folder before anything
-imports prometheus_client: every worker then writes its samples there and ``/metrics``, whichever
-worker answers it, adds them up. Without it (tests, one process) the default registry is used.
+imports prometheus_client, whatever ``WORKERS`` is: every worker then writes its samples there
+and ``/metrics``, whichever worker answers it, adds them up. Without it (the tests' in-process
+clients) the default registry is used.
 Buckets run from half a millisecond (a warm token check) to ten seconds (a cold 32-image batch).
 """
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from shared.http import V2_SERVER
+
 ERROR = {"$ref": "#/components/schemas/Error"}
 
 
@@ -103,11 +105,7 @@ def _v2_get(
 V2_SERVER_PATHS = {
     "/v2": _v2_get(
         "V2 server metadata: name, version, the protocol extensions implemented",
-        {
-            "name": "thalamus",
-            "version": "0.1.0",
-            "extensions": ["binary_tensor_data", "classification", "model_configuration"],
-        },
+        V2_SERVER,
         {
             "name": {"type": "string"},
             "version": {"type": "string"},

@@ -44,6 +44,7 @@ from shared.errors import StartupError
 from shared.worker import DeadlineWorker
 
 log = logging.getLogger("thalamus.server")
+PORT = 8080  # without $PORT or --port: Knative's (and functions-framework's) default
 
 
 class GunicornLogger(gunicorn.glogging.Logger):  # type: ignore[misc]  # gunicorn has no types
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shared.server", description="Serve a function on gunicorn.")
     parser.add_argument("source", type=Path, help="the function's main.py")
     parser.add_argument("--host", default="0.0.0.0")  # noqa: S104 (a container listens on all addresses)
-    parser.add_argument("--port", type=int, help="default: $PORT, else 8080")
+    parser.add_argument("--port", type=int, help=f"default: $PORT, else {PORT}")
     args = parser.parse_args(argv)
     function = args.source.resolve().parent.name
     # Each worker writes its Prometheus samples to this folder and /metrics adds them up. It must
@@ -181,8 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     gc.freeze()
     gc.enable()
     # The start-up line shows the port really served, and the threads.
-    settings = settings.replace(port=args.port or settings.port, threads=serving_threads(settings))
-    options = gunicorn_options(settings, args.host, settings.port, function=function)
+    port = args.port or settings.port or PORT
+    settings = settings.replace(port=port, threads=serving_threads(settings))
+    options = gunicorn_options(settings, args.host, port, function=function)
     logs.event(log, f"{function} serving on {options['bind']}", event="start", settings=settings.summary())
     Gunicorn(app, {**options, **_hooks(function, metrics_dir)}).serve()
     return 0

@@ -9,10 +9,10 @@ import os
 import pytest
 import requests
 
-from functions.token.catalog import CatalogError
 from functions.token.service import create_service as create_token_service
 from local import ROOT, routes
-from local.stack import write_catalog
+from local.stack import discover_models
+from shared.modelcatalog import CatalogError, write
 from tests.conftest import function_client
 from tests.test_openapi import check
 
@@ -22,7 +22,7 @@ MODELS = ["arrows", "shapes"]
 @pytest.fixture
 def catalog_file(tmp_path):
     path = tmp_path / "models.json"
-    write_catalog(ROOT / "models", MODELS, path)
+    write(path, [ROOT / "models" / name for name in MODELS])
     return path
 
 
@@ -85,6 +85,25 @@ def test_catalog_changes_are_picked_up_and_broken_ones_refused(settings, catalog
     # without MODEL_CATALOG the token function lists no models
     bare = function_client(create_token_service(settings))
     assert bare.get("/models.json", headers=headers).get_json() == {"models": []}
+
+
+def test_a_bundle_the_list_would_refuse_is_refused_where_it_is_written(tmp_path, capsys):
+    """start.sh and knative/manage.py write the list with the token function's own check: a
+    model.json without a version stops them there, naming it, instead of listing a null."""
+    for name, change in (("noversion", {"version": None}), ("numbered", {"version": 3})):
+        bundle = tmp_path / name
+        bundle.mkdir()
+        meta = {**json.loads((ROOT / "models/shapes/model.json").read_text()), "name": name, **change}
+        (bundle / "model.json").write_text(json.dumps({k: v for k, v in meta.items() if v is not None}))
+        (bundle / "model.tflite").write_bytes((ROOT / "models/shapes/model.tflite").read_bytes())
+    with pytest.raises(CatalogError, match="model 'noversion' lacks version"):
+        write(tmp_path / "models.json", [tmp_path / "numbered", tmp_path / "noversion"])
+    write(tmp_path / "models.json", [tmp_path / "numbered"])  # a number is a version, as the bundle loader takes it
+    assert [m["version"] for m in json.loads((tmp_path / "models.json").read_text())] == [3]
+
+    (tmp_path / "numbered").rename(tmp_path / "Numbered_V2")  # no route or key scope could name it
+    assert discover_models(tmp_path) == ["noversion"]
+    assert "not serving models/Numbered_V2" in capsys.readouterr().err
 
 
 def test_a_broken_catalog_stops_the_token_function_with_one_line(serve_function, tmp_path):

@@ -3,7 +3,7 @@
 import flask
 import pytest
 
-from shared.config import ConfigError, Settings
+from shared.config import Settings
 from shared.http import client_address
 
 CLUSTER = Settings.from_env({"TRUSTED_PROXIES": "127.0.0.0/8, 10.0.0.0/8"}).trusted_proxies
@@ -33,23 +33,3 @@ def test_client_address(trusted, peer, forwarded, expected):
     headers = {"X-Forwarded-For": forwarded} if forwarded else {}
     with app.test_request_context(headers=headers, environ_base={"REMOTE_ADDR": peer}):
         assert client_address(flask.request, trusted) == expected
-
-
-def test_bad_trusted_proxies_is_a_config_error():
-    with pytest.raises(ConfigError, match="TRUSTED_PROXIES"):
-        Settings.from_env({"TRUSTED_PROXIES": "10.0.0.0/8,nonsense"})
-
-
-@pytest.mark.parametrize(
-    ("raw", "expected"), [("0", False), ("off", False), ("false", False), ("1", True), ("ON", True)]
-)
-def test_token_cache_switch(raw, expected):
-    assert Settings.from_env({"TOKEN_CACHE": raw}).token_cache is expected
-    assert Settings.from_env({}).token_cache is True
-
-
-def test_bad_switch_and_interpreters_are_config_errors():
-    with pytest.raises(ConfigError, match="TOKEN_CACHE must be 1 or 0"):
-        Settings.from_env({"TOKEN_CACHE": "maybe"})
-    with pytest.raises(ConfigError, match="MODEL_INTERPRETERS must be at least 1"):
-        Settings.from_env({"MODEL_INTERPRETERS": "0"})

@@ -108,6 +108,21 @@ def test_port_in_use_is_named_and_nothing_is_left(tmp_path, stack_env):
     assert processes_under(folder) == []
 
 
+@pytest.mark.parametrize("variable, value, words", [("PORT", "abc", "PORT must be an integer"),
+                                                    ("REDIS_URL", "bogus://x", "not a usable Redis URL")])  # fmt: skip
+def test_a_bad_setting_is_one_line_even_for_help(variable, value, words):
+    """$PORT is the gateway's port, read and checked as every other setting is."""
+    env = {**subprocess_env(), variable: value}
+    for args in ([], ["--port", "0"]):
+        result = subprocess.run([sys.executable, "-m", "local.stack", *args], env=env, capture_output=True,
+                                text=True, timeout=60)  # fmt: skip
+        assert result.returncode == 1 and result.stderr.strip() == result.stderr.strip().splitlines()[0]
+        assert words in result.stderr and "Traceback" not in result.stderr
+    helped = subprocess.run([sys.executable, "-m", "local.stack", "--help"], env=env, capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
+    assert helped.returncode == 0 and "--port" in helped.stdout
+
+
 def test_a_dying_function_is_reported(tmp_path, stack_env):
     folder = copy_project(tmp_path / "thalamus")
     port = free_port_range(2 + len(DEMO_MODELS))

@@ -124,6 +124,9 @@ def test_usage_errors():
     assert train("--import", "x.keras", "--name", "n").returncode == 2  # no --labels
     assert train("d", "--name", "n", "--image-size", "big").returncode == 2
     assert train("d", "--name", "n", "--add-softmax").returncode == 2  # only with --import
+    for name in ("Shapes_V2", "-shapes", "a" * 64, "shapes.v2"):  # no route, key scope or Service could name it
+        refused = train("d", f"--name={name}")
+        assert refused.returncode == 2 and "lowercase letters, digits and -" in refused.stderr
 
 
 def test_help_shows_the_defaults():

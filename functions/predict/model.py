@@ -8,7 +8,6 @@ model is what requests wait for.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import queue
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-from shared import cgroup, libc, logs, metrics
+from shared import cgroup, jsonbody, libc, logs, metrics
 from shared.config import Settings
 from shared.errors import StartupError
 
@@ -85,12 +84,7 @@ def load_model(settings: Settings) -> Model:
 def read_metadata(bundle: Path) -> dict[str, Any]:
     """``model.json`` of ``bundle``, checked for the fields serving relies on."""
     path = bundle / "model.json"
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise BundleError(f"{path} not found") from None
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"{path} is not valid JSON ({exc})") from None
+    meta = jsonbody.read_file(path, BundleError)
     missing = [key for key in REQUIRED if key not in meta]
     if missing:
         raise BundleError(f"{path} lacks {', '.join(missing)}")

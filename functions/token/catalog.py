@@ -1,52 +1,23 @@
 """The models a key may call: ``GET /models.json`` and KServe's ``GET /v1/models``.
 
 The list lives with the token function, which is always deployed, so it answers while the
-predict functions are scaled to zero: ``MODEL_CATALOG`` names a JSON file, a list of
-``{"name", "version", "labels", "input"}`` copied from the deployed bundles' ``model.json``
-(``knative/manage.py`` renders it into a ConfigMap; ``./start.sh`` writes one for models/).
-The file is read at start (a broken one stops the function) and again whenever it changes.
+predict functions are scaled to zero: ``MODEL_CATALOG`` names a JSON file (its format:
+:mod:`shared.modelcatalog`), read at start (a broken one stops the function) and again whenever
+it changes.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from shared import openapi
-from shared.errors import StartupError
 from shared.http import Call
+from shared.modelcatalog import FIELDS, CatalogError, read
 
 log = logging.getLogger("thalamus")
-
-FIELDS = ("name", "version", "labels", "input")
-
-
-class CatalogError(StartupError):
-    """The catalog file is missing or malformed; the message says which and why."""
-
-
-def read(path: Path) -> list[dict[str, Any]]:
-    """The catalog's entries (only their :data:`FIELDS`), sorted by name; CatalogError otherwise."""
-    try:
-        entries = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CatalogError(f"MODEL_CATALOG: {path} not found") from None
-    except (OSError, ValueError) as exc:
-        raise CatalogError(f"MODEL_CATALOG: {path} is not valid JSON ({exc})") from None
-    if not isinstance(entries, list):
-        raise CatalogError(f"MODEL_CATALOG: {path} must hold a JSON list of models")
-    models = []
-    for i, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
-            raise CatalogError(f"MODEL_CATALOG: {path}: entry {i} needs a string 'name'")
-        missing = [field for field in FIELDS if field not in entry]
-        if missing:
-            raise CatalogError(f"MODEL_CATALOG: {path}: model {entry['name']!r} lacks {', '.join(missing)}")
-        models.append({field: entry[field] for field in FIELDS})
-    return sorted(models, key=lambda model: model["name"])
 
 
 class Catalog:

@@ -1,0 +1,44 @@
+"""shared/config.py: the settings every function and tool reads once, and what they refuse."""
+
+import pytest
+
+from shared.admin import parse_duration
+from shared.config import ConfigError, Rate, Settings
+
+
+def test_bad_trusted_proxies_is_a_config_error():
+    with pytest.raises(ConfigError, match="TRUSTED_PROXIES"):
+        Settings.from_env({"TRUSTED_PROXIES": "10.0.0.0/8,nonsense"})
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"), [("0", False), ("off", False), ("false", False), ("1", True), ("ON", True)]
+)
+def test_token_cache_switch(raw, expected):
+    assert Settings.from_env({"TOKEN_CACHE": raw}).token_cache is expected
+    assert Settings.from_env({}).token_cache is True
+
+
+def test_bad_switch_and_interpreters_are_config_errors():
+    with pytest.raises(ConfigError, match="TOKEN_CACHE must be 1 or 0"):
+        Settings.from_env({"TOKEN_CACHE": "maybe"})
+    with pytest.raises(ConfigError, match="MODEL_INTERPRETERS must be at least 1"):
+        Settings.from_env({"MODEL_INTERPRETERS": "0"})
+
+
+@pytest.mark.parametrize(
+    ("unit", "seconds"),
+    [("s", 1), ("sec", 1), ("seconds", 1), ("m", 60), ("min", 60), ("Minute", 60), ("h", 3600), ("HOURS", 3600),
+     ("d", 86400), ("day", 86400)],
+)  # fmt: skip
+def test_rates_and_durations_take_the_same_units(unit, seconds):
+    """``--rate 10/m`` and ``--grace 5min`` mean what they say, as ``10/min`` and ``5m`` do."""
+    assert Rate.parse(f"10/{unit}") == Rate(10, seconds)
+    assert parse_duration(f"5{unit}") == parse_duration(f"5 {unit}") == 5 * seconds
+    assert Settings.from_env({"DEFAULT_KEY_RATE": f"7/{unit}"}).default_key_rate == Rate(7, seconds)
+
+
+@pytest.mark.parametrize("text", ["5y", "5", "m", "0s", "-5m", "1.5h", "5 mi"])
+def test_durations_that_are_not_one_are_refused(text):
+    with pytest.raises(ValueError, match="duration must"):
+        parse_duration(text)
