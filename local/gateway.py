@@ -41,9 +41,6 @@ DROPPED = {
 SOURCE_ADDRESS = "127.0.0.2"
 
 
-LOCAL_PATHS = {"/", "/healthz", "/readyz", "/docs", "/docs/", "/openapi.json"}
-
-
 def hop_by_hop(connection: str) -> set[str]:
     """The headers a ``Connection`` header names: for this hop only, never forwarded (RFC 9110
     7.6.1), whichever side sent them."""
@@ -101,8 +98,10 @@ class Gateway:
         target = routes.upstream_for(path)
         exchange = exchange_of(environ)
         if target is None:
-            exchange.route = (path if path in LOCAL_PATHS else "/docs/<asset>" if path.startswith("/docs/")
-                              else "/openapi/<name>.json" if path.startswith("/openapi/") else "unmatched")  # fmt: skip
+            exchange.route = (path if path in routes.GATEWAY_PATHS
+                              else routes.DOCS_ASSETS + "<asset>" if path.startswith(routes.DOCS_ASSETS)
+                              else routes.FUNCTION_DOCUMENT.format(function="<name>") if routes.document_of(path)
+                              else "unmatched")  # fmt: skip
             return self._local(environ, start_response, path)
         kind, model = target
         exchange.route, exchange.model = f"→ {kind}", model
@@ -116,7 +115,11 @@ class Gateway:
     def _local(self, environ: Environ, start_response: StartResponse, path: str) -> Iterable[bytes]:
         close = has_body(environ)  # these never read a body: do not let gunicorn wait for one
         if environ["REQUEST_METHOD"] not in ("GET", "HEAD"):
-            if path in LOCAL_PATHS or path.removeprefix("/docs/") in docs.ASSETS or self._openapi_of(path):
+            if (
+                path in routes.GATEWAY_PATHS
+                or path.removeprefix(routes.DOCS_ASSETS) in docs.ASSETS
+                or self._openapi_of(path)
+            ):
                 raise MethodNotAllowed(["GET", "HEAD"])  # a path it serves, as a function answers
             raise NotFound(f"no such path: {path}")
         if path == "/healthz":
@@ -128,9 +131,9 @@ class Gateway:
                          [] if ready else [("Retry-After", "2")], close)  # fmt: skip
         if path in routes.DOCS_PAGE_PATHS:
             names = self._functions()
-            return docs.page([f"/openapi/{name}.json" for name in names])(environ, start_response)
-        if path.startswith("/docs/"):
-            return docs.asset(path.removeprefix("/docs/"))(environ, start_response)
+            return docs.page(routes.documents(list(names)))(environ, start_response)
+        if path.startswith(routes.DOCS_ASSETS):
+            return docs.asset(path.removeprefix(routes.DOCS_ASSETS))(environ, start_response)
         if path == "/openapi.json":
             return _json(start_response, 200, self._merged_openapi(), close=close)
         if base := self._openapi_of(path):
@@ -138,10 +141,9 @@ class Gateway:
         raise NotFound(f"no such path: {path}")
 
     def _openapi_of(self, path: str) -> str | None:
-        """The function whose OpenAPI document ``path`` (``/openapi/<name>.json``) is: its URL."""
-        if path.startswith("/openapi/") and path.endswith(".json"):
-            return self._functions().get(path.removeprefix("/openapi/").removesuffix(".json"))
-        return None
+        """The URL of the function whose OpenAPI document ``path`` is, if it is one's."""
+        name = routes.document_of(path)
+        return self._functions().get(name) if name else None
 
     def _ready(self, base: str) -> bool:
         try:

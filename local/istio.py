@@ -54,14 +54,14 @@ def virtualservice(names: list[str], host: str) -> dict[str, Any]:
         exact = [{"uri": {"exact": path.format(model=model)}} for path in routes.MODEL_PATHS]
         regexes = [{"uri": {"regex": model_regex(prefix, model)}} for prefix in routes.MODEL_PREFIXES]
         http.append(_forward(f"model-{model}", exact + regexes, model))
-    # As the local gateway: /docs over every function's document, each at /openapi/NAME.json.
-    for function in ["token", *names]:
-        exact = [{"uri": {"exact": f"/openapi/{function}.json"}}]
-        http.append(_forward(f"openapi-{function}", exact, function, "/openapi.json"))
-    page = docs.page([f"/openapi/{function}.json" for function in ["token", *names]]).get_data(as_text=True)
+    # As the local gateway: /docs over every function's document, each at routes.FUNCTION_DOCUMENT.
+    functions = ["token", *names]
+    for function, document in zip(functions, routes.documents(functions), strict=True):
+        http.append(_forward(f"openapi-{function}", [{"uri": {"exact": document}}], function, "/openapi.json"))
+    page = docs.page(routes.documents(functions)).get_data(as_text=True)
     pages = [{"uri": {"exact": path}} for path in routes.DOCS_PAGE_PATHS]
     http.append(_answer("docs", pages, 200, page, "text/html"))  # before the assets: /docs/ is the page
-    http.append(_forward("docs-assets", [{"uri": {"prefix": "/docs/"}}], "token"))
+    http.append(_forward("docs-assets", [{"uri": {"prefix": routes.DOCS_ASSETS}}], "token"))
     http.append(_answer("not-found", [], 404, json.dumps({"error": "no such path"}), "application/json"))
     return {
         "apiVersion": "networking.istio.io/v1beta1",

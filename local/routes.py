@@ -16,9 +16,13 @@ TOKEN_PATHS = (
     "/v2/health/live",
     "/v2/health/ready",
 )
-# Where the gateway answers with the docs page over every function's document (/docs/<asset> are
-# Swagger UI's files, which every function serves).
+# Where the gateway answers with the docs page over every function's document, each at
+# FUNCTION_DOCUMENT; under DOCS_ASSETS are Swagger UI's files, which every function serves.
 DOCS_PAGE_PATHS = ("/", "/docs", "/docs/")
+DOCS_ASSETS = "/docs/"
+FUNCTION_DOCUMENT = "/openapi/{function}.json"
+# What the local gateway answers itself, besides those: its health and the merged document.
+GATEWAY_PATHS = ("/healthz", "/readyz", "/openapi.json", *DOCS_PAGE_PATHS)
 # Paths of one model's function; ``{model}`` is the model's name. Exact paths, and prefixes that
 # end in a separator, so that a model's name never matches the start of another's (``arrow`` is
 # not ``arrows``).
@@ -40,3 +44,15 @@ def upstream_for(path: str) -> tuple[str, str | None] | None:
         ):
             return "model", name
     return None
+
+
+def documents(functions: list[str]) -> list[str]:
+    """The paths of ``functions``' OpenAPI documents, which the docs page shows."""
+    return [FUNCTION_DOCUMENT.format(function=function) for function in functions]
+
+
+def document_of(path: str) -> str | None:
+    """The function whose OpenAPI document ``path`` names (``/openapi/<function>.json``), if any."""
+    head, _, tail = FUNCTION_DOCUMENT.partition("{function}")
+    name = path.removeprefix(head).removesuffix(tail)
+    return name if path.startswith(head) and path.endswith(tail) and name and "/" not in name else None
