@@ -143,10 +143,8 @@ def shapes_client(settings: Settings) -> FlaskClient:
     return predict_client(settings, "shapes")
 
 
-# -- functions over real HTTP ------------------------------------------------------------------
-
-
-# -- logs: every line a server writes in the run is kept, and checked for secrets at the end ----
+# -- functions over real HTTP, and their logs: every line a server writes in the run is kept, --
+# -- and checked for secrets at the end ----------------------------------------------------------
 
 SECRET_SHAPES = {
     "a secret key": re.compile(r"sk_[A-Za-z0-9_-]{43}"),

@@ -175,7 +175,7 @@ def test_a_token_never_outlives_its_key(admin):
     assert [e.public_key for e in expired_events] == [pair.public_key]  # noted once
 
 
-def test_rotation_replaces_the_secret_and_keeps_the_rest(admin, scrypt_runs):
+def test_rotation_replaces_the_secret_and_keeps_the_rest(admin):
     pair = admin.create_key(["shapes"], "team", rate=Rate(5, 60))
     live = admin.issue_token(pair.public_key, pair.secret_key, "a").token
     new, killed = admin.rotate_key(pair.public_key)
@@ -419,7 +419,7 @@ def test_audit_records_who_did_what_and_never_a_secret(admin, raw_redis, env):
     assert [e.action for e in admin.audit_log()] == ["purge"]
 
 
-def test_audit_stream_is_capped(admin, raw_redis, env, monkeypatch):
+def test_audit_stream_is_capped(admin, raw_redis, env):
     pipe = raw_redis.pipeline()
     for _ in range(AUDIT_MAX_ENTRIES + 500):
         pipe.xadd(env["THALAMUS_PREFIX"] + "audit", {"action": "filler"})

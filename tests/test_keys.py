@@ -283,7 +283,7 @@ def test_help_shows_every_option_with_an_example():
         assert f" {option} " in examples or f" {option}\n" in examples, option
 
 
-def test_runs_with_a_python_that_lacks_the_packages(tmp_path):
+def test_runs_with_a_python_that_lacks_the_packages():
     base_python = Path(sys.base_prefix) / "bin" / "python3"
     probe = subprocess.run([base_python, "-c", "import redis, scrypt"], capture_output=True)
     if probe.returncode == 0:

@@ -82,7 +82,7 @@ def test_other_model_is_404_and_wrong_method_405(shapes_client, bearer, circle_p
         assert reply.status_code == 404 and "no such model here: nope" in reply.get_json()["error"], (method, path)
 
 
-def test_a_file_field_sent_as_text_is_named(shapes_client, bearer, circle_png):
+def test_a_file_field_sent_as_text_is_named(shapes_client, bearer):
     """curl -F file=<photo.jpg (text) instead of -F file=@photo.jpg: the part has no filename."""
     reply = shapes_client.post(
         "/models/shapes/predict.json",

@@ -262,7 +262,7 @@ def test_brute_force_per_address_gets_429(token_client, auth):
     assert other_addr.status_code == 200
 
 
-def test_limits_are_configurable(settings, auth, keypair):
+def test_limits_are_configurable(settings, keypair):
     client = function_client(create_service(settings.replace(auth_max_failures=2)))
     body = {"public_key": keypair.public_key, "secret_key": WRONG_SK}
     assert [post_json(client, body).status_code for _ in range(3)] == [401, 401, 429]
