@@ -40,7 +40,7 @@ try:
 
     import demo_data
     from shared import imaging
-    from shared.keyrecords import MODEL_NAME_RE
+    from shared.keyrecords import MODEL_NAME_RULE, is_model_name
 except ImportError as missing:
     sys.exit(
         f"train.py: {missing.name} is missing; run: {TRAIN_REQUIREMENTS} (in .venv: .venv/bin/{TRAIN_REQUIREMENTS})"
@@ -132,9 +132,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.name = args.name or args.demo
     if not args.name:
         parser.error("--name is required")
-    if not MODEL_NAME_RE.fullmatch(args.name):
-        # The name is a URL path segment, a key's scope, a Kubernetes Service name: a DNS label.
-        parser.error(f"--name {args.name!r}: use lowercase letters, digits and -, at most 63, not - at either end")
+    if not is_model_name(args.name):  # a URL path segment, a key's scope, part of a Service's name
+        parser.error(f"--name {args.name!r}: {MODEL_NAME_RULE}")
     if args.import_path and not args.labels:
         parser.error("--import needs --labels")
     if (args.add_softmax or args.raw_outputs) and not args.import_path:

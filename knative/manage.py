@@ -28,6 +28,7 @@ from pathlib import Path
 try:
     from local import istio
     from shared import modelcatalog
+    from shared.keyrecords import MODEL_NAME_RULE, is_model_name
 except ImportError:
     # Run by a python without the project installed: use the project's .venv when it exists.
     venv_python = Path(__file__).resolve().parent.parent / ".venv" / "bin" / "python"
@@ -41,7 +42,6 @@ FUNCTIONS = HERE / "functions"
 CANARY = HERE / "canary"
 ROUTING = HERE / "routing"
 DEFAULT_HOST = "thalamus.example.com"
-_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
@@ -238,8 +238,8 @@ def render_models() -> None:
 
 
 def add_model(name: str, ref: str | None) -> None:
-    if not _NAME.fullmatch(name) or name == "token":
-        raise fail(f"invalid model name {name!r} (lowercase letters, digits, -; not 'token')")
+    if not is_model_name(name):
+        raise fail(f"invalid model name {name!r} ({MODEL_NAME_RULE})")
     out = FUNCTIONS / "models" / f"{name}.yaml"
     if out.exists():
         raise fail(f"{out.relative_to(ROOT)} exists")

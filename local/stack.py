@@ -21,7 +21,7 @@ from pathlib import Path
 
 from local import ROOT, die_with_parent, gateway, redis_server
 from shared import config, modelcatalog
-from shared.keyrecords import MODEL_NAME_RE
+from shared.keyrecords import MODEL_NAME_RULE, is_model_name
 
 PID_FILE = ROOT / ".thalamus" / "stack.pid"
 CATALOG_FILE = ROOT / ".thalamus" / "models.json"  # the token function's MODEL_CATALOG
@@ -61,7 +61,7 @@ def port_free(host: str, port: int) -> bool:
 
 def discover_models(models_dir: Path) -> list[str]:
     """Names of the bundles in ``models_dir`` (folders holding model.json and model.tflite); a
-    folder whose name no route or key could name (see MODEL_NAME_RE) is passed over, saying so."""
+    folder whose name cannot be a model's (see MODEL_NAME_RE) is passed over, saying so."""
     if not models_dir.is_dir():
         return []
     bundles = sorted(
@@ -72,10 +72,9 @@ def discover_models(models_dir: Path) -> list[str]:
         and (p / "model.tflite").is_file()
     )
     for name in bundles:
-        if not MODEL_NAME_RE.fullmatch(name):
-            print(f"start.sh: not serving models/{name}: a model name is lowercase letters, digits and -",
-                  file=sys.stderr)  # fmt: skip
-    return [name for name in bundles if MODEL_NAME_RE.fullmatch(name)]
+        if not is_model_name(name):
+            print(f"start.sh: not serving models/{name}: a model's name is {MODEL_NAME_RULE}", file=sys.stderr)
+    return [name for name in bundles if is_model_name(name)]
 
 
 def running_stack() -> str | None:
@@ -226,12 +225,12 @@ def main(argv: list[str] | None = None) -> int:
     port = args.port or settings.port or GATEWAY_PORT
     stack = Stack(args.host, port)
     models = discover_models(ROOT / "models")
-    try:  # a bundle the token function's list would refuse, or its predict function
-        modelcatalog.write(CATALOG_FILE, [ROOT / "models" / name for name in models])
-    except modelcatalog.CatalogError as exc:
-        print(f"start.sh: {exc}", file=sys.stderr)
-        return 1
     stack.plan(models)
+    last = port + len(stack.children) - 1
+    if port < 1 or last > 65535:
+        print(f"start.sh: the stack needs ports {port}-{last}, and TCP ports run from 1 to 65535; try --port",
+              file=sys.stderr)  # fmt: skip
+        return 1
     busy = [p for p in stack.ports() if not port_free(args.host, p)]
     if busy:
         print(
@@ -239,6 +238,11 @@ def main(argv: list[str] | None = None) -> int:
             f"(the stack needs ports {port}-{port + len(stack.children) - 1}; try --port)",
             file=sys.stderr,
         )
+        return 1
+    try:  # a bundle the token function's list would refuse, or its predict function
+        modelcatalog.write(CATALOG_FILE, [ROOT / "models" / name for name in models])
+    except modelcatalog.CatalogError as exc:
+        print(f"start.sh: {exc}", file=sys.stderr)
         return 1
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -15,7 +15,7 @@ from typing import Any, cast
 from shared import store
 from shared.auth import AuthStore
 from shared.auth_scripts import AUDIT_LUA
-from shared.config import TIME_UNITS, Rate
+from shared.config import UNITS_TEXT, Rate, unit_seconds
 from shared.credentials import Keypair, hash_secret, salt_of
 from shared.errors import BadRequest, UnknownKey
 from shared.keyrecords import KeyInfo, rate_field, scopes_field, utc
@@ -83,9 +83,10 @@ def parse_duration(text: str) -> int:
     """``"90d"``, ``"1h"``, ``"30m"``, ``"45s"`` (units :data:`~shared.config.TIME_UNITS`, as a
     rate's) → seconds; ValueError unless a positive duration."""
     match = re.fullmatch(r"\s*(-?[0-9]{1,9})\s*([a-z]+)\s*", text, re.IGNORECASE)
-    if not match or match[2].lower() not in TIME_UNITS:
-        raise ValueError(f"duration must look like 90d, 12h, 30m or 45s, got {text!r}")
-    seconds = int(match[1]) * TIME_UNITS[match[2].lower()]
+    unit = unit_seconds(match[2]) if match else None
+    if match is None or unit is None:
+        raise ValueError(f"duration must look like 90d, 12h, 30m or 45s (units {UNITS_TEXT}), got {text!r}")
+    seconds = int(match[1]) * unit
     if seconds <= 0:
         raise ValueError(f"duration must be more than zero, got {text!r}")
     return seconds

@@ -31,13 +31,22 @@ class ConfigError(StartupError):
     """An environment variable holds a value Thalamus cannot use."""
 
 
-# Units of time a rate (600/min) or a duration (90d) may be given in, in any case: their seconds.
+# Units of time a rate (600/min) or a duration (90d) may be given in, in any case but "M" (a
+# month, or a minute?): their seconds.
 TIME_UNITS = {
     unit: seconds
     for seconds, units in ((1, "s sec secs second seconds"), (60, "m min mins minute minutes"),
                            (3600, "h hr hrs hour hours"), (86400, "d day days"))
     for unit in units.split()
 }  # fmt: skip
+UNITS_TEXT = "s, sec, second(s); m, min, minute(s); h, hr, hour(s); d, day(s)"
+
+
+def unit_seconds(unit: str) -> int | None:
+    """The seconds of a time unit (:data:`TIME_UNITS`), None for what is not one."""
+    return None if unit == "M" else TIME_UNITS.get(unit.lower())
+
+
 _RATE_NAMES = {1: "s", 60: "min", 3600: "h", 86400: "d"}
 
 
@@ -75,11 +84,12 @@ class Rate:
     def parse(cls, text: str) -> Rate:
         """``"600/min"`` (units :data:`TIME_UNITS`) → Rate; ValueError saying what is wrong."""
         match = re.fullmatch(r"\s*([0-9]{1,9})\s*/\s*([a-z]+)\s*", text, re.IGNORECASE)
-        if not match or match[2].lower() not in TIME_UNITS:
-            raise ValueError(f"rate must look like 600/min (units s, min, h, d), got {text!r}")
+        window = unit_seconds(match[2]) if match else None
+        if match is None or window is None:
+            raise ValueError(f"rate must look like 600/min (units {UNITS_TEXT}), got {text!r}")
         if int(match[1]) < 1:
             raise ValueError(f"rate must allow at least 1 request, got {text!r}")
-        return cls(int(match[1]), TIME_UNITS[match[2].lower()])
+        return cls(int(match[1]), window)
 
 
 @dataclass(frozen=True)
@@ -221,6 +231,13 @@ def _positive_int(variable: str, raw: str) -> int:
     return value
 
 
+def _port(variable: str, raw: str) -> int:
+    value = _positive_int(variable, raw)
+    if value > 65535:
+        raise ConfigError(f"{variable} must be a TCP port, 1 to 65535, got {value}")
+    return value
+
+
 def _switch(variable: str, raw: str) -> bool:
     if raw.strip().lower() in ("1", "true", "yes", "on"):
         return True
@@ -269,7 +286,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "TRUSTED_PROXIES": ("trusted_proxies", _networks),
     "DEFAULT_KEY_RATE": ("default_key_rate", _rate),
     "TOKEN_CACHE": ("token_cache", _switch),
-    "PORT": ("port", _positive_int),
+    "PORT": ("port", _port),
     "WORKERS": ("workers", _positive_int),
     "THREADS": ("threads", _positive_int),
     "REQUEST_HEADER_TIMEOUT": ("header_timeout", _positive_int),

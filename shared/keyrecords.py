@@ -14,7 +14,16 @@ from dataclasses import dataclass
 from shared.config import Rate
 from shared.errors import BadRequest
 
-MODEL_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+# A model's name is a URL path segment, a key's scope and, on a cluster, part of its Knative
+# Service's name (thalamus-NAME, whose revisions add -00001, within Kubernetes' 63 characters):
+# a DNS label of at most 42 characters. "token" is the token function's.
+MODEL_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,40}[a-z0-9])?")
+MODEL_NAME_RULE = "lowercase letters, digits and -, at most 42, no - at either end, not 'token'"
+
+
+def is_model_name(name: str) -> bool:
+    """True when ``name`` may name a model (see :data:`MODEL_NAME_RE`)."""
+    return name != "token" and MODEL_NAME_RE.fullmatch(name) is not None
 
 
 def parse_scopes(text: str | None) -> list[str] | None:
@@ -25,9 +34,9 @@ def parse_scopes(text: str | None) -> list[str] | None:
     names = sorted({name.strip() for name in text.split(",") if name.strip()})
     if not names:
         raise BadRequest(f"no model named in {text!r}; give model names, or '*' for every model")
-    bad = [name for name in names if not MODEL_NAME_RE.fullmatch(name)]
+    bad = [name for name in names if not is_model_name(name)]
     if bad:
-        raise BadRequest(f"invalid model name(s): {', '.join(bad)} (use lowercase letters, digits, -)")
+        raise BadRequest(f"invalid model name(s): {', '.join(bad)} ({MODEL_NAME_RULE})")
     return names
 
 

@@ -16,10 +16,9 @@ from typing import Any
 
 from shared import jsonbody
 from shared.errors import StartupError
+from shared.keyrecords import MODEL_NAME_RULE, is_model_name
 
 FIELDS = ("name", "version", "labels", "input")
-# What each field must be, as the predict function's bundle loader reads them too.
-_TYPES: dict[str, tuple[type, ...]] = {"name": (str,), "version": (str, int), "labels": (list,), "input": (dict,)}
 
 
 class CatalogError(StartupError):
@@ -29,17 +28,31 @@ class CatalogError(StartupError):
 
 def entry(meta: Any, where: str) -> dict[str, Any]:
     """The catalog entry of a model whose ``model.json`` (or catalog entry) ``meta`` was read from
-    ``where``: its :data:`FIELDS`; CatalogError naming what is missing or of the wrong type."""
+    ``where``: its :data:`FIELDS`, the version as text (a number is one, as the predict function
+    reads it); CatalogError naming what is missing or wrong."""
     if not isinstance(meta, dict) or not isinstance(meta.get("name"), str):
         raise CatalogError(f"{where}: needs a string 'name'")
+    name = meta["name"]
+    if not is_model_name(name):
+        raise CatalogError(f"{where}: model name {name[:80]!r} is not one: {MODEL_NAME_RULE}")
     missing = [field for field in FIELDS if field not in meta]
     if missing:
-        raise CatalogError(f"{where}: model {meta['name']!r} lacks {', '.join(missing)}")
-    wrong = [field for field in FIELDS if not isinstance(meta[field], _TYPES[field])]
-    if wrong:
-        kinds = ", ".join(f"{field} must be {' or '.join(t.__name__ for t in _TYPES[field])}" for field in wrong)
-        raise CatalogError(f"{where}: model {meta['name']!r}: {kinds}")
-    return {field: meta[field] for field in FIELDS}
+        raise CatalogError(f"{where}: model {name!r} lacks {', '.join(missing)}")
+    version, labels = meta["version"], meta["labels"]
+    if isinstance(version, bool) or not isinstance(version, str | int | float):
+        raise CatalogError(f"{where}: model {name!r}: version must be text or a number")
+    if not isinstance(labels, list) or not all(isinstance(label, str) for label in labels):
+        raise CatalogError(f"{where}: model {name!r}: labels must be a list of strings")
+    if not isinstance(meta["input"], dict):
+        raise CatalogError(f"{where}: model {name!r}: input must be an object")
+    return {"name": name, "version": str(version), "labels": labels, "input": meta["input"]}
+
+
+def _sorted(entries: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
+    names = [e["name"] for e in entries]
+    if twice := sorted({name for name in names if names.count(name) > 1}):
+        raise CatalogError(f"{where}: model {twice[0]!r} is listed more than once")
+    return sorted(entries, key=lambda e: str(e["name"]))
 
 
 def write(path: Path, bundles: Iterable[Path]) -> None:
@@ -48,8 +61,9 @@ def write(path: Path, bundles: Iterable[Path]) -> None:
     for bundle in bundles:
         source = bundle / "model.json"
         entries.append(entry(jsonbody.read_file(source, CatalogError), str(source)))
+    entries = _sorted(entries, str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(sorted(entries, key=lambda e: e["name"]), indent=2) + "\n")
+    path.write_text(json.dumps(entries, indent=2) + "\n")
 
 
 def read(path: Path) -> list[dict[str, Any]]:
@@ -58,4 +72,4 @@ def read(path: Path) -> list[dict[str, Any]]:
     if not isinstance(entries, list):
         raise CatalogError(f"MODEL_CATALOG: {path} must hold a JSON list of models")
     models = [entry(item, f"MODEL_CATALOG: {path}: entry {i}") for i, item in enumerate(entries)]
-    return sorted(models, key=lambda model: model["name"])
+    return _sorted(models, f"MODEL_CATALOG: {path}")

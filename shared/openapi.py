@@ -46,7 +46,7 @@ UNAUTHORIZED = error(
 METHOD_NOT_ALLOWED = error(
     "Wrong method for this path", "method not allowed; use POST", {"Allow": header("the methods", "string", True)}
 )
-REDIS_DOWN = retry_error("Redis unreachable", "Redis unreachable at redis://127.0.0.1:6379/0")
+REDIS_DOWN = retry_error("Redis unreachable, full, or refusing for its own state", "Redis unreachable; retry shortly")
 # Routes that decode images also answer 503 when the process's decode budget stays taken.
 BUSY = retry_error(
     "Redis unreachable, or the process's image-decode memory budget taken by other large images for "

@@ -13,7 +13,7 @@ from typing import Any
 from gunicorn.http import errors as parse_errors
 
 from shared.deadlines import DeadlineSocket
-from shared.errors import ThalamusError
+from shared.errors import InternalError, ThalamusError
 
 # gunicorn's parse errors → status; the first match wins. Response-header errors are ours: 500.
 ERROR_STATUS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], int], ...] = (
@@ -31,7 +31,7 @@ ERROR_STATUS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], int], .
 MESSAGES = {
     414: "request line too long",
     431: "request headers too large",
-    500: "internal error",
+    500: InternalError().message,
     501: "Transfer-Encoding other than chunked is not supported (use Content-Encoding for a compressed body)",
 }
 

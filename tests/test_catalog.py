@@ -12,7 +12,7 @@ import requests
 from functions.token.service import create_service as create_token_service
 from local import ROOT, routes
 from local.stack import discover_models
-from shared.modelcatalog import CatalogError, write
+from shared.modelcatalog import CatalogError, read, write
 from tests.conftest import function_client
 from tests.test_openapi import check
 
@@ -99,7 +99,18 @@ def test_a_bundle_the_list_would_refuse_is_refused_where_it_is_written(tmp_path,
     with pytest.raises(CatalogError, match="model 'noversion' lacks version"):
         write(tmp_path / "models.json", [tmp_path / "numbered", tmp_path / "noversion"])
     write(tmp_path / "models.json", [tmp_path / "numbered"])  # a number is a version, as the bundle loader takes it
-    assert [m["version"] for m in json.loads((tmp_path / "models.json").read_text())] == [3]
+    assert [m["version"] for m in json.loads((tmp_path / "models.json").read_text())] == ["3"]
+    listed = json.loads((tmp_path / "models.json").read_text())
+    for change, words in (({"version": True}, "version must be text or a number"),
+                          ({"labels": ["a", 1]}, "labels must be a list of strings"),
+                          ({"name": "Shapes_V2"}, "is not one: lowercase"),
+                          ({"name": "token"}, "not 'token'")):  # fmt: skip
+        (tmp_path / "models.json").write_text(json.dumps([{**listed[0], **change}]))
+        with pytest.raises(CatalogError, match=words):
+            read(tmp_path / "models.json")
+    (tmp_path / "models.json").write_text(json.dumps(listed * 2))
+    with pytest.raises(CatalogError, match="'numbered' is listed more than once"):
+        read(tmp_path / "models.json")
 
     (tmp_path / "numbered").rename(tmp_path / "Numbered_V2")  # no route or key scope could name it
     assert discover_models(tmp_path) == ["noversion"]

@@ -38,7 +38,16 @@ def test_rates_and_durations_take_the_same_units(unit, seconds):
     assert Settings.from_env({"DEFAULT_KEY_RATE": f"7/{unit}"}).default_key_rate == Rate(7, seconds)
 
 
-@pytest.mark.parametrize("text", ["5y", "5", "m", "0s", "-5m", "1.5h", "5 mi"])
+@pytest.mark.parametrize("text", ["5y", "5", "m", "0s", "-5m", "1.5h", "5 mi", "6M", "５m"])
 def test_durations_that_are_not_one_are_refused(text):
     with pytest.raises(ValueError, match="duration must"):
         parse_duration(text)
+
+
+def test_an_upper_case_m_is_refused_as_ambiguous():
+    """``--expires 6M`` may mean six months: it is refused, not taken as six minutes."""
+    with pytest.raises(ValueError, match=r"units s, sec, second\(s\); m, min"):
+        Rate.parse("10/M")
+    with pytest.raises(ConfigError, match="DEFAULT_KEY_RATE"):
+        Settings.from_env({"DEFAULT_KEY_RATE": "10/M"})
+    assert parse_duration("6m") == parse_duration("6MIN") == 360

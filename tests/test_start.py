@@ -109,6 +109,7 @@ def test_port_in_use_is_named_and_nothing_is_left(tmp_path, stack_env):
 
 
 @pytest.mark.parametrize("variable, value, words", [("PORT", "abc", "PORT must be an integer"),
+                                                    ("PORT", "70000", "PORT must be a TCP port"),
                                                     ("REDIS_URL", "bogus://x", "not a usable Redis URL")])  # fmt: skip
 def test_a_bad_setting_is_one_line_even_for_help(variable, value, words):
     """$PORT is the gateway's port, read and checked as every other setting is."""
@@ -118,6 +119,10 @@ def test_a_bad_setting_is_one_line_even_for_help(variable, value, words):
                                 text=True, timeout=60)  # fmt: skip
         assert result.returncode == 1 and result.stderr.strip() == result.stderr.strip().splitlines()[0]
         assert words in result.stderr and "Traceback" not in result.stderr
+    for port in ("65534", "-3"):  # the functions take the ports after the gateway's
+        result = subprocess.run([sys.executable, "-m", "local.stack", "--port", port], env=subprocess_env(),
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert result.returncode == 1 and "TCP ports run from 1 to 65535" in result.stderr, result.stderr
     helped = subprocess.run([sys.executable, "-m", "local.stack", "--help"], env=env, capture_output=True, text=True,
                             timeout=60)  # fmt: skip
     assert helped.returncode == 0 and "--port" in helped.stdout

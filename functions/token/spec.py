@@ -66,6 +66,17 @@ def document(settings: Settings) -> dict[str, Any]:
             }
         },
     }
+
+    def wait(description: str, message: str, code: str) -> dict[str, Any]:
+        """A refusal with Retry-After, in the JSON path's shape or RFC 6749's."""
+        examples = {
+            "json": {"value": {"error": message}},
+            "oauth2": {"value": {"error": code, "error_description": message}},
+        }
+        response = openapi.retry_error(description, message)
+        response["content"] = {"application/json": {"schema": either, "examples": examples}}
+        return response
+
     token_post = {
         "summary": "Trade a keypair for a bearer token",
         "description": (
@@ -133,8 +144,16 @@ def document(settings: Settings) -> dict[str, Any]:
                 "Neither JSON nor a form, a JSON body sent as a form, or a body with a Content-Encoding",
                 "the body is JSON but Content-Type says form: send it with Content-Type: application/json",
             ),
-            "429": openapi.retry_error("Too many failed attempts", "too many failed attempts; retry in 42 s"),
-            "503": openapi.REDIS_DOWN,
+            "429": wait(
+                "Too many failed attempts. OAuth2 form: `slow_down`",
+                "too many failed attempts; retry in 42 s",
+                "slow_down",
+            ),
+            "503": wait(
+                "Redis unreachable, full, or refusing for its own state. OAuth2 form: `temporarily_unavailable`",
+                "Redis unreachable; retry shortly",
+                "temporarily_unavailable",
+            ),
         },
     }
     session_get = {
@@ -205,11 +224,23 @@ def document(settings: Settings) -> dict[str, Any]:
         },
         "OAuthError": {
             "type": "object",
-            "description": "RFC 6749 §5.2 error (OAuth2 client-credentials requests)",
+            "description": (
+                "RFC 6749 §5.2 error (OAuth2 client-credentials requests); a refusal §5.2 has no code for "
+                "(429, 503) uses RFC 8628's slow_down and RFC 6749 §4.1.2.1's temporarily_unavailable"
+            ),
             "required": ["error", "error_description"],
             "additionalProperties": False,
             "properties": {
-                "error": {"type": "string", "enum": ["invalid_request", "invalid_client", "unsupported_grant_type"]},
+                "error": {
+                    "type": "string",
+                    "enum": [
+                        "invalid_request",
+                        "invalid_client",
+                        "unsupported_grant_type",
+                        "slow_down",
+                        "temporarily_unavailable",
+                    ],
+                },
                 "error_description": {"type": "string"},
             },
         },
