@@ -15,7 +15,7 @@ from typing import Any, cast
 from shared import store
 from shared.auth import AuthStore
 from shared.auth_scripts import AUDIT_LUA
-from shared.config import UNITS_TEXT, Rate, unit_seconds
+from shared.config import Rate, unit_seconds, units_error
 from shared.credentials import Keypair, hash_secret, salt_of
 from shared.errors import BadRequest, UnknownKey
 from shared.keyrecords import KeyInfo, rate_field, scopes_field, utc
@@ -85,7 +85,7 @@ def parse_duration(text: str) -> int:
     match = re.fullmatch(r"\s*(-?[0-9]{1,9})\s*([a-z]+)\s*", text, re.IGNORECASE)
     unit = unit_seconds(match[2]) if match else None
     if match is None or unit is None:
-        raise ValueError(f"duration must look like 90d, 12h, 30m or 45s (units {UNITS_TEXT}), got {text!r}")
+        raise units_error("duration", "90d, 12h, 30m or 45s", text)
     seconds = int(match[1]) * unit
     if seconds <= 0:
         raise ValueError(f"duration must be more than zero, got {text!r}")

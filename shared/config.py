@@ -39,12 +39,20 @@ TIME_UNITS = {
                            (3600, "h hr hrs hour hours"), (86400, "d day days"))
     for unit in units.split()
 }  # fmt: skip
-UNITS_TEXT = "s, sec, second(s); m, min, minute(s); h, hr, hour(s); d, day(s)"
+UNITS_TEXT = "s, sec, second(s); m, min, minute(s); h, hr, hour(s); d, day(s), in any case but a lone M"
 
 
 def unit_seconds(unit: str) -> int | None:
     """The seconds of a time unit (:data:`TIME_UNITS`), None for what is not one."""
     return None if unit == "M" else TIME_UNITS.get(unit.lower())
+
+
+def units_error(what: str, example: str, text: str) -> ValueError:
+    """The error for ``text``, meant as a ``what`` like ``example``, whose unit is not one."""
+    why = (
+        " (a lone M could mean months: write min for minutes, d for days)" if re.search(r"[0-9/\s]M\s*$", text) else ""
+    )
+    return ValueError(f"{what} must look like {example} (units {UNITS_TEXT}), got {text!r}{why}")
 
 
 _RATE_NAMES = {1: "s", 60: "min", 3600: "h", 86400: "d"}
@@ -86,7 +94,7 @@ class Rate:
         match = re.fullmatch(r"\s*([0-9]{1,9})\s*/\s*([a-z]+)\s*", text, re.IGNORECASE)
         window = unit_seconds(match[2]) if match else None
         if match is None or window is None:
-            raise ValueError(f"rate must look like 600/min (units {UNITS_TEXT}), got {text!r}")
+            raise units_error("rate", "600/min", text)
         if int(match[1]) < 1:
             raise ValueError(f"rate must allow at least 1 request, got {text!r}")
         return cls(int(match[1]), window)

@@ -46,8 +46,10 @@ def test_durations_that_are_not_one_are_refused(text):
 
 def test_an_upper_case_m_is_refused_as_ambiguous():
     """``--expires 6M`` may mean six months: it is refused, not taken as six minutes."""
-    with pytest.raises(ValueError, match=r"units s, sec, second\(s\); m, min"):
+    with pytest.raises(ValueError, match=r"units s, sec, second\(s\); m, min.*a lone M could mean months"):
         Rate.parse("10/M")
+    with pytest.raises(ValueError, match="a lone M could mean months"):
+        parse_duration("6 M")
     with pytest.raises(ConfigError, match="DEFAULT_KEY_RATE"):
         Settings.from_env({"DEFAULT_KEY_RATE": "10/M"})
     assert parse_duration("6m") == parse_duration("6MIN") == 360

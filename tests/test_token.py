@@ -268,6 +268,16 @@ def test_limits_are_configurable(settings, keypair):
     assert [post_json(client, body).status_code for _ in range(3)] == [401, 401, 429]
 
 
+def test_every_answer_of_the_token_endpoint_is_no_store(settings, keypair):
+    """RFC 6749 §5.1: no answer of the token endpoint may be cached, refusals included."""
+    client = function_client(create_service(settings.replace(auth_max_failures=1)))
+    wrong = {"public_key": keypair.public_key, "secret_key": WRONG_SK}
+    answers = [post_json(client, {"public_key": 1}), post_json(client, wrong), post_json(client, wrong)]
+    assert [reply.status_code for reply in answers] == [400, 401, 429]
+    for reply in answers:
+        assert reply.headers["Cache-Control"] == "no-store" and reply.headers["Pragma"] == "no-cache"
+
+
 def test_a_failure_counter_always_expires(token_client, settings, raw_redis, keypair):
     """A counter is never left without its window, so no address is locked out for good: one
     that somehow lost its expiry (the two commands that kept it used to race with the window's

@@ -21,7 +21,14 @@ from shared.access import exchange_of
 from shared.auth import AuthStore, IssuedToken
 from shared.config import Settings
 from shared.credentials import PUBLIC_KEY_RE
-from shared.errors import BadRequest, InvalidCredentials, ServiceUnavailable, TooManyRequests, UnsupportedMediaType
+from shared.errors import (
+    BadRequest,
+    InvalidCredentials,
+    ServiceUnavailable,
+    ThalamusError,
+    TooManyRequests,
+    UnsupportedMediaType,
+)
 from shared.http import Call, Route, Service, client_address, json_response, read_json
 from shared.worker import DeadlineWorker
 
@@ -68,6 +75,15 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
         return issued
 
     def issue_token(call: Call) -> flask.Response:
+        """``POST /token.json``, its refusals too with RFC 6749's no-store (§5.1): an answer of the
+        token endpoint is never cached, whatever it holds."""
+        try:
+            return exchange(call)
+        except ThalamusError as error:
+            error.headers.update(NO_STORE)
+            raise
+
+    def exchange(call: Call) -> flask.Response:
         """JSON keypair → {token, ttl}; OAuth2 client credentials → RFC 6749 token response."""
         request = call.request
         if request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
