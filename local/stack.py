@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     if busy:
         print(
             f"start.sh: port {busy[0]} on {args.host} is already in use "
-            f"(the stack needs ports {port}-{port + len(stack.children) - 1}; try --port)",
+            f"(the stack needs ports {port}-{last}; try --port)",
             file=sys.stderr,
         )
         return 1

@@ -85,7 +85,7 @@ def parse_duration(text: str) -> int:
     match = re.fullmatch(r"\s*(-?[0-9]{1,9})\s*([a-z]+)\s*", text, re.IGNORECASE)
     unit = unit_seconds(match[2]) if match else None
     if match is None or unit is None:
-        raise units_error("duration", "90d, 12h, 30m or 45s", text)
+        raise units_error("duration", "90d, 12h, 30m or 45s", text, match[2] if match else None)
     seconds = int(match[1]) * unit
     if seconds <= 0:
         raise ValueError(f"duration must be more than zero, got {text!r}")

@@ -47,11 +47,10 @@ def unit_seconds(unit: str) -> int | None:
     return None if unit == "M" else TIME_UNITS.get(unit.lower())
 
 
-def units_error(what: str, example: str, text: str) -> ValueError:
-    """The error for ``text``, meant as a ``what`` like ``example``, whose unit is not one."""
-    why = (
-        " (a lone M could mean months: write min for minutes, d for days)" if re.search(r"[0-9/\s]M\s*$", text) else ""
-    )
+def units_error(what: str, example: str, text: str, unit: str | None) -> ValueError:
+    """The error for ``text``, meant as a ``what`` like ``example``, whose ``unit`` (None: none
+    read) is not one."""
+    why = " (a lone M could mean months: write min for minutes, d for days)" if unit == "M" else ""
     return ValueError(f"{what} must look like {example} (units {UNITS_TEXT}), got {text!r}{why}")
 
 
@@ -94,7 +93,7 @@ class Rate:
         match = re.fullmatch(r"\s*([0-9]{1,9})\s*/\s*([a-z]+)\s*", text, re.IGNORECASE)
         window = unit_seconds(match[2]) if match else None
         if match is None or window is None:
-            raise units_error("rate", "600/min", text)
+            raise units_error("rate", "600/min", text, match[2] if match else None)
         if int(match[1]) < 1:
             raise ValueError(f"rate must allow at least 1 request, got {text!r}")
         return cls(int(match[1]), window)

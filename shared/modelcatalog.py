@@ -10,6 +10,7 @@ is refused where it is written.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -49,10 +50,9 @@ def entry(meta: Any, where: str) -> dict[str, Any]:
 
 
 def _sorted(entries: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
-    names = [e["name"] for e in entries]
-    if twice := sorted({name for name in names if names.count(name) > 1}):
+    if twice := sorted(name for name, count in Counter(e["name"] for e in entries).items() if count > 1):
         raise CatalogError(f"{where}: model {twice[0]!r} is listed more than once")
-    return sorted(entries, key=lambda e: str(e["name"]))
+    return sorted(entries, key=lambda e: e["name"])
 
 
 def write(path: Path, bundles: Iterable[Path]) -> None:

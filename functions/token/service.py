@@ -75,13 +75,15 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
         return issued
 
     def issue_token(call: Call) -> flask.Response:
-        """``POST /token.json``, its refusals too with RFC 6749's no-store (§5.1): an answer of the
-        token endpoint is never cached, whatever it holds."""
+        """``POST /token.json``, every answer with RFC 6749's no-store (§5.1), refusals included:
+        an answer of the token endpoint is never cached, whatever it holds."""
         try:
-            return exchange(call)
+            response = exchange(call)
         except ThalamusError as error:
             error.headers.update(NO_STORE)
             raise
+        response.headers.update(NO_STORE)
+        return response
 
     def exchange(call: Call) -> flask.Response:
         """JSON keypair → {token, ttl}; OAuth2 client credentials → RFC 6749 token response."""
@@ -113,7 +115,7 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
                 # RFC 6749 5.1: the scope granted, required when it is not the one asked for: the
                 # key's models, space-separated ("*": every model). A token never has more.
                 body["scope"] = " ".join(scopes) if scopes else "*"
-            return json_response(body, headers=NO_STORE)
+            return json_response(body)
         if request.mimetype != "application/json":
             raise UnsupportedMediaType(
                 "Content-Type must be application/json (keypair) or "
@@ -121,7 +123,7 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
             )
         body = read_json(request)
         issued = issue(call, _string_field(body, "public_key"), _string_field(body, "secret_key"))
-        return json_response(_keypair_answer(issued), headers=NO_STORE)
+        return json_response(_keypair_answer(issued))
 
     def session(call: Call) -> dict[str, Any]:
         """The public key, scopes and remaining lifetime of the caller's token."""
@@ -155,7 +157,7 @@ def _keypair_answer(issued: IssuedToken) -> dict[str, Any]:
 
 def _oauth_error(error: OAuthError, basic: bool) -> flask.Response:
     # RFC 6749 §5.2: a client that authenticated with Basic gets 401 and a Basic challenge.
-    headers = {**NO_STORE, **error.headers}
+    headers = dict(error.headers)
     if error.status == 401 and basic:
         headers["WWW-Authenticate"] = 'Basic realm="thalamus"'
     return json_response({"error": error.code, "error_description": error.description}, error.status, headers)
