@@ -155,6 +155,25 @@ def compact_heap() -> None:
         libc.mallopt(-1, 8 << 20)  # M_TRIM_THRESHOLD
 
 
+METRICS_PREFIX = "thalamus-metrics-"
+
+
+def remove_orphaned_metrics() -> None:
+    """Remove the metrics folders of servers that died without cleaning up (``kill -9``, the OOM
+    killer): each is named after its server's process id, and a server removes its own when it
+    stops. In a container its /tmp goes with it; on a laptop they would pile up in /tmp."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{METRICS_PREFIX}*-*"):
+        pid = folder.name.removeprefix(METRICS_PREFIX).split("-", 1)[0]
+        try:
+            if not pid.isdigit() or folder.stat().st_uid != os.getuid():
+                continue  # another user's, or not a server's
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except OSError:
+            continue  # gone meanwhile, or the process id is someone else's now
+
+
 def main(argv: list[str] | None = None) -> int:
     """Load the function at ``source`` and serve it until SIGTERM; 1 if it cannot start."""
     # Not __doc__: the images run with PYTHONOPTIMIZE=2, which leaves docstrings out.
@@ -167,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     # Each worker writes its Prometheus samples to this folder and /metrics adds them up. It must
     # be set before prometheus_client is imported (by the function, below); one per server.
     compact_heap()
-    metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="thalamus-metrics-")
+    remove_orphaned_metrics()
+    metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
     try:
         settings = config.load()
         logs.setup(function, settings.log_level, settings.log_format)

@@ -85,6 +85,34 @@ def test_a_server_stops_when_whatever_started_it_dies(env):
         raise AssertionError("the function kept running after its parent died")
 
 
+def test_a_killed_servers_metrics_folder_is_removed_by_the_next(env, tmp_path):
+    """A server killed outright (kill -9, the OOM killer) cannot remove its metrics folder; the next
+    server started on the machine does, and leaves a live server's alone."""
+
+    def start() -> tuple[subprocess.Popen[bytes], Path]:
+        port = free_port()
+        proc = subprocess.Popen(function_command("token", port), env=subprocess_env(**env, TMPDIR=str(tmp_path)),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        (folder,) = tmp_path.glob(f"thalamus-metrics-{proc.pid}-*")
+        return proc, folder
+
+    killed, killed_folder = start()
+    live, live_folder = start()
+    killed.kill()
+    killed.wait(10)
+    assert killed_folder.is_dir()
+    third, third_folder = start()
+    try:
+        assert not killed_folder.exists()
+        assert live_folder.is_dir() and third_folder.is_dir()
+    finally:
+        for proc in (live, third):
+            proc.terminate()
+            proc.wait(10)
+    assert list(tmp_path.glob("thalamus-metrics-*")) == []  # and each stopped server removed its own
+
+
 def test_warm_predictions_reuse_their_memory(serve_function, bearer):
     """A warm prediction's image and tensors come from heap the process already has: glibc must
     not hand those pages back after each request and fault them in again (it did, ~250 page
