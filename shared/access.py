@@ -4,7 +4,7 @@
 ``X-Request-Id`` (or the trace id of a W3C ``traceparent``) or makes one, echoes it in the answer,
 sets it for every log line about the request, and when the answer's last byte is out logs one
 line (route template, never the raw path) and counts the request in Prometheus. ``/metrics``
-scrapes are logged at DEBUG only.
+scrapes and the probes are logged at DEBUG only, unless they fail.
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ TRACEPARENT_RE = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2
 # Metric labels come from bounded sets: any other method (a client may send any token) is "other",
 # or each made-up one would add series to every scrape for the life of the process.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})
+# Scrapes and probes come every few seconds from the cluster itself: their access lines are DEBUG
+# unless they fail (a probe's 26,000 lines a day per pod would drown the clients' requests).
+QUIET_ROUTES = frozenset({"/metrics", "/healthz", "/readyz"})
 
 
 @dataclass
@@ -107,7 +110,7 @@ class AccessLog:
             "bytes_out": sent,
             "error": exchange.error if status >= 400 else None,
         }
-        level = logging.DEBUG if route == "/metrics" else logging.INFO
+        level = logging.DEBUG if route in QUIET_ROUTES and status < 400 else logging.INFO
         message = f"{status} {method} {route} {fields['latency_ms']} ms"
         log.log(level, message, extra={key: value for key, value in fields.items() if value is not None})
 

@@ -14,6 +14,10 @@ sending headers (or a body) byte by byte hold every thread. Here:
   waits up to ``next_request_wait`` for that client's next request and serves it itself: a client
   that sends requests one after the other (queue-proxy, a sequential caller) skips the hand-off
   back to the poller and on to a pool thread;
+- the kubelet's probes (``GET /healthz``, ``GET /readyz`` without a body) go to a thread of their
+  own, so a replica whose threads are all busy with long requests still answers them: otherwise
+  its liveness probe would time out under legitimate load and the kubelet would restart it, with
+  the requests in flight;
 - every answer gunicorn itself gives (malformed request line or headers, limits, framing) is
   JSON with the right status: 400, 408, 414, 431, never HTML or a traceback; like every other
   answer it carries an ``X-Request-Id`` (the caller's when its headers were parsed, else a new
@@ -21,7 +25,7 @@ sending headers (or a body) byte by byte hold every thread. Here:
   never reaches the application, whose :class:`shared.access.AccessLog` does that for the others.
 
 Plain HTTP/1.x only (TLS ends at the ingress). gunicorn is pinned: this subclass relies on
-``ThreadWorker`` internals (accept, enqueue_req, handle, handle_request, finish_request,
+``ThreadWorker`` internals (init_process, accept, enqueue_req (replaced), handle, handle_request, finish_request,
 murder_keepalived, _keepalive_after) of that version, and tests/test_hostile.py exercises each path.
 """
 
@@ -33,6 +37,7 @@ import selectors
 import socket
 import time
 import uuid
+from concurrent import futures
 from functools import partial
 from typing import Any
 
@@ -48,10 +53,20 @@ BARE_LF = re.compile(rb"(?<!\r)\n")
 CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,9})[ \t]*\r\n", re.I)
 CHUNKED = re.compile(rb"\r\ntransfer-encoding:[^\r]*chunked", re.I)
 EXPECT = re.compile(rb"\r\nexpect:", re.I)
+# The probes of every Service (shared/http.py's /healthz and /readyz), as the kubelet sends them:
+# a GET with no body (a body would hold the probes' thread while it is read and drained).
+PROBE = re.compile(rb"(?:\r\n)?GET /(?:healthz|readyz)(?:\?[^ ]*)? HTTP/1\.[01]\r\n")
+BODY_FRAMING = re.compile(rb"\r\n(?:content-length|transfer-encoding)[ \t]*:", re.I)
 
 
 def _ip(address: Any) -> str:
     return str(address[0]) if isinstance(address, tuple) else ""
+
+
+def is_probe(head: bytes | bytearray) -> bool:
+    """Whether ``head`` (a whole request head, maybe with bytes behind it) is a bodiless probe."""
+    end = head.find(b"\r\n\r\n")
+    return end > 0 and PROBE.match(head) is not None and BODY_FRAMING.search(head, 0, end + 2) is None
 
 
 class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no type information
@@ -86,6 +101,10 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
         self.in_flight = 0  # requests handed to the pool and not finished; only the main thread writes it
 
     # -- main thread -------------------------------------------------------------------------
+
+    def init_process(self) -> None:
+        self.probe_pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="probes")
+        super().init_process()
 
     def notify(self) -> None:
         # gunicorn calls this on every turn of the main loop, several times a request, and each
@@ -252,11 +271,17 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
                 self.reject(conn, 408, f"request {'body' if conn.need is not None else 'headers'} not received in time")
 
     def enqueue_req(self, conn: Any) -> None:
-        self.in_flight += 1
-        super().enqueue_req(conn)
+        conn.probe = is_probe(conn.head)
+        if conn.probe:  # one request on the probes' thread, then the connection comes back here
+            future = self.probe_pool.submit(self.handle_one, conn)
+        else:
+            self.in_flight += 1
+            future = self.tpool.submit(self.handle, conn)
+        future.add_done_callback(lambda done: self.method_queue.defer(self.finish_request, conn, done))
 
     def finish_request(self, conn: Any, future: Any) -> None:
-        self.in_flight -= 1
+        if not conn.probe:
+            self.in_flight -= 1
         if not future.cancelled() and future.exception() is None and future.result():
             # Kept alive: bytes read past this request (pipelining) begin the next head.
             self.read_head(conn, conn.parser.unreader.take_buffered(), idle=True)

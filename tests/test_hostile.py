@@ -286,6 +286,26 @@ def test_slow_body_with_a_token_gets_408_and_frees_its_thread(serve, token_heade
     assert after.status_code == 200 and after.json()["prediction"] == "circle"
 
 
+def test_probes_are_answered_while_every_thread_is_busy(serve, token_header):
+    """The kubelet's liveness and readiness probes have a thread of their own: with both of a
+    replica's threads held by long requests, they are answered at once, not after those requests
+    (a liveness probe that times out gets the container restarted). A probe with a body is an
+    ordinary request."""
+    server = serve("predict", MODEL_NAME="shapes", THREADS="2")
+    head = request("POST", "/models/shapes/predict.json", f"Authorization: {token_header['Authorization']}",
+                   "Content-Type: multipart/form-data; boundary=x", "Content-Length: 1000000")  # fmt: skip
+    with Tricklers(server.port, 2, head, b"z") as slow:
+        time.sleep(0.5)
+        for path in ("/healthz", "/readyz", "/readyz?probe=1"):
+            status, waited = timed_get(server.base + path)
+            assert status == 200 and waited < 1.0, (path, waited)
+        started = time.monotonic()
+        code, _, _ = exchange(server.port, request("GET", "/healthz", "Content-Length: 2", body=b"{}"))
+        assert code == 200 and time.monotonic() - started > 0.5  # it waited for a pool thread
+        slow.wait_all(DEADLINE + 3)
+    assert all(answer.startswith(b"HTTP/1.1 408 ") for _, answer in slow.answers.values())
+
+
 # -- malformed requests ------------------------------------------------------------------------
 
 MALFORMED = [
@@ -532,11 +552,11 @@ def test_requests_one_after_another_stay_with_their_thread(serve):
     its next request read and handed on)."""
     server = serve("token")
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock, sock.makefile("rb") as answers:
-        sock.sendall(request("GET", "/healthz"))
+        sock.sendall(request("GET", "/v2/health/live"))  # not a probe of the kubelet's (those have a thread)
         assert read_answer(answers, "GET")[0] == 200
         before = main_thread_wakeups(server.proc.pid)
         for _ in range(100):
-            sock.sendall(request("GET", "/healthz"))
+            sock.sendall(request("GET", "/v2/health/live"))
             assert read_answer(answers, "GET")[0] == 200
         woken = main_thread_wakeups(server.proc.pid) - before
     assert woken < 50, woken  # 0-2 on an idle machine (the poller's once-a-second turn); 101 before

@@ -145,10 +145,10 @@ def test_one_access_line_per_request_with_its_fields(function, auth, own_redis, 
 def test_request_ids_from_traceparent_or_made_up(function):
     token_fn = function("token")
     trace = "4bf92f3577b34da6a3ce929d0e0e4736"
-    reply = requests.get(token_fn.base + "/healthz", timeout=5,
+    reply = requests.get(token_fn.base + "/v2/health/live", timeout=5,
                          headers={"traceparent": f"00-{trace}-00f067aa0ba902b7-01"})  # fmt: skip
     assert reply.headers["X-Request-Id"] == trace and settle(token_fn, trace)
-    made = requests.get(token_fn.base + "/healthz", timeout=5, headers={"X-Request-Id": "not;an id" + "x" * 200})
+    made = requests.get(token_fn.base + "/v2/health/live", timeout=5, headers={"X-Request-Id": "not;an id" + "x" * 200})
     assert re.fullmatch(r"[0-9a-f]{32}", made.headers["X-Request-Id"])
 
 
@@ -241,13 +241,22 @@ def test_metrics_answer_in_prometheus_text_format(token_client):
     assert "# TYPE thalamus_" in reply.get_data(as_text=True)
 
 
-def test_metrics_scrapes_are_left_out_of_the_access_log(function):
+def test_scrapes_and_probes_are_left_out_of_the_access_log_unless_they_fail(function):
     token_fn = function("token")
     request_id = rid()
-    requests.get(token_fn.base + "/metrics", headers={"X-Request-Id": request_id}, timeout=5)
-    requests.get(token_fn.base + "/healthz", headers={"X-Request-Id": request_id}, timeout=5)
+    for path in ("/metrics", "/healthz", "/readyz", "/v2/health/live"):
+        assert requests.get(token_fn.base + path, headers={"X-Request-Id": request_id}, timeout=5).status_code == 200
+    assert requests.post(token_fn.base + "/healthz", headers={"X-Request-Id": request_id}, timeout=5).status_code == 405
     lines = settle(token_fn, request_id)
-    assert [line["route"] for line in lines] == ["/healthz"]
+    time.sleep(0.2)  # a line that should not be there has had its time
+    assert [(line["route"], line["status"]) for line in token_fn.access(request_id)] == [
+        ("/v2/health/live", 200),
+        ("unmatched", 405),  # a wrong method matched no route
+    ]
+    assert lines  # settle saw the first of them
+    samples = scrape(token_fn.base)  # still counted
+    assert samples[("thalamus_requests_total", (("function", "token"), ("method", "GET"), ("route", "/healthz"),
+                                                ("status", "200")))] >= 1  # fmt: skip
 
 
 @pytest.mark.slow
