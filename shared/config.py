@@ -59,8 +59,8 @@ _RATE_NAMES = {1: "s", 60: "min", 3600: "h", 86400: "d"}
 
 def mask_url(url: str) -> str:
     """``url`` with its secrets replaced by ``***``: the password of its user part (the whole
-    user part when it has no ``:``, as redis-py may read it as a password), and any
-    ``password=`` in its query (redis-py takes one there too)."""
+    user part when it has no ``:``, as redis-py may read it as a password), and the value of any
+    query option that names a password (``password=``, ``ssl_password=``, the key file's)."""
     try:
         parts = urlsplit(url)
     except ValueError:  # not even a URL (an unclosed IPv6 bracket): nothing of it is shown
@@ -71,7 +71,7 @@ def mask_url(url: str) -> str:
         netloc = f"{user.partition(':')[0]}:***@{host}" if ":" in user else f"***@{host}"
     fields = re.split(r"([&;])", parts.query)  # redis-py unquotes names: pass%77ord is password too
     query = "".join(
-        f"{field.partition('=')[0]}=***" if unquote_plus(field.partition("=")[0]).lower() == "password" else field
+        f"{field.partition('=')[0]}=***" if "password" in unquote_plus(field.partition("=")[0]).lower() else field
         for field in fields
     )
     return urlunsplit(parts._replace(netloc=netloc, query=query))

@@ -18,12 +18,20 @@ from pythonjsonlogger.json import JsonFormatter
 
 # The id of the request this thread (or context) is serving, for every line logged meanwhile.
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+# The shapes of a secret key, a bearer token and a token's SHA-256 (shared.credentials). A line's
+# message and these fields may quote what a client sent (a path, a file or model name, a header):
+# a client that put its token or secret key there must not find it in the logs.
+SECRET_SHAPED = re.compile(
+    r"sk_[A-Za-z0-9_-]{20,}|(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])|(?<![0-9a-f])[0-9a-f]{64}(?![0-9a-f])"
+)
+CLIENT_FIELDS = ("error", "model", "method")
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "function", "request_id"}
 
 
 class _Context(logging.Filter):
-    """Adds ``function`` and ``request_id`` to every record."""
+    """Adds ``function`` and ``request_id`` to every record, and takes anything shaped like a
+    secret out of its message and the fields that may quote a client."""
 
     def __init__(self, function: str) -> None:
         super().__init__()
@@ -33,6 +41,12 @@ class _Context(logging.Filter):
         record.function = self.function
         if not getattr(record, "request_id", None):
             record.request_id = REQUEST_ID.get()
+        message = record.getMessage()
+        if SECRET_SHAPED.search(message):
+            record.msg, record.args = SECRET_SHAPED.sub("[redacted]", message), None
+        for name in CLIENT_FIELDS:
+            if isinstance(value := getattr(record, name, None), str):
+                setattr(record, name, SECRET_SHAPED.sub("[redacted]", value))
         return True
 
 

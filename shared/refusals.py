@@ -12,7 +12,7 @@ from typing import Any
 
 from gunicorn.http import errors as parse_errors
 
-from shared.deadlines import DeadlineSocket
+from shared.deadlines import DeadlineSocket, kind_of
 from shared.errors import InternalError, ThalamusError
 
 # gunicorn's parse errors → status; the first match wins. Response-header errors are ours: 500.
@@ -89,4 +89,4 @@ def status_of(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, ThalamusError):
         return exc.status, exc.message
     status = next((code for kinds, code in ERROR_STATUS if isinstance(exc, kinds)), 500)
-    return status, MESSAGES.get(status) or f"malformed request ({str(exc)[:160]})"
+    return status, MESSAGES.get(status) or f"malformed request ({kind_of(exc)})"

@@ -367,6 +367,6 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
         if status == 500:  # a real bug: keep the traceback
             self.log.exception("error handling a request")
         else:
-            self.log.warning("refused a request from %s: %s", _ip(address), exc)
+            self.log.warning("refused a request from %s: %s", _ip(address), message)
         method = str(getattr(request, "method", None) or "")[:16]
         refuse(client, status, message, request_id_of(request), method, self.function)

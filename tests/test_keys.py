@@ -240,6 +240,10 @@ def test_purge_asks_on_a_terminal(env, keypair, auth, answer, deleted):
         ("redis://127.0.0.1:{port}/0?password=hunter2", "redis://127.0.0.1:{port}/0?password=***"),  # redis-py reads it
         ("redis://hunter2@127.0.0.1:{port}/0", "redis://***@127.0.0.1:{port}/0"),  # a user part alone may be one
         ("redis://127.0.0.1:{port}/0?pass%77ord=hunter2", "redis://127.0.0.1:{port}/0?pass%77ord=***"),  # unquoted
+        (
+            "rediss://:pw@127.0.0.1:{port}/0?ssl_password=hunter2&db=0",  # the TLS key file's
+            "rediss://:***@127.0.0.1:{port}/0?ssl_password=***&db=0",
+        ),
     ],
 )
 def test_unreachable_redis_names_the_url_without_its_password(url, shown):
@@ -247,7 +251,7 @@ def test_unreachable_redis_names_the_url_without_its_password(url, shown):
     result = keys("-l", env=subprocess_env(REDIS_URL=url.format(port=port)))
     assert result.returncode != 0
     assert "unreachable" in result.stderr and shown.format(port=port) in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and "hunter2" not in result.stderr
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import socket
 import subprocess
 import time
 import uuid
@@ -140,6 +141,45 @@ def test_one_access_line_per_request_with_its_fields(function, auth, own_redis, 
     for secret in [*secrets_seen, token, scoped_token, token_digest(token), token_digest(scoped_token)]:
         assert secret not in everything
     assert settings.redis_url.split("@")[-1] in everything  # the URL is logged (no password to mask here)
+
+
+def test_secrets_a_client_puts_in_the_wrong_place_stay_out_of_the_logs(function, auth):
+    """A client that puts its token or secret key where it does not belong (a header without its
+    colon, a request line, a path, a model or file name, a V2 input name, a chunk size) gets its
+    4xx, and no log line holds either: the worker's refusals used to quote the request's bytes."""
+    token_fn = function("token")
+    predict = function("predict", MODEL_NAME="shapes")
+    pair = auth.create_key()
+    token = auth.issue_token(pair.public_key, pair.secret_key, "t").token
+    secret, bearer = pair.secret_key, {"Authorization": f"Bearer {token}"}
+    raw = [
+        f"GET /session.json HTTP/1.1\r\nHost: a\r\nAuthorization Bearer {token}\r\n\r\n",
+        f"GET /session.json?{secret} HTTP/1.1x\r\nHost: a\r\n\r\n",
+        f"GET /healthz HTTP/1.1\r\nHost: a\r\nX-{secret}(: 1\r\n\r\n",
+        f"GET /healthz HTTP/1.1\r\nHost: a\r\nX-Bad: {token}\x01\r\n\r\n",
+        f"POST /token.json HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n{token}\r\n",
+    ]
+    for payload in raw:
+        with socket.create_connection(("127.0.0.1", int(token_fn.base.rsplit(":", 1)[1])), timeout=10) as sock:
+            sock.sendall(payload.encode())
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 4") and token.encode() not in answer and secret.encode() not in answer
+    v2 = {"inputs": [{"name": token, "datatype": "FP32", "shape": [1], "data": [1.0]}]}
+    refused = [
+        requests.get(f"{predict.base}/nope/{token}", timeout=10),
+        requests.get(f"{predict.base}/models/{secret}.json", headers=bearer, timeout=10),
+        requests.post(f"{predict.base}/models/shapes/predict.json", headers=bearer, timeout=10,
+                      files={"file": (f"{secret}.png", b"not an image")}),
+        requests.post(f"{predict.base}/v2/models/shapes/infer", headers=bearer, json=v2, timeout=10),
+    ]  # fmt: skip
+    assert [reply.status_code for reply in refused] == [404, 404, 400, 400]
+    time.sleep(0.5)  # the last access lines are written
+    logged = token_fn.log.read_text() + predict.log.read_text()
+    for leak in (token, secret, token_digest(token)):
+        assert leak not in logged
+    assert logged.count("[redacted]") >= 4
 
 
 def test_request_ids_from_traceparent_or_made_up(function):
