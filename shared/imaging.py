@@ -123,9 +123,12 @@ class DecodeBudget:
         self._queue: deque[object] = deque()
 
     @contextlib.contextmanager
-    def reserve(self, nbytes: int, wait: float = BUDGET_WAIT_SECONDS) -> Iterator[None]:
+    def reserve(
+        self, nbytes: int, wait: float = BUDGET_WAIT_SECONDS, busy: str = "busy decoding other large images"
+    ) -> Iterator[None]:
         """Hold ``nbytes`` of the budget meanwhile: BadRequest if they can never fit,
-        ServiceUnavailable (503, Retry-After) if they do not fit within ``wait`` seconds."""
+        ServiceUnavailable (503, Retry-After) saying ``busy`` if they do not fit within ``wait``
+        seconds."""
         if nbytes > self.total:
             raise BadRequest(
                 f"image needs ~{nbytes >> 20} MiB to decode (limit {self.total >> 20} MiB); send a smaller image"
@@ -141,7 +144,7 @@ class DecodeBudget:
                 self._used += nbytes
             self._condition.notify_all()
         if not fits:
-            raise ServiceUnavailable("busy decoding other large images; retry shortly")
+            raise ServiceUnavailable(f"{busy}; retry shortly")
         try:
             yield
         finally:
@@ -152,10 +155,15 @@ class DecodeBudget:
 
 @dataclass(frozen=True)
 class Limits:
-    """How much decoding one image, one request and one process may do."""
+    """How much decoding one image, one request and one process may do, and how much parsed
+    JSON one process may hold."""
 
     max_pixels: int  # per image, from its header (MAX_IMAGE_PIXELS)
     budget: DecodeBudget = field(default_factory=lambda: DecodeBudget(1 << 62))  # per process, bytes
+    # Estimated bytes of the V1/V2 JSON documents this process holds parsed, per process: one
+    # document may take it all. Apart from the decode budget: the images inside such a document
+    # draw on that one while the document is held.
+    json_budget: DecodeBudget = field(default_factory=lambda: DecodeBudget(1 << 62))
     cpu_seconds: float = 4.0  # estimated decode CPU per request
 
     @classmethod
@@ -163,19 +171,17 @@ class Limits:
         """MAX_IMAGE_PIXELS, and a budget of DECODE_MEMORY_MB or else this container's memory
         limit less 224 MiB (a resting process with its model, and four requests' bodies in
         memory and in /tmp), at least 64 MiB; 160 MiB when there is no limit. 384 MiB → 160 MiB
-        (every format and mode up to 40 Mpx but WebP), 512 MiB → 288 MiB."""
-        budget = settings.decode_memory_mb << 20 if settings.decode_memory_mb else None
-        if budget is None:
-            limit = cgroup.memory_limit()
-            budget = max(64 << 20, limit - (224 << 20)) if limit else 160 << 20
-        return cls(settings.max_image_pixels, DecodeBudget(budget))
+        (every format and mode up to 40 Mpx but WebP), 512 MiB → 288 MiB. Parsed JSON has half
+        as much again, its own: measured, a 384 MiB container holding both budgets full, four
+        threads at once, stays under its limit."""
+        budget = settings.decode_memory_mb << 20 if settings.decode_memory_mb else decode_budget(cgroup.memory_limit())
+        return cls(settings.max_image_pixels, DecodeBudget(budget), json_budget=DecodeBudget(budget // 2))
 
-    @property
-    def max_json_bytes(self) -> int:
-        """The most memory one V1/V2 JSON document may take once parsed (estimated from its text
-        before parsing): half the decode budget. Bounded per request, not held in the budget: the
-        images inside such a document draw on the budget themselves."""
-        return self.budget.total // 2
+
+def decode_budget(memory_limit: int | None) -> int:
+    """The decode budget of a process in a container with ``memory_limit`` bytes (see
+    :meth:`Limits.from_settings`); its JSON budget is half of it."""
+    return max(64 << 20, memory_limit - (224 << 20)) if memory_limit else 160 << 20
 
 
 # -- the header and the cost -------------------------------------------------------------------

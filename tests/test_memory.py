@@ -22,6 +22,7 @@ import requests
 
 from local import ROOT
 from local.helpers import demo_image, encode, free_port, function_command, remove_cgroup, wait_http, worst_case_images
+from shared import imaging, jsonbody
 from tests.conftest import subprocess_env
 from tests.test_images import FLOOD_BYTES, flood_words, long_png, metadata_floods
 
@@ -144,6 +145,50 @@ def test_worst_images_stay_under_the_memory_limit_and_memory_comes_back(predict_
     assert after <= resting * 1.2, f"resting {resting >> 20} MiB before, {after >> 20} MiB after"
     print(f"memory: resting {resting >> 20} MiB, peak {max(peak) >> 20} MiB, after {after >> 20} MiB")
     assert post(base, headers, [("c.png", circle)]).json()["prediction"] == "circle"
+
+
+def worst_json_documents(limit: int) -> dict[str, tuple[str, bytes]]:
+    """V1 and V2 JSON bodies of the shapes that cost most memory for their size, each just
+    under the JSON budget of a replica with ``limit``: (path, body) by name."""
+    budget = imaging.decode_budget(limit) // 2
+    documents = {}
+    for item in ("[[1.5]]", "[1.5]", "[[[[[[1]]]]]]"):
+        one = jsonbody.json_cost(f"{item},".encode())
+        items = ",".join([item] * (budget * 98 // 100 // one))
+        v2 = f'{{"inputs":[{{"name":"x","datatype":"FP32","shape":[1,64,64,3],"data":[{items}]}}]}}'
+        documents[f"v2 {item}"] = ("/v2/models/shapes/infer", v2.encode())
+        documents[f"v1 {item}"] = ("/v1/models/shapes:predict", f'{{"instances":[{items}]}}'.encode())
+    for path, body in documents.values():
+        assert budget * 0.9 < jsonbody.json_cost(body) <= budget, (path, jsonbody.json_cost(body), budget)
+    return documents
+
+
+def test_worst_json_documents_stay_under_the_memory_limit(predict_server, worst_images):
+    """JSON documents each as large as one may be, THREADS at once, with the worst images beside
+    them: they wait for each other (or get a 503), never for the OOM killer."""
+    base, cgroup, headers = predict_server
+    limit = manifest_memory_limit()
+    documents = list(worst_json_documents(limit).items()) * 2
+    images = [(name, data) for name, data in worst_images.items() if name in ("png-rgba", "png-16bit-grey")]
+
+    def send(job: tuple[str, Any]) -> tuple[str, int]:
+        name, what = job
+        if isinstance(what, bytes):
+            return name, post(base, headers, [(name, what)]).status_code
+        path, body = what
+        reply = requests.post(base + path, headers=headers, data=body, timeout=120)
+        return name, reply.status_code
+
+    jobs: list[tuple[str, Any]] = [*documents, *images]
+    with peak_memory(cgroup) as peak, ThreadPoolExecutor(THREADS) as pool:
+        answers = list(pool.map(send, jobs))
+    assert cgroup.oom_kills() == 0
+    assert max(peak) < limit, f"peak {max(peak) >> 20} MiB over the {limit >> 20} MiB limit"
+    # Each document parses, and is then refused for its shape (1.5 million values for 12,288
+    # inputs), or waits too long for the budget: 503.
+    assert all(status in (400, 503) for name, status in answers if name.startswith("v")), answers
+    assert sum(status == 400 for _, status in answers) >= 2, answers
+    print(f"JSON and images: peak {max(peak) >> 20} MiB of {limit >> 20} MiB, answers {answers}")
 
 
 def test_cpu_per_request_is_bounded(predict_server, worst_images):

@@ -10,6 +10,7 @@ import json
 import struct
 import sys
 import threading
+import time
 import zlib
 
 import numpy as np
@@ -18,7 +19,7 @@ import requests
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from functions.predict import pipeline
+from functions.predict import pipeline, tensors
 from local.helpers import demo_image, encode
 from shared import imaging, jsonbody
 from shared.errors import BadRequest
@@ -612,3 +613,30 @@ def test_concurrent_parses_never_leave_the_garbage_collector_off():
     finally:
         sys.setswitchinterval(interval)
         gc.enable()
+
+
+def test_parsed_json_is_held_in_one_budget_per_process():
+    """Together, the threads of one process hold no more parsed JSON than its budget: a second
+    large document waits until the first is done with (bounded per request only, THREADS of them
+    at once took THREADS times as much, and a 384 MiB replica with 4 threads was OOM-killed); a
+    document larger than the whole budget is a 400 before it is parsed."""
+    document = json.dumps({"data": [[1.5]] * 50_000}).encode()
+    cost = jsonbody.json_cost(document)
+    limits = imaging.Limits(40_000_000, json_budget=imaging.DecodeBudget(cost * 3 // 2))
+    events = []
+
+    def second() -> None:
+        with tensors.parsed(document, "body", limits) as doc:
+            events.append(("second", len(doc["data"])))
+
+    with tensors.parsed(document, "body", limits) as doc:
+        waiting = threading.Thread(target=second)
+        waiting.start()
+        time.sleep(0.3)
+        assert events == []  # the two do not fit together
+        events.append(("first", len(doc["data"])))
+    waiting.join(10)
+    assert events == [("first", 50_000), ("second", 50_000)]
+    small = imaging.Limits(40_000_000, json_budget=imaging.DecodeBudget(cost - 1))
+    with pytest.raises(BadRequest, match=r"MiB of memory to parse"), tensors.parsed(document, "body", small):
+        pass

@@ -16,6 +16,7 @@ import math
 import struct
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import flask
@@ -23,7 +24,7 @@ import numpy as np
 
 from functions.predict import pipeline
 from functions.predict.model import Model
-from shared import imaging
+from shared import imaging, jsonbody
 from shared.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 GZIP_MAGIC = b"\x1f\x8b"  # how every gzip member begins (RFC 1952)
@@ -73,6 +74,27 @@ def read_body(request: flask.Request, limit: int) -> bytes:
             raise BadRequest(f"{len(view) - at} bytes follow the end of the {encoding} data (not another gzip member)")
         step = INFLATE_CHUNK
     raise BadRequest(f"gzip body of more than {MAX_GZIP_MEMBERS} members")
+
+
+@contextmanager
+def parsed(text: bytes | memoryview, what: str, limits: imaging.Limits, advice: str = "") -> Iterator[Any]:
+    """``text`` parsed as JSON, its estimated memory held in the process's JSON budget while the
+    block runs (the document, and the arrays made from it, live that long): together, the
+    threads of one process hold no more parsed JSON than the budget, however many they are. A
+    document that could never fit is a BadRequest before parsing, as is one that is not JSON
+    (its message followed by ``advice``); one that does not fit beside the others within a few
+    seconds is a 503 with Retry-After."""
+    data = text if isinstance(text, bytes) else bytes(text)
+    try:
+        cost = jsonbody.checked_cost(data, what, limits.json_budget.total)
+    except BadRequest as exc:
+        raise BadRequest(f"{exc.message}{advice}") from None
+    with limits.json_budget.reserve(cost, busy="busy parsing other large JSON requests"):
+        try:
+            doc = jsonbody.parse(data, what)
+        except BadRequest as exc:
+            raise BadRequest(f"{exc.message}{advice}") from None
+        yield doc
 
 
 def check_batch_size(count: int, what: str) -> None:

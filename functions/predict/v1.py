@@ -18,7 +18,7 @@ import numpy as np
 
 from functions.predict import pipeline, tensors
 from functions.predict.model import Model
-from shared import imaging, jsonbody
+from shared import imaging
 from shared.config import Settings
 from shared.errors import BadRequest, NotFound
 from shared.http import Call
@@ -79,7 +79,10 @@ class V1:
         if call.args["verb"] != "predict":
             raise BadRequest(f"':{call.args['verb']}' is not served here; use ':predict'")
         body = tensors.read_body(call.request, self.max_body)
-        doc = jsonbody.parse(body, max_cost=self.limits.max_json_bytes)
+        with tensors.parsed(body, "body", self.limits) as doc:
+            return self._predict(doc, body)
+
+    def _predict(self, doc: Any, body: bytes) -> dict[str, Any]:
         if not isinstance(doc, dict):
             raise BadRequest("body must be a JSON object with 'instances' or 'inputs'")
         signature = doc.get("signature_name", "")

@@ -23,7 +23,7 @@ import numpy as np
 
 from functions.predict import pipeline, tensors
 from functions.predict.model import Model
-from shared import imaging, jsonbody
+from shared import imaging
 from shared.config import Settings
 from shared.errors import BadRequest, NotFound
 from shared.http import Call
@@ -90,15 +90,16 @@ class V2:
         self._resolve(call)
         body = tensors.read_body(call.request, self.max_body)
         header, binary = _split(body, call.request.headers.get(HEADER_LENGTH))
-        try:
-            doc = jsonbody.parse(header, "inference request", self.limits.max_json_bytes)
-        except BadRequest as exc:
-            if HEADER_LENGTH not in call.request.headers:
-                raise
-            raise BadRequest(
-                f"{exc.message}; check {HEADER_LENGTH} (tritonclient writes it into the headers dict it is "
-                "given: pass a fresh dict to each call)"
-            ) from None
+        advice = (
+            f"; check {HEADER_LENGTH} (tritonclient writes it into the headers dict it is given: pass a fresh "
+            "dict to each call)"
+            if HEADER_LENGTH in call.request.headers
+            else ""
+        )
+        with tensors.parsed(header, "inference request", self.limits, advice) as doc:
+            return self._infer(doc, header, binary)
+
+    def _infer(self, doc: Any, header: bytes | memoryview, binary: memoryview) -> dict[str, Any] | flask.Response:
         if not isinstance(doc, dict):
             raise BadRequest("the inference request must be a JSON object with 'inputs'")
         request_id = doc.get("id")
