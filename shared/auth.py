@@ -15,7 +15,8 @@ Layout (``P`` is the prefix; everything Thalamus writes is under it, so purge fi
   token requests (brute-force limits);
 - ``P usage:<pk>:<YYYY-MM-DD>``: hash ``r:<model>``, ``e:<model>``, ``t:<model>`` (requests,
   errors, last use), kept :data:`~shared.usage.USAGE_DAYS` days; ``P last-used``: hash pk → last
-  use (both written by :mod:`shared.usage`);
+  use; ``P usage-sent:<process>``: the last usage batch a process added (all written by
+  :mod:`shared.usage`);
 - ``P audit``: stream of key events (action, public_key, user, host, detail), capped;
 - ``P purged``: when the last purge ended (its counts may still arrive: they are dropped).
 

@@ -45,7 +45,8 @@ _REFUSAL_CLASSES = {
     redis.exceptions.ClusterDownError: "CLUSTERDOWN",
     redis.exceptions.NoPermissionError: "NOPERM",
 }
-# Per thread: whether a command went out and its answer never came (see OutcomeUnknown).
+# Per thread: whether a command went out and its answer never came (see OutcomeUnknown), and
+# how many times that happened (see _RetryUnsent).
 _unanswered = threading.local()
 
 
@@ -73,6 +74,7 @@ class _Timed:
         except (redis.ConnectionError, redis.TimeoutError):
             if not self._connecting:
                 _unanswered.happened = True  # sent, and no answer: it may have run all the same
+                _unanswered.count = getattr(_unanswered, "count", 0) + 1
             raise
         finally:
             if self._sent_at is not None:
@@ -87,6 +89,32 @@ _TIMED = {
 }
 
 
+class _RetryUnsent(Retry):
+    """One retry, on a fresh connection, of a command that never went out (the connection
+    refused or reset while it was made or sent; a pooled connection that Redis closed is
+    replaced by the pool before it is used). Never of one that went out and got no answer,
+    reset or timeout alike: Redis may have run it, and a second run of a write would apply it
+    twice (a red team's proxy that reset connections after Redis had answered made keys.py
+    rotate twice, losing the grace it printed, and counted usage twice)."""
+
+    def __init__(self) -> None:
+        super().__init__(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+
+    def call_with_retry(
+        self,
+        do: Callable[[], R],
+        fail: Callable[..., Any],
+        is_retryable: Callable[[Exception], bool] | None = None,
+        with_failure_count: bool = False,
+    ) -> R:
+        before = getattr(_unanswered, "count", 0)
+
+        def unsent(error: Exception) -> bool:
+            return getattr(_unanswered, "count", 0) == before and (is_retryable is None or is_retryable(error))
+
+        return super().call_with_retry(do, fail, unsent, with_failure_count)
+
+
 def connect(settings: Settings) -> redis.Redis:
     """A client for ``settings.redis_url`` (``redis://``, ``rediss://`` or ``unix://``, passwords
     included), timing every round trip. No connection is made until the first command."""
@@ -96,10 +124,7 @@ def connect(settings: Settings) -> redis.Redis:
         connection_class=_TIMED.get(scheme, _TimedConnection),
         socket_connect_timeout=settings.redis_timeout,
         socket_timeout=settings.redis_timeout,
-        # One retry on a fresh connection covers a pooled socket that died with a Redis restart.
-        # Not after a timeout: Redis may have taken the command (a second run of a write would
-        # apply it twice), and a hung server would only keep the caller waiting twice as long.
-        retry=Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,)),
+        retry=_RetryUnsent(),
         # No health_check_interval: its PING before a command doubles the wait on a hung server,
         # and the retry above already replaces a dead pooled connection.
         decode_responses=True,

@@ -3,7 +3,9 @@ added to Redis in the background (``P usage:<pk>:<YYYY-MM-DD>`` and ``P last-use
 :mod:`shared.auth` for the layout).
 
 A request costs no Redis round trip for it, and a Redis outage costs it nothing: counts wait,
-bounded, for the next flush, and the last flush runs at exit.
+bounded, for the next flush, and the last flush runs at exit. A flush whose answer never came
+(Redis stalled past the client's timeout, a connection reset) may have been done all the same:
+it is sent again as it was, numbered, and Redis adds each number of a process's once.
 """
 
 from __future__ import annotations
@@ -13,21 +15,27 @@ import logging
 import os
 import threading
 import time
+import uuid
 import weakref
 
 import redis
 
 log = logging.getLogger("thalamus")
+Batch = list[tuple[tuple[str, str, str], list[int]]]  # ((public key, day, model), [requests, errors, last])
 
 USAGE_DAYS = 90  # usage counters are kept this many days
 USAGE_FLUSH_SECONDS = 1.0  # how often a process adds its usage counts to Redis
 
-# KEYS: last-used hash, purge time. ARGV: prefix, ttl, then (pk, day, model, requests, errors,
-# last) groups. Counts last used by the end of the last purge, of a key that does not exist, are
-# dropped: they belong to a purged key (a key made since then keeps its counts).
+# KEYS: last-used hash, purge time, the sending process's last batch. ARGV: prefix, ttl, batch
+# number, then (pk, day, model, requests, errors, last) groups. A batch numbered no higher than
+# the process's last is one already added, sent again: nothing is done. Counts last used by the
+# end of the last purge, of a key that does not exist, are dropped: they belong to a purged key
+# (a key made since then keeps its counts).
 FLUSH_LUA = """
+if tonumber(ARGV[3]) <= tonumber(redis.call('GET', KEYS[3]) or '0') then return 0 end
+redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[2])
 local purged = tonumber(redis.call('GET', KEYS[2]) or '0')
-for i = 3, #ARGV, 6 do
+for i = 4, #ARGV, 6 do
   local name = ARGV[1] .. 'usage:' .. ARGV[i] .. ':' .. ARGV[i + 1]
   local model, last = ARGV[i + 2], tonumber(ARGV[i + 5])
   if last > purged or redis.call('EXISTS', ARGV[1] .. 'key:' .. ARGV[i]) == 1 then
@@ -52,8 +60,7 @@ class UsageRecorder:
     nothing at all: counts wait, bounded, for the next flush."""
 
     MAX_PENDING = 100_000  # distinct (key, day, model) entries kept while Redis is unreachable
-    # Entries per script call: 5,000 take Redis about 0.1 s, far inside the client's timeout
-    # (a call that times out is sent again by the client's retry, and counted twice).
+    # Entries per script call: 5,000 take Redis about 0.1 s, far inside the client's timeout.
     FLUSH_CHUNK = 5_000
 
     def __init__(self, client: redis.Redis, prefix: str) -> None:
@@ -66,6 +73,8 @@ class UsageRecorder:
         self._flushing = threading.Lock()
         self._counts: dict[tuple[str, str, str], list[int]] = {}
         self._pid = 0  # the process these counts belong to (a forked child starts afresh)
+        self._sender, self._batch = "", 0  # this process's name in Redis, its last batch number
+        self._unsent: list[tuple[int, Batch]] = []  # numbered batches whose answer never came
 
     def add(self, public_key: str, model: str | None, error: bool) -> None:
         """Count one request (an error when ``error``); never raises."""
@@ -75,7 +84,8 @@ class UsageRecorder:
             with self._lock:
                 if self._pid != os.getpid():
                     self._pid = os.getpid()
-                    self._counts = {}  # a fork's copy of the parent's pending counts is the parent's
+                    self._counts, self._unsent = {}, []  # a fork's copy of the parent's are the parent's
+                    self._sender, self._batch = uuid.uuid4().hex, 0
                     _flusher.watch(self)
                 entry = self._counts.get(entry_key)
                 if entry is None:
@@ -87,21 +97,26 @@ class UsageRecorder:
             log.exception("usage: cannot count a request")
 
     def flush(self, at_exit: bool = False) -> None:
-        """Add the pending counts to Redis now; on failure keep them for the next flush (at exit
-        there is none: say how many are lost). A flush another thread has
-        under way is waited for: when this returns, no count is in flight."""
+        """Add the pending counts to Redis now; on failure keep them for the next flush, as the
+        same numbered batches (at exit there is none: say how many may be lost). A flush another
+        thread has under way is waited for: when this returns, no count is in flight."""
         with self._flushing:
             with self._lock:
                 pending, self._counts = list(self._counts.items()), {}
-            for start in range(0, len(pending), self.FLUSH_CHUNK):
-                args: list[str | int] = [self._prefix, (USAGE_DAYS + 1) * 86400]
-                for (public_key, day, model), (requests, errors, last) in pending[start : start + self.FLUSH_CHUNK]:
+                batches, self._unsent = self._unsent, []
+                for start in range(0, len(pending), self.FLUSH_CHUNK):
+                    self._batch += 1
+                    batches.append((self._batch, pending[start : start + self.FLUSH_CHUNK]))
+            keys = [self._prefix + "last-used", self._prefix + "purged", f"{self._prefix}usage-sent:{self._sender}"]
+            for sent, (number, batch) in enumerate(batches):
+                args: list[str | int] = [self._prefix, (USAGE_DAYS + 1) * 86400, number]
+                for (public_key, day, model), (requests, errors, last) in batch:
                     args += [public_key, day, model, requests, errors, last]
                 try:
-                    self._flush_script(keys=[self._prefix + "last-used", self._prefix + "purged"], args=args)
+                    self._flush_script(keys=keys, args=args)
                 except redis.RedisError as exc:
                     if at_exit:
-                        lost = sum(requests for _, (requests, _, _) in pending[start:])
+                        lost = _requests(batches[sent:])
                         log.warning(
                             "usage: cannot write counts to Redis (%s) at exit: %d requests not counted",
                             type(exc).__name__,
@@ -109,18 +124,26 @@ class UsageRecorder:
                         )
                         return
                     log.warning("usage: cannot write counts to Redis (%s); will retry", type(exc).__name__)
-                    self._keep(pending[start:])
+                    self._keep(batches[sent:])
                     return
 
-    def _keep(self, unsent: list[tuple[tuple[str, str, str], list[int]]]) -> None:
+    def _keep(self, unsent: list[tuple[int, Batch]]) -> None:
+        """Batches for the next flush, first; past MAX_PENDING entries in all, the newest are
+        dropped (a long outage), and said so."""
+        room, kept = self.MAX_PENDING, list[tuple[int, Batch]]()
+        for number, batch in unsent:
+            if len(batch) > room:
+                dropped = _requests(unsent[len(kept) :])
+                log.warning("usage: Redis unreachable for long: %d requests not counted", dropped)
+                break
+            kept.append((number, batch))
+            room -= len(batch)
         with self._lock:
-            for entry_key, (requests, errors, last) in unsent:
-                if len(self._counts) >= self.MAX_PENDING and entry_key not in self._counts:
-                    break
-                entry = self._counts.setdefault(entry_key, [0, 0, 0])
-                entry[0] += requests
-                entry[1] += errors
-                entry[2] = max(entry[2], last)
+            self._unsent = kept
+
+
+def _requests(batches: list[tuple[int, Batch]]) -> int:
+    return sum(counts[0] for _, batch in batches for _, counts in batch)
 
 
 class _Flusher:
@@ -158,7 +181,7 @@ class _Flusher:
         self._lock = threading.Lock()
         for recorder in list(self._recorders):
             recorder._lock, recorder._flushing = threading.Lock(), threading.Lock()
-            recorder._counts = {}  # the parent's, which the parent flushes
+            recorder._counts, recorder._unsent = {}, []  # the parent's, which the parent flushes
 
 
 _flusher = _Flusher()

@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -306,3 +307,33 @@ def running_stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str, log_
     yield stack
     stop_stack(stack)
     (log_dir / "start.sh.log").write_text("".join(stack.output))
+
+
+class RedisProxy:
+    """A TCP proxy to the Redis on ``port``, at ``url``: each connection is relayed by
+    ``relay(client, upstream)`` on a thread of its own (a network that misbehaves one way)."""
+
+    def __init__(self, port: int) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
+        self.port = port
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.port))
+            except OSError:  # Redis already stopped: the test is over
+                client.close()
+                continue
+            threading.Thread(target=self.relay, args=(client, upstream), daemon=True).start()
+
+    def relay(self, client: socket.socket, upstream: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.listener.close()

@@ -378,6 +378,25 @@ def test_the_largest_backlog_is_counted_once(own_redis, settings):
     assert (len(rows), sum(row.requests for row in rows)) == (store.usage.MAX_PENDING,) * 2
 
 
+def test_a_flush_whose_answer_came_too_late_is_counted_once(own_redis, settings):
+    """A usage flush that times out may have been done all the same (Redis paused, then ran it):
+    sent again, it is the same numbered batch, which Redis adds once (it was counted twice)."""
+    store = KeyAdmin(settings.replace(redis_url=own_redis.url, redis_timeout=0.3))
+    pair = store.create_key()
+    store.usage.add(pair.public_key, "shapes", error=False)
+    store.usage.flush()  # the script is loaded: the stalled call below runs, not a NOSCRIPT
+    for _ in range(5):
+        store.usage.add(pair.public_key, "shapes", error=False)
+    sleeper = threading.Thread(target=redis.Redis.from_url(own_redis.url).execute_command, args=("DEBUG", "SLEEP", 1))
+    sleeper.start()  # Redis stalls a second (a fork, an fsync), then runs what it was sent
+    time.sleep(0.1)
+    store.usage.flush()  # no answer within 0.3 s: kept for the next flush
+    sleeper.join()
+    store.usage.add(pair.public_key, "shapes", error=False)
+    store.usage.flush()
+    assert [row.requests for row in store.usage_report(pair.public_key)] == [7]
+
+
 FORKED = """
 import os, sys
 from shared.admin import KeyAdmin

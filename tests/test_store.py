@@ -1,12 +1,16 @@
 """shared/store.py: the Redis client's outage handling (the end-to-end cases, a Redis stopped
 or hung under a function, are in test_token.py and test_predict.py)."""
 
+import contextlib
+import socket
+import struct
 import threading
 
 import pytest
 import redis
 
 from shared import store
+from tests.conftest import RedisProxy
 
 
 def test_the_redis_breaker_under_racing_threads_and_nested_calls():
@@ -53,3 +57,53 @@ def test_new_connections_name_the_client_without_reading_package_metadata(settin
     connection.disconnect()
     assert looked_up == []
     assert connection.driver_info.lib_version == redis.__version__
+
+
+class ReplyDropper(RedisProxy):
+    """A TCP proxy in front of Redis that, once, passes on a command holding ``trigger`` and then
+    resets the client's connection instead of passing back Redis's answer: the command ran, and
+    the client cannot know it did (a network reset, a proxy restarting)."""
+
+    def __init__(self, port: int, trigger: bytes) -> None:
+        self.trigger, self.fired = trigger, False
+        super().__init__(port)
+
+    def relay(self, client: socket.socket, upstream: socket.socket) -> None:
+        armed = threading.Event()
+
+        def upward() -> None:
+            with contextlib.suppress(OSError):
+                while data := client.recv(65536):
+                    if self.trigger in data and not self.fired:
+                        armed.set()
+                    upstream.sendall(data)
+
+        threading.Thread(target=upward, daemon=True).start()
+        with contextlib.suppress(OSError):
+            while data := upstream.recv(65536):
+                if armed.is_set() and not self.fired:
+                    self.fired = True
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST
+                    client.shutdown(socket.SHUT_RDWR)  # wakes the upward thread's recv
+                    break
+                client.sendall(data)
+        client.close()
+        upstream.close()
+
+
+def test_a_command_whose_answer_was_lost_is_not_sent_again(settings):
+    """A command that went out and got no answer (the connection reset after Redis ran it) is
+    not sent again, which would apply a write twice: the caller sees the error (keys.py: "may
+    still be done"). A pooled connection Redis closed is replaced before it is used."""
+    direct = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    proxy = ReplyDropper(direct.connection_pool.connection_kwargs["port"], b"INCR")
+    client = store.connect(settings.replace(redis_url=proxy.url))
+    counter = settings.prefix + "counter"
+    with pytest.raises(redis.ConnectionError):
+        client.incr(counter)
+    assert proxy.fired and direct.get(counter) == "1"  # it ran, once
+    assert client.incr(counter) == 2  # the next command goes out on a fresh connection
+    for info in direct.client_list():
+        if info["cmd"] == "incr":
+            direct.client_kill_filter(_id=info["id"])  # Redis closes the client's pooled connection
+    assert client.incr(counter) == 3 and direct.get(counter) == "3"

@@ -19,7 +19,7 @@ from shared.auth import AuthStore
 from shared.auth_scripts import AUTHENTICATE
 from shared.errors import Unauthorized
 from shared.tokencache import CHECK_SECONDS
-from tests.conftest import predict_client, subprocess_env
+from tests.conftest import RedisProxy, predict_client, subprocess_env
 from tests.test_keys import keys
 
 CHECK_SCRIPT = hashlib.sha1(AUTHENTICATE.encode(), usedforsecurity=False).hexdigest()
@@ -190,29 +190,17 @@ def test_redis_gone_or_silent_is_not_papered_over_by_the_cache(own, own_redis):
     assert reply.status_code == 503 and "Redis unreachable" in json.loads(reply.get_data())["error"]
 
 
-class SlowLink:
+class SlowLink(RedisProxy):
     """A TCP proxy to ``port`` that delivers what the server sends ``delay`` seconds late (a slow
     or lossy network: one TCP retransmission costs 200 ms), in order."""
 
     def __init__(self, port: int, delay: float) -> None:
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"redis://127.0.0.1:{self.listener.getsockname()[1]}/0"
-        self.port, self.delay = port, delay
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.delay = delay
+        super().__init__(port)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.port))
-            except OSError:  # Redis already stopped: the test is over
-                client.close()
-                continue
-            threading.Thread(target=self._pump, args=(client, upstream, 0.0), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, self.delay), daemon=True).start()
+    def relay(self, client: socket.socket, upstream: socket.socket) -> None:
+        threading.Thread(target=self._pump, args=(client, upstream, 0.0), daemon=True).start()
+        self._pump(upstream, client, self.delay)
 
     @staticmethod
     def _pump(source: socket.socket, sink: socket.socket, delay: float) -> None:
@@ -226,8 +214,6 @@ class SlowLink:
             source.close()
             sink.close()
 
-    def close(self) -> None:
-        self.listener.close()
 
 
 def test_keys_py_returns_once_a_late_invalidation_is_in_force(auth, settings, env):
