@@ -215,7 +215,6 @@ class SlowLink(RedisProxy):
             sink.close()
 
 
-
 def test_keys_py_returns_once_a_late_invalidation_is_in_force(auth, settings, env):
     """The invalidation of a revocation reaches a function 300 ms late: keys.py has waited that
     out (tokencache.PROPAGATION_SECONDS) before it says the key is revoked."""
