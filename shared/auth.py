@@ -288,7 +288,16 @@ class AuthStore:
                 self._k("audit"),
             ],
             # The time again: the scrypt run took a while.
-            args=[public_key, matched, int(time.time()), self.settings.token_ttl, token_digest(token), self._host],
+            args=[
+                public_key,
+                matched,
+                int(time.time()),
+                self.settings.token_ttl,
+                token_digest(token),
+                self._host,
+                self.settings.max_tokens_per_key,
+                self._k("token", ""),
+            ],
         )
         if reply[0] != 1:  # revoked, rotated or expired: the same answer as a wrong secret
             raise InvalidCredentials()

@@ -20,7 +20,11 @@ end
 """
 
 # KEYS: key, token, key-tokens, audit. ARGV: pk, the stored hash the secret matched, now,
-# token ttl, token digest, host. → {1, ttl, scopes} | {0} gone or secret rotated | {-1} expired
+# token ttl, token digest, host, live tokens a key may have, token prefix.
+# → {1, ttl, scopes} | {0} gone or secret rotated | {-1} expired
+# Past the most live tokens a key may have, its oldest ends: one key holder could otherwise fill
+# Redis with tokens (maxmemory, then every key's issuing fails) and make its revocation, which
+# deletes them all in one script, stall Redis for seconds (200,000 tokens: 2 s).
 ISSUE = (
     AUDIT_LUA
     + """
@@ -38,8 +42,14 @@ end
 redis.call('HSET', KEYS[2], 'pk', ARGV[1])
 redis.call('EXPIRE', KEYS[2], ttl)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
--- now is whole seconds, the token's clock starts inside this script: one second to spare.
-redis.call('ZADD', KEYS[3], now + ttl + 1, ARGV[5])
+local over = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[7]) + 1
+if over > 0 then
+  local oldest = redis.call('ZPOPMIN', KEYS[3], over)  -- digest, expiry, digest, expiry…: the soonest to end
+  for i = 1, #oldest, 2 do redis.call('DEL', ARGV[8] .. oldest[i]) end
+end
+-- now is whole seconds, the token's clock starts inside this script: one second to spare; the
+-- microseconds of Redis's clock order the tokens of one second (the oldest goes first).
+redis.call('ZADD', KEYS[3], now + ttl + 1 + tonumber(redis.call('TIME')[2]) / 1e6, ARGV[5])
 if redis.call('TTL', KEYS[3]) < ttl then redis.call('EXPIRE', KEYS[3], ttl) end
 return {1, ttl, k[5] or ''}
 """

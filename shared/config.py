@@ -108,6 +108,8 @@ class Settings:
     redis_url_is_default: bool = True
     prefix: str = "thalamus:"
     token_ttl: int = 3600
+    # Live tokens a key may have; a new one past this ends the key's oldest (see auth_scripts.ISSUE).
+    max_tokens_per_key: int = 100
     model_name: str = ""
     # None: models/<model_name> in the project.
     model_dir: Path | None = None
@@ -281,6 +283,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "REDIS_URL": ("redis_url", _redis_url),
     "THALAMUS_PREFIX": ("prefix", _text),
     "TOKEN_TTL": ("token_ttl", _positive_int),
+    "MAX_TOKENS_PER_KEY": ("max_tokens_per_key", _positive_int),
     "MODEL_NAME": ("model_name", _text),
     "MODEL_DIR": ("model_dir", _path),
     "MODEL_CATALOG": ("model_catalog", _path),

@@ -134,6 +134,21 @@ def test_revoke_kills_every_live_token(auth, keypair):
         auth.revoke_key(keypair.public_key)
 
 
+def test_a_key_has_at_most_max_tokens_per_key_live(settings):
+    """Past MAX_TOKENS_PER_KEY live tokens a new one ends the key's oldest: one key holder cannot
+    fill Redis with tokens, nor make its revocation a script that stalls Redis for seconds."""
+    store = KeyAdmin(settings.replace(max_tokens_per_key=3))
+    pair = store.create_key()
+    tokens = [store.issue_token(pair.public_key, pair.secret_key, "a").token for _ in range(5)]
+    for token in tokens[:2]:
+        with pytest.raises(Unauthorized):
+            store.verify_token(token)
+    assert [store.verify_token(token).public_key for token in tokens[2:]] == [pair.public_key] * 3
+    assert store.redis.zcard(settings.prefix + "key-tokens:" + pair.public_key) == 3
+    assert store.redis.exists(*(settings.prefix + "token:" + token_digest(t) for t in tokens)) == 3
+    assert store.revoke_key(pair.public_key) == 3
+
+
 def test_expired_token_is_refused(settings):
     short = AuthStore(settings.replace(token_ttl=1))
     pair = short.create_key()
