@@ -14,8 +14,8 @@ import io
 import ipaddress
 import json
 import logging
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import flask
@@ -85,6 +85,8 @@ class Route:
     handler: Handler
     # A bearer token is required; when the rule has a <name>, the key must be allowed that model.
     auth: bool = False
+    # Headers on every answer of the route, refusals included (the token endpoint's no-store).
+    headers: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def takes_body(self) -> bool:
@@ -259,6 +261,9 @@ class Service:
             response = error_response(InternalError())
         if response.status_code >= 400 and exchange.error is None:
             exchange.error = _error_message(response)
+        route = self._routes.get(exchange.route or "")
+        if route is not None and request.method in route.methods:
+            response.headers.update(route.headers)
         if exchange.session is not None:
             assert self._auth is not None
             response.headers.update(exchange.session.headers)
@@ -269,11 +274,11 @@ class Service:
 
     def _dispatch(self, request: flask.Request, exchange: Exchange) -> flask.Response:
         """Route, authenticate, read the body, call the handler (noting what it learns in ``exchange``)."""
-        if (request.content_length or 0) > self.max_body:
-            raise PayloadTooLarge(self.max_body)
         route, args = self._match(request)
         exchange.route = route.rule
         exchange.model = args.get("name")
+        if (request.content_length or 0) > self.max_body:
+            raise PayloadTooLarge(self.max_body)
         if exchange.model is not None and self._model is not None and exchange.model != self._model:
             raise NotFound(f"no such model here: {exchange.model} (this function serves {self._model})")
         if route.auth:

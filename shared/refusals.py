@@ -46,7 +46,8 @@ def json_error(status: int, message: str, request_id: str) -> bytes:
     body = json.dumps({"error": message[:200]}).encode()
     head = (
         f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nX-Request-Id: {request_id}\r\nConnection: close\r\n\r\n"
+        f"Content-Length: {len(body)}\r\nX-Request-Id: {request_id}\r\nCache-Control: no-store\r\n"
+        "Connection: close\r\n\r\n"
     )
     return head.encode() + body
 

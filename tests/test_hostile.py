@@ -387,6 +387,7 @@ def test_the_servers_own_answers_carry_a_request_id_and_an_access_line(serve):
     for payload, status, method in cases:
         code, headers, _ = exchange(server.port, payload)
         assert code == status and re.fullmatch(r"[0-9a-f]{32}", headers.get("x-request-id", "")), (status, headers)
+        assert headers.get("cache-control") == "no-store"  # a refusal is never cached (the token endpoint's too)
         ids[headers["x-request-id"]] = (status, method)
     assert len(ids) == len(cases)  # one each
     deadline = time.monotonic() + 5

@@ -106,7 +106,7 @@ def test_one_access_line_per_request_with_its_fields(function, auth, own_redis, 
                                     headers={"Authorization": f"Bearer {scoped_token}"}),
          predict, "/models/<name>.json", scoped.public_key, "shapes"),
         ("too large", *call(predict, "POST", "/models/shapes/predict.json", headers=bearer, data=b"x" * 70000),
-         predict, "unmatched", None, None),
+         predict, "/models/<name>/predict.json", None, "shapes"),
         ("unknown path", *call(predict, "GET", "/nope"), predict, "unmatched", None, None),
     ]  # fmt: skip
     statuses = [reply.status_code for _, _, reply, *_ in scenario]

@@ -273,7 +273,9 @@ def test_every_answer_of_the_token_endpoint_is_no_store(settings, keypair):
     client = function_client(create_service(settings.replace(auth_max_failures=1)))
     wrong = {"public_key": keypair.public_key, "secret_key": WRONG_SK}
     answers = [post_json(client, {"public_key": 1}), post_json(client, wrong), post_json(client, wrong)]
-    assert [reply.status_code for reply in answers] == [400, 401, 429]
+    answers.append(client.post("/token.json", data=b"x" * 20_000, content_type="application/json"))  # too large
+    answers.append(client.post("/token.json", data=b"{}", content_type="text/plain"))
+    assert [reply.status_code for reply in answers] == [400, 401, 429, 413, 415]
     for reply in answers:
         assert reply.headers["Cache-Control"] == "no-store" and reply.headers["Pragma"] == "no-cache"
 

@@ -25,7 +25,6 @@ from shared.errors import (
     BadRequest,
     InvalidCredentials,
     ServiceUnavailable,
-    ThalamusError,
     TooManyRequests,
     UnsupportedMediaType,
 )
@@ -75,17 +74,6 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
         return issued
 
     def issue_token(call: Call) -> flask.Response:
-        """``POST /token.json``, every answer with RFC 6749's no-store (§5.1), refusals included:
-        an answer of the token endpoint is never cached, whatever it holds."""
-        try:
-            response = exchange(call)
-        except ThalamusError as error:
-            error.headers.update(NO_STORE)
-            raise
-        response.headers.update(NO_STORE)
-        return response
-
-    def exchange(call: Call) -> flask.Response:
         """JSON keypair → {token, ttl}; OAuth2 client credentials → RFC 6749 token response."""
         request = call.request
         if request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
@@ -137,7 +125,8 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
     return Service(
         settings,
         [
-            Route("/token.json", ("POST",), issue_token),
+            # RFC 6749's no-store (§5.1) on every answer, refusals included: never cached.
+            Route("/token.json", ("POST",), issue_token, headers=NO_STORE),
             Route("/session.json", ("GET",), session, auth=True),
             Route("/models.json", ("GET",), models.models_json, auth=True),
             Route("/v1/models", ("GET",), models.kserve_list, auth=True),
