@@ -234,9 +234,15 @@ class AuthStore:
         """Delete every key, token, counter, usage record and audit event under the prefix, and
         nothing else; with an actor, the purge itself then starts a new audit stream. Usage that
         functions still hold for the purged keys is dropped when it arrives (``P purged``)."""
-        deleted = 0
+        # Said first, and the audit stream deleted last: a purge cut short leaves its trace.
+        started = self.redis.pipeline(transaction=False)
+        self._audit(started, "purge-started", "-", "deleting every key, token and record")
+        started.execute()
+        deleted, audit = 0, self._k("audit")
         batch: list[str] = []
         for name in self.redis.scan_iter(match=self._glob("*"), count=1000):
+            if name == audit:
+                continue
             batch.append(name)
             if len(batch) >= 500:
                 deleted += self.redis.unlink(*batch)
@@ -244,6 +250,7 @@ class AuthStore:
         if batch:
             deleted += self.redis.unlink(*batch)
         pipe = self.redis.pipeline(transaction=False)
+        pipe.unlink(audit)
         # Functions hold up to a flush interval of counts (an outage's worth while Redis is down),
         # and a token they know works until the push reaches them: those counts, flushed later,
         # must not bring the purged keys back (the flush drops counts last used by this time).

@@ -3,9 +3,9 @@ changes it (the audit stream's actor)."""
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
+import pwd
 import re
 import socket
 import time
@@ -72,10 +72,11 @@ class Actor:
 
     @classmethod
     def here(cls) -> Actor:
-        """This process's OS user and host."""
+        """This process's OS user (its user id's name, not $LOGNAME or $USER, which anyone may
+        set) and host."""
         try:
-            user = getpass.getuser()
-        except (KeyError, OSError):  # no passwd entry for this uid (containers)
+            user = pwd.getpwuid(os.getuid()).pw_name
+        except KeyError:  # no passwd entry for this uid (containers)
             user = f"uid {os.getuid()}"
         return cls(user, socket.gethostname())
 

@@ -17,7 +17,15 @@ from shared.auth import AuthStore
 from shared.auth_scripts import AUDIT_MAX_ENTRIES
 from shared.config import Rate
 from shared.credentials import hash_secret, matching_hash, token_digest
-from shared.errors import BadRequest, Forbidden, InvalidCredentials, TooManyRequests, Unauthorized, UnknownKey
+from shared.errors import (
+    BadRequest,
+    Forbidden,
+    InvalidCredentials,
+    ThalamusError,
+    TooManyRequests,
+    Unauthorized,
+    UnknownKey,
+)
 from shared.keyrecords import Actor, parse_scopes
 from tests.conftest import subprocess_env
 
@@ -479,6 +487,21 @@ def test_purge_removes_only_the_prefix(admin, raw_redis, env):
         assert raw_redis.get(env["THALAMUS_PREFIX"].rstrip(":") + "x") == "near miss, keep me"
     finally:
         raw_redis.delete("foreign:key", env["THALAMUS_PREFIX"].rstrip(":") + "x")
+
+
+def test_a_purge_cut_short_leaves_its_trace_in_the_audit(settings, raw_redis):
+    """The purge says so before it deletes anything, and deletes the audit stream last: one that
+    Redis stops answering halfway leaves "purge-started" behind, not keys gone without a trace."""
+    from tests.test_store import ReplyDropper
+
+    KeyAdmin(settings).create_key()
+    proxy = ReplyDropper(raw_redis.connection_pool.connection_kwargs["port"], b"UNLINK")
+    cut = KeyAdmin(settings.replace(redis_url=proxy.url), actor=Actor("tester", "box"))
+    with pytest.raises(ThalamusError, match="Redis unreachable"):
+        cut.purge()
+    assert proxy.fired
+    events = KeyAdmin(settings).audit_log()
+    assert [(event.action, event.user) for event in events] == [("purge-started", "tester")]
 
 
 def test_prefix_with_glob_characters_purges_only_itself(settings, raw_redis):

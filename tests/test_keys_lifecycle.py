@@ -1,8 +1,9 @@
 """keys.py for a key's whole life: expiry, edit, rotation, rates, usage and audit, as a subprocess
 against a real Redis; bad input changes nothing."""
 
-import getpass
 import json
+import os
+import pwd
 import socket
 import stat
 import time
@@ -129,13 +130,14 @@ def test_audit_names_the_user_and_host(generate, run, tmp_path):
     run("--edit", pair["public_key"], "--label", "x")
     run("--rotate", pair["public_key"], "-o", str(tmp_path / "r.json"))
     run("-r", pair["public_key"])
-    run("-p", "--yes")
+    run("-p", "--yes", LOGNAME="ceo", USER="ceo")  # the user id's name is recorded, not these
     events = json.loads(run("--audit", "--json").stdout)
     assert [e["action"] for e in events] == ["purge"]  # the purge removed the earlier events
-    assert events[0]["user"] == getpass.getuser() and events[0]["host"] == socket.gethostname()
+    user = pwd.getpwuid(os.getuid()).pw_name
+    assert events[0]["user"] == user != "ceo" and events[0]["host"] == socket.gethostname()
     pair = generate()
     table = run("--audit", "--since", "1h").stdout
-    assert "create" in table and pair["public_key"] in table and f"{getpass.getuser()}@" in table
+    assert "create" in table and pair["public_key"] in table and f"{user}@" in table
     assert pair["secret_key"] not in table
     assert run("--audit", "--since", "1s").returncode == 0
 
