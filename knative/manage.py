@@ -323,9 +323,7 @@ def write_canaries(running: dict[str, dict[str, str]]) -> None:
             f"# Canary of thalamus-{function}: the candidate's share is the one number to change,\n"
             f"#   knative/manage.py canary set {function} PERCENT   (100 promotes, 0 rolls back)\n"
             "apiVersion: serving.knative.dev/v1\nkind: Service\n"
-            f"metadata:\n  name: thalamus-{function}\nspec:\n  template:\n    metadata:\n      annotations:\n"
-            "        # The candidate must start and pass /readyz before it is Ready and gets any traffic.\n"
-            '        autoscaling.knative.dev/initial-scale: "1"\n'
+            f"metadata:\n  name: thalamus-{function}\nspec:\n"
             "  traffic:\n"
             f"    - revisionName: {canary['current']}  # serving when the canary started\n"
             f"      tag: current\n      percent: {100 - percent}\n"

@@ -25,6 +25,7 @@ KNATIVE = ROOT / "knative"
 SCHEMA = json.loads((ROOT / "tests/schemas/service-serving.knative.dev-v1.json").read_text())
 OVERLAYS = ("knative", "knative/routing", "knative/data")
 RESERVED_ENV = {"PORT", "K_SERVICE", "K_CONFIGURATION", "K_REVISION"}
+# Knative 1.13 and later; before, /tmp and /var/log too (knative/serving#14719): README asks for 1.13.
 RESERVED_MOUNTS = {"/", "/dev", "/dev/log"}
 # Behind a Knative feature flag ("This is accessible behind a feature flag - …" in the schema):
 # only these flags are on in a default install.
@@ -253,7 +254,9 @@ def test_knative_services_pass_schema_and_webhook(overlay):
         template = service["spec"]["template"]
         annotations = template["metadata"]["annotations"]
         assert annotations["autoscaling.knative.dev/min-scale"] == "0"  # scale to zero
-        assert annotations["autoscaling.knative.dev/initial-scale"] == "0"  # no pod until the first request
+        # A new revision must start a pod and pass /readyz before it takes traffic (at 0 a broken
+        # one would be Ready without a pod, and take all the traffic).
+        assert annotations["autoscaling.knative.dev/initial-scale"] == "1"
         pod = template["spec"]
         # The pod's termination grace is timeoutSeconds: the queue-proxy's drain, then gunicorn's.
         assert pod["timeoutSeconds"] >= QUEUE_PROXY_DRAIN + GUNICORN_GRACE
@@ -570,7 +573,7 @@ def test_canary_lives_in_every_apply_and_moves_with_one_number(project):
     for service in shapes_after(project):
         assert "traffic" not in service["spec"]  # 100 % to the latest revision, the candidate's image
         assert service["spec"]["template"]["spec"]["containers"][0]["image"] == CANDIDATE
-        assert service["spec"]["template"]["metadata"]["annotations"]["autoscaling.knative.dev/initial-scale"] == "0"
+        assert service["spec"]["template"]["metadata"]["annotations"]["autoscaling.knative.dev/initial-scale"] == "1"
     assert sorted(p.name for p in (project / "knative/canary").iterdir()) == ["kustomization.yaml"]
 
     other = "registry.example.com/thalamus/shapes@sha256:" + "4" * 64

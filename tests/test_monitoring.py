@@ -371,7 +371,7 @@ def test_the_config_observability_patch_turns_on_queue_proxy_metrics_and_json_re
     )
     data = configmap["data"]
     assert data["request-metrics-protocol"] == "prometheus"  # Knative ≥ 1.19
-    assert data["metrics.request-metrics-backend-destination"] == "prometheus"  # Knative 1.12 – 1.18
+    assert data["metrics.request-metrics-backend-destination"] == "prometheus"  # Knative 1.13 – 1.18
     assert data["logging.enable-request-log"] == "true"
     template = data["logging.request-log-template"]
     assert "\n" not in template  # one line per request
