@@ -82,8 +82,15 @@ class Gateway:
         return {"token": self.token_url, **self.model_urls}
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            if ("Connection", "close") in headers:  # gunicorn ignores the header: tell it itself
+                close_connection = getattr(environ.get("wsgi.input"), "close_connection", None)
+                if close_connection is not None:  # shared.deadlines.GuardedBody
+                    close_connection()
+            return start_response(status, headers, exc_info)
+
         try:
-            return self._route(environ, start_response)
+            return self._route(environ, start)
         except ThalamusError as error:
             refused = error
         except Exception:
@@ -91,7 +98,7 @@ class Gateway:
             refused = InternalError()
         # Body errors (408, 400), a local 404 or a bug: the body may be partly unread, so close.
         exchange_of(environ).error = refused.detail
-        return _json(start_response, refused.status, {"error": refused.message}, list(refused.headers.items()), True)
+        return _json(start, refused.status, {"error": refused.message}, list(refused.headers.items()), True)
 
     def _route(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")

@@ -453,6 +453,26 @@ def test_gateway_relays_a_functions_413(running_stack):
     assert chunked.status_code == 413
 
 
+def test_gateway_says_close_when_it_closes(running_stack):
+    """An answer the gateway gives without reading the whole body (a function's 401 before the
+    upload) says ``Connection: close``, as the connection is then closed: a client that reuses
+    it (tritonclient does) otherwise lost its next request, the answer having said keep-alive."""
+    port = int(running_stack.gateway.rsplit(":", 1)[1])
+    body = b"x" * 5_000_000
+    head = request("POST", "/v2/models/shapes/infer", "Content-Type: application/json",
+                   f"Content-Length: {len(body)}")  # fmt: skip
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock, sock.makefile("rb") as answers:
+        sock.sendall(head)
+        with contextlib.suppress(OSError):  # the gateway may stop reading (and reset) once it has answered
+            sock.sendall(body)
+        status, headers, _ = read_answer(answers, "POST")
+        assert status == 401 and headers.get("connection") == "close", headers
+    session = requests.Session()  # what a pooling client sees: the next request is answered
+    replies = [session.post(running_stack.gateway + "/v2/models/shapes/infer", data=body, timeout=30) for _ in range(2)]
+    assert [reply.status_code for reply in replies] == [401, 401]
+    assert session.get(running_stack.gateway + "/v2/health/live", timeout=10).status_code == 200
+
+
 def test_gateway_answers_odd_paths_in_json(running_stack):
     port = int(running_stack.gateway.rsplit(":", 1)[1])
     for path in ["/robots.txt", "//models/shapes.json", "/models/shapes%0a.json", "/" + "a" * 9000]:
