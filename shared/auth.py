@@ -323,8 +323,16 @@ class AuthStore:
             raise Unauthorized("missing bearer token; send Authorization: Bearer <token>")
         return self.verify_token(token.strip(), model)
 
+    def recheck(self, authorization: str | None, model: str | None) -> None:
+        """Check again a request's token that :meth:`authenticate` let through a while ago (its
+        body took that long to arrive), without counting the key's rate again: a key revoked,
+        expired or narrowed meanwhile gets its 401 or 403 now, not an answer after ``keys.py``
+        has said the change is in force everywhere."""
+        _, _, token = (authorization or "").partition(" ")
+        self.verify_token(token.strip(), model, count_rate=False)
+
     @store.unavailable_when_down
-    def verify_token(self, token: str, model: str | None = None) -> Session:
+    def verify_token(self, token: str, model: str | None = None, count_rate: bool = True) -> Session:
         """The session a bearer token stands for (see :meth:`authenticate`)."""
         if not TOKEN_RE.fullmatch(token):
             metrics.AUTH_FAILURES.labels("invalid").inc()
@@ -337,7 +345,7 @@ class AuthStore:
             return Session(cached.public_key, cached.scopes, int(left))
         reply = self._authenticate(
             keys=[self._k("token", digest), self._k("audit")],
-            args=[self.settings.prefix, int(time.time()), model or "", self._host],
+            args=[self.settings.prefix, int(time.time()), model or "", self._host, "1" if count_rate else "0"],
         )
         if reply[0] == 0:  # unknown or expired token, revoked or expired key
             metrics.AUTH_FAILURES.labels("invalid").inc()

@@ -55,7 +55,7 @@ return {1, ttl, k[5] or ''}
 """
 )
 
-# KEYS: token, audit. ARGV: prefix, now, model ('' = none), host.
+# KEYS: token, audit. ARGV: prefix, now, model ('' = none), host, '1' to count the key's rate.
 # → {0} invalid | {1, pk, scopes} forbidden | {2, pk, scopes, left[, limit, count, pttl]} ok
 #   | {3, pk, scopes, left, limit, count, pttl} over the key's rate
 AUTHENTICATE = (
@@ -80,7 +80,7 @@ if ARGV[3] ~= '' and scopes ~= '' then
   end
   if not allowed then return {1, t[1], scopes} end
 end
-if not k[4] or k[4] == '' then return {2, t[1], scopes, exp - now} end
+if not k[4] or k[4] == '' or ARGV[5] ~= '1' then return {2, t[1], scopes, exp - now} end
 local limit, window = string.match(k[4], '^(%d+)/(%d+)$')
 local counter = ARGV[1] .. 'rate:' .. t[1]
 local count = redis.call('INCR', counter)

@@ -14,6 +14,7 @@ import io
 import ipaddress
 import json
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -44,6 +45,10 @@ log = logging.getLogger("thalamus")
 # Proxies in front of a function: an ingress, the activator, queue-proxy, perhaps a load balancer.
 # Without a bound, a trusted peer's X-Forwarded-For of 7,000 hops took 34 ms to walk.
 MAX_FORWARDED_HOPS = 16
+# A body that took longer than this to arrive has its token checked again before the handler
+# runs: keys.py says a revocation is in force everywhere tokencache.PROPAGATION_SECONDS after
+# it, and a slow upload's token, let through before, must not be answered after that.
+RECHECK_AFTER_SECONDS = 0.5
 
 
 class Request(flask.Request):
@@ -289,7 +294,10 @@ class Service:
                 exchange.public_key = refused.public_key
                 raise
         if has_body(request.environ) and route.takes_body:  # elsewhere left unread (see __call__)
+            checked = time.monotonic()
             _read_body(request, self.max_body)
+            if self._auth is not None and route.auth and time.monotonic() - checked > RECHECK_AFTER_SECONDS:
+                self._auth.recheck(request.headers.get("Authorization"), exchange.model)
         result = route.handler(Call(request, args, exchange.session))
         return result if isinstance(result, flask.Response) else json_response(result)
 

@@ -23,6 +23,7 @@ import pytest
 import requests
 
 from local.helpers import demo_image, encode, free_port, function_command, wait_http
+from shared.config import Rate
 from shared.deadlines import JOIN_BODY_BYTES, MAX_BODY_CHUNKS, DeadlineSocket
 from shared.refusals import request_id_of
 from tests.conftest import subprocess_env
@@ -304,6 +305,40 @@ def test_probes_are_answered_while_every_thread_is_busy(serve, token_header):
         assert code == 200 and time.monotonic() - started > 0.5  # it waited for a pool thread
         slow.wait_all(DEADLINE + 3)
     assert all(answer.startswith(b"HTTP/1.1 408 ") for _, answer in slow.answers.values())
+
+
+def test_a_slow_uploads_token_is_checked_again_once_its_body_is_in(serve, auth):
+    """A token let through when the head arrived is checked again if the body took long: a key
+    revoked meanwhile gets its 401, not a prediction after keys.py said the revocation is in
+    force everywhere (a red team had one answered 26 s after)."""
+    server = serve("predict", MODEL_NAME="shapes")
+    pair = auth.create_key()
+    token = auth.issue_token(pair.public_key, pair.secret_key, "t").token
+    image = encode(demo_image("shapes", "circle", 3))
+    upload = requests.Request("POST", server.base + "/models/shapes/predict.json", data={"note": "x" * 50_000},
+                              files={"file": ("c.png", image)}).prepare()  # fmt: skip
+    body = upload.body  # larger than the worker reads before it dispatches: the token is checked first
+    head = request("POST", "/models/shapes/predict.json", f"Authorization: Bearer {token}",
+                   f"Content-Type: {upload.headers['Content-Type']}", f"Content-Length: {len(body)}")  # fmt: skip
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock, sock.makefile("rb") as answers:
+        sock.sendall(head + body[:10])
+        time.sleep(0.3)  # the token is checked (and cached) as the head arrives
+        auth.revoke_key(pair.public_key)
+        time.sleep(0.5)
+        sock.sendall(body[10:])
+        status, _, answer = read_answer(answers, "POST")
+    assert status == 401, answer
+    # ... and a key that stays valid is not refused, nor its rate counted twice
+    rated = auth.create_key(rate=Rate.parse("3/m"))
+    bearer = f"Bearer {auth.issue_token(rated.public_key, rated.secret_key, 't').token}"
+    head = request("POST", "/models/shapes/predict.json", f"Authorization: {bearer}",
+                   f"Content-Type: {upload.headers['Content-Type']}", f"Content-Length: {len(body)}")  # fmt: skip
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock, sock.makefile("rb") as answers:
+        sock.sendall(head + body[:10])
+        time.sleep(0.8)
+        sock.sendall(body[10:])
+        status, headers, answer = read_answer(answers, "POST")
+    assert status == 200 and headers["ratelimit-remaining"] == "2", (status, headers, answer)
 
 
 # -- malformed requests ------------------------------------------------------------------------
