@@ -266,12 +266,14 @@ def test_token_outcomes_are_counted(function, auth):
         for body in [good, {**good, "secret_key": "sk_" + "v" * 43}, {**good, "secret_key": "sk_" + "v" * 43},
                      {**good, "secret_key": "sk_" + "v" * 43}, {"public_key": "pk_short", "secret_key": "sk_x"}]
     ]  # fmt: skip
-    assert statuses == [200, 401, 401, 429, 400]
+    oauth = {"grant_type": "client_credentials", "client_id": pair.public_key, "client_secret": "sk_" + "v" * 43}
+    statuses.append(requests.post(token_fn.base + "/token.json", data=oauth, timeout=10).status_code)  # the form too
+    statuses.append(requests.post(token_fn.base + "/token.json", data="{}", timeout=10).status_code)  # JSON as a form
+    assert statuses == [200, 401, 401, 429, 400, 429, 415]
     samples = scrape(token_fn.base)
-    counts = {
-        o: total(samples, "thalamus_tokens_total", outcome=o) for o in ("issued", "invalid", "limited", "bad_request")
-    }
-    assert counts == {"issued": 1, "invalid": 2, "limited": 1, "bad_request": 1}
+    outcomes = ("issued", "invalid", "limited", "bad_request", "unavailable")
+    counts = {outcome: total(samples, "thalamus_tokens_total", outcome=outcome) for outcome in outcomes}
+    assert counts == {"issued": 1, "invalid": 2, "limited": 2, "bad_request": 2, "unavailable": 0}
 
 
 def test_metrics_answer_in_prometheus_text_format(token_client):

@@ -25,6 +25,7 @@ from shared.errors import (
     BadRequest,
     InvalidCredentials,
     ServiceUnavailable,
+    ThalamusError,
     TooManyRequests,
     UnsupportedMediaType,
 )
@@ -33,6 +34,8 @@ from shared.worker import DeadlineWorker
 
 # RFC 6749 §5.1: token answers must not be cached.
 NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+# thalamus_tokens_total's outcome of an answer's status; any other 4xx is a bad request.
+TOKEN_OUTCOMES = {200: "issued", 401: "invalid", 429: "limited", 500: "error", 503: "unavailable"}
 
 
 class OAuthError(Exception):
@@ -57,21 +60,19 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
     models = catalog.Catalog(settings.model_catalog)
 
     def issue(call: Call, public_key: str, secret_key: str) -> IssuedToken:
-        """``auth.issue_token`` for the caller, counted by outcome and noted for the access line."""
+        """``auth.issue_token`` for the caller, noted for the access line."""
         exchange_of(call.request.environ).public_key = public_key if PUBLIC_KEY_RE.fullmatch(public_key) else None
+        return auth.issue_token(public_key, secret_key, client_address(call.request, settings.trusted_proxies))
+
+    def counted(call: Call) -> flask.Response:
+        """``POST /token.json``, every answer counted by its outcome (JSON and OAuth2 alike)."""
         try:
-            issued = auth.issue_token(public_key, secret_key, client_address(call.request, settings.trusted_proxies))
-        except InvalidCredentials:
-            metrics.TOKENS.labels("invalid").inc()
+            response = issue_token(call)
+        except ThalamusError as error:
+            metrics.TOKENS.labels(TOKEN_OUTCOMES.get(error.status, "bad_request")).inc()
             raise
-        except TooManyRequests:
-            metrics.TOKENS.labels("limited").inc()
-            raise
-        except BadRequest:
-            metrics.TOKENS.labels("bad_request").inc()
-            raise
-        metrics.TOKENS.labels("issued").inc()
-        return issued
+        metrics.TOKENS.labels(TOKEN_OUTCOMES.get(response.status_code, "bad_request")).inc()
+        return response
 
     def issue_token(call: Call) -> flask.Response:
         """JSON keypair → {token, ttl}; OAuth2 client credentials → RFC 6749 token response."""
@@ -126,7 +127,7 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
         settings,
         [
             # RFC 6749's no-store (§5.1) on every answer, refusals included: never cached.
-            Route("/token.json", ("POST",), issue_token, headers=NO_STORE),
+            Route("/token.json", ("POST",), counted, headers=NO_STORE),
             Route("/session.json", ("GET",), session, auth=True),
             Route("/models.json", ("GET",), models.models_json, auth=True),
             Route("/v1/models", ("GET",), models.kserve_list, auth=True),
