@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = config.load()
     logs.setup("gateway", settings.log_level, settings.log_format)
-    app = AccessLog(Gateway(args.token, dict(spec.split("=", 1) for spec in args.model), source=args.source), "gateway")
+    gateway = Gateway(args.token, dict(spec.split("=", 1) for spec in args.model), source=args.source)
+    app = AccessLog(gateway, "gateway", settings.trusted_proxies)
     # Many more threads than a function: a proxy thread mostly waits on a function.
     Gunicorn(app, gunicorn_options(settings, args.host, args.port, threads=64)).serve()
 

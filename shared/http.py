@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import io
-import ipaddress
 import json
 import logging
 import time
@@ -28,7 +27,7 @@ import shared
 from shared import docs, jsonbody, metrics
 from shared.access import AccessLog, Exchange, exchange_of
 from shared.auth import AuthStore, Session
-from shared.config import IPNetwork, Settings
+from shared.config import Settings
 from shared.errors import (
     BadRequest,
     InternalError,
@@ -42,9 +41,6 @@ from shared.multipart import FormParser
 
 log = logging.getLogger("thalamus")
 
-# Proxies in front of a function: an ingress, the activator, queue-proxy, perhaps a load balancer.
-# Without a bound, a trusted peer's X-Forwarded-For of 7,000 hops took 34 ms to walk.
-MAX_FORWARDED_HOPS = 16
 # A body that took longer than this to arrive has its token checked again before the handler
 # runs: keys.py says a revocation is in force everywhere tokencache.PROPAGATION_SECONDS after
 # it, and a slow upload's token, let through before, must not be answered after that.
@@ -119,37 +115,6 @@ def read_json(request: flask.Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
     return body
-
-
-def client_address(request: flask.Request, trusted: tuple[IPNetwork, ...]) -> str:
-    """The caller's IP address, for per-address limits.
-
-    The socket peer, unless it is one of the ``trusted`` proxy networks: then walk
-    X-Forwarded-For from the right (each proxy appends the address it saw; what a client forges
-    stays on the left) past the trusted proxies to the first other address. Only what a trusted
-    hop wrote is believed: an entry that is not an IP address ends the walk at the hop that
-    wrote it. At most MAX_FORWARDED_HOPS entries are read (past them, the last trusted hop read
-    stands for the client). Always a valid IP address in canonical form.
-    """
-    believed = _ip(request.remote_addr)
-    if believed is None:
-        return "0.0.0.0"  # noqa: S104 (no peer at all: a unix socket or a test; one shared bucket)
-    forwarded = request.headers.get("X-Forwarded-For", "").rsplit(",", MAX_FORWARDED_HOPS)[-MAX_FORWARDED_HOPS:]
-    for entry in reversed(forwarded):
-        if not any(believed in network for network in trusted):
-            break  # ``believed`` is not a proxy: it is the client
-        address = _ip(entry.strip())
-        if address is None:
-            break  # garbage where an address should be: the hop that passed it on is the client
-        believed = address
-    return str(believed)
-
-
-def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(text or "")
-    except ValueError:
-        return None
 
 
 def _read_body(request: flask.Request, limit: int) -> None:
@@ -365,7 +330,7 @@ def entry_point(service: Service, observe: bool = True) -> Callable[[flask.Reque
         app.register_error_handler(500, _framework_error)  # instead of functions-framework's HTML one
         app.before_request(_only_the_function)
         if observe:  # False only to measure what the access log and request metrics cost (bench/)
-            app.wsgi_app = AccessLog(app.wsgi_app, service.function)  # type: ignore[method-assign]
+            app.wsgi_app = AccessLog(app.wsgi_app, service.function, service.settings.trusted_proxies)  # type: ignore[method-assign]
 
     def handle(request: flask.Request) -> flask.Response:
         return service(request)

@@ -67,14 +67,17 @@ def request_id_of(request: Any) -> str:
     return request_id(environ)
 
 
-def refuse(sock: DeadlineSocket, status: int, message: str, request_id: str, method: str, function: str) -> None:
+def refuse(
+    sock: DeadlineSocket, status: int, message: str, request_id: str, method: str, function: str, client: str
+) -> None:
     """Answer ``status`` with ``{"error": message}`` on ``sock`` if it takes the answer at once,
-    log its access line (the application's lines: :class:`shared.access.AccessLog`) and, for a
-    ``function``, count it in its request metrics; the route is "unmatched", as for any unknown
-    path. Not in the duration histogram: no application ran."""
+    log its access line (the application's lines: :class:`shared.access.AccessLog`; ``client``:
+    the peer's address, as no header was believed) and, for a ``function``, count it in its
+    request metrics; the route is "unmatched", as for any unknown path. Not in the duration
+    histogram: no application ran."""
     answer = json_error(status, message, request_id)
     sock.send_nowait(answer)
-    fields = {"event": "access", "method": method, "route": "unmatched", "status": status}
+    fields = {"event": "access", "method": method, "route": "unmatched", "status": status, "client": client}
     fields.update(request_id=request_id, bytes_in=0, bytes_out=len(answer), error=message)
     ACCESS_LOG.info(f"{status} {method or '-'} unmatched", extra=fields)
     if function:

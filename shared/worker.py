@@ -219,10 +219,10 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
         self.advance(conn)
 
     def reject(self, conn: Any, status: int, message: str) -> None:
-        self.log.warning("refused a request from %s: %s", _ip(conn.client), message)
         method = METHOD.match(conn.head)
         # The head is not whole (or too large): no header of it is read, the request id is new.
-        refuse(conn.sock, status, message, uuid.uuid4().hex, method.group().decode() if method else "", self.function)
+        method_name = method.group().decode() if method else ""
+        refuse(conn.sock, status, message, uuid.uuid4().hex, method_name, self.function, _ip(conn.client))
         self.close(conn)
 
     def close(self, conn: Any) -> None:
@@ -364,9 +364,7 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
 
     def handle_error(self, request: Any, client: Any, address: Any, exc: BaseException) -> None:
         status, message = status_of(exc)
-        if status == 500:  # a real bug: keep the traceback
+        if status == 500:  # a real bug: keep the traceback (a refusal's one line is its access line)
             self.log.exception("error handling a request")
-        else:
-            self.log.warning("refused a request from %s: %s", _ip(address), message)
         method = str(getattr(request, "method", None) or "")[:16]
-        refuse(client, status, message, request_id_of(request), method, self.function)
+        refuse(client, status, message, request_id_of(request), method, self.function, _ip(address))

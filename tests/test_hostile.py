@@ -435,7 +435,7 @@ def test_the_servers_own_answers_carry_a_request_id_and_an_access_line(serve):
     for rid, (status, method) in ids.items():
         line = access[rid]
         assert (line["status"], line["route"], line.get("method", "")) == (status, "unmatched", method), line
-        assert line["error"] and line["bytes_out"] > 0
+        assert line["error"] and line["bytes_out"] > 0 and line["client"] == "127.0.0.1"
     assert "mine-1" not in access
     # ... and each is counted in the function's request metrics, as route "unmatched"
     want = collections.Counter(str(status) for status, _ in ids.values())

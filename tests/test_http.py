@@ -3,8 +3,8 @@
 import flask
 import pytest
 
+from shared.access import client_address
 from shared.config import Settings
-from shared.http import client_address
 
 CLUSTER = Settings.from_env({"TRUSTED_PROXIES": "127.0.0.0/8, 10.0.0.0/8"}).trusted_proxies
 
@@ -32,4 +32,4 @@ def test_client_address(trusted, peer, forwarded, expected):
     app = flask.Flask("t")
     headers = {"X-Forwarded-For": forwarded} if forwarded else {}
     with app.test_request_context(headers=headers, environ_base={"REMOTE_ADDR": peer}):
-        assert client_address(flask.request, trusted) == expected
+        assert client_address(flask.request.environ, trusted) == expected

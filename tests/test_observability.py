@@ -116,6 +116,7 @@ def test_one_access_line_per_request_with_its_fields(function, auth, own_redis, 
         assert line["status"] == reply.status_code and line["route"] == route, what
         assert line["method"] in ("GET", "POST") and line["level"] == "INFO" and line["function"]
         assert line["latency_ms"] > 0 and line["bytes_out"] == len(reply.content), what
+        assert line["client"] == "127.0.0.1", what  # the peer: no trusted proxy here
         assert line.get("public_key") == public_key and line.get("model") == model, (what, line)
         if reply.status_code >= 400:
             assert line["error"] == reply.json()["error"], what

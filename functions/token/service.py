@@ -17,7 +17,7 @@ import flask
 
 from functions.token import catalog, spec
 from shared import metrics
-from shared.access import exchange_of
+from shared.access import client_address, exchange_of
 from shared.auth import AuthStore, IssuedToken
 from shared.config import Settings
 from shared.credentials import PUBLIC_KEY_RE
@@ -29,7 +29,7 @@ from shared.errors import (
     TooManyRequests,
     UnsupportedMediaType,
 )
-from shared.http import Call, Route, Service, client_address, json_response, read_json
+from shared.http import Call, Route, Service, json_response, read_json
 from shared.worker import DeadlineWorker
 
 # RFC 6749 §5.1: token answers must not be cached.
@@ -62,7 +62,7 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
     def issue(call: Call, public_key: str, secret_key: str) -> IssuedToken:
         """``auth.issue_token`` for the caller, noted for the access line."""
         exchange_of(call.request.environ).public_key = public_key if PUBLIC_KEY_RE.fullmatch(public_key) else None
-        return auth.issue_token(public_key, secret_key, client_address(call.request, settings.trusted_proxies))
+        return auth.issue_token(public_key, secret_key, client_address(call.request.environ, settings.trusted_proxies))
 
     def counted(call: Call) -> flask.Response:
         """``POST /token.json``, every answer counted by its outcome (JSON and OAuth2 alike)."""
