@@ -187,8 +187,10 @@ def b64_image(value: Any, where: str) -> pipeline.Upload:
     """A base64 string holding an image file, as an upload named ``where`` (for messages)."""
     if not isinstance(value, str):
         raise BadRequest(f"{where}: an image must be a string of base64")
-    # Wrapped base64 (the base64 command's default) is still base64.
+    # Wrapped base64 (the base64 command's default) is still base64, and so is base64 without its
+    # "=" padding (Go's RawStdEncoding, some JavaScript encoders), which TF Serving takes too.
     text = value.replace("\n", "").replace("\r", "") if "\n" in value else value
+    text += "=" * (-len(text) % 4) if len(text) % 4 != 1 else ""
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as exc:
