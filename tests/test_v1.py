@@ -279,3 +279,12 @@ def test_a_large_image_in_json_is_decoded_like_an_upload(settings, bearer):
     body = {"instances": [{"b64": base64.b64encode(photo.getvalue()).decode()}]}
     reply = client.post(f"/v1/models/{MODEL}:predict", headers=bearer, json=body)
     assert reply.status_code == 200, reply.get_json()
+
+
+def test_a_multipart_upload_sent_to_v1_or_v2_says_where_it_goes(shapes_client, bearer, pngs):
+    """The upload form sent to a JSON protocol's endpoint: a 415 naming the multipart route, not
+    "not valid JSON ('utf-8' codec can't decode byte 0x89…)"."""
+    for path in (f"/v1/models/{MODEL}:predict", f"/v2/models/{MODEL}/infer"):
+        reply = shapes_client.post(path, headers=bearer, data={"file": (io.BytesIO(pngs[0]), "c.png")})
+        assert reply.status_code == 415 and "/models/<name>/predict.json" in reply.get_json()["error"], path
+        check(shapes_client.get("/openapi.json").get_json(), path, "post", reply)

@@ -44,7 +44,13 @@ def read_body(request: flask.Request, limit: int) -> bytes:
     form type), inflated when ``Content-Encoding`` is gzip or deflate: at most ``limit`` bytes
     after inflating too (more → PayloadTooLarge), so a small bomb cannot fill the memory. A gzip
     body may hold several members (RFC 1952), read one after the other under the same limit;
-    bytes after the end that are not another member are a BadRequest."""
+    bytes after the end that are not another member are a BadRequest; a multipart upload, sent
+    here instead of to the multipart route, an UnsupportedMediaType saying where it goes."""
+    if request.mimetype == "multipart/form-data":
+        raise UnsupportedMediaType(
+            "this endpoint takes a JSON body (V2: JSON with binary data); send a multipart upload to "
+            "/models/<name>/predict.json"
+        )
     body = request.get_data(cache=False)
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if encoding in ("", "identity"):
