@@ -229,7 +229,7 @@ def test_every_overlay_renders(overlay):
     expected = {
         "knative": ["ConfigMap", *["Service"] * functions],
         "knative/routing": ["Certificate", "ConfigMap", "Gateway", *["Service"] * functions, "VirtualService"],
-        "knative/data": ["Namespace", "NetworkPolicy", "Service", "StatefulSet"],
+        "knative/data": ["Namespace", "NetworkPolicy", "Service", "Service", "StatefulSet"],
     }[overlay]
     assert kinds == expected  # never a Secret: the real one is created by hand
     for doc in docs:
@@ -244,6 +244,8 @@ def test_deleting_the_functions_keeps_namespace_and_redis():
         assert not kinds & {"Namespace", "StatefulSet", "PersistentVolumeClaim", "NetworkPolicy"}
     statefulset = one(rendered("knative/data"), "StatefulSet")
     assert statefulset["spec"]["persistentVolumeClaimRetentionPolicy"]["whenDeleted"] == "Retain"
+    governing = one(rendered("knative/data"), "Service", statefulset["spec"]["serviceName"])
+    assert governing["spec"]["clusterIP"] == "None"  # headless, as a StatefulSet's must be
 
 
 @pytest.mark.parametrize("overlay", ["knative", "knative/routing"])
