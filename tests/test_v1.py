@@ -164,6 +164,10 @@ BAD = {
     "NaN": (json.dumps({"instances": [[[[float("nan")] * 3] * 64] * 64]}).encode(), 400, "finite"),
     "beyond float32": ({"instances": [[[[1e39] * 3] * 64] * 64]}, 400, "finite"),
     "bad base64": ({"instances": [{"b64": "%%%"}]}, 400, "instances[0]: bad base64"),
+    # numpy made an array of 100,000 such strings: 373 GiB asked for (a 500), or the OOM killer
+    "a long string among numbers": ({"instances": [["a" * 1_000_000] + [1] * 100_000]}, 400, "must be numbers"),
+    "a number string": ({"instances": [[[["1.5"] * 3] * 64] * 64]}, 400, "must be numbers"),
+    "a string deep in a ragged list": ({"instances": [[1, ["a" * 1000] * 100]] * 10}, 400, "rectangular"),
     "b64 not a string": ({"instances": [{"b64": 5}]}, 400, "must be a string of base64"),
     "undecodable image bytes": ({"instances": [{"b64": b64(b"GIF89a garbage")}]}, 400, "instances[0]"),
     "images and tensors mixed": ({"instances": [{"b64": b64(b"x")}, ONE]}, 400, "all images"),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import binascii
 import itertools
-import json
 import math
 import struct
 import zlib
@@ -35,8 +34,6 @@ MAX_GZIP_MEMBERS = 1024
 # compressed input is fed in pieces of this size: what zlib copies at the end of each member
 # (the input left over) stays small however many members follow.
 INFLATE_CHUNK = 64 * 1024
-# Where ``true``/``false`` would be a list item: after "[" or "," (and whitespace).
-LIST_ITEM_BEFORE = (b"[", b",")
 
 
 def read_body(request: flask.Request, limit: int) -> bytes:
@@ -117,55 +114,43 @@ def input_shape(model: Model) -> list[int]:
     return [spec["height"], spec["width"], spec["channels"]]
 
 
-def dense(value: Any, where: str, text: bytes | memoryview | None = None) -> np.ndarray:
+def dense(value: Any, where: str) -> np.ndarray:
     """Nested JSON lists of numbers → an array; BadRequest for ragged lists, strings, booleans
-    or nulls (numpy would quietly turn ``"1.5"`` and ``true`` into numbers). ``text`` is the
-    JSON the value was parsed from: booleans among numbers are looked for value by value only
-    when :func:`may_hold_booleans` finds that it may hold one (None: always)."""
+    or nulls. The leaves' types are looked at first, in C (itertools and map, no Python loop):
+    numpy would quietly turn ``"1.5"`` and ``true`` into numbers, and one long string among
+    numbers into an array of that many such strings (a 45 KB body asked for 953 MiB)."""
+    kinds = _leaf_types(value)
+    if bool in kinds:
+        raise BadRequest(f"{where}: values must be numbers, not true or false")
+    if not kinds <= {int, float, list}:
+        raise BadRequest(f"{where}: values must be numbers, in a rectangular nested list")
     try:
         array = np.asarray(value)
     except (ValueError, TypeError):
         raise BadRequest(f"{where}: not a rectangular (dense) nested list of numbers") from None
-    if array.dtype == object and array.size and all(type(leaf) in (int, float) for leaf in array.flat):
+    if array.dtype == object:
         try:  # integers past 64 bits (among floats too): numbers, as 1e20 is
             array = array.astype(np.float64)
-        except OverflowError:
+        except (OverflowError, TypeError, ValueError):
             raise BadRequest(f"{where}: a number beyond the range of floating point") from None
     if array.dtype.kind not in "iuf":
         raise BadRequest(f"{where}: values must be numbers, in a rectangular nested list")
-    if (text is None or may_hold_booleans(text)) and _holds_booleans(value, array.ndim):
-        raise BadRequest(f"{where}: values must be numbers, not true or false")
     return array
 
 
-def may_hold_booleans(text: bytes | memoryview) -> bool:
-    """Whether JSON ``text`` may hold ``true`` or ``false`` as a list item (where a tensor's
-    numbers are): a bytes-level test, two ``bytes.find`` where a body has neither word. An
-    object's value (tritonclient's ``"binary_data_output": true``) follows a ":" and is not
-    one; a word inside a string may be taken for one, which costs only the precise check. JSON
-    in UTF-16 or UTF-32 (json.loads reads those too) is not looked at: it may."""
-    data = text if isinstance(text, bytes) else bytes(text)
-    if json.detect_encoding(data[:4]) != "utf-8":
-        return True
-    found = 0
-    for word in (b"true", b"false"):
-        at = data.find(word)
-        while at >= 0:
-            found += 1
-            before = data[max(0, at - 32) : at].rstrip()
-            if found > 64 or before.endswith(LIST_ITEM_BEFORE) or (not before and at > 32):
-                return True  # a list item, or too many words (or spaces) to look at one by one
-            at = data.find(word, at + len(word))
-    return False
-
-
-def _holds_booleans(value: Any, ndim: int) -> bool:
-    """Whether the leaves of ``value``, nested lists ``ndim`` deep (as numpy found them), hold a
-    bool (numpy reads True as 1). The leaves are walked in C: itertools and map, no Python loop."""
-    leaves = value if ndim else [value]
-    for _ in range(ndim - 1):
+def _leaf_types(value: Any) -> set[type]:
+    """The types of the leaves of ``value``, nested lists as deep as its first elements go (a
+    list among them: ragged, or empty; numpy tells which)."""
+    depth, first = 0, value
+    while isinstance(first, list) and first:
+        depth, first = depth + 1, first[0]
+    leaves: Any = [value]
+    for _ in range(depth):
         leaves = itertools.chain.from_iterable(leaves)
-    return bool in map(type, leaves)
+    try:
+        return set(map(type, leaves))
+    except TypeError:  # a number where a list should be: ragged
+        return {list}
 
 
 def model_input(array: np.ndarray, model: Model, where: str, *, pixels: bool = False) -> np.ndarray:

@@ -80,9 +80,9 @@ class V1:
             raise BadRequest(f"':{call.args['verb']}' is not served here; use ':predict'")
         body = tensors.read_body(call.request, self.max_body)
         with tensors.parsed(body, "body", self.limits) as doc:
-            return self._predict(doc, body)
+            return self._predict(doc)
 
-    def _predict(self, doc: Any, body: bytes) -> dict[str, Any]:
+    def _predict(self, doc: Any) -> dict[str, Any]:
         if not isinstance(doc, dict):
             raise BadRequest("body must be a JSON object with 'instances' or 'inputs'")
         signature = doc.get("signature_name", "")
@@ -94,9 +94,9 @@ class V1:
         if "instances" in doc and "inputs" in doc:
             raise BadRequest("send only one of 'instances' (row form) or 'inputs' (columnar form)")
         if "instances" in doc:
-            batch, key = self._rows(doc["instances"], body), "predictions"
+            batch, key = self._rows(doc["instances"]), "predictions"
         elif "inputs" in doc:
-            batch, key = self._columns(doc["inputs"], body), "outputs"
+            batch, key = self._columns(doc["inputs"]), "outputs"
         else:
             raise BadRequest("missing 'instances' (one item per example) or 'inputs' (columnar form)")
         probabilities = pipeline.infer(self.model, batch)
@@ -109,21 +109,21 @@ class V1:
             }
         return {key: {"probabilities": probabilities.tolist(), "label": labels}}
 
-    def _rows(self, instances: Any, body: bytes) -> np.ndarray:
+    def _rows(self, instances: Any) -> np.ndarray:
         if not isinstance(instances, list):
             raise BadRequest("'instances' must be a list, one item per example")
         tensors.check_batch_size(len(instances), "instances")
         items = [self._unwrap(item, f"instances[{i}]") for i, item in enumerate(instances)]
-        return self._batch(items, "instances", body)
+        return self._batch(items, "instances")
 
-    def _columns(self, inputs: Any, body: bytes) -> np.ndarray:
+    def _columns(self, inputs: Any) -> np.ndarray:
         value = self._unwrap(inputs, "inputs")
         if _is_b64(value):
             value = [value]
         if isinstance(value, list) and value and isinstance(value[0], dict):
             tensors.check_batch_size(len(value), "instances")
-            return self._batch(value, "inputs", body)
-        return tensors.model_input(tensors.dense(value, "inputs", body), self.model, "inputs")
+            return self._batch(value, "inputs")
+        return tensors.model_input(tensors.dense(value, "inputs"), self.model, "inputs")
 
     def _unwrap(self, item: Any, where: str) -> Any:
         """A named example ``{"keras_tensor": value}`` → value; anything else as it is."""
@@ -136,16 +136,15 @@ class V1:
             )
         return item[self.model.input_name]
 
-    def _batch(self, items: list[Any], where: str, body: bytes) -> np.ndarray:
-        """Examples that are all images (decoded like uploads) or all tensors → the model's batch
-        (``body``: the JSON they came from, for :func:`tensors.dense`)."""
+    def _batch(self, items: list[Any], where: str) -> np.ndarray:
+        """Examples that are all images (decoded like uploads) or all tensors → the model's batch."""
         images = [_is_b64(item) for item in items]
         if all(images):
             uploads = [tensors.b64_image(item["b64"], f"{where}[{i}]") for i, item in enumerate(items)]
             return pipeline.decode(self.model, uploads, self.limits)
         if any(images) or any(isinstance(item, dict) for item in items):
             raise BadRequest(f'{where}: examples must be all images {{"b64": ...}} or all numeric tensors')
-        return tensors.model_input(tensors.dense(items, where, body), self.model, where)
+        return tensors.model_input(tensors.dense(items, where), self.model, where)
 
 
 def _is_b64(item: Any) -> bool:

@@ -97,9 +97,9 @@ class V2:
             else ""
         )
         with tensors.parsed(header, "inference request", self.limits, advice) as doc:
-            return self._infer(doc, header, binary)
+            return self._infer(doc, binary)
 
-    def _infer(self, doc: Any, header: bytes | memoryview, binary: memoryview) -> dict[str, Any] | flask.Response:
+    def _infer(self, doc: Any, binary: memoryview) -> dict[str, Any] | flask.Response:
         if not isinstance(doc, dict):
             raise BadRequest("the inference request must be a JSON object with 'inputs'")
         request_id = doc.get("id")
@@ -111,12 +111,11 @@ class V2:
             raise BadRequest(f"missing 'inputs': a list holding the model's input {self.model.input_name!r}")
         if len(inputs) != 1:
             raise BadRequest(f"model {self.model.name} takes 1 input ({self.model.input_name!r}), got {len(inputs)}")
-        probabilities = pipeline.infer(self.model, self._input(inputs[0], header, binary))
+        probabilities = pipeline.infer(self.model, self._input(inputs[0], binary))
         return self._answer(probabilities, wanted, request_id)
 
-    def _input(self, spec: Any, header: bytes | memoryview, binary: memoryview) -> np.ndarray:
-        """The request's one input as the model's batch (binary data checked to the byte;
-        ``header``: the JSON it came from, for :func:`tensors.dense`)."""
+    def _input(self, spec: Any, binary: memoryview) -> np.ndarray:
+        """The request's one input as the model's batch (binary data checked to the byte)."""
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise BadRequest("inputs[0]: missing 'name'")
         where = f"input {spec['name']!r}"
@@ -148,7 +147,7 @@ class V2:
                 )
             array = np.frombuffer(section, dtype=dtype).reshape(shape)
         elif "data" in spec:
-            array = tensors.dense(spec["data"], f"{where} data", header)
+            array = tensors.dense(spec["data"], f"{where} data")
             if datatype in PIXELS and array.dtype.kind == "f":
                 raise BadRequest(f"{where}: UINT8 data must be whole numbers 0..255")
             if array.size != count:
