@@ -21,7 +21,7 @@ from typing import Any
 from shared import metrics
 from shared.auth import Session
 from shared.config import IPNetwork
-from shared.logs import REQUEST_ID
+from shared.logs import REQUEST_ID, SECRET_ID
 
 log = logging.getLogger("thalamus.access")
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -59,10 +59,10 @@ def exchange_of(environ: dict[str, Any]) -> Exchange:
 
 
 def request_id(environ: dict[str, Any]) -> str:
-    """The caller's X-Request-Id when it is a sane token, else the trace id of its traceparent,
-    else a new random id."""
+    """The caller's X-Request-Id when it is a sane id (and not shaped like a secret key or a
+    token: it is logged), else the trace id of its traceparent, else a new random id."""
     given = environ.get("HTTP_X_REQUEST_ID", "")
-    if REQUEST_ID_RE.fullmatch(given):
+    if REQUEST_ID_RE.fullmatch(given) and not SECRET_ID.fullmatch(given):  # a token sent as one stays out
         return str(given)
     trace = TRACEPARENT_RE.fullmatch(environ.get("HTTP_TRACEPARENT", "").strip().lower())
     if trace and trace.group(1) != "0" * 32:

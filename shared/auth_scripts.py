@@ -42,15 +42,20 @@ end
 redis.call('HSET', KEYS[2], 'pk', ARGV[1])
 redis.call('EXPIRE', KEYS[2], ttl)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
-local over = redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[7]) + 1
+-- At most 1,000 a call: a key with more (made before the cap) loses them over its next issues.
+local over = math.min(redis.call('ZCARD', KEYS[3]) - tonumber(ARGV[7]) + 1, 1000)
 if over > 0 then
-  local oldest = redis.call('ZPOPMIN', KEYS[3], over)  -- digest, expiry, digest, expiry…: the soonest to end
+  local oldest = redis.call('ZPOPMIN', KEYS[3], over)  -- digest, score, digest, score…
   for i = 1, #oldest, 2 do redis.call('DEL', ARGV[8] .. oldest[i]) end
 end
--- now is whole seconds, the token's clock starts inside this script: one second to spare; the
--- microseconds of Redis's clock order the tokens of one second (the oldest goes first).
-redis.call('ZADD', KEYS[3], now + ttl + 1 + tonumber(redis.call('TIME')[2]) / 1e6, ARGV[5])
-if redis.call('TTL', KEYS[3]) < ttl then redis.call('EXPIRE', KEYS[3], ttl) end
+-- Scored by the latest the token may live, its issue time + TOKEN_TTL (a key's expiry may end it
+-- sooner: the authenticate script checks that), so the order of the scores is the order of issue;
+-- the microseconds of Redis's clock order the tokens of one second. now is whole seconds, and
+-- the token's clock starts inside this script: one second to spare.
+local full = tonumber(ARGV[4])
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[3], now + full + 1 + tonumber(t[2]) / 1e6, ARGV[5])
+if redis.call('TTL', KEYS[3]) < full + 1 then redis.call('EXPIRE', KEYS[3], full + 1) end
 return {1, ttl, k[5] or ''}
 """
 )

@@ -262,7 +262,11 @@ class Service:
             checked = time.monotonic()
             _read_body(request, self.max_body)
             if self._auth is not None and route.auth and time.monotonic() - checked > RECHECK_AFTER_SECONDS:
-                self._auth.recheck(request.headers.get("Authorization"), exchange.model)
+                try:
+                    self._auth.recheck(request.headers.get("Authorization"), exchange.model)
+                except ThalamusError as refused:  # counted as the first check's refusals are
+                    exchange.session, exchange.public_key = None, refused.public_key
+                    raise
         result = route.handler(Call(request, args, exchange.session))
         return result if isinstance(result, flask.Response) else json_response(result)
 

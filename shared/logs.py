@@ -18,12 +18,17 @@ from pythonjsonlogger.json import JsonFormatter
 
 # The id of the request this thread (or context) is serving, for every line logged meanwhile.
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
-# The shapes of a secret key, a bearer token and a token's SHA-256 (shared.credentials). A line's
-# message and these fields may quote what a client sent (a path, a file or model name, a header):
-# a client that put its token or secret key there must not find it in the logs.
+# A secret key, a token's SHA-256, or a run of 32 or more base64url characters holding a capital or
+# an underscore, as a random token does (all of one, or most: a message may cut a name short, or
+# glue it to other characters); not a public key, nor a model name (a lowercase DNS label). A
+# line's message and these fields may quote what a client sent (a path, a file or model name, a
+# header): a client that put its token or secret key there must not find it in the logs.
 SECRET_SHAPED = re.compile(
-    r"sk_[A-Za-z0-9_-]{20,}|(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{43}(?![A-Za-z0-9_-])|(?<![0-9a-f])[0-9a-f]{64}(?![0-9a-f])"
+    r"sk_[A-Za-z0-9_-]{20,}|(?<![0-9a-f])[0-9a-f]{64}"
+    r"|(?<![A-Za-z0-9_-])(?!pk_)(?=[A-Za-z0-9_-]*[A-Z_])[A-Za-z0-9_-]{32,}"
 )
+# An X-Request-Id that is a secret key, a token or a token's SHA-256 (it would be logged as it is).
+SECRET_ID = re.compile(r"sk_.*|[A-Za-z0-9_-]{43}|[0-9a-f]{64}")
 CLIENT_FIELDS = ("error", "model", "method")
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "function", "request_id"}

@@ -33,7 +33,9 @@ USAGE_FLUSH_SECONDS = 1.0  # how often a process adds its usage counts to Redis
 # (a key made since then keeps its counts).
 FLUSH_LUA = """
 if tonumber(ARGV[3]) <= tonumber(redis.call('GET', KEYS[3]) or '0') then return 0 end
-redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[2])
+-- Kept an hour after the process's last flush: a batch is sent again within seconds of its
+-- first try (each flush, while Redis answers), and a process that is gone sends nothing.
+redis.call('SET', KEYS[3], ARGV[3], 'EX', 3600)
 local purged = tonumber(redis.call('GET', KEYS[2]) or '0')
 for i = 4, #ARGV, 6 do
   local name = ARGV[1] .. 'usage:' .. ARGV[i] .. ':' .. ARGV[i + 1]

@@ -155,6 +155,16 @@ def test_a_key_has_at_most_max_tokens_per_key_live(settings):
     assert store.redis.zcard(settings.prefix + "key-tokens:" + pair.public_key) == 3
     assert store.redis.exists(*(settings.prefix + "token:" + token_digest(t) for t in tokens)) == 3
     assert store.revoke_key(pair.public_key) == 3
+    # The oldest go first, by issue, also when the key's expiry cuts the new tokens' life short.
+    pair = store.create_key()
+    old = [store.issue_token(pair.public_key, pair.secret_key, "a").token for _ in range(3)]
+    store.edit_key(pair.public_key, expires=int(time.time()) + 1800)
+    new = [store.issue_token(pair.public_key, pair.secret_key, "a").token for _ in range(2)]
+    assert [token in (old[2], *new) for token in (*old, *new)] == [False, False, True, True, True]
+    for token in (*old[:2],):
+        with pytest.raises(Unauthorized):
+            store.verify_token(token)
+    assert all(store.verify_token(token) for token in (old[2], *new))
 
 
 def test_expired_token_is_refused(settings):
@@ -418,6 +428,8 @@ def test_a_flush_whose_answer_came_too_late_is_counted_once(own_redis, settings)
     store.usage.add(pair.public_key, "shapes", error=False)
     store.usage.flush()
     assert [row.requests for row in store.usage_report(pair.public_key)] == [7]
+    (marker,) = store.redis.keys(settings.prefix + "usage-sent:*")
+    assert 0 < store.redis.ttl(marker) <= 3600  # one key a process, gone an hour after its last flush
 
 
 FORKED = """

@@ -303,6 +303,15 @@ def test_probes_are_answered_while_every_thread_is_busy(serve, token_header):
         started = time.monotonic()
         code, _, _ = exchange(server.port, request("GET", "/healthz", "Content-Length: 2", body=b"{}"))
         assert code == 200 and time.monotonic() - started > 0.5  # it waited for a pool thread
+        # One probe a connection: probes pipelined by a client that never reads the answers
+        # cannot fill the socket and hold the probes' thread (it answers the first, then closes).
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            sock.sendall(request("GET", "/healthz") * 50)
+            time.sleep(0.3)
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+        assert received.count(b"HTTP/1.1 200 ") == 1 and b"Connection: close" in received
         slow.wait_all(DEADLINE + 3)
     assert all(answer.startswith(b"HTTP/1.1 408 ") for _, answer in slow.answers.values())
 
@@ -552,8 +561,8 @@ def test_bodiless_and_large_answers_arrive_whole_on_one_connection(serve):
     the other on one kept-alive connection: each answer complete, none delayed to the next."""
     server = serve("predict", MODEL_NAME="shapes")
     with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock, sock.makefile("rb") as answers:
-        for method, path, status in [("HEAD", "/healthz", 200), ("GET", "/openapi.json", 200),
-                                     ("GET", "/healthz", 200), ("GET", "/nowhere", 404)]:  # fmt: skip
+        for method, path, status in [("HEAD", "/v2/health/live", 200), ("GET", "/openapi.json", 200),
+                                     ("GET", "/v2/health/live", 200), ("GET", "/nowhere", 404)]:  # fmt: skip
             sock.sendall(request(method, path))
             code, headers, body = read_answer(answers, method)
             assert code == status
@@ -580,7 +589,7 @@ def read_answer(answers: io.BufferedReader, method: str) -> tuple[int, dict[str,
 
 def assert_refusals_keep_the_connection(port: int, refusals: list[tuple[str, str, int]]) -> None:
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock, sock.makefile("rb") as answers:
-        for method, path, status in [*refusals, ("GET", "/healthz", 200)]:
+        for method, path, status in [*refusals, ("GET", "/v2/health/live", 200)]:
             sock.sendall(request(method, path))
             code, headers, body = read_answer(answers, method)
             assert (code, headers.get("connection")) == (status, "keep-alive"), (method, path, body)
@@ -624,7 +633,7 @@ def test_a_next_request_that_comes_late_or_in_pieces_loses_nothing(serve):
     head left unfinished still gets its 408 at the deadline."""
     server = serve("token")
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock, sock.makefile("rb") as answers:
-        sock.sendall(request("GET", "/healthz"))
+        sock.sendall(request("GET", "/v2/health/live"))
         assert read_answer(answers, "GET")[0] == 200
         head = request("GET", "/nowhere")
         sock.sendall(head[:10])  # within the wait...
@@ -632,10 +641,10 @@ def test_a_next_request_that_comes_late_or_in_pieces_loses_nothing(serve):
         sock.sendall(head[10:])  # ...and the rest long after it
         assert read_answer(answers, "GET")[0] == 404
         time.sleep(0.2)
-        sock.sendall(request("GET", "/healthz") + request("DELETE", "/healthz"))  # pipelined
+        sock.sendall(request("GET", "/v2/health/live") + request("DELETE", "/v2/health/live"))  # pipelined
         assert [read_answer(answers, "GET")[0], read_answer(answers, "DELETE")[0]] == [200, 405]
         started = time.monotonic()
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
         code, headers, body = read_answer(answers, "GET")
         assert code == 408 and "not received in time" in json.loads(body)["error"]
         assert DEADLINE - 0.2 <= time.monotonic() - started <= DEADLINE + 1.5
@@ -646,7 +655,7 @@ def test_pipelined_requests_take_their_turn(serve):
     other request: two connections that keep thousands in flight do not hold the threads while
     a third client waits."""
     server = serve("token", THREADS="2")
-    burst = request("GET", "/healthz") * 3000
+    burst = request("GET", "/v2/health/live") * 3000
     floods = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(2)]
     try:
         for flood in floods:
@@ -695,7 +704,7 @@ def test_a_chunked_body_with_a_request_behind_it_is_answered(serve, trailer):
     post = request("POST", "/token.json", "Content-Type: application/json", "Transfer-Encoding: chunked", body=body)
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock, sock.makefile("rb") as answers:
         started = time.monotonic()
-        sock.sendall(post + request("GET", "/healthz"))
+        sock.sendall(post + request("GET", "/v2/health/live"))
         assert read_answer(answers, "POST")[0] == 400  # answered: no keypair in that JSON
         assert read_answer(answers, "GET")[0] == 200
         assert time.monotonic() - started < DEADLINE / 2

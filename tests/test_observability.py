@@ -174,8 +174,12 @@ def test_secrets_a_client_puts_in_the_wrong_place_stay_out_of_the_logs(function,
         requests.post(f"{predict.base}/models/shapes/predict.json", headers=bearer, timeout=10,
                       files={"file": (f"{secret}.png", b"not an image")}),
         requests.post(f"{predict.base}/v2/models/shapes/infer", headers=bearer, json=v2, timeout=10),
+        requests.post(f"{predict.base}/models/shapes/predict.json", headers=bearer, timeout=10,
+                      files={"file": ("c.png", b"x")}, data={"x" + token: "y" * 600_000}),  # a name cut short
+        requests.get(f"{predict.base}/nope", headers={"X-Request-Id": token}, timeout=10),  # an id: replaced
     ]  # fmt: skip
-    assert [reply.status_code for reply in refused] == [404, 404, 400, 400]
+    assert [reply.status_code for reply in refused] == [404, 404, 400, 400, 400, 404]
+    assert refused[-1].headers["X-Request-Id"] != token
     time.sleep(0.5)  # the last access lines are written
     logged = token_fn.log.read_text() + predict.log.read_text()
     for leak in (token, secret, token_digest(token)):
