@@ -80,11 +80,12 @@ def client_address(environ: dict[str, Any], trusted: tuple[IPNetwork, ...]) -> s
     wrote it. At most MAX_FORWARDED_HOPS entries are read (past them, the last trusted hop read
     stands for the client). Always a valid IP address in canonical form.
     """
-    believed = _ip(environ.get("REMOTE_ADDR"))
+    peer = environ.get("REMOTE_ADDR")
+    if not trusted and peer:
+        return str(peer)  # the socket's own address, canonical as it is (an access line each: no parse)
+    believed = _ip(peer)
     if believed is None:
         return "0.0.0.0"  # noqa: S104 (no peer at all: a unix socket or a test; one shared bucket)
-    if not trusted:
-        return str(believed)
     forwarded = str(environ.get("HTTP_X_FORWARDED_FOR", "")).rsplit(",", MAX_FORWARDED_HOPS)[-MAX_FORWARDED_HOPS:]
     for entry in reversed(forwarded):
         if not any(believed in network for network in trusted):
