@@ -45,9 +45,13 @@ _REFUSAL_CLASSES = {
     redis.exceptions.ClusterDownError: "CLUSTERDOWN",
     redis.exceptions.NoPermissionError: "NOPERM",
 }
-# Per thread: whether a command went out and its answer never came (see OutcomeUnknown), and
-# how many times that happened (see _RetryUnsent).
+# Per thread: how many commands went out and got no answer (they may have run all the same):
+# one more during a call means its outcome is unknown (OutcomeUnknown, and no retry: _RetryUnsent).
 _unanswered = threading.local()
+
+
+def _unanswered_count() -> int:
+    return int(getattr(_unanswered, "count", 0))
 
 
 class _Timed:
@@ -73,8 +77,7 @@ class _Timed:
             return super().read_response(*args, **kwargs)  # type: ignore[misc]
         except (redis.ConnectionError, redis.TimeoutError):
             if not self._connecting:
-                _unanswered.happened = True  # sent, and no answer: it may have run all the same
-                _unanswered.count = getattr(_unanswered, "count", 0) + 1
+                _unanswered.count = _unanswered_count() + 1  # sent, and no answer
             raise
         finally:
             if self._sent_at is not None:
@@ -107,10 +110,10 @@ class _RetryUnsent(Retry):
         is_retryable: Callable[[Exception], bool] | None = None,
         with_failure_count: bool = False,
     ) -> R:
-        before = getattr(_unanswered, "count", 0)
+        before = _unanswered_count()
 
         def unsent(error: Exception) -> bool:
-            return getattr(_unanswered, "count", 0) == before and (is_retryable is None or is_retryable(error))
+            return _unanswered_count() == before and (is_retryable is None or is_retryable(error))
 
         return super().call_with_retry(do, fail, unsent, with_failure_count)
 
@@ -215,13 +218,13 @@ def unavailable_when_down(method: Callable[Concatenate[S, P], R]) -> Callable[Co
 
     @functools.wraps(method)
     def guarded(self: S, *args: P.args, **kwargs: P.kwargs) -> R:
-        _unanswered.happened = False
+        before = _unanswered_count()
         try:
             return breaker(self.settings.redis_url).call(lambda: method(self, *args, **kwargs))
         except (*REDIS_DOWN, FastFail):
             metrics.REDIS_ERRORS.labels(method.__name__).inc()
             where = self.settings.redis_url_masked
-            if getattr(_unanswered, "happened", False):
+            if _unanswered_count() != before:
                 raise OutcomeUnknown(
                     "Redis unreachable; retry shortly",
                     detail=f"Redis at {where} stopped answering: what it was sent may still be done",
