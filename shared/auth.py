@@ -311,25 +311,18 @@ class AuthStore:
         ttl, scopes = int(reply[1]), reply[2]
         return IssuedToken(token, ttl, Session(public_key, parse_scopes_field(scopes), ttl))
 
-    def authenticate(self, authorization: str | None, model: str | None = None) -> Session:
+    def authenticate(self, authorization: str | None, model: str | None = None, count_rate: bool = True) -> Session:
         """The session of an ``Authorization: Bearer <token>`` header value, allowed to call
         ``model`` when one is named: Unauthorized (missing, malformed, unknown or expired token,
         revoked or expired key), Forbidden (the key's scopes exclude ``model``) or
         TooManyRequests (the key's rate is used up) otherwise. One Redis round trip, or none
-        for a token in the token cache."""
+        for a token in the token cache. ``count_rate=False`` checks a request's token again
+        without counting the key's rate a second time (a slow upload, once its body is in)."""
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             metrics.AUTH_FAILURES.labels("missing").inc()
             raise Unauthorized("missing bearer token; send Authorization: Bearer <token>")
-        return self.verify_token(token.strip(), model)
-
-    def recheck(self, authorization: str | None, model: str | None) -> None:
-        """Check again a request's token that :meth:`authenticate` let through a while ago (its
-        body took that long to arrive), without counting the key's rate again: a key revoked,
-        expired or narrowed meanwhile gets its 401 or 403 now, not an answer after ``keys.py``
-        has said the change is in force everywhere."""
-        _, _, token = (authorization or "").partition(" ")
-        self.verify_token(token.strip(), model, count_rate=False)
+        return self.verify_token(token.strip(), model, count_rate)
 
     @store.unavailable_when_down
     def verify_token(self, token: str, model: str | None = None, count_rate: bool = True) -> Session:

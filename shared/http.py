@@ -263,7 +263,7 @@ class Service:
             _read_body(request, self.max_body)
             if self._auth is not None and route.auth and time.monotonic() - checked > RECHECK_AFTER_SECONDS:
                 try:
-                    self._auth.recheck(request.headers.get("Authorization"), exchange.model)
+                    self._auth.authenticate(request.headers.get("Authorization"), exchange.model, count_rate=False)
                 except ThalamusError as refused:  # counted as the first check's refusals are
                     exchange.session, exchange.public_key = None, refused.public_key
                     raise

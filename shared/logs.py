@@ -46,9 +46,8 @@ class _Context(logging.Filter):
         record.function = self.function
         if not getattr(record, "request_id", None):
             record.request_id = REQUEST_ID.get()
-        message = record.getMessage()
-        if SECRET_SHAPED.search(message):
-            record.msg, record.args = SECRET_SHAPED.sub("[redacted]", message), None
+        # Formatted once, here: the formatter's getMessage then has no arguments to apply.
+        record.msg, record.args = SECRET_SHAPED.sub("[redacted]", record.getMessage()), None
         for name in CLIENT_FIELDS:
             if isinstance(value := getattr(record, name, None), str):
                 setattr(record, name, SECRET_SHAPED.sub("[redacted]", value))
