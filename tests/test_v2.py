@@ -113,6 +113,22 @@ def test_infer_fp32_tensor(client, bearer, pngs, binary):
     np.testing.assert_allclose(everything.as_numpy("output_0"), expected(pngs), atol=1e-6)
 
 
+def test_fp16_json_numbers_are_read_as_fp16_like_binary_fp16(shapes_client, bearer, pngs):
+    # Numbers FP16 cannot hold exactly: in JSON they must mean what the same tensor sent as binary
+    # FP16 means, so the encoding a client picks never changes the answer.
+    batch = tensor(pngs) * 0.999 + 0.000123
+    spec = {"name": "keras_tensor", "datatype": "FP16", "shape": list(batch.shape)}
+    as_json = json.dumps({"inputs": [{**spec, "data": batch.reshape(-1).tolist()}]}).encode()
+    half = batch.astype(np.float16).tobytes()
+    as_binary = binary({"inputs": [{**spec, "parameters": {"binary_data_size": len(half)}}]}, half)
+    answers = []
+    for body, headers in ((as_json, {}), as_binary):
+        reply = shapes_client.post(f"/v2/models/{MODEL}/infer", headers={**bearer, **headers}, data=body)
+        assert reply.status_code == 200, reply.get_json()
+        answers.append(reply.get_json()["outputs"][0]["data"])
+    assert answers[0] == answers[1]
+
+
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_infer_bytes_images_with_classification(client, bearer, pngs, binary):
     # JSON BYTES are strings: there, image files travel as base64
@@ -345,6 +361,16 @@ BAD = {
         f"{HEADER} 10000 is beyond the body",
     ),
     "binary header length not a number": (b"{}", {HEADER: "ten"}, 400, "whole number"),
+    **{
+        f"binary header length {text!r}": (b"{}", {HEADER: text}, 400, "whole number")
+        for text in ("+2", "2_0", "\u0662", "-2")
+    },
+    "FP16 beyond its range": (
+        {"inputs": [{**fp32([1, 64, 64, 3], [70000.0] * (64 * 64 * 3)), "datatype": "FP16"}]},
+        {},
+        400,
+        "FP16 values must lie within ±65504",
+    ),
     "raw binary request": (b"\0" * PIXELS, {HEADER: "0"}, 400, "raw binary"),
     "binary_data_size beyond the data": (
         *binary({"inputs": [fp32([1, 64, 64, 3], parameters={"binary_data_size": PIXELS})]}, b"\0" * 16),

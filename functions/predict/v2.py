@@ -150,6 +150,8 @@ class V2:
             array = tensors.dense(spec["data"], f"{where} data")
             if datatype in PIXELS and array.dtype.kind == "f":
                 raise BadRequest(f"{where}: UINT8 data must be whole numbers 0..255")
+            if datatype == "FP16":
+                array = _half(array, where)
             if array.size != count:
                 raise BadRequest(f"{where}: data holds {array.size} values, shape {shape} needs {count}")
             array = array.reshape(shape)
@@ -245,16 +247,26 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes | memoryview, 
     """The JSON part and the binary tensor data of a request body."""
     if header_length is None:
         return body, memoryview(b"")
-    try:
-        length = int(header_length)
-    except ValueError:
-        raise BadRequest(f"{HEADER_LENGTH} must be a whole number of bytes, got {header_length!r}") from None
+    # Digits only: int() would also read " 12", "+12", "1_2" and other scripts' digits.
+    if not (header_length.isascii() and header_length.isdigit()):
+        raise BadRequest(f"{HEADER_LENGTH} must be a whole number of bytes, got {header_length!r}")
+    length = int(header_length)
     if length == 0:
         raise BadRequest(f"raw binary requests ({HEADER_LENGTH}: 0) are not supported; send a JSON header first")
     if not 0 < length <= len(body):
         raise BadRequest(f"{HEADER_LENGTH} {length} is beyond the body ({len(body)} bytes after decompression)")
     view = memoryview(body)
     return view[:length], view[length:]
+
+
+def _half(array: np.ndarray, where: str) -> np.ndarray:
+    """JSON numbers declared FP16, as FP16 holds them: what binary FP16 data would have carried,
+    so both ways give one answer; a finite number beyond FP16's ±65504 is an error, not infinity."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        half = array.astype(FLOATS["FP16"])
+    if not np.isfinite(half).all() and np.isfinite(array).all():
+        raise BadRequest(f"{where}: FP16 values must lie within ±65504")
+    return half
 
 
 def _section(params: dict[str, Any], binary: memoryview, where: str) -> memoryview | None:
