@@ -36,8 +36,9 @@ camera photo at 640x480: what the upload's parsing and the decode cost grows wit
   and for KServe's Python server running the same ``.tflite`` on LiteRT (bench/kserve_app.py,
   V1 JSON with a base64 image, no token).
 
-Installs nothing into the project venv: on the ``.venv`` ``./test.sh`` makes (it holds the project
-itself), ``pip install -r requirements-bench.txt`` once (FastAPI for the monolith), ``wrk`` from Debian; KServe gets its own venv on first use (bench/kserve_env.py).
+Installs nothing into the project venv: on the ``.venv`` ``./test.sh`` makes (it holds the
+project itself), ``pip install -r requirements-bench.txt`` once (FastAPI for the monolith), ``wrk``
+from Debian; KServe gets its own venv on first use (bench/kserve_env.py).
 """
 
 from __future__ import annotations

@@ -102,14 +102,15 @@ class Gateway:
 
     def _route(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "/")
-        target = routes.upstream_for(path)
+        page = routes.wants_page(path, environ.get("HTTP_ACCEPT", ""))
+        target = None if page else routes.upstream_for(path)
         exchange = exchange_of(environ)
         if target is None:
-            exchange.route = (path if path in routes.GATEWAY_PATHS
+            exchange.route = (path if page or path in routes.GATEWAY_PATHS
                               else routes.DOCS_ASSETS + "<asset>" if path.startswith(routes.DOCS_ASSETS)
                               else routes.FUNCTION_DOCUMENT.format(function="<name>") if routes.document_of(path)
                               else "unmatched")  # fmt: skip
-            return self._local(environ, start_response, path)
+            return self._local(environ, start_response, path, page)
         kind, model = target
         exchange.route, exchange.model = f"→ {kind}", model
         if kind == "token":
@@ -119,11 +120,12 @@ class Gateway:
             raise NotFound(f"no such model: {model} (served: {known})")
         return self._proxy(environ, start_response, self.model_urls[str(model)])
 
-    def _local(self, environ: Environ, start_response: StartResponse, path: str) -> Iterable[bytes]:
+    def _local(self, environ: Environ, start_response: StartResponse, path: str, page: bool) -> Iterable[bytes]:
         close = has_body(environ)  # these never read a body: do not let gunicorn wait for one
         if environ["REQUEST_METHOD"] not in ("GET", "HEAD"):
             if (
-                path in routes.GATEWAY_PATHS
+                page
+                or path in routes.GATEWAY_PATHS
                 or path.removeprefix(routes.DOCS_ASSETS) in docs.ASSETS
                 or self._openapi_of(path)
             ):
@@ -136,7 +138,7 @@ class Gateway:
             ready = all(states.values())
             return _json(start_response, 200 if ready else 503, {"functions": states},
                          [] if ready else [("Retry-After", "2")], close)  # fmt: skip
-        if path in routes.DOCS_PAGE_PATHS:
+        if page:
             names = self._functions()
             return docs.page(routes.documents(list(names)))(environ, start_response)
         if path.startswith(routes.DOCS_ASSETS):

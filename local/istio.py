@@ -49,18 +49,20 @@ def _answer(name: str, matches: list[dict[str, Any]], status: int, body: str, co
 
 def virtualservice(names: list[str], host: str) -> dict[str, Any]:
     """The Istio VirtualService routing local/routes.py's paths, on ``host``, to ``names``' Services."""
-    http = [_forward("token", [{"uri": {"exact": path}} for path in routes.TOKEN_PATHS], "token")]
+    # As the local gateway: /docs over every function's document, each at routes.FUNCTION_DOCUMENT,
+    # and the root too for a browser; first, as the root is otherwise the token function's.
+    functions = ["token", *names]
+    page = docs.page(routes.documents(functions)).get_data(as_text=True)
+    pages = [{"uri": {"exact": routes.ROOT}, "headers": {"accept": {"regex": routes.BROWSER_ACCEPT}}}]
+    pages += [{"uri": {"exact": path}} for path in routes.DOCS_PAGE_PATHS]
+    http = [_answer("docs", pages, 200, page, "text/html")]
+    http.append(_forward("token", [{"uri": {"exact": path}} for path in routes.TOKEN_PATHS], "token"))
     for model in names:
         exact = [{"uri": {"exact": path.format(model=model)}} for path in routes.MODEL_PATHS]
         regexes = [{"uri": {"regex": model_regex(prefix, model)}} for prefix in routes.MODEL_PREFIXES]
         http.append(_forward(f"model-{model}", exact + regexes, model))
-    # As the local gateway: /docs over every function's document, each at routes.FUNCTION_DOCUMENT.
-    functions = ["token", *names]
     for function, document in zip(functions, routes.documents(functions), strict=True):
         http.append(_forward(f"openapi-{function}", [{"uri": {"exact": document}}], function, "/openapi.json"))
-    page = docs.page(routes.documents(functions)).get_data(as_text=True)
-    pages = [{"uri": {"exact": path}} for path in routes.DOCS_PAGE_PATHS]
-    http.append(_answer("docs", pages, 200, page, "text/html"))  # before the assets: /docs/ is the page
     http.append(_forward("docs-assets", [{"uri": {"prefix": routes.DOCS_ASSETS}}], "token"))
     http.append(_answer("not-found", [], 404, json.dumps({"error": "no such path"}), "application/json"))
     return {

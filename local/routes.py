@@ -8,6 +8,7 @@ import re
 # Exact paths of the token function: tokens, the model list (it is always deployed, so it answers
 # while the models are scaled to zero) and the Open Inference Protocol's server endpoints.
 TOKEN_PATHS = (
+    "/",
     "/token.json",
     "/session.json",
     "/models.json",
@@ -18,7 +19,11 @@ TOKEN_PATHS = (
 )
 # Where the gateway answers with the docs page over every function's document, each at
 # FUNCTION_DOCUMENT; under DOCS_ASSETS are Swagger UI's files, which every function serves.
-DOCS_PAGE_PATHS = ("/", "/docs", "/docs/")
+DOCS_PAGE_PATHS = ("/docs", "/docs/")
+# The root is KServe V1's server liveness, which the token function answers, but a browser (it
+# asks for HTML) gets the docs page there. Istio matches the whole Accept header with this RE2.
+ROOT = "/"
+BROWSER_ACCEPT = ".*text/html.*"
 DOCS_ASSETS = "/docs/"
 FUNCTION_DOCUMENT = "/openapi/{function}.json"
 # What the local gateway answers itself, besides those: its health and the merged document.
@@ -32,8 +37,14 @@ MODEL_PREFIXES = ("/models/{model}/", "/v1/models/{model}/", "/v1/models/{model}
 _MODEL_PATH = re.compile(r"^/(?:models|v1/models|v2/models)/(?P<model>[a-z0-9][a-z0-9-]*)(?=[/.:]|$)")
 
 
+def wants_page(path: str, accept: str) -> bool:
+    """Whether the gateway answers ``path`` with the docs page for a client sending ``accept``."""
+    return path in DOCS_PAGE_PATHS or (path == ROOT and re.fullmatch(BROWSER_ACCEPT, accept) is not None)
+
+
 def upstream_for(path: str) -> tuple[str, str | None] | None:
-    """``("token", None)``, ``("model", name)`` or None for a path no function serves."""
+    """``("token", None)``, ``("model", name)`` or None for a path no function serves (the docs
+    page's paths are the gateway's own: :func:`wants_page` comes first)."""
     if path in TOKEN_PATHS:
         return "token", None
     match = _MODEL_PATH.match(path)

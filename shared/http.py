@@ -191,8 +191,10 @@ class Service:
                 ("GET",),
                 lambda call: flask.Response(metrics.exposition(), content_type=metrics.CONTENT_TYPE),
             ),
-            # The Open Inference Protocol's server endpoints: every function answers them, so the
-            # cluster may send them to the token function, which is never scaled away.
+            # The inference protocols' server endpoints: every function answers them, so the
+            # cluster may send them to the token function, which is never scaled away. KServe's
+            # V1 liveness is the root (its SDK's is_server_live() reads {"status": "alive"}).
+            Route("/", ("GET",), lambda call: {"status": "alive"}),
             Route("/v2", ("GET",), lambda call: V2_SERVER),
             Route("/v2/health/live", ("GET",), lambda call: {"live": True}),
             Route("/v2/health/ready", ("GET",), lambda call: {"ready": True}),

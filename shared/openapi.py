@@ -84,14 +84,18 @@ def server_answers(max_body: int) -> dict[str, Any]:
     }
 
 
-def _v2_get(
-    summary: str, example: dict[str, Any], properties: dict[str, Any], errors: dict[str, Any]
+def _server_get(
+    summary: str,
+    example: dict[str, Any],
+    properties: dict[str, Any],
+    errors: dict[str, Any],
+    tag: str = "Open Inference Protocol (V2)",
 ) -> dict[str, Any]:
     schema = {"type": "object", "required": list(properties), "properties": properties}
     return {
         "get": {
             "summary": summary,
-            "tags": ["Open Inference Protocol (V2)"],
+            "tags": [tag],
             "security": [],
             "responses": {
                 "200": {"description": "OK", "content": {"application/json": {"schema": schema, "example": example}}},
@@ -101,9 +105,16 @@ def _v2_get(
     }
 
 
-# The Open Inference Protocol's server endpoints, which every function answers (shared.http).
-V2_SERVER_PATHS = {
-    "/v2": _v2_get(
+# The inference protocols' server endpoints, which every function answers (shared.http).
+SERVER_PATHS = {
+    "/": _server_get(
+        "KServe V1 liveness: the process is up (a browser asking the gateway for / gets the docs page)",
+        {"status": "alive"},
+        {"status": {"type": "string", "enum": ["alive"]}},
+        {},
+        "KServe / TF Serving V1",
+    ),
+    "/v2": _server_get(
         "V2 server metadata: name, version, the protocol extensions implemented",
         V2_SERVER,
         {
@@ -113,8 +124,8 @@ V2_SERVER_PATHS = {
         },
         {},
     ),
-    "/v2/health/live": _v2_get("V2 liveness: the process is up", {"live": True}, {"live": {"type": "boolean"}}, {}),
-    "/v2/health/ready": _v2_get(
+    "/v2/health/live": _server_get("V2 liveness: the process is up", {"live": True}, {"live": {"type": "boolean"}}, {}),
+    "/v2/health/ready": _server_get(
         "V2 readiness: this function can serve (server up, model loaded; as /readyz, not Redis)",
         {"ready": True},
         {"ready": {"type": "boolean"}},
@@ -169,7 +180,7 @@ def document(
                 },
             }
         },
-        **V2_SERVER_PATHS,
+        **SERVER_PATHS,
     }
     every = copy.deepcopy({**paths, **health})  # the shared pieces above stay as they are
     for item in every.values():

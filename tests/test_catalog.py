@@ -124,9 +124,10 @@ def test_a_broken_catalog_stops_the_token_function_with_one_line(serve_function,
         serve_function("token", MODEL_CATALOG=str(bad))
 
 
-def test_token_function_answers_the_v2_server_endpoints(token_client):
+def test_token_function_answers_the_protocols_server_endpoints(token_client):
     spec = token_client.get("/openapi.json").get_json()
     for path, body in (
+        ("/", {"status": "alive"}),  # KServe V1's server liveness
         ("/v2", {"name": "thalamus"}),
         ("/v2/health/live", {"live": True}),
         ("/v2/health/ready", {"ready": True}),
@@ -149,6 +150,7 @@ def test_catalog_and_health_over_http(serve_function, catalog_file, auth):
 @pytest.mark.parametrize(
     "path, target",
     [
+        ("/", ("token", None)),
         ("/models.json", ("token", None)),
         ("/v1/models", ("token", None)),
         ("/v2", ("token", None)),

@@ -22,6 +22,17 @@ def test_its_own_paths_answer_a_wrong_method_with_405_as_a_function_does(running
     assert requests.get(running_stack.gateway + path, timeout=10).status_code == 200
 
 
+def test_the_root_is_v1_liveness_for_clients_and_the_docs_page_for_a_browser(running_stack):
+    # KServe's SDK (is_server_live() with protocol v1) GETs the root with httpx's Accept: */*.
+    for accept in ("*/*", "application/json"):
+        reply = requests.get(running_stack.gateway + "/", headers={"Accept": accept}, timeout=10)
+        assert reply.status_code == 200 and reply.json() == {"status": "alive"}, accept
+    browser = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+    page = requests.get(running_stack.gateway + "/", headers={"Accept": browser}, timeout=10)
+    assert page.headers["Content-Type"].startswith("text/html") and "swagger-ui" in page.text
+    assert page.text == requests.get(running_stack.gateway + "/docs", timeout=10).text
+
+
 @pytest.mark.parametrize("path", ["/robots.txt", "/docs/nothing.js", "/openapi/nobody.json", "/openapi/token"])
 def test_a_path_of_nobody_stays_404_whatever_the_method(running_stack, path):
     for method in ("GET", "POST"):

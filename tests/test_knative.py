@@ -323,29 +323,36 @@ def test_core_kinds_validate_strictly(tmp_path):
 # -- routing: the VirtualService routes as the local gateway does ----------------------------------
 
 
-def istio_route(virtualservice: dict, path: str) -> tuple[str, str] | int | None:
-    """Where Istio sends ``path``: (Service, path it sees), a direct answer's status, or None.
-    First rule that matches wins; ``regex`` is RE2, matched against the whole path."""
-    tests = {"exact": lambda v: path == v, "prefix": path.startswith, "regex": lambda v: re.fullmatch(v, path)}
+def string_match(match: dict, value: str) -> bool:
+    """Istio's StringMatch: ``exact``, ``prefix``, or ``regex`` (RE2, over the whole value)."""
+    tests = {"exact": lambda v: value == v, "prefix": value.startswith, "regex": lambda v: re.fullmatch(v, value)}
+    return all(tests[kind](wanted) for kind, wanted in match.items())
+
+
+def istio_route(virtualservice: dict, path: str, accept: str = "*/*") -> tuple[str, str] | int | None:
+    """Where Istio sends ``path`` asked with ``accept``: (Service, path it sees), a direct
+    answer's status, or None. First rule that matches wins."""
     for rule in virtualservice["spec"]["http"]:
         for match in rule.get("match") or [{}]:
-            if all(tests[kind](value) for kind, value in match.get("uri", {}).items()):
+            headers = match.get("headers", {})
+            assert set(headers) <= {"accept"}, "a header this check does not model"
+            if string_match(match.get("uri", {}), path) and all(string_match(m, accept) for m in headers.values()):
                 if "directResponse" in rule:
                     return rule["directResponse"]["status"]
                 return rule["rewrite"]["authority"].split(".")[0], rule["rewrite"].get("uri", path)
     return None
 
 
-def gateway_route(path: str, models: list[str]) -> tuple[str, str] | int:
-    """Where the local gateway (local/gateway.py, local/routes.py) sends ``path`` when these
-    models are served."""
+def gateway_route(path: str, models: list[str], accept: str = "*/*") -> tuple[str, str] | int:
+    """Where the local gateway (local/gateway.py, local/routes.py) sends ``path`` asked with
+    ``accept`` when these models are served."""
+    if routes.wants_page(path, accept):
+        return 200  # the docs page over every function's document
     target = routes.upstream_for(path)
     if target == ("token", None):
         return "thalamus-token", path
     if target is not None:
         return (f"thalamus-{target[1]}", path) if target[1] in models else 404
-    if path in ("/", "/docs", "/docs/"):
-        return 200  # the docs page over every function's document
     if path.startswith("/docs/"):
         return "thalamus-token", path  # Swagger UI's files: every function serves the same
     name = path.removeprefix("/openapi/").removesuffix(".json")
@@ -380,8 +387,15 @@ def test_routing_is_rendered_from_the_gateway_table():
 def test_routing_sends_every_path_where_the_local_gateway_does():
     virtualservice = one(rendered("knative/routing"), "VirtualService")
     models = manage.models()
-    wrong = {p: (istio_route(virtualservice, p), gateway_route(p, models)) for p in probe_paths(models)}
-    assert {p: pair for p, pair in wrong.items() if pair[0] != pair[1]} == {}
+    browser = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+    for accept in ("*/*", "application/json", browser, ""):
+        routed = {
+            p: (istio_route(virtualservice, p, accept), gateway_route(p, models, accept)) for p in probe_paths(models)
+        }
+        assert {p: pair for p, pair in routed.items() if pair[0] != pair[1]} == {}, accept
+    # the root: the token function's V1 liveness, the docs page for a browser
+    assert istio_route(virtualservice, "/") == ("thalamus-token", "/")
+    assert istio_route(virtualservice, "/", browser) == istio_route(virtualservice, "/docs") == 200
     # a model's name matches exactly: arrow must not reach arrows, arrowsx neither
     assert istio_route(virtualservice, f"/v1/models/{models[0][:-1]}") == 404
     docs = next(r for r in virtualservice["spec"]["http"] if r["name"] == "docs")["directResponse"]["body"]["string"]
