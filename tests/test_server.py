@@ -50,6 +50,7 @@ def test_workers_2_runs_a_master_and_two_forked_workers(serve_function, bearer):
     for _ in range(6):
         assert requests.get(f"{base}/models/shapes.json", headers=bearer, timeout=10).status_code == 200
     assert scrape(base, "thalamus_worker_processes") == 2
+    assert scrape(base, "thalamus_model_interpreters") == 2  # one each, not the master's
 
 
 def test_a_function_serves_with_docstrings_and_asserts_left_out(serve_function, bearer):

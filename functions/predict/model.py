@@ -73,7 +73,15 @@ def load_model(settings: Settings) -> Model:
     version = str(model.meta["version"])
     metrics.MODEL_INFO.labels(model.name, version).set(1)
     metrics.MODEL_LOAD_SECONDS.labels(model.name).set(seconds)
-    metrics.MODEL_INTERPRETERS.labels(model.name).set(model.interpreters)
+    interpreters = metrics.MODEL_INTERPRETERS.labels(model.name)
+    interpreters.set(model.interpreters)
+    if settings.workers > 1:
+        # gunicorn's master loaded the model and its forked workers serve with the pool each
+        # inherits; prometheus-client starts a forked process's gauges at 0. So each worker
+        # reports its pool, and the master, which never serves, none.
+        os.register_at_fork(
+            after_in_child=lambda: interpreters.set(model.interpreters), after_in_parent=lambda: interpreters.set(0)
+        )
     message = (f"loaded model {model.name} {version} in {seconds * 1000:.1f} ms: {model.interpreters} interpreter, "
                f"up to {model.max_interpreters} while the model is what requests wait for")  # fmt: skip
     logs.event(log, message, event="model_loaded", model=model.name, version=version, load_ms=round(seconds * 1000, 2),
