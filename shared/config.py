@@ -208,7 +208,7 @@ def _path(variable: str, raw: str) -> Path:
 REDIS_URL_OPTIONS = frozenset({
     "db", "username", "password", "client_name", "protocol", "health_check_interval", "max_connections",
     "retry_on_timeout", "socket_connect_timeout", "socket_keepalive", "socket_read_size", "socket_timeout",
-    "timeout", "ssl_ca_certs", "ssl_ca_data", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_password",
+    "ssl_ca_certs", "ssl_ca_data", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_password",
     "ssl_cert_reqs", "ssl_check_hostname", "ssl_min_version", "ssl_ciphers",
 })  # fmt: skip
 
@@ -222,29 +222,45 @@ def _redis_url(variable: str, raw: str) -> str:
         fields = (field.partition("=")[0] for field in re.split("[&;]", urlsplit(raw).query))
         if unknown := sorted({unquote_plus(name) for name in fields if name} - REDIS_URL_OPTIONS):
             raise ValueError(f"unknown option {unknown[0]!r} (known: {', '.join(sorted(REDIS_URL_OPTIONS))})")
+        parts = urlsplit(raw)
+        if parts.scheme in ("redis", "rediss") and not re.fullmatch(r"/?|/[0-9]+", parts.path):
+            raise ValueError(f"the path names the database, a number: {parts.path!r}")  # redis-py ignores others
         connection = redis.ConnectionPool.from_url(raw).make_connection()  # built, connected nowhere
         if re.search(r"\s", str(getattr(connection, "client_name", None) or "")):
             raise ValueError("client_name may not hold spaces (Redis refuses it)")
+        if not 0 <= (db := getattr(connection, "db", 0)) <= 1_000_000:
+            raise ValueError(f"db must be a database number, got {db}")
+        for option, lowest in (
+            ("socket_timeout", 0.001),
+            ("socket_connect_timeout", 0.001),
+            ("health_check_interval", 0),
+        ):
+            if (seconds := getattr(connection, option, None)) is not None and not lowest <= seconds <= 3600:
+                raise ValueError(f"{option} must be seconds, from {lowest} to 3600, got {seconds}")
     except (ValueError, TypeError, LookupError, redis.RedisError) as exc:
         raise ConfigError(f"{variable} is not a usable Redis URL ({mask_url(raw)}): {exc}") from None
     return raw
 
 
-def _positive_int(variable: str, raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{variable} must be an integer, got {raw!r}") from None
-    if value < 1:
-        raise ConfigError(f"{variable} must be at least 1, got {value}")
-    return value
+def _int_up_to(highest: int, what: str = "") -> Callable[[str, str], int]:
+    """A parser of whole numbers from 1 to ``highest``: past it, a value would fail every request
+    (Redis refuses a TTL beyond its integers) or ask for what no machine has (a million threads)."""
+
+    def parse(variable: str, raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{variable} must be an integer, got {raw!r}") from None
+        if not 1 <= value <= highest:
+            raise ConfigError(f"{variable} must be {what or 'a whole number'}, 1 to {highest:,}, got {raw}")
+        return value
+
+    return parse
 
 
-def _port(variable: str, raw: str) -> int:
-    value = _positive_int(variable, raw)
-    if value > 65535:
-        raise ConfigError(f"{variable} must be a TCP port, 1 to 65535, got {value}")
-    return value
+DAY = 24 * 3600
+_seconds_to_10_years = _int_up_to(3650 * DAY, "seconds")
+_port = _int_up_to(65535, "a TCP port")
 
 
 def _switch(variable: str, raw: str) -> bool:
@@ -282,25 +298,25 @@ def _rate(variable: str, raw: str) -> Rate:
 _VARIABLES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "REDIS_URL": ("redis_url", _redis_url),
     "THALAMUS_PREFIX": ("prefix", _text),
-    "TOKEN_TTL": ("token_ttl", _positive_int),
-    "MAX_TOKENS_PER_KEY": ("max_tokens_per_key", _positive_int),
+    "TOKEN_TTL": ("token_ttl", _seconds_to_10_years),
+    "MAX_TOKENS_PER_KEY": ("max_tokens_per_key", _int_up_to(100_000)),
     "MODEL_NAME": ("model_name", _text),
     "MODEL_DIR": ("model_dir", _path),
     "MODEL_CATALOG": ("model_catalog", _path),
-    "MAX_UPLOAD_BYTES": ("max_upload_bytes", _positive_int),
-    "MAX_IMAGE_PIXELS": ("max_image_pixels", _positive_int),
-    "DECODE_MEMORY_MB": ("decode_memory_mb", _positive_int),
-    "MODEL_INTERPRETERS": ("model_interpreters", _positive_int),
-    "AUTH_MAX_FAILURES": ("auth_max_failures", _positive_int),
-    "AUTH_FAILURE_WINDOW": ("auth_failure_window", _positive_int),
+    "MAX_UPLOAD_BYTES": ("max_upload_bytes", _int_up_to(1 << 30, "bytes")),
+    "MAX_IMAGE_PIXELS": ("max_image_pixels", _int_up_to(1 << 30, "pixels")),
+    "DECODE_MEMORY_MB": ("decode_memory_mb", _int_up_to(1 << 20, "MiB")),
+    "MODEL_INTERPRETERS": ("model_interpreters", _int_up_to(1024)),
+    "AUTH_MAX_FAILURES": ("auth_max_failures", _int_up_to(1_000_000)),
+    "AUTH_FAILURE_WINDOW": ("auth_failure_window", _seconds_to_10_years),
     "TRUSTED_PROXIES": ("trusted_proxies", _networks),
     "DEFAULT_KEY_RATE": ("default_key_rate", _rate),
     "TOKEN_CACHE": ("token_cache", _switch),
     "PORT": ("port", _port),
-    "WORKERS": ("workers", _positive_int),
-    "THREADS": ("threads", _positive_int),
-    "REQUEST_HEADER_TIMEOUT": ("header_timeout", _positive_int),
-    "REQUEST_BODY_TIMEOUT": ("body_timeout", _positive_int),
+    "WORKERS": ("workers", _int_up_to(64)),
+    "THREADS": ("threads", _int_up_to(256)),
+    "REQUEST_HEADER_TIMEOUT": ("header_timeout", _int_up_to(3600, "seconds")),
+    "REQUEST_BODY_TIMEOUT": ("body_timeout", _int_up_to(3600, "seconds")),
     "LOG_LEVEL": ("log_level", _choice("DEBUG", "INFO", "WARNING", "ERROR")),
     "LOG_FORMAT": ("log_format", _choice("json", "text")),
 }

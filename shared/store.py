@@ -45,6 +45,14 @@ _REFUSAL_CLASSES = {
     redis.exceptions.ClusterDownError: "CLUSTERDOWN",
     redis.exceptions.NoPermissionError: "NOPERM",
 }
+
+
+class SetupRefused(redis.ConnectionError):
+    """Redis answered a new connection's setup (HELLO, AUTH, SELECT) with an error: REDIS_URL
+    asks for something this server refuses. No command was sent; every one fails alike until
+    the setting or the server changes, so it is an outage (503), not a bug (500)."""
+
+
 # Per thread: how many commands went out and got no answer (they may have run all the same):
 # one more during a call means its outcome is unknown (OutcomeUnknown, and no retry: _RetryUnsent).
 _unanswered = threading.local()
@@ -65,6 +73,8 @@ class _Timed:
         self._connecting = True  # the handshake's commands (HELLO, CLIENT SETINFO) change nothing
         try:
             super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
+        except redis.ResponseError as exc:  # SELECT of a database past its count, say
+            raise SetupRefused(f"Redis refused the connection's setup: {exc}") from None
         finally:
             self._connecting = False
 
@@ -221,6 +231,12 @@ def unavailable_when_down(method: Callable[Concatenate[S, P], R]) -> Callable[Co
         before = _unanswered_count()
         try:
             return breaker(self.settings.redis_url).call(lambda: method(self, *args, **kwargs))
+        except (SetupRefused, redis.AuthenticationError) as exc:  # not the network: the credentials, the db
+            metrics.REDIS_ERRORS.labels(method.__name__).inc()
+            raise ServiceUnavailable(
+                "Redis cannot serve this now; retry shortly",
+                detail=f"Redis at {self.settings.redis_url_masked} refused the connection: {exc}",
+            ) from None
         except (*REDIS_DOWN, FastFail):
             metrics.REDIS_ERRORS.labels(method.__name__).inc()
             where = self.settings.redis_url_masked

@@ -188,7 +188,10 @@ def serve_function(env: dict[str, str], log_dir: Path, function_logs: dict[str, 
         function_logs[base] = log_dir / f"{name}-{port}.log"
         with function_logs[base].open("wb") as log:
             proc = subprocess.Popen(
-                function_command(name, port), env=subprocess_env(**env, **extra), stdout=log, stderr=subprocess.STDOUT
+                function_command(name, port),
+                env=subprocess_env(**{**env, **extra}),
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         procs.append(proc)
         wait_http(base + "/healthz", proc)

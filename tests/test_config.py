@@ -22,8 +22,21 @@ def test_token_cache_switch(raw, expected):
 def test_bad_switch_and_interpreters_are_config_errors():
     with pytest.raises(ConfigError, match="TOKEN_CACHE must be 1 or 0"):
         Settings.from_env({"TOKEN_CACHE": "maybe"})
-    with pytest.raises(ConfigError, match="MODEL_INTERPRETERS must be at least 1"):
+    with pytest.raises(ConfigError, match="MODEL_INTERPRETERS must be a whole number, 1 to 1,024, got 0"):
         Settings.from_env({"MODEL_INTERPRETERS": "0"})
+
+
+@pytest.mark.parametrize(
+    "variable",
+    ["TOKEN_TTL", "AUTH_FAILURE_WINDOW", "MAX_TOKENS_PER_KEY", "AUTH_MAX_FAILURES", "MAX_UPLOAD_BYTES",
+     "MAX_IMAGE_PIXELS", "DECODE_MEMORY_MB", "MODEL_INTERPRETERS", "WORKERS", "THREADS", "REQUEST_HEADER_TIMEOUT",
+     "REQUEST_BODY_TIMEOUT", "PORT"],
+)  # fmt: skip
+def test_a_number_past_what_any_request_could_use_stops_the_start(variable):
+    # A TTL of 10**21 s passed the start, then Redis refused it: a 500 on every token request.
+    with pytest.raises(ConfigError, match=f"{variable} must be .*, 1 to [0-9,]+, got 1000000000000000000000$"):
+        Settings.from_env({variable: str(10**21)})
+    assert Settings.from_env({variable: "1"})
 
 
 @pytest.mark.parametrize(

@@ -176,6 +176,12 @@ def start_predict(**setup):
         ({"MODEL_NAME": "shapes", "REDIS_URL": "redis://:hunter22@127.0.0.1/0?Pasword=x"}, "unknown option 'Pasword'"),
         ({"MODEL_NAME": "shapes", "REDIS_URL": "redis://127.0.0.1/0?client_name=my%20app"}, "may not hold spaces"),
         ({"MODEL_NAME": "shapes", "REDIS_URL": "redis://:hunter22@[::1/0"}, "not a usable Redis URL"),
+        # Values redis-py takes and then fails every request with (a 500, or a 503 forever):
+        ({"MODEL_NAME": "shapes", "REDIS_URL": "redis://127.0.0.1/0?socket_timeout=-1"}, "socket_timeout must be"),
+        ({"MODEL_NAME": "shapes", "REDIS_URL": "redis://127.0.0.1/0?socket_timeout=0"}, "socket_timeout must be"),
+        ({"MODEL_NAME": "shapes", "REDIS_URL": "redis://127.0.0.1/0?db=-1"}, "db must be a database number"),
+        ({"MODEL_NAME": "shapes", "REDIS_URL": "redis://127.0.0.1/first"}, "the path names the database"),  # not db 0
+        ({"MODEL_NAME": "shapes", "TOKEN_TTL": str(10**21)}, "TOKEN_TTL must be seconds, 1 to"),
     ],
 )
 def test_broken_configuration_stops_at_start_with_one_line(setup, reason):

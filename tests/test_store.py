@@ -8,9 +8,11 @@ import threading
 
 import pytest
 import redis
+import requests
 
 from shared import store
-from tests.conftest import RedisProxy
+from tests.conftest import RedisProxy, subprocess_env
+from tests.test_keys import keys
 
 
 def test_the_redis_breaker_under_racing_threads_and_nested_calls():
@@ -107,3 +109,31 @@ def test_a_command_whose_answer_was_lost_is_not_sent_again(settings):
         if info["cmd"] == "incr":
             direct.client_kill_filter(_id=info["id"])  # Redis closes the client's pooled connection
     assert client.incr(counter) == 3 and direct.get(counter) == "3"
+
+
+@pytest.mark.parametrize(
+    ("path", "setup", "named"),
+    [
+        ("/99999", None, "DB index is out of range"),  # past the server's `databases`
+        ("/0", "hunter2", "authenticated"),  # Redis asks a password the URL has not
+        ("/0?password=wrong-one", "hunter2", "invalid username-password pair"),
+    ],
+)
+def test_a_connection_setup_redis_refuses_is_a_503_that_names_it(own_redis, serve_function, path, setup, named):
+    """Redis answers the connection's setup (SELECT, AUTH) with an error: every request would fail
+    alike until an operator fixes the setting. A 503 whose log line says so, and keys.py's one
+    line; never a 500 with a traceback, or "unreachable" for a server that answered."""
+    if setup:
+        redis.Redis.from_url(own_redis.url).config_set("requirepass", setup)
+    url = own_redis.url.rsplit("/", 1)[0] + path
+    base = serve_function("token", REDIS_URL=url, LOG_FORMAT="json")
+    reply = requests.post(f"{base}/token.json", json={"public_key": "pk_" + "a" * 43, "secret_key": "sk_" + "a" * 43},
+                          timeout=10)  # fmt: skip
+    assert reply.status_code == 503 and reply.json() == {"error": "Redis cannot serve this now; retry shortly"}
+    assert reply.headers["Retry-After"]
+    result = keys("-l", env=subprocess_env(REDIS_URL=url))
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert named in result.stderr and "refused the connection" in result.stderr and "Traceback" not in result.stderr
+    if setup:
+        assert setup not in result.stderr and "wrong-one" not in result.stderr
+        redis.Redis.from_url(own_redis.url, password=setup).config_set("requirepass", "")

@@ -2,6 +2,7 @@
 
 import base64
 import contextlib
+import dataclasses
 import gzip
 import json
 import subprocess
@@ -292,6 +293,23 @@ def test_a_failure_counter_always_expires(token_client, settings, raw_redis, key
     assert 0 < raw_redis.ttl(counter) <= settings.auth_failure_window
     fresh = f"{settings.prefix}fail:key-addr:{keypair.public_key}:198.51.100.9"
     assert raw_redis.get(fresh) == "1" and 0 < raw_redis.ttl(fresh) <= settings.auth_failure_window
+
+
+def test_the_longest_ttl_and_failure_window_the_settings_allow_work(settings, raw_redis, keypair):
+    """Each at its configured maximum (ten years): a token is issued and lives that long, a wrong
+    secret is a 401 counted for that long. Past it the function refuses to start (test_config)."""
+    allowed = Settings.from_env({"TOKEN_TTL": str(3650 * 86400), "AUTH_FAILURE_WINDOW": str(3650 * 86400)})
+    longest = dataclasses.replace(
+        settings, token_ttl=allowed.token_ttl, auth_failure_window=allowed.auth_failure_window
+    )
+    client = function_client(create_service(longest))
+    issued = post_json(client, {"public_key": keypair.public_key, "secret_key": keypair.secret_key})
+    assert issued.status_code == 200 and issued.get_json()["ttl"] == 3650 * 86400
+    session = client.get("/session.json", headers={"Authorization": f"Bearer {issued.get_json()['token']}"})
+    assert session.status_code == 200 and session.get_json()["expires_in"] > 3649 * 86400
+    wrong = {"public_key": keypair.public_key, "secret_key": WRONG_SK}
+    assert post_json(client, wrong, environ_base={"REMOTE_ADDR": "198.51.100.10"}).status_code == 401
+    assert raw_redis.ttl(f"{settings.prefix}fail:addr:198.51.100.10") > 3649 * 86400
 
 
 def test_rate_limited_key_gets_ratelimit_headers_then_429(token_client, auth):
