@@ -74,7 +74,7 @@ class _Timed:
         try:
             super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
         except redis.ResponseError as exc:  # SELECT of a database past its count, say
-            raise SetupRefused(f"Redis refused the connection's setup: {exc}") from None
+            raise SetupRefused(str(exc)) from None
         finally:
             self._connecting = False
 
