@@ -25,8 +25,10 @@ if __name__ == "__main__":
     gc.disable()
 
 import argparse
+import fcntl
 import logging
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -156,22 +158,47 @@ def compact_heap() -> None:
 
 
 METRICS_PREFIX = "thalamus-metrics-"
+METRICS_LOCK = "server.lock"
+
+
+def claim_metrics_folder() -> str:
+    """A new metrics folder for this server, locked (``flock``) for as long as the process lives:
+    the kernel lets go of the lock however the process ends, so a folder whose lock can be taken
+    is an orphan, whatever its name. Forked workers hold the same lock."""
+    folder = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
+    lock = os.open(os.path.join(folder, METRICS_LOCK), os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # never released or closed: the process's end does both
+    return folder
 
 
 def remove_orphaned_metrics() -> None:
     """Remove the metrics folders of servers that died without cleaning up (``kill -9``, the OOM
-    killer): each is named after its server's process id, and a server removes its own when it
-    stops. In a container its /tmp goes with it; on a laptop they would pile up in /tmp."""
+    killer, a port already taken). A server removes its own when it stops. A pod's ``/tmp`` is
+    an emptyDir that outlives its container's restarts, and there the server is process 1 each
+    time: a process id cannot tell an orphan from a live server, so the folder's lock does."""
     for folder in Path(tempfile.gettempdir()).glob(f"{METRICS_PREFIX}*-*"):
-        pid = folder.name.removeprefix(METRICS_PREFIX).split("-", 1)[0]
         try:
-            if not pid.isdigit() or folder.stat().st_uid != os.getuid():
-                continue  # another user's, or not a server's
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
+            if folder.stat().st_uid != os.getuid():
+                continue  # another user's
+            lock = os.open(folder / METRICS_LOCK, os.O_RDWR)
         except OSError:
-            continue  # gone meanwhile, or the process id is someone else's now
+            continue  # gone meanwhile, not a server's, or a server creating it this moment
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its server lives
+        finally:
+            os.close(lock)  # also lets go of a lock taken: the folder goes next
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def allow_open_files() -> None:
+    """Raise the soft limit on open files to the hard one (at most 65,536): gunicorn keeps up to
+    1,000 connections a worker, and many systems start a process at 1,024 files in all."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,8 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     # Each worker writes its Prometheus samples to this folder and /metrics adds them up. It must
     # be set before prometheus_client is imported (by the function, below); one per server.
     compact_heap()
+    allow_open_files()
     remove_orphaned_metrics()
-    metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
+    metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = claim_metrics_folder()
     try:
         settings = config.load()
         logs.setup(function, settings.log_level, settings.log_format)

@@ -31,6 +31,7 @@ murder_keepalived, _keepalive_after) of that version, and tests/test_hostile.py 
 
 from __future__ import annotations
 
+import errno
 import re
 import select
 import selectors
@@ -49,6 +50,9 @@ from shared.deadlines import DeadlineSocket, GuardedBody
 from shared.errors import ThalamusError
 from shared.refusals import METHOD, refuse, request_id_of, status_of
 
+# accept() errors that say the process (or the kernel) has no room for another connection now.
+OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+ACCEPT_PAUSE_SECONDS = 0.5
 BARE_LF = re.compile(rb"(?<!\r)\n")
 CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,9})[ \t]*\r\n", re.I)
 CHUNKED = re.compile(rb"\r\ntransfer-encoding:[^\r]*chunked", re.I)
@@ -99,6 +103,7 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
         self.next_notify = 0.0
         self.stopped_at: float | None = None
         self.in_flight = 0  # requests handed to the pool and not finished; only the main thread writes it
+        self.accept_paused_until = -1e9  # see pause_accepting
 
     # -- main thread -------------------------------------------------------------------------
 
@@ -119,9 +124,29 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
             raw, address = listener.accept()
         except (BlockingIOError, ConnectionAbortedError):
             return
+        except OSError as exc:
+            if exc.errno not in OUT_OF_DESCRIPTORS:
+                raise
+            self.pause_accepting(exc)
+            return
         sock = DeadlineSocket(raw.family, raw.type, raw.proto, fileno=raw.detach())
         self.nr_conns += 1
         self.read_head(TConn(self.cfg, sock, address, listener.getsockname()), b"", idle=False)
+
+    def pause_accepting(self, exc: OSError) -> None:
+        """Out of file descriptors (or kernel memory): gunicorn's worker would die of the error,
+        with every request in flight. Stop accepting for a moment instead; the connections queue
+        in the listen backlog while those open now finish and close."""
+        now = time.monotonic()
+        if now >= self.accept_paused_until + 10:  # one line per episode, not one per attempt
+            self.log.warning("cannot accept connections (%s): pausing %.1f s", exc.strerror, ACCEPT_PAUSE_SECONDS)
+        self.accept_paused_until = now + ACCEPT_PAUSE_SECONDS
+        self.set_accept_enabled(False)
+
+    def set_accept_enabled(self, enabled: bool) -> None:
+        # gunicorn's loop re-enables accepting on every turn while it has room for connections.
+        if not (enabled and time.monotonic() < self.accept_paused_until):
+            super().set_accept_enabled(enabled)
 
     def read_head(self, conn: Any, data: bytes, idle: bool) -> None:
         self.begin_head(conn, data)

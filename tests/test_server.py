@@ -3,8 +3,11 @@ stops with whatever started it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -103,9 +106,14 @@ def test_a_killed_servers_metrics_folder_is_removed_by_the_next(env, tmp_path):
     killed.kill()
     killed.wait(10)
     assert killed_folder.is_dir()
+    # A pod's /tmp outlives its container's restarts, and the server is process 1 each time: a
+    # folder named after a process that lives (here this one) may still be an orphan.
+    reused = tmp_path / f"thalamus-metrics-{os.getpid()}-earlier"
+    reused.mkdir()
+    (reused / "server.lock").touch()
     third, third_folder = start()
     try:
-        assert not killed_folder.exists()
+        assert not killed_folder.exists() and not reused.exists()
         assert live_folder.is_dir() and third_folder.is_dir()
     finally:
         for proc in (live, third):
@@ -153,3 +161,57 @@ def test_threads_are_one_per_usable_cpu_and_at_least_two():
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.split() == [str(max(2, cgroup.usable_cpus())), "2", "3"]
+
+
+def test_running_out_of_file_descriptors_pauses_accepting_instead_of_dying(env, tmp_path):
+    """More connections than the process may open files (a hard limit of 64 here; at the usual
+    1,024 gunicorn's own cap comes first): accept() fails with EMFILE, which killed the worker,
+    and with WORKERS=1 the whole server. It now waits for connections to close, and serves on."""
+    port = free_port()
+    log = tmp_path / "token.log"
+
+    def few_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    with log.open("wb") as out:
+        proc = subprocess.Popen(function_command("token", port), env=subprocess_env(**env), stdout=out,
+                                stderr=subprocess.STDOUT, preexec_fn=few_files)  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(80)]
+        time.sleep(1.5)  # the server accepts what it can, fails on the rest
+        assert proc.poll() is None, log.read_text()
+        for sock in held:
+            sock.close()
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("no answer after the connections closed: " + log.read_text()[-2000:])
+        assert proc.poll() is None
+        assert log.read_text().count("cannot accept connections (Too many open files)") == 1
+        assert "Traceback" not in log.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_a_server_may_open_as_many_files_as_its_hard_limit_allows(env):
+    """gunicorn keeps up to 1,000 connections a worker: a soft limit of 1,024 files, where many
+    systems start a process, would run out first. The server raises it to the hard limit."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    port = free_port()
+    proc = subprocess.Popen(function_command("token", port), env=subprocess_env(**env), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE,
+                                                                                            (256, hard)))  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        limits = Path(f"/proc/{proc.pid}/limits").read_text().splitlines()
+        soft = next(line for line in limits if line.startswith("Max open files")).split()[3]
+        assert int(soft) == (65536 if hard == resource.RLIM_INFINITY else min(hard, 65536))
+    finally:
+        proc.terminate()
+        proc.wait(10)
