@@ -147,6 +147,12 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
         # gunicorn's loop re-enables accepting on every turn while it has room for connections.
         if not (enabled and time.monotonic() < self.accept_paused_until):
             super().set_accept_enabled(enabled)
+        if not enabled and not self.alive:
+            # Stopping (SIGTERM): close the listeners now, so that a new connection is refused at
+            # once, not left in the backlog unanswered until the drain ends (gunicorn closes them
+            # last). With WORKERS > 1 the master holds them too, and closes its own when it stops.
+            for listener in self.sockets:
+                listener.close()
 
     def read_head(self, conn: Any, data: bytes, idle: bool) -> None:
         self.begin_head(conn, data)

@@ -4,6 +4,7 @@ stops with whatever started it."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import resource
 import signal
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 from local import ROOT
@@ -215,3 +217,30 @@ def test_a_server_may_open_as_many_files_as_its_hard_limit_allows(env):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_a_stopping_server_refuses_new_connections_and_finishes_what_it_holds(env):
+    """SIGTERM: requests in flight are answered, and a new connection is refused at once (it used
+    to be accepted into the backlog and left unanswered until the process exited)."""
+    port = free_port()
+    proc = subprocess.Popen(function_command("token", port), env=subprocess_env(**env),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        body = json.dumps({"public_key": "pk_" + "a" * 43, "secret_key": "sk_" + "a" * 43}).encode()
+        in_flight = socket.create_connection(("127.0.0.1", port), timeout=10)
+        in_flight.sendall(b"POST /token.json HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])  # fmt: skip
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(ConnectionRefusedError):  # not accepted, and then never answered
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+        assert proc.poll() is None  # still draining
+        in_flight.sendall(body[10:])
+        assert in_flight.recv(100).startswith(b"HTTP/1.1 401")  # answered: that keypair does not exist
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
