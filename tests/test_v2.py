@@ -20,10 +20,14 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from functions.predict import pipeline, tensors
+from functions.predict.model import load_model
+from functions.predict.service import create_service as create_predict_service
+from local import ROOT
 from local.helpers import demo_image, encode
 from shared import imaging, jsonbody
+from shared.config import Settings
 from shared.errors import BadRequest
-from tests.conftest import demo_model, predict_client
+from tests.conftest import demo_model, function_client, predict_client
 from tests.test_openapi import check
 
 MODEL = "shapes"
@@ -666,3 +670,41 @@ def test_parsed_json_is_held_in_one_budget_per_process():
     small = imaging.Limits(40_000_000, json_budget=imaging.DecodeBudget(cost - 1))
     with pytest.raises(BadRequest, match=r"MiB of memory to parse"), tensors.parsed(document, "body", small):
         pass
+
+
+@pytest.mark.parametrize("protocol", ["v1", "v2"])
+def test_a_request_waiting_for_the_model_holds_none_of_the_json_budget(settings, bearer, protocol):
+    """A JSON document is parsed within the process's JSON budget, but once its batch is made the
+    request needs it no more: waiting for an interpreter, it must not keep others from parsing
+    theirs. It did: with the model busy, a second document waited for the first's share of the
+    budget, then got a 503 "busy parsing other large JSON requests" while nothing was parsing."""
+    bundle = ROOT / "models" / MODEL
+    model = load_model(Settings(model_name=MODEL, model_dir=bundle, model_interpreters=1))
+    data = np.zeros((2, 64, 64, 3)).tolist()
+    if protocol == "v1":
+        path, document = f"/v1/models/{MODEL}:predict", {"instances": data}
+    else:
+        path, document = f"/v2/models/{MODEL}/infer", {"inputs": [fp32([2, 64, 64, 3], data)]}
+    body = json.dumps(document).encode()
+    cost = jsonbody.json_cost(body)
+    assert cost >= 1 << 19  # so that a budget of whole MiB can hold one such document but not two
+    mebibytes = -(-2 * cost // (1 << 20))  # the JSON budget is half the decode budget
+    service = create_predict_service(settings.replace(model_name=MODEL, model_dir=bundle, decode_memory_mb=mebibytes),
+                                     model)  # fmt: skip
+    client = function_client(service)
+    statuses = []
+
+    def ask() -> None:
+        statuses.append(client.post(path, headers=bearer, data=body).status_code)
+
+    askers = [threading.Thread(target=ask) for _ in range(2)]
+    with model.borrowed():  # the model busy with another request meanwhile
+        for asker in askers:
+            asker.start()
+        deadline = time.monotonic() + 10
+        while model.waiting < 2 and time.monotonic() < deadline and not statuses:
+            time.sleep(0.01)
+        assert model.waiting == 2, statuses  # both parsed, both waiting for the model
+    for asker in askers:
+        asker.join(10)
+    assert statuses == [200, 200]

@@ -79,10 +79,25 @@ class V1:
         if call.args["verb"] != "predict":
             raise BadRequest(f"':{call.args['verb']}' is not served here; use ':predict'")
         body = tensors.read_body(call.request, self.max_body)
-        with tensors.parsed(body, "body", self.limits) as doc:
-            return self._predict(doc)
+        batch, key, signature = self._read(body)
+        # Out of the JSON budget by now: a request waiting for an interpreter holds only its batch.
+        probabilities = pipeline.infer(self.model, batch)
+        if signature == DEFAULT:
+            return {key: probabilities.tolist()}
+        labels = [self.model.labels[i] for i in probabilities.argmax(axis=1)]
+        if key == "predictions":
+            return {
+                key: [{"probabilities": p, "label": x} for p, x in zip(probabilities.tolist(), labels, strict=True)]
+            }
+        return {key: {"probabilities": probabilities.tolist(), "label": labels}}
 
-    def _predict(self, doc: Any) -> dict[str, Any]:
+    def _read(self, body: bytes) -> tuple[np.ndarray, str, str]:
+        """The request's batch, the answer's key (its form) and the signature; the parsed document
+        is gone when this returns."""
+        with tensors.parsed(body, "body", self.limits) as doc:
+            return self._examples(doc)
+
+    def _examples(self, doc: Any) -> tuple[np.ndarray, str, str]:
         if not isinstance(doc, dict):
             raise BadRequest("body must be a JSON object with 'instances' or 'inputs'")
         signature = doc.get("signature_name", "")
@@ -99,15 +114,7 @@ class V1:
             batch, key = self._columns(doc["inputs"]), "outputs"
         else:
             raise BadRequest("missing 'instances' (one item per example) or 'inputs' (columnar form)")
-        probabilities = pipeline.infer(self.model, batch)
-        if signature == DEFAULT:
-            return {key: probabilities.tolist()}
-        labels = [self.model.labels[i] for i in probabilities.argmax(axis=1)]
-        if key == "predictions":
-            return {
-                key: [{"probabilities": p, "label": x} for p, x in zip(probabilities.tolist(), labels, strict=True)]
-            }
-        return {key: {"probabilities": probabilities.tolist(), "label": labels}}
+        return batch, key, signature
 
     def _rows(self, instances: Any) -> np.ndarray:
         if not isinstance(instances, list):

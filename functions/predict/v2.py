@@ -96,10 +96,19 @@ class V2:
             if HEADER_LENGTH in call.request.headers
             else ""
         )
-        with tensors.parsed(header, "inference request", self.limits, advice) as doc:
-            return self._infer(doc, binary)
+        batch, wanted, request_id = self._read(header, binary, advice)
+        # Out of the JSON budget by now: a request waiting for an interpreter holds only its batch.
+        return self._answer(pipeline.infer(self.model, batch), wanted, request_id)
 
-    def _infer(self, doc: Any, binary: memoryview) -> dict[str, Any] | flask.Response:
+    def _read(
+        self, header: bytes | memoryview, binary: memoryview, advice: str
+    ) -> tuple[np.ndarray, list[tuple[bool, int]], str | None]:
+        """The request's batch, its requested outputs and id; the parsed document is gone when
+        this returns."""
+        with tensors.parsed(header, "inference request", self.limits, advice) as doc:
+            return self._request(doc, binary)
+
+    def _request(self, doc: Any, binary: memoryview) -> tuple[np.ndarray, list[tuple[bool, int]], str | None]:
         if not isinstance(doc, dict):
             raise BadRequest("the inference request must be a JSON object with 'inputs'")
         request_id = doc.get("id")
@@ -111,8 +120,7 @@ class V2:
             raise BadRequest(f"missing 'inputs': a list holding the model's input {self.model.input_name!r}")
         if len(inputs) != 1:
             raise BadRequest(f"model {self.model.name} takes 1 input ({self.model.input_name!r}), got {len(inputs)}")
-        probabilities = pipeline.infer(self.model, self._input(inputs[0], binary))
-        return self._answer(probabilities, wanted, request_id)
+        return self._input(inputs[0], binary), wanted, request_id
 
     def _input(self, spec: Any, binary: memoryview) -> np.ndarray:
         """The request's one input as the model's batch (binary data checked to the byte)."""
