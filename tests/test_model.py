@@ -61,6 +61,7 @@ def test_requests_that_wait_on_decoding_share_one_interpreter(settings, bearer):
         thread.join(60)
     assert [answers[i] for i in range(len(labels))] == labels
     assert model.interpreters == 1 and live_interpreters() - before == 1
+    assert model.made == 1  # none made for a request and dropped after it either
 
 
 def test_an_interpreter_given_back_goes_to_a_waiting_thread_at_once(monkeypatch):
@@ -147,7 +148,7 @@ def test_a_saturated_model_gets_an_interpreter_per_cpu_and_no_more(monkeypatch):
         while model.interpreters < model.max_interpreters and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(2.5)  # saturated still: no interpreter beyond the CPUs
-    assert model.interpreters == model.max_interpreters
+    assert model.interpreters == model.made == model.max_interpreters
     assert live_interpreters() - before == model.max_interpreters
 
 

@@ -170,6 +170,7 @@ class Model:
         self._growing = threading.Lock()
         self._tally = threading.Lock()  # model-call seconds in the current window, and waiting
         self.waiting = 0  # threads waiting for an interpreter
+        self.made = 0  # interpreters ever made: as many as the pool holds, never one per request
         self._busy, self._window_start, self._utilization = 0.0, time.monotonic(), 0.0
         self._window_cpu, self._cpu_free = self._cpu_spent(), 0.0
         with _native_stderr_silenced():
@@ -180,6 +181,7 @@ class Model:
         release_mapped_pages(self._path)
 
     def _new_interpreter(self) -> Interpreter:
+        self.made += 1  # at start, or growing under self._growing: one thread at a time
         try:
             # model_path: LiteRT maps the file, so the flatbuffer is shared page cache, not a copy.
             interpreter = Interpreter(model_path=str(self._path), num_threads=1)
