@@ -2,7 +2,10 @@
 
 A process finds its own group in ``/proc/self/cgroup``: inside a container (a cgroup namespace)
 that is ``/``, the container's group; outside one (a test, a systemd slice) it is the group's
-path under the hierarchy's mount. Unreadable files mean "no limit".
+path under the hierarchy's mount. A container without a cgroup namespace (Docker and containerd
+on cgroup v1 nodes, ``--cgroupns=host``) sees its group's path on the host there, while its own
+group is what is mounted: where that path is not under the mount, the mount's root is the group.
+Unreadable files mean "no limit".
 """
 
 from __future__ import annotations
@@ -23,13 +26,20 @@ def _files(v2_name: str, v1_controller: str, v1_names: tuple[str, ...]) -> list[
             _, controllers, group = line.split(":", 2)
             group = group.strip("/")
             if controllers == "":  # cgroup v2: one hierarchy
-                found.append((MOUNT / group / v2_name,))
+                found.append((_group(MOUNT, group) / v2_name,))
             elif v1_controller in controllers.split(","):  # v1: mounted as cpu, cpu,cpuacct, memory …
                 folder = MOUNT / controllers
                 if not folder.is_dir():
                     folder = MOUNT / v1_controller
-                found.append(tuple(folder / group / name for name in v1_names))
+                found.append(tuple(_group(folder, group) / name for name in v1_names))
     return found
+
+
+def _group(mount: Path, group: str) -> Path:
+    """The folder of ``group`` under a hierarchy's ``mount``; the mount itself when the group's
+    host path is not there (a container without a cgroup namespace: see the module's docstring)."""
+    folder = mount / group
+    return folder if folder.is_dir() else mount
 
 
 def memory_limit() -> int | None:

@@ -83,6 +83,21 @@ def test_an_image_runs_without_docstrings_and_compiles_nothing_at_start(images, 
     assert int(found) > 1000 and uncompiled == "[]"  # the standard library, the packages, the app
 
 
+@pytest.mark.parametrize("cgroupns", ["private", "host"])
+def test_a_container_reads_its_cpu_quota_and_memory_limit_with_or_without_a_cgroup_namespace(images, cgroupns):
+    # Without a cgroup namespace (Docker and containerd on cgroup v1 nodes), /proc/self/cgroup
+    # names the group's host path, which is not under the container's mount: the limits were
+    # read as none, so a 1-CPU pod made an interpreter per node CPU and decoded on a default budget.
+    done = subprocess.run(
+        [TOOL, "run", "--rm", "--read-only", "--cpus", "1", "--memory", "300m", f"--cgroupns={cgroupns}",
+         "--entrypoint", "python", images["shapes"], "-c",
+         "from shared import cgroup; print(cgroup.cpu_quota(), cgroup.usable_cpus(), cgroup.memory_limit())"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["1.0", "1", str(300 << 20)]
+
+
 @pytest.fixture
 def stack(images, redis_url, env):
     started = []
