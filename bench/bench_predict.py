@@ -58,6 +58,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import bench_token
 import replica
 
 from local import ROOT, helpers
@@ -446,6 +447,7 @@ def main() -> None:
         "--cpus", type=float, help="run every server under this CPU quota, as a pod's limits.cpu (root)"
     )
     parser.add_argument("--photo", choices=sorted(PHOTOS), default="drawing", help="the JPEG sent (see above)")
+    parser.add_argument("--no-token", action="store_true", help="skip the token function's figures (bench_token.py)")
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("bench_predict.py: wrk is missing (Debian: apt-get install wrk)")
@@ -510,12 +512,58 @@ def main() -> None:
             redis_server.stop()
             if group is not None:
                 remove_cgroup(group)
+    token = None if args.no_token else bench_token.measure(args.requests)
     report(rows, args, len(photo))
+    if token is not None:
+        print("\ntoken function (bench_token.py):")
+        bench_token.report(token)
+    verdict(rows, token, usable_cores(args))
+
+
+def usable_cores(args: argparse.Namespace) -> float:
+    """The CPUs the servers may use: --cpus, else this process's affinity."""
+    return args.cpus or len(os.sched_getaffinity(0))
+
+
+def verdict(rows: list[dict], token: dict[str, float] | None, cores: float) -> None:
+    """Each of issue 13's targets for the reference network (and the token function), met or not."""
+    lines = []
+    monolith = next((r for r in rows if r["model"] == "reference" and r["server"].startswith("monolith")), None)
+    for r in rows:
+        if r["model"] != "reference" or not r["server"].startswith("thalamus") or "rps" not in r:
+            continue
+        share, spread = r["rps"] / (cores * 1000 / r["floor"]), r["load_p99"] / r["load_p50"]
+        steady = share >= 0.6 and not r["errors"] and spread <= 4
+        times = f", {monolith['cold'] / r['cold']:.1f}x the monolith" if monolith else ""
+        floor = f"; import floor {r['import_floor']:.0f} ms" if "import_floor" in r else ""
+        checks = [
+            ("PSS after the load <= 100 MB", f"{r['pss']:.1f} MB", r["pss"] <= 100),
+            ("req/s >= 0.6 of the limit, no error, p99 <= 4 x p50",
+             f"{share:.2f}, {r['errors']} errors, p99 {spread:.1f} x p50", steady),
+            ("warm p50 <= 1.5 x floor", f"{r['p50'] / r['floor']:.2f}x", r["p50"] <= 1.5 * r["floor"]),
+            ("CPU per request <= floor + 1.5 ms", f"floor + {r['cpu_ms'] - r['floor']:.2f} ms",
+             r["cpu_ms"] <= r["floor"] + 1.5),
+            ("cold start <= 0.28 s", f"{r['cold']:.0f} ms{times}{floor}", r["cold"] <= 280),
+        ]  # fmt: skip
+        lines += [(r["server"], *check) for check in checks]
+    if token is not None:
+        bound = token["scrypt"] + token["ping_p50"]
+        lines += [
+            ("token function", "POST /token.json p50 <= 1.1 x (scrypt + round trip)",
+             f"{token['issue_p50'] / bound:.3f}x", token["issue_p50"] <= 1.1 * bound),
+            ("token function", "GET /session.json p50 <= 1.2 ms", f"{token['session_p50']:.2f} ms",
+             token["session_p50"] <= 1.2),
+        ]  # fmt: skip
+    if lines:
+        print("\nissue 13's targets (reference network):")
+        print("| server | target | measured | |\n|---|---|---|---|")
+        for server, target, measured, met in lines:
+            print(f"| {server} | {target} | {measured} | {'met' if met else 'not met'} |")
 
 
 def report(rows: list[dict], args: argparse.Namespace, photo_bytes: int) -> None:
-    cores = args.cpus or os.cpu_count() or 1
-    machine = f"a quota of {cores:g} CPUs on {os.cpu_count()}" if args.cpus else f"{cores} CPUs"
+    cores = usable_cores(args)
+    machine = f"a quota of {cores:g} CPUs on {os.cpu_count()}" if args.cpus else f"{cores:g} CPUs"
     print(
         f"\n{args.connections} connections for {args.seconds} s (wrk); warm = {args.requests} sequential "
         f"requests on one connection; cold start = median of {args.runs}; a 640x480 JPEG "
@@ -525,6 +573,7 @@ def report(rows: list[dict], args: argparse.Namespace, photo_bytes: int) -> None
         "model",
         "server",
         "cold start",
+        "floor",
         "warm p50",
         "p50/floor",
         "CPU/req",
@@ -556,6 +605,7 @@ def report(rows: list[dict], args: argparse.Namespace, photo_bytes: int) -> None
             r["model"],
             r["server"],
             f"{r['cold']:.0f} ms",
+            f"{r['floor']:.2f} ms",
             f"{r['p50']:.2f} ms",
             f"{r['p50'] / r['floor']:.2f}x",
             *load_cells,

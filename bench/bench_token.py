@@ -31,10 +31,8 @@ from shared import config, credentials
 from shared.auth import AuthStore
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--requests", type=int, default=200)
-    args = parser.parse_args()
+def measure(requests: int) -> dict[str, float]:
+    """The token function's figures (milliseconds unless named otherwise): see the module's docstring."""
     redis_port, port = free_port(), free_port()
     with tempfile.TemporaryDirectory() as tmp:
         server = RedisServer(redis_port, Path(tmp)).start()
@@ -59,19 +57,19 @@ def main() -> None:
 
             body = json.dumps({"public_key": pair.public_key, "secret_key": pair.secret_key}).encode()
             issue, verify, ping = [], [], []
-            for _ in range(args.requests):
+            for _ in range(requests):
                 t = time.perf_counter()
                 token = json.loads(call("POST", "/token.json", body, **{"Content-Type": "application/json"}))["token"]
                 issue.append(time.perf_counter() - t)
             client = redis.Redis(port=redis_port)
-            for _ in range(args.requests):
+            for _ in range(requests):
                 t = time.perf_counter()
                 client.ping()
                 ping.append(time.perf_counter() - t)
             for _ in range(20):  # warm-up
                 call("GET", "/session.json", Authorization=f"Bearer {token}")
             client.config_resetstat()
-            for _ in range(args.requests):
+            for _ in range(requests):
                 t = time.perf_counter()
                 call("GET", "/session.json", Authorization=f"Bearer {token}")
                 verify.append(time.perf_counter() - t)
@@ -88,23 +86,45 @@ def main() -> None:
             proc.terminate()
             proc.wait()
             server.stop()
+    return {
+        "scrypt": scrypt_ms,
+        "ping_p50": percentile_ms(ping, 0.5),
+        "issue_p50": percentile_ms(issue, 0.5),
+        "issue_p99": percentile_ms(issue, 0.99),
+        "session_p50": percentile_ms(verify, 0.5),
+        "session_p99": percentile_ms(verify, 0.99),
+        "session_mean": statistics.mean(verify) * 1000,
+        "round_trips": calls / len(verify),
+        "rss_mb": rss,
+        "requests": requests,
+    }
+
+
+def report(figures: dict[str, float]) -> None:
+    """Print ``figures`` (from :func:`measure`)."""
     print(
         f"scrypt N=2^{credentials.SCRYPT_N.bit_length() - 1} r={credentials.SCRYPT_R} p={credentials.SCRYPT_P}: "
-        f"{scrypt_ms:.1f} ms per hash (one core)"
+        f"{figures['scrypt']:.1f} ms per hash (one core)"
     )
-    bound = scrypt_ms + percentile_ms(ping, 0.5)
-    print(f"one Redis round trip (PING): p50 {percentile_ms(ping, 0.5):.3f} ms")
+    bound = figures["scrypt"] + figures["ping_p50"]
+    print(f"one Redis round trip (PING): p50 {figures['ping_p50']:.3f} ms")
     print(
-        f"POST /token.json   p50 {percentile_ms(issue, 0.5):6.1f} ms  p99 {percentile_ms(issue, 0.99):6.1f} ms  "
-        f"(n={len(issue)}, sequential, scrypt included): {percentile_ms(issue, 0.5) / bound:.3f}x "
+        f"POST /token.json   p50 {figures['issue_p50']:6.1f} ms  p99 {figures['issue_p99']:6.1f} ms  "
+        f"(n={figures['requests']:.0f}, sequential, scrypt included): {figures['issue_p50'] / bound:.3f}x "
         f"one scrypt hash + one round trip ({bound:.1f} ms)"
     )
     print(
-        f"GET /session.json  p50 {percentile_ms(verify, 0.5):6.2f} ms  p99 {percentile_ms(verify, 0.99):6.2f} ms  "
-        f"mean {statistics.mean(verify) * 1000:.2f} ms"
+        f"GET /session.json  p50 {figures['session_p50']:6.2f} ms  p99 {figures['session_p99']:6.2f} ms  "
+        f"mean {figures['session_mean']:.2f} ms"
     )
-    print(f"Redis round trips per bearer verification: {calls / len(verify):.2f}")
-    print(f"token function RSS after the run (one process): {rss:.0f} MB")
+    print(f"Redis round trips per bearer verification: {figures['round_trips']:.2f}")
+    print(f"token function RSS after the run (one process): {figures['rss_mb']:.0f} MB")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--requests", type=int, default=200)
+    report(measure(parser.parse_args().requests))
 
 
 if __name__ == "__main__":
