@@ -532,7 +532,7 @@ def verdict(rows: list[dict], token: dict[str, float] | None, cores: float) -> N
     for r in rows:
         if r["model"] != "reference" or not r["server"].startswith("thalamus") or "rps" not in r:
             continue
-        share, spread = r["rps"] / (cores * 1000 / r["floor"]), r["load_p99"] / r["load_p50"]
+        share, spread = r["rps"] / (cores * 1000 / r["floor"]), r["load_p99"] / max(r["load_p50"], 1e-9)
         steady = share >= 0.6 and not r["errors"] and spread <= 4
         times = f", {monolith['cold'] / r['cold']:.1f}x the monolith" if monolith else ""
         floor = f"; import floor {r['import_floor']:.0f} ms" if "import_floor" in r else ""

@@ -140,7 +140,9 @@ class Gateway:
                          [] if ready else [("Retry-After", "2")], close)  # fmt: skip
         if page:
             names = self._functions()
-            return docs.page(routes.documents(list(names)))(environ, start_response)
+            answer = docs.page(routes.documents(list(names)))
+            answer.headers["Vary"] = "Accept"  # the root answers a browser so, and others not
+            return answer(environ, start_response)
         if path.startswith(routes.DOCS_ASSETS):
             return docs.asset(path.removeprefix(routes.DOCS_ASSETS))(environ, start_response)
         if path == "/openapi.json":

@@ -10,6 +10,7 @@ from typing import Any
 
 from local import routes
 from shared import docs
+from shared.errors import MethodNotAllowed
 
 NAMESPACE = "thalamus"
 LOCAL_GATEWAY = "knative-local-gateway.istio-system.svc.cluster.local"
@@ -40,10 +41,12 @@ def _forward(name: str, matches: list[dict[str, Any]], function: str, uri: str |
     }
 
 
-def _answer(name: str, matches: list[dict[str, Any]], status: int, body: str, content_type: str) -> dict[str, Any]:
+def _answer(
+    name: str, matches: list[dict[str, Any]], status: int, body: str, content_type: str, **headers: str
+) -> dict[str, Any]:
     rule: dict[str, Any] = {"name": name, "match": matches} if matches else {"name": name}
     rule["directResponse"] = {"status": status, "body": {"string": body}}
-    rule["headers"] = {"response": {"set": {"content-type": content_type}}}
+    rule["headers"] = {"response": {"set": {"content-type": content_type, **headers}}}
     return rule
 
 
@@ -53,9 +56,13 @@ def virtualservice(names: list[str], host: str) -> dict[str, Any]:
     # and the root too for a browser; first, as the root is otherwise the token function's.
     functions = ["token", *names]
     page = docs.page(routes.documents(functions)).get_data(as_text=True)
-    pages = [{"uri": {"exact": routes.ROOT}, "headers": {"accept": {"regex": routes.BROWSER_ACCEPT}}}]
-    pages += [{"uri": {"exact": path}} for path in routes.DOCS_PAGE_PATHS]
-    http = [_answer("docs", pages, 200, page, "text/html")]
+    root: dict[str, Any] = {"uri": {"exact": routes.ROOT}, "headers": {"accept": {"regex": routes.BROWSER_ACCEPT}}}
+    pages = [root, *({"uri": {"exact": path}} for path in routes.DOCS_PAGE_PATHS)]
+    reads = {"method": {"regex": "GET|HEAD"}}
+    http = [_answer("docs", [{**match, **reads} for match in pages], 200, page, "text/html", vary="Accept")]
+    refused = MethodNotAllowed(["GET", "HEAD"])  # another method on the page's paths, as the gateway answers it
+    http.append(_answer("docs-methods", pages[1:], refused.status, json.dumps({"error": refused.message}),
+                        "application/json", allow=refused.headers["Allow"]))  # fmt: skip
     http.append(_forward("token", [{"uri": {"exact": path}} for path in routes.TOKEN_PATHS], "token"))
     for model in names:
         exact = [{"uri": {"exact": path.format(model=model)}} for path in routes.MODEL_PATHS]

@@ -20,10 +20,11 @@ TOKEN_PATHS = (
 # Where the gateway answers with the docs page over every function's document, each at
 # FUNCTION_DOCUMENT; under DOCS_ASSETS are Swagger UI's files, which every function serves.
 DOCS_PAGE_PATHS = ("/docs", "/docs/")
-# The root is KServe V1's server liveness, which the token function answers, but a browser (it
-# asks for HTML) gets the docs page there. Istio matches the whole Accept header with this RE2.
+# The root is KServe V1's server liveness, which the token function answers, but a browser gets
+# the docs page there: browsers put text/html first in Accept, API clients send */* or JSON.
+# Istio matches the whole Accept header with this RE2; both answers say "Vary: Accept".
 ROOT = "/"
-BROWSER_ACCEPT = ".*text/html.*"
+BROWSER_ACCEPT = "(?i)text/html.*"
 DOCS_ASSETS = "/docs/"
 FUNCTION_DOCUMENT = "/openapi/{function}.json"
 # What the local gateway answers itself, besides those: its health and the merged document.

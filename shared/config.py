@@ -223,13 +223,16 @@ def _redis_url(variable: str, raw: str) -> str:
         if unknown := sorted({unquote_plus(name) for name in fields if name} - REDIS_URL_OPTIONS):
             raise ValueError(f"unknown option {unknown[0]!r} (known: {', '.join(sorted(REDIS_URL_OPTIONS))})")
         parts = urlsplit(raw)
-        if parts.scheme in ("redis", "rediss") and not re.fullmatch(r"/?|/[0-9]+", parts.path):
+        if parts.scheme in ("redis", "rediss") and not re.fullmatch(r"/?|/[0-9]+/?", unquote_plus(parts.path)):
             raise ValueError(f"the path names the database, a number: {parts.path!r}")  # redis-py ignores others
         connection = redis.ConnectionPool.from_url(raw).make_connection()  # built, connected nowhere
         if re.search(r"\s", str(getattr(connection, "client_name", None) or "")):
             raise ValueError("client_name may not hold spaces (Redis refuses it)")
         if not 0 <= (db := getattr(connection, "db", 0)) <= 1_000_000:
             raise ValueError(f"db must be a database number, got {db}")
+        # A read size of 0 reads nothing: every command would fail as if Redis had hung up.
+        if (read_size := redis.connection.parse_url(raw).get("socket_read_size", 1)) < 1:  # type: ignore[no-untyped-call]
+            raise ValueError(f"socket_read_size must be at least 1, got {read_size}")
         for option, lowest in (
             ("socket_timeout", 0.001),
             ("socket_connect_timeout", 0.001),

@@ -9,6 +9,7 @@ it before their body is read, enforces ``MAX_UPLOAD_BYTES``, and maps every
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import json
@@ -34,6 +35,7 @@ from shared.errors import (
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
+    ServiceUnavailable,
     ThalamusError,
     UnsupportedMediaType,
 )
@@ -194,7 +196,7 @@ class Service:
             # The inference protocols' server endpoints: every function answers them, so the
             # cluster may send them to the token function, which is never scaled away. KServe's
             # V1 liveness is the root (its SDK's is_server_live() reads {"status": "alive"}).
-            Route("/", ("GET",), lambda call: {"status": "alive"}),
+            Route("/", ("GET",), lambda call: {"status": "alive"}, headers={"Vary": "Accept"}),  # see local/routes
             Route("/v2", ("GET",), lambda call: V2_SERVER),
             Route("/v2/health/live", ("GET",), lambda call: {"live": True}),
             Route("/v2/health/ready", ("GET",), lambda call: {"ready": True}),
@@ -228,6 +230,13 @@ class Service:
         except wz.RequestEntityTooLarge:  # werkzeug's urlencoded form parser: too many fields or a huge one
             limit = request.max_form_parts
             response = error_response(BadRequest(f"form has too many fields (limit {limit}) or a field too large"))
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                log.exception("unhandled error on %s %s", request.method, request.path)
+                response = error_response(InternalError())
+            else:  # the process is out of file descriptors (see shared.worker): not this request's fault
+                log.warning("out of file descriptors on %s %s", request.method, request.path)
+                response = error_response(ServiceUnavailable("this server is out of file descriptors; retry shortly"))
         except Exception:  # a bug: log it with its traceback, answer without one
             log.exception("unhandled error on %s %s", request.method, request.path)
             response = error_response(InternalError())

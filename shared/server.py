@@ -164,10 +164,13 @@ METRICS_LOCK = "server.lock"
 def claim_metrics_folder() -> str:
     """A new metrics folder for this server, locked (``flock``) for as long as the process lives:
     the kernel lets go of the lock however the process ends, so a folder whose lock can be taken
-    is an orphan, whatever its name. Forked workers hold the same lock."""
-    folder = tempfile.mkdtemp(prefix=f"{METRICS_PREFIX}{os.getpid()}-")
-    lock = os.open(os.path.join(folder, METRICS_LOCK), os.O_CREAT | os.O_RDWR, 0o600)
+    is an orphan, whatever its name. Forked workers hold the same lock. It is made and locked
+    under a hidden name, then renamed: a server starting meanwhile never sees it unlocked."""
+    hidden = tempfile.mkdtemp(prefix=f".{METRICS_PREFIX}{os.getpid()}-")
+    lock = os.open(os.path.join(hidden, METRICS_LOCK), os.O_CREAT | os.O_RDWR, 0o600)
     fcntl.flock(lock, fcntl.LOCK_EX)  # never released or closed: the process's end does both
+    folder = os.path.join(os.path.dirname(hidden), os.path.basename(hidden)[1:])
+    os.rename(hidden, folder)
     return folder
 
 
@@ -181,8 +184,12 @@ def remove_orphaned_metrics() -> None:
             if folder.stat().st_uid != os.getuid():
                 continue  # another user's
             lock = os.open(folder / METRICS_LOCK, os.O_RDWR)
+        except FileNotFoundError:
+            if _unlocked_and_dead(folder):
+                shutil.rmtree(folder, ignore_errors=True)
+            continue
         except OSError:
-            continue  # gone meanwhile, not a server's, or a server creating it this moment
+            continue  # gone meanwhile, or not ours to open
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -190,6 +197,21 @@ def remove_orphaned_metrics() -> None:
         finally:
             os.close(lock)  # also lets go of a lock taken: the folder goes next
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _unlocked_and_dead(folder: Path) -> bool:
+    """A folder without a lock, made by a server from before the lock: an orphan when no process
+    has its name's id any more (as those servers were told apart)."""
+    pid = folder.name.removeprefix(METRICS_PREFIX).split("-", 1)[0]
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # someone else's process
+    return False
 
 
 def allow_open_files() -> None:

@@ -123,6 +123,8 @@ class _RetryUnsent(Retry):
         before = _unanswered_count()
 
         def unsent(error: Exception) -> bool:
+            if isinstance(error, (SetupRefused, redis.AuthenticationError)):
+                return False  # Redis answered: a second try gets the same answer (and one more ACL log entry)
             return _unanswered_count() == before and (is_retryable is None or is_retryable(error))
 
         return super().call_with_retry(do, fail, unsent, with_failure_count)

@@ -53,6 +53,7 @@ from shared.refusals import METHOD, refuse, request_id_of, status_of
 # accept() errors that say the process (or the kernel) has no room for another connection now.
 OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 ACCEPT_PAUSE_SECONDS = 0.5
+STUCK_ACCEPT_SECONDS = 30.0
 BARE_LF = re.compile(rb"(?<!\r)\n")
 CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,9})[ \t]*\r\n", re.I)
 CHUNKED = re.compile(rb"\r\ntransfer-encoding:[^\r]*chunked", re.I)
@@ -103,7 +104,7 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
         self.next_notify = 0.0
         self.stopped_at: float | None = None
         self.in_flight = 0  # requests handed to the pool and not finished; only the main thread writes it
-        self.accept_paused_until = -1e9  # see pause_accepting
+        self.accept_paused_until = self.accept_paused_since = -1e9  # see pause_accepting
 
     # -- main thread -------------------------------------------------------------------------
 
@@ -136,10 +137,19 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
     def pause_accepting(self, exc: OSError) -> None:
         """Out of file descriptors (or kernel memory): gunicorn's worker would die of the error,
         with every request in flight. Stop accepting for a moment instead; the connections queue
-        in the listen backlog while those open now finish and close."""
+        in the listen backlog while those open now finish and close. If none of its own is open
+        and it still cannot accept after STUCK_ACCEPT_SECONDS, what holds the descriptors is not
+        its connections (a leak): the worker stops, to be replaced by a fresh process (gunicorn's
+        master, or the container's restart)."""
         now = time.monotonic()
-        if now >= self.accept_paused_until + 10:  # one line per episode, not one per attempt
-            self.log.warning("cannot accept connections (%s): pausing %.1f s", exc.strerror, ACCEPT_PAUSE_SECONDS)
+        if now >= self.accept_paused_until + 10:  # a new episode: one line for it, not one per try
+            self.accept_paused_since = now
+            self.log.warning("cannot accept connections (%s): pausing %.1f s at a time until some close",
+                             exc.strerror, ACCEPT_PAUSE_SECONDS)  # fmt: skip
+        elif now - self.accept_paused_since > STUCK_ACCEPT_SECONDS and self.nr_conns == 0:
+            self.log.error("cannot accept connections (%s) for %.0f s with none open here: stopping",
+                           exc.strerror, now - self.accept_paused_since)  # fmt: skip
+            self.alive = False
         self.accept_paused_until = now + ACCEPT_PAUSE_SECONDS
         self.set_accept_enabled(False)
 

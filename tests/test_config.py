@@ -66,3 +66,22 @@ def test_an_upper_case_m_is_refused_as_ambiguous():
     with pytest.raises(ConfigError, match="DEFAULT_KEY_RATE"):
         Settings.from_env({"DEFAULT_KEY_RATE": "10/M"})
     assert parse_duration("6m") == parse_duration("6MIN") == 360
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["redis://h", "redis://h/", "redis://h/3", "redis://h/%30", "redis://h/0/", "redis://[::1]:6380/1",
+     "rediss://:pw@h:6380/0?ssl_cert_reqs=none", "unix:///run/redis.sock?db=2", "redis://h/0?db=1"],
+)  # fmt: skip
+def test_redis_urls_redis_py_reads_alike_are_accepted(url):
+    assert Settings.from_env({"REDIS_URL": url}).redis_url == url
+
+
+@pytest.mark.parametrize(
+    ("url", "words"),
+    [("redis://h/abc", "the path names the database"), ("redis://h/0?socket_read_size=0", "socket_read_size"),
+     ("redis://h/0?socket_connect_timeout=0", "socket_connect_timeout"), ("redis://h/0?db=-1", "db must be")],
+)  # fmt: skip
+def test_redis_urls_that_would_fail_every_request_stop_the_start(url, words):
+    with pytest.raises(ConfigError, match=words):
+        Settings.from_env({"REDIS_URL": url})

@@ -24,12 +24,14 @@ def test_its_own_paths_answer_a_wrong_method_with_405_as_a_function_does(running
 
 def test_the_root_is_v1_liveness_for_clients_and_the_docs_page_for_a_browser(running_stack):
     # KServe's SDK (is_server_live() with protocol v1) GETs the root with httpx's Accept: */*.
-    for accept in ("*/*", "application/json"):
+    for accept in ("*/*", "application/json", "application/json, text/html;q=0.1"):
         reply = requests.get(running_stack.gateway + "/", headers={"Accept": accept}, timeout=10)
         assert reply.status_code == 200 and reply.json() == {"status": "alive"}, accept
+        assert reply.headers["Vary"] == "Accept"  # a cache in front keeps the two answers apart
     browser = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
     page = requests.get(running_stack.gateway + "/", headers={"Accept": browser}, timeout=10)
     assert page.headers["Content-Type"].startswith("text/html") and "swagger-ui" in page.text
+    assert page.headers["Vary"] == "Accept"
     assert page.text == requests.get(running_stack.gateway + "/docs", timeout=10).text
 
 

@@ -329,14 +329,20 @@ def string_match(match: dict, value: str) -> bool:
     return all(tests[kind](wanted) for kind, wanted in match.items())
 
 
-def istio_route(virtualservice: dict, path: str, accept: str = "*/*") -> tuple[str, str] | int | None:
-    """Where Istio sends ``path`` asked with ``accept``: (Service, path it sees), a direct
+def istio_route(
+    virtualservice: dict, path: str, accept: str = "*/*", method: str = "GET"
+) -> tuple[str, str] | int | None:
+    """Where Istio sends ``method path`` asked with ``accept``: (Service, path it sees), a direct
     answer's status, or None. First rule that matches wins."""
     for rule in virtualservice["spec"]["http"]:
         for match in rule.get("match") or [{}]:
             headers = match.get("headers", {})
             assert set(headers) <= {"accept"}, "a header this check does not model"
-            if string_match(match.get("uri", {}), path) and all(string_match(m, accept) for m in headers.values()):
+            if (
+                string_match(match.get("uri", {}), path)
+                and string_match(match.get("method", {}), method)
+                and all(string_match(m, accept) for m in headers.values())
+            ):
                 if "directResponse" in rule:
                     return rule["directResponse"]["status"]
                 return rule["rewrite"]["authority"].split(".")[0], rule["rewrite"].get("uri", path)
@@ -393,9 +399,16 @@ def test_routing_sends_every_path_where_the_local_gateway_does():
             p: (istio_route(virtualservice, p, accept), gateway_route(p, models, accept)) for p in probe_paths(models)
         }
         assert {p: pair for p, pair in routed.items() if pair[0] != pair[1]} == {}, accept
-    # the root: the token function's V1 liveness, the docs page for a browser
+    # the root: the token function's V1 liveness, the docs page for a browser (which puts
+    # text/html first; a client that merely accepts HTML among others gets the liveness)
     assert istio_route(virtualservice, "/") == ("thalamus-token", "/")
     assert istio_route(virtualservice, "/", browser) == istio_route(virtualservice, "/docs") == 200
+    assert istio_route(virtualservice, "/", "application/json, text/html;q=0.1") == ("thalamus-token", "/")
+    # another method on the page's paths: 405, as the gateway answers (the root's from the token function)
+    assert (
+        istio_route(virtualservice, "/docs", browser, "POST") == istio_route(virtualservice, "/docs/", "", "PUT") == 405
+    )
+    assert istio_route(virtualservice, "/", browser, "POST") == ("thalamus-token", "/")
     # a model's name matches exactly: arrow must not reach arrows, arrowsx neither
     assert istio_route(virtualservice, f"/v1/models/{models[0][:-1]}") == 404
     docs = next(r for r in virtualservice["spec"]["http"] if r["name"] == "docs")["directResponse"]["body"]["string"]

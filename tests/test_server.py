@@ -113,10 +113,18 @@ def test_a_killed_servers_metrics_folder_is_removed_by_the_next(env, tmp_path):
     reused = tmp_path / f"thalamus-metrics-{os.getpid()}-earlier"
     reused.mkdir()
     (reused / "server.lock").touch()
+    # Folders from before the lock: told apart by their process id, as they were then.
+    finished = subprocess.Popen(["true"])
+    finished.wait()  # reaped: its process id is free
+    legacy_dead = tmp_path / f"thalamus-metrics-{finished.pid}-legacy"
+    legacy_live = tmp_path / f"thalamus-metrics-{os.getpid()}-legacy"
+    legacy_dead.mkdir()
+    legacy_live.mkdir()
     third, third_folder = start()
     try:
-        assert not killed_folder.exists() and not reused.exists()
-        assert live_folder.is_dir() and third_folder.is_dir()
+        assert not killed_folder.exists() and not reused.exists() and not legacy_dead.exists()
+        assert live_folder.is_dir() and third_folder.is_dir() and legacy_live.is_dir()
+        legacy_live.rmdir()
     finally:
         for proc in (live, third):
             proc.terminate()

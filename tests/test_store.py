@@ -11,6 +11,8 @@ import redis
 import requests
 
 from shared import store
+from shared.auth import AuthStore
+from shared.errors import ServiceUnavailable
 from tests.conftest import RedisProxy, subprocess_env
 from tests.test_keys import keys
 
@@ -137,3 +139,19 @@ def test_a_connection_setup_redis_refuses_is_a_503_that_names_it(own_redis, serv
     if setup:
         assert setup not in result.stderr and "wrong-one" not in result.stderr
         redis.Redis.from_url(own_redis.url, password=setup).config_set("requirepass", "")
+
+
+def test_a_refused_connection_setup_is_not_tried_again(own_redis, settings):
+    """Redis answered (a wrong password): a second try would get the same answer, and add a
+    failed AUTH to Redis's ACL log for every request."""
+    admin = redis.Redis.from_url(own_redis.url, decode_responses=True)
+    admin.config_set("requirepass", "hunter2")
+    try:
+        admin = redis.Redis.from_url(own_redis.url, password="hunter2", decode_responses=True)
+        admin.acl_log_reset()
+        wrong = settings.replace(redis_url=own_redis.url + "?password=wrong-one")
+        with pytest.raises(ServiceUnavailable, match="Redis cannot serve this now"):
+            AuthStore(wrong).list_keys()
+        assert sum(entry["count"] for entry in admin.acl_log()) == 1
+    finally:
+        admin.config_set("requirepass", "")

@@ -82,8 +82,9 @@ def read_body(request: flask.Request, limit: int) -> bytes:
 @contextmanager
 def parsed(text: bytes | memoryview, what: str, limits: imaging.Limits, advice: str = "") -> Iterator[Any]:
     """``text`` parsed as JSON, its estimated memory held in the process's JSON budget while the
-    block runs (the document, and the arrays made from it, live that long): together, the
-    threads of one process hold no more parsed JSON than the budget, however many they are. A
+    block runs (the document, and what is made from it, live that long: a caller leaves the block
+    with the batch alone, before it waits for the model): together, the threads of one process
+    hold no more parsed JSON than the budget, however many they are. A
     document that could never fit is a BadRequest before parsing, as is one that is not JSON
     (its message followed by ``advice``); one that does not fit beside the others within a few
     seconds is a 503 with Retry-After."""
