@@ -14,12 +14,13 @@ from contextlib import contextmanager
 import pytest
 import redis
 
+from functions.token.service import create_service as create_token_service
 from shared import tokencache
 from shared.auth import AuthStore
 from shared.auth_scripts import AUTHENTICATE
 from shared.errors import Unauthorized
 from shared.tokencache import CHECK_SECONDS
-from tests.conftest import RedisProxy, predict_client, subprocess_env
+from tests.conftest import RedisProxy, function_client, predict_client, subprocess_env
 from tests.test_keys import keys
 
 CHECK_SCRIPT = hashlib.sha1(AUTHENTICATE.encode(), usedforsecurity=False).hexdigest()
@@ -79,6 +80,22 @@ def test_a_known_token_costs_no_redis_round_trip(own, monkeypatch):
             for _ in range(5):
                 assert metadata(uncached, bearer).status_code == 200
             assert checks() == 5
+
+
+def test_the_token_function_answers_a_known_token_without_a_round_trip_too(own, monkeypatch):
+    monkeypatch.setattr(tokencache, "CHECK_SECONDS", 30.0)  # no PING (a slow PONG drops the cache)
+    auth = AuthStore(own)
+    pair = auth.create_key()
+    bearer = bearer_of(auth, pair)
+    client = function_client(create_token_service(own))
+    assert client.get("/session.json", headers=bearer).status_code == 200  # checked by the script, then cached
+    with bearer_checks(own.redis_url) as checks:
+        for _ in range(10):
+            assert client.get("/session.json", headers=bearer).get_json()["public_key"] == pair.public_key
+            assert client.get("/models.json", headers=bearer).status_code == 200
+        assert checks() == 0
+    auth.revoke_key(pair.public_key)
+    assert client.get("/session.json", headers=bearer).status_code == 401
 
 
 @pytest.mark.parametrize(
