@@ -47,6 +47,7 @@ import argparse
 import base64
 import compileall
 import http.client
+import importlib.util
 import json
 import os
 import shutil
@@ -451,6 +452,11 @@ def main() -> None:
     args = parser.parse_args()
     if not shutil.which("wrk"):
         raise SystemExit("bench_predict.py: wrk is missing (Debian: apt-get install wrk)")
+    if not args.no_baseline and importlib.util.find_spec("fastapi") is None:  # now, not after the Thalamus rows
+        raise SystemExit(
+            "bench_predict.py: the monolith needs FastAPI and uvicorn: .venv/bin/pip install -r requirements-bench.txt "
+            "(or pass --no-baseline)"
+        )
     # As the images do (RUN python -m compileall): with PYTHONDONTWRITEBYTECODE set, a module edited
     # since its .pyc was written would otherwise be compiled again at every cold start.
     for folder in ("shared", "functions", "bench"):
