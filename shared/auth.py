@@ -102,13 +102,19 @@ class AuthStore:
         settings: Settings,
         actor: Actor | None = None,
         token_cache: bool = False,
+        cache_on_repeat: bool = False,
     ) -> None:
         """``token_cache``: answer bearer checks from a :class:`~shared.tokencache.TokenCache`
-        that Redis keeps current (the predict functions' hot path) when ``TOKEN_CACHE`` allows."""
+        that Redis keeps current, when ``TOKEN_CACHE`` allows; ``cache_on_repeat``: keep only
+        tokens checked twice within a minute (the token function's callers often check once)."""
         self.settings = settings
         self.redis = store.connect(settings)
         self.actor = actor
-        self.token_cache = TokenCache(self.redis, settings.prefix) if token_cache and settings.token_cache else None
+        self.token_cache = (
+            TokenCache(self.redis, settings.prefix, fill_on_repeat=cache_on_repeat)
+            if token_cache and settings.token_cache
+            else None
+        )
         self._host = socket.gethostname()
         self._issue = self.redis.register_script(auth_scripts.ISSUE)
         self._authenticate = self.redis.register_script(auth_scripts.AUTHENTICATE)
@@ -333,8 +339,8 @@ class AuthStore:
         digest = token_digest(token)
         if self.token_cache is not None and (cached := self.token_cache.lookup(digest, model)) is not None:
             left = cached.dies_at - time.monotonic()
-            if cached.key_expires is not None:
-                left = min(left, cached.key_expires - time.time())
+            if cached.key_expires is not None:  # whole seconds, as the script counts them
+                left = min(left, cached.key_expires - int(time.time()))
             return Session(cached.public_key, cached.scopes, int(left))
         reply = self._authenticate(
             keys=[self._k("token", digest), self._k("audit")],

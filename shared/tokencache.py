@@ -46,6 +46,7 @@ PING_TIMEOUT = 0.25  # a PING unanswered this long drops the cache (the script t
 PROPAGATION_SECONDS = CHECK_SECONDS + PING_TIMEOUT  # after a change, no function still uses the old
 MAX_AGE_SECONDS = 30.0  # an entry older than this is read again
 MAX_TOKENS = 10_000  # entries held; beyond, all are dropped and refilled as tokens come back
+REPEAT_SECONDS = 60.0  # fill_on_repeat: a token is kept when checked again within this long
 LOCK_WAIT_SECONDS = 0.05  # a thread that cannot check the cache this fast takes the script
 RETRY_SECONDS = 60.0  # after Redis refused CLIENT TRACKING (an ACL, a proxy), try again this late
 
@@ -64,9 +65,12 @@ class Entry:
 class TokenCache:
     """Cached bearer tokens of one Redis and prefix (see the module's doc)."""
 
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
+    def __init__(self, client: redis.Redis, prefix: str, fill_on_repeat: bool = False) -> None:
+        """``fill_on_repeat``: keep a token only when it is checked again within REPEAT_SECONDS
+        (filling costs a round trip of its own, which a token checked once never pays back)."""
         self._pool = client.connection_pool
         self._prefix = prefix
+        self._fill_on_repeat = fill_on_repeat
         self._setup()
 
     def _setup(self) -> None:
@@ -79,6 +83,7 @@ class TokenCache:
         self._heard = 0.0  # when the last command since answered was sent (monotonic)
         self._unavailable_until = 0.0  # RESP2, or CLIENT TRACKING refused: no cache until then
         self._told: set[str] = set()
+        self._seen: dict[str, float] = {}  # with fill_on_repeat: token digest → first checked (monotonic)
 
     def lookup(self, digest: str, model: str | None) -> Entry | None:
         """The entry for the token with ``digest`` when it can answer a request for ``model``
@@ -112,13 +117,27 @@ class TokenCache:
         after the script has accepted the token. Never raises: a failure only drops the cache."""
         try:
             self._in_this_process()
-            if time.monotonic() < self._unavailable_until:
+            if time.monotonic() < self._unavailable_until or not self._repeated(digest):
                 return
             with self._lock:
                 self._fill(digest, public_key)
         except Exception:  # Redis gone meanwhile, or a record the script reads but we cannot
             log.debug("token cache: cannot fill", exc_info=True)
             self._drop_safely()
+
+    def _repeated(self, digest: str) -> bool:
+        """Whether to fill now: always, or with fill_on_repeat at a token's second check within
+        REPEAT_SECONDS (the first one is noted; racing threads at worst fill once more or less)."""
+        if not self._fill_on_repeat:
+            return True
+        now = time.monotonic()
+        first = self._seen.pop(digest, None)
+        if first is not None and now - first <= REPEAT_SECONDS:
+            return True
+        if len(self._seen) >= MAX_TOKENS:
+            self._seen.clear()
+        self._seen[digest] = now
+        return False
 
     def _in_this_process(self) -> None:
         if self._pid != os.getpid():  # forked: the parent's connection and entries are not ours

@@ -57,8 +57,9 @@ class OAuthError(Exception):
 def create_service(settings: Settings, auth: AuthStore | None = None) -> Service:
     """The token function's service for ``settings`` (``auth`` defaults to their Redis)."""
     # The token cache answers GET /session.json and the model lists without a Redis round trip
-    # (0.37 ms of a 0.99 ms request, in-process), as the predict functions answer theirs.
-    auth = auth or AuthStore(settings, token_cache=True)
+    # (0.37 ms of a 0.99 ms request, in-process), as the predict functions answer theirs; only
+    # for tokens checked again, since keeping one costs a round trip of its own.
+    auth = auth or AuthStore(settings, token_cache=True, cache_on_repeat=True)
     models = catalog.Catalog(settings.model_catalog)
 
     def issue(call: Call, public_key: str, secret_key: str) -> IssuedToken:
