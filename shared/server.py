@@ -30,6 +30,7 @@ import logging
 import os
 import resource
 import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -253,11 +254,28 @@ def main(argv: list[str] | None = None) -> int:
     gc.enable()
     # The start-up line shows the port really served, and the threads.
     port = args.port or settings.port or PORT
+    if reason := port_taken(args.host, port):
+        print(f"{function}: cannot listen on {args.host}:{port}: {reason}", file=sys.stderr)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        return 1
     settings = settings.replace(port=port, threads=serving_threads(settings))
     options = gunicorn_options(settings, args.host, port, function=function)
     logs.event(log, f"{function} serving on {options['bind']}", event="start", settings=settings.summary())
     Gunicorn(app, {**options, **_hooks(function, metrics_dir)}).serve()
     return 0
+
+
+def port_taken(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (in use, an address not this machine's), or None.
+    Asked before gunicorn binds, which would retry for 5 s and log ten lines before it exits."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gunicorn binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
 
 
 def _hooks(function: str, metrics_dir: str) -> dict[str, Any]:

@@ -252,3 +252,18 @@ def test_a_stopping_server_refuses_new_connections_and_finishes_what_it_holds(en
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_a_port_in_use_is_one_line_and_leaves_nothing_behind(env, tmp_path):
+    """gunicorn would retry for 5 s, log ten lines after a start line saying it serves, then exit;
+    and its metrics folder stayed behind."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(function_command("token", port), env=subprocess_env(**env, TMPDIR=str(tmp_path)),
+                              capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [f"token: cannot listen on 127.0.0.1:{port}: Address already in use"]
+    assert "serving" not in done.stdout
+    assert list(tmp_path.glob("*thalamus-metrics-*")) == []
