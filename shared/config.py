@@ -219,26 +219,27 @@ def _redis_url(variable: str, raw: str) -> str:
     import redis  # noqa: PLC0415 (only where a Redis URL is set)
 
     try:
-        fields = (field.partition("=")[0] for field in re.split("[&;]", urlsplit(raw).query))
+        parts = urlsplit(raw)
+        fields = (field.partition("=")[0] for field in re.split("[&;]", parts.query))
         if unknown := sorted({unquote_plus(name) for name in fields if name} - REDIS_URL_OPTIONS):
             raise ValueError(f"unknown option {unknown[0]!r} (known: {', '.join(sorted(REDIS_URL_OPTIONS))})")
-        parts = urlsplit(raw)
         if parts.scheme in ("redis", "rediss") and not re.fullmatch(r"/?|/[0-9]+/?", unquote_plus(parts.path)):
             raise ValueError(f"the path names the database, a number: {parts.path!r}")  # redis-py ignores others
-        connection = redis.ConnectionPool.from_url(raw).make_connection()  # built, connected nowhere
-        if re.search(r"\s", str(getattr(connection, "client_name", None) or "")):
+        options = redis.connection.parse_url(raw)  # type: ignore[no-untyped-call]  # as redis-py reads the URL
+        redis.ConnectionPool.from_url(raw).make_connection()  # built, connected nowhere: what else it refuses
+        if re.search(r"\s", str(options.get("client_name") or "")):
             raise ValueError("client_name may not hold spaces (Redis refuses it)")
-        if not 0 <= (db := getattr(connection, "db", 0)) <= 1_000_000:
+        if not 0 <= (db := options.get("db", 0)) <= 1_000_000:
             raise ValueError(f"db must be a database number, got {db}")
         # A read size of 0 reads nothing: every command would fail as if Redis had hung up.
-        if (read_size := redis.connection.parse_url(raw).get("socket_read_size", 1)) < 1:  # type: ignore[no-untyped-call]
+        if (read_size := options.get("socket_read_size", 1)) < 1:
             raise ValueError(f"socket_read_size must be at least 1, got {read_size}")
         for option, lowest in (
             ("socket_timeout", 0.001),
             ("socket_connect_timeout", 0.001),
             ("health_check_interval", 0),
         ):
-            if (seconds := getattr(connection, option, None)) is not None and not lowest <= seconds <= 3600:
+            if (seconds := options.get(option)) is not None and not lowest <= seconds <= 3600:
                 raise ValueError(f"{option} must be seconds, from {lowest} to 3600, got {seconds}")
     except (ValueError, TypeError, LookupError, redis.RedisError) as exc:
         raise ConfigError(f"{variable} is not a usable Redis URL ({mask_url(raw)}): {exc}") from None

@@ -230,16 +230,14 @@ class Service:
         except wz.RequestEntityTooLarge:  # werkzeug's urlencoded form parser: too many fields or a huge one
             limit = request.max_form_parts
             response = error_response(BadRequest(f"form has too many fields (limit {limit}) or a field too large"))
-        except OSError as exc:
-            if exc.errno not in (errno.EMFILE, errno.ENFILE):
-                log.exception("unhandled error on %s %s", request.method, request.path)
-                response = error_response(InternalError())
-            else:  # the process is out of file descriptors (see shared.worker): not this request's fault
+        except Exception as exc:
+            if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+                # The process is out of file descriptors (see shared.worker): not this request's fault.
                 log.warning("out of file descriptors on %s %s", request.method, request.path)
                 response = error_response(ServiceUnavailable("this server is out of file descriptors; retry shortly"))
-        except Exception:  # a bug: log it with its traceback, answer without one
-            log.exception("unhandled error on %s %s", request.method, request.path)
-            response = error_response(InternalError())
+            else:  # a bug: log it with its traceback, answer without one
+                log.exception("unhandled error on %s %s", request.method, request.path)
+                response = error_response(InternalError())
         if response.status_code >= 400 and exchange.error is None:
             exchange.error = _error_message(response)
         route = self._routes.get(exchange.route or "")

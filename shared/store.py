@@ -53,6 +53,10 @@ class SetupRefused(redis.ConnectionError):
     the setting or the server changes, so it is an outage (503), not a bug (500)."""
 
 
+# Redis answered the connection's setup, so the network is fine: the credentials or the db are not.
+REFUSED = (SetupRefused, redis.AuthenticationError)
+
+
 # Per thread: how many commands went out and got no answer (they may have run all the same):
 # one more during a call means its outcome is unknown (OutcomeUnknown, and no retry: _RetryUnsent).
 _unanswered = threading.local()
@@ -123,7 +127,7 @@ class _RetryUnsent(Retry):
         before = _unanswered_count()
 
         def unsent(error: Exception) -> bool:
-            if isinstance(error, (SetupRefused, redis.AuthenticationError)):
+            if isinstance(error, REFUSED):
                 return False  # Redis answered: a second try gets the same answer (and one more ACL log entry)
             return _unanswered_count() == before and (is_retryable is None or is_retryable(error))
 
@@ -233,7 +237,7 @@ def unavailable_when_down(method: Callable[Concatenate[S, P], R]) -> Callable[Co
         before = _unanswered_count()
         try:
             return breaker(self.settings.redis_url).call(lambda: method(self, *args, **kwargs))
-        except (SetupRefused, redis.AuthenticationError) as exc:  # not the network: the credentials, the db
+        except REFUSED as exc:
             metrics.REDIS_ERRORS.labels(method.__name__).inc()
             raise ServiceUnavailable(
                 "Redis cannot serve this now; retry shortly",
