@@ -12,7 +12,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -173,21 +175,38 @@ def test_threads_are_one_per_usable_cpu_and_at_least_two():
     assert out.stdout.split() == [str(max(2, cgroup.usable_cpus())), "2", "3"]
 
 
+@contextlib.contextmanager
+def token_server(env: dict[str, str], **popen: Any) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """The token function served on a free port as the images run it (``popen``: output, limits),
+    ready; stopped afterwards if it still runs."""
+    port = free_port()
+    popen = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, **popen}
+    proc = subprocess.Popen(function_command("token", port), env=subprocess_env(**env), **popen)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(10)
+
+
 def test_running_out_of_file_descriptors_pauses_accepting_instead_of_dying(env, tmp_path):
     """More connections than the process may open files (a hard limit of 64 here; at the usual
     1,024 gunicorn's own cap comes first): accept() fails with EMFILE, which killed the worker,
     and with WORKERS=1 the whole server. It now waits for connections to close, and serves on."""
-    port = free_port()
     log = tmp_path / "token.log"
 
     def few_files() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
 
-    with log.open("wb") as out:
-        proc = subprocess.Popen(function_command("token", port), env=subprocess_env(**env), stdout=out,
-                                stderr=subprocess.STDOUT, preexec_fn=few_files)  # fmt: skip
-    try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+    with (
+        log.open("wb") as out,
+        token_server(env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=few_files) as (
+            proc,
+            port,
+        ),
+    ):
         held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(80)]
         time.sleep(1.5)  # the server accepts what it can, fails on the rest
         assert proc.poll() is None, log.read_text()
@@ -204,37 +223,22 @@ def test_running_out_of_file_descriptors_pauses_accepting_instead_of_dying(env, 
         assert proc.poll() is None
         assert log.read_text().count("cannot accept connections (Too many open files)") == 1
         assert "Traceback" not in log.read_text()
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_a_server_may_open_as_many_files_as_its_hard_limit_allows(env):
     """gunicorn keeps up to 1,000 connections a worker: a soft limit of 1,024 files, where many
     systems start a process, would run out first. The server raises it to the hard limit."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    port = free_port()
-    proc = subprocess.Popen(function_command("token", port), env=subprocess_env(**env), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE,
-                                                                                            (256, hard)))  # fmt: skip
-    try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+    with token_server(env, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))) as (proc, _):
         limits = Path(f"/proc/{proc.pid}/limits").read_text().splitlines()
         soft = next(line for line in limits if line.startswith("Max open files")).split()[3]
         assert int(soft) == (65536 if hard == resource.RLIM_INFINITY else min(hard, 65536))
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_a_stopping_server_refuses_new_connections_and_finishes_what_it_holds(env):
     """SIGTERM: requests in flight are answered, and a new connection is refused at once (it used
     to be accepted into the backlog and left unanswered until the process exited)."""
-    port = free_port()
-    proc = subprocess.Popen(function_command("token", port), env=subprocess_env(**env),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        wait_http(f"http://127.0.0.1:{port}/healthz", proc)
+    with token_server(env) as (proc, port):
         body = json.dumps({"public_key": "pk_" + "a" * 43, "secret_key": "sk_" + "a" * 43}).encode()
         in_flight = socket.create_connection(("127.0.0.1", port), timeout=10)
         in_flight.sendall(b"POST /token.json HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -248,10 +252,6 @@ def test_a_stopping_server_refuses_new_connections_and_finishes_what_it_holds(en
         in_flight.sendall(body[10:])
         assert in_flight.recv(100).startswith(b"HTTP/1.1 401")  # answered: that keypair does not exist
         assert proc.wait(15) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
 
 
 def test_a_port_in_use_is_one_line_and_leaves_nothing_behind(env, tmp_path):
