@@ -553,7 +553,7 @@ def verdict(rows: list[dict], token: dict[str, float] | None, cores: float) -> N
         ]  # fmt: skip
         lines += [(r["server"], *check) for check in checks]
     if token is not None:
-        bound = token["scrypt"] + token["ping_p50"]
+        bound = bench_token.issue_bound(token)
         lines += [
             ("token function", "POST /token.json p50 <= 1.1 x (scrypt + round trip)",
              f"{token['issue_p50'] / bound:.3f}x", token["issue_p50"] <= 1.1 * bound),
