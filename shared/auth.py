@@ -6,9 +6,10 @@ Layout (``P`` is the prefix; everything Thalamus writes is under it, so purge fi
   grace ``old_secret`` and ``old_until``, ``scopes`` (JSON list of model names, empty for all),
   ``label``, ``created``, ``expires`` (epoch seconds, empty for never), ``rate``
   (``limit/window seconds``, empty for unlimited);
-- ``P token:<sha256 of token>``: hash ``pk``, expiring with the token (Redis's own, millisecond
+- ``P token:<sha256 of token>``: hash ``pk`` and, for a token asked for with fewer models than
+  its key may call, ``scopes`` (JSON list), expiring with the token (Redis's own, millisecond
   expiry is the token's life). A token holds no rights of its own: every request reads its key's
-  scopes, expiry and rate in the same script;
+  scopes, expiry and rate in the same script (and narrows the scopes to the token's);
 - ``P key-tokens:<pk>``: sorted set of that key's token hashes scored by expiry (revocation);
 - ``P rate:<pk>``: requests in the key's current rate window, expiring with the window;
 - ``P fail:addr:<address>``, ``P fail:key:<pk>``, ``P fail:key-addr:<pk>:<address>``: failed
@@ -49,11 +50,21 @@ from shared.credentials import (
     matching_hash,
     token_digest,
 )
-from shared.errors import BadRequest, Forbidden, InvalidCredentials, TooManyRequests, Unauthorized, UnknownKey
+from shared.errors import (
+    BadRequest,
+    InsufficientScope,
+    InvalidCredentials,
+    InvalidScope,
+    TooManyRequests,
+    Unauthorized,
+    UnknownKey,
+)
 from shared.keyrecords import (
+    MODEL_NAME_RULE,
     Actor,
     KeyInfo,
     describe_key,
+    is_model_name,
     parse_rate_field,
     parse_scopes_field,
     rate_field,
@@ -76,7 +87,7 @@ class Session:
     headers: dict[str, str] = field(default_factory=dict)
 
     def allows(self, model: str) -> bool:
-        """True when this session's key may call ``model``."""
+        """True when this session's token may call ``model``."""
         return self.scopes is None or model in self.scopes
 
 
@@ -269,8 +280,14 @@ class AuthStore:
     # -- tokens ----------------------------------------------------------------------------
 
     @store.unavailable_when_down
-    def issue_token(self, public_key: str, secret_key: str, client_addr: str) -> IssuedToken:
+    def issue_token(
+        self, public_key: str, secret_key: str, client_addr: str, scopes: list[str] | None = None
+    ) -> IssuedToken:
         """Exchange a keypair for a bearer token, living at most until the key expires.
+
+        ``scopes``: the models the token may call, when fewer than its key (None: the key's own);
+        naming one the key may not call raises InvalidScope. The token may then call those that
+        its key still may, whatever the key's later edits.
 
         Wrong, unknown, revoked and expired keys raise the same InvalidCredentials after the same
         scrypt work. A client address that failed too often, or that failed on a key under
@@ -278,6 +295,8 @@ class AuthStore:
         """
         if not PUBLIC_KEY_RE.fullmatch(public_key) or not SECRET_KEY_RE.fullmatch(secret_key):
             raise BadRequest("public_key must be pk_ + 43 characters, secret_key sk_ + 43 characters")
+        if scopes is not None and (not scopes or not all(map(is_model_name, scopes))):
+            raise InvalidScope(f"scopes must be model names ({MODEL_NAME_RULE}), or none for the key's own")
         counters = [
             self._k("fail", "addr", client_addr),
             self._k("fail", "key", public_key),
@@ -310,24 +329,32 @@ class AuthStore:
                 self._host,
                 self.settings.max_tokens_per_key,
                 self._k("token", ""),
+                scopes_field(sorted(set(scopes or ()))),
             ],
         )
+        if reply[0] == -2:  # the secret was right: the caller may learn what its key allows
+            allowed = parse_scopes_field(reply[1]) or []
+            beyond = sorted(set(scopes or ()) - set(allowed))
+            raise InvalidScope(
+                f"this key may not call model(s) {', '.join(beyond)}; ask for some of {', '.join(allowed)}, "
+                "or for no scope"
+            )
         if reply[0] != 1:  # revoked, rotated or expired: the same answer as a wrong secret
             raise InvalidCredentials()
-        ttl, scopes = int(reply[1]), reply[2]
-        return IssuedToken(token, ttl, Session(public_key, parse_scopes_field(scopes), ttl))
+        ttl, granted = int(reply[1]), reply[2]
+        return IssuedToken(token, ttl, Session(public_key, parse_scopes_field(granted), ttl))
 
     def authenticate(self, authorization: str | None, model: str | None = None, count_rate: bool = True) -> Session:
         """The session of an ``Authorization: Bearer <token>`` header value, allowed to call
         ``model`` when one is named: Unauthorized (missing, malformed, unknown or expired token,
-        revoked or expired key), Forbidden (the key's scopes exclude ``model``) or
+        revoked or expired key), InsufficientScope (the token's scopes exclude ``model``) or
         TooManyRequests (the key's rate is used up) otherwise. One Redis round trip, or none
         for a token in the token cache. ``count_rate=False`` checks a request's token again
         without counting the key's rate a second time (a slow upload, once its body is in)."""
         scheme, _, token = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             metrics.AUTH_FAILURES.labels("missing").inc()
-            raise Unauthorized("missing bearer token; send Authorization: Bearer <token>")
+            raise Unauthorized("missing bearer token; send Authorization: Bearer <token>", token_sent=False)
         return self.verify_token(token.strip(), model, count_rate)
 
     @store.unavailable_when_down
@@ -353,7 +380,7 @@ class AuthStore:
         if reply[0] == 1:
             metrics.AUTH_FAILURES.labels("forbidden").inc()
             self.usage.add(public_key, model, error=True)  # a key probing models it may not call shows
-            forbidden = Forbidden(f"this key may not call model {model}")
+            forbidden = InsufficientScope(model or "")
             forbidden.public_key = public_key
             raise forbidden
         headers = {}

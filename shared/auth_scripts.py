@@ -19,14 +19,26 @@ local function note_expiry(key, stream, host, pk, expires)
 end
 """
 
+# Model names, as a JSON list (a key's or a token's ``scopes``): a table name → true.
+SCOPES_LUA = """
+local function scope_set(json)
+  local set = {}
+  for _, name in ipairs(cjson.decode(json)) do set[name] = true end
+  return set
+end
+"""
+
 # KEYS: key, token, key-tokens, audit. ARGV: pk, the stored hash the secret matched, now,
-# token ttl, token digest, host, live tokens a key may have, token prefix.
-# → {1, ttl, scopes} | {0} gone or secret rotated | {-1} expired
+# token ttl, token digest, host, live tokens a key may have, token prefix, the scopes the client
+# asked for (a JSON list; '' for the key's own).
+# → {1, ttl, scopes granted} | {0} gone or secret rotated | {-1} expired | {-2, key's scopes} asked
+#   for a model the key may not call
 # Past the most live tokens a key may have, its oldest ends: one key holder could otherwise fill
 # Redis with tokens (maxmemory, then every key's issuing fails) and make its revocation, which
 # deletes them all in one script, stall Redis for seconds (200,000 tokens: 2 s).
 ISSUE = (
     AUDIT_LUA
+    + SCOPES_LUA
     + """
 local k = redis.call('HMGET', KEYS[1], 'secret', 'old_secret', 'old_until', 'expires', 'scopes')
 local now = tonumber(ARGV[3])
@@ -39,7 +51,19 @@ if k[4] and k[4] ~= '' then
   if left <= 0 then note_expiry(KEYS[1], KEYS[4], ARGV[6], ARGV[1], k[4]); return {-1} end
   if left < ttl then ttl = left end
 end
-redis.call('HSET', KEYS[2], 'pk', ARGV[1])
+local granted = k[5] or ''
+if ARGV[9] ~= '' then
+  if granted ~= '' then
+    local allowed = scope_set(granted)
+    for name in pairs(scope_set(ARGV[9])) do
+      if not allowed[name] then return {-2, granted} end
+    end
+  end
+  granted = ARGV[9]
+  redis.call('HSET', KEYS[2], 'pk', ARGV[1], 'scopes', granted)
+else
+  redis.call('HSET', KEYS[2], 'pk', ARGV[1])
+end
 redis.call('EXPIRE', KEYS[2], ttl)
 redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
 -- At most 1,000 a call: a key with more (made before the cap) loses them over its next issues.
@@ -56,17 +80,20 @@ local full = tonumber(ARGV[4])
 local t = redis.call('TIME')
 redis.call('ZADD', KEYS[3], now + full + 1 + tonumber(t[2]) / 1e6, ARGV[5])
 if redis.call('TTL', KEYS[3]) < full + 1 then redis.call('EXPIRE', KEYS[3], full + 1) end
-return {1, ttl, k[5] or ''}
+return {1, ttl, granted}
 """
 )
 
 # KEYS: token, audit. ARGV: prefix, now, model ('' = none), host, '1' to count the key's rate.
 # → {0} invalid | {1, pk, scopes} forbidden | {2, pk, scopes, left[, limit, count, pttl]} ok
 #   | {3, pk, scopes, left, limit, count, pttl} over the key's rate
+# The scopes are the token's: its key's current ones, narrowed to those the token was issued for
+# (a JSON list, '' for every model).
 AUTHENTICATE = (
     AUDIT_LUA
+    + SCOPES_LUA
     + """
-local t = redis.call('HMGET', KEYS[1], 'pk')
+local t = redis.call('HMGET', KEYS[1], 'pk', 'scopes')
 if not t[1] then return {0} end
 local now = tonumber(ARGV[2])
 local key = ARGV[1] .. 'key:' .. t[1]
@@ -78,13 +105,15 @@ if k[3] and k[3] ~= '' then
   exp = math.min(exp, tonumber(k[3]))
 end
 local scopes = k[2] or ''
-if ARGV[3] ~= '' and scopes ~= '' then
-  local allowed = false
-  for _, name in ipairs(cjson.decode(scopes)) do
-    if name == ARGV[3] then allowed = true end
+if t[2] and t[2] ~= '' then  -- a token issued for fewer models than its key may call
+  local allowed = scopes ~= '' and scope_set(scopes)
+  local kept = {}
+  for _, name in ipairs(cjson.decode(t[2])) do
+    if not allowed or allowed[name] then kept[#kept + 1] = cjson.encode(name) end
   end
-  if not allowed then return {1, t[1], scopes} end
+  scopes = '[' .. table.concat(kept, ',') .. ']'  -- '[]' when the key has since lost them all
 end
+if ARGV[3] ~= '' and scopes ~= '' and not scope_set(scopes)[ARGV[3]] then return {1, t[1], scopes} end
 if not k[4] or k[4] == '' or ARGV[5] ~= '1' then return {2, t[1], scopes, exp - now} end
 local limit, window = string.match(k[4], '^(%d+)/(%d+)$')
 local counter = ARGV[1] .. 'rate:' .. t[1]

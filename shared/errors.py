@@ -40,10 +40,15 @@ class BadRequest(ThalamusError):
 
 
 class Unauthorized(ThalamusError):
+    """No bearer token, or one that is not (or no longer) valid. The challenge says
+    ``error="invalid_token"`` when a token was sent (RFC 6750 §3.1: OAuth2 clients fetch a new
+    one on it); a request without one gets the bare challenge."""
+
     status = 401
 
-    def __init__(self, message: str = "invalid or expired token") -> None:
-        super().__init__(message, {"WWW-Authenticate": 'Bearer realm="thalamus"'})
+    def __init__(self, message: str = "invalid or expired token", token_sent: bool = True) -> None:
+        challenge = 'Bearer realm="thalamus"' + (', error="invalid_token"' if token_sent else "")
+        super().__init__(message, {"WWW-Authenticate": challenge})
 
 
 class InvalidCredentials(ThalamusError):
@@ -63,6 +68,21 @@ class RequestTimeout(ThalamusError):
 
 class Forbidden(ThalamusError):
     status = 403
+
+
+class InsufficientScope(Forbidden):
+    """A valid token whose scopes exclude the model it called (RFC 6750 §3.1's challenge)."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"this token may not call model {model}",
+            {"WWW-Authenticate": 'Bearer realm="thalamus", error="insufficient_scope"'},
+        )
+
+
+class InvalidScope(BadRequest):
+    """A token asked for with scopes its key does not have, or that are not model names
+    (RFC 6749's ``invalid_scope``)."""
 
 
 class NotFound(ThalamusError):

@@ -50,6 +50,14 @@ def parse_scopes_field(text: str | None) -> list[str] | None:
     return json.loads(text) if text else None
 
 
+def narrowed(key_scopes: list[str] | None, token_scopes: list[str] | None) -> list[str] | None:
+    """The models a token may call: its key's (None: every model), narrowed to those the token
+    was issued for, when it was issued for some (as the auth script narrows them)."""
+    if token_scopes is None or key_scopes is None:
+        return key_scopes if token_scopes is None else token_scopes
+    return [name for name in token_scopes if name in key_scopes]
+
+
 def rate_field(rate: Rate | None) -> str:
     """How a key record stores ``rate``: ``limit/window`` in seconds, empty for unlimited."""
     return f"{rate.limit}/{rate.window}" if rate else ""

@@ -41,8 +41,24 @@ def retry_error(description: str, example: str) -> dict[str, Any]:
 UNAUTHORIZED = error(
     "Missing, invalid or expired bearer token, or its key revoked or expired",
     "invalid or expired token",
-    {"WWW-Authenticate": header('Bearer realm="thalamus"', "string", required=True)},
+    {
+        "WWW-Authenticate": header(
+            'Bearer realm="thalamus", and error="invalid_token" when a token was sent (RFC 6750 §3.1)', "string", True
+        )
+    },
 )
+
+
+def insufficient_scope(model: str) -> dict[str, Any]:
+    """The 403 of a valid token whose scopes exclude ``model``."""
+    challenge = header('Bearer realm="thalamus", error="insufficient_scope" (RFC 6750 §3.1)', "string", True)
+    return error(
+        "The token's scopes exclude this model",
+        f"this token may not call model {model}",
+        {"WWW-Authenticate": challenge},
+    )
+
+
 METHOD_NOT_ALLOWED = error(
     "Wrong method for this path", "method not allowed; use POST", {"Allow": header("the methods", "string", True)}
 )

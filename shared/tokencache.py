@@ -27,7 +27,6 @@ Nothing here ever fails a request: any error drops the cache, and the script ans
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -38,6 +37,7 @@ from typing import Any
 import redis
 
 from shared import metrics
+from shared.keyrecords import narrowed, parse_scopes_field
 
 log = logging.getLogger("thalamus.auth")
 
@@ -53,8 +53,9 @@ RETRY_SECONDS = 60.0  # after Redis refused CLIENT TRACKING (an ACL, a proxy), t
 
 @dataclass(frozen=True)
 class Entry:
-    """What a cached token stands for: its key, when it dies (monotonic clock), the key's scopes
-    (None: every model) and the key's expiry (epoch seconds, None: never)."""
+    """What a cached token stands for: its key, when it dies (monotonic clock), its scopes (the
+    key's, narrowed to the token's own; None: every model) and the key's expiry (epoch seconds,
+    None: never)."""
 
     public_key: str
     dies_at: float
@@ -77,8 +78,9 @@ class TokenCache:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._connection: Any = None
-        # token digest → (public key, dies at, read at); public key → (scopes, expires)
-        self._tokens: dict[str, tuple[str, float, float]] = {}
+        # token digest → (public key, dies at, read at, the token's own scopes); public key →
+        # (scopes, expires)
+        self._tokens: dict[str, tuple[str, float, float, list[str] | None]] = {}
         self._keys: dict[str, tuple[list[str] | None, int | None]] = {}
         self._heard = 0.0  # when the last command since answered was sent (monotonic)
         self._unavailable_until = 0.0  # RESP2, or CLIENT TRACKING refused: no cache until then
@@ -101,7 +103,7 @@ class TokenCache:
                     self._lock.release()
                 now = time.monotonic()
                 if token is not None and key is not None and token[1] > now and now - token[2] < MAX_AGE_SECONDS:
-                    scopes, expires = key
+                    scopes, expires = narrowed(key[0], token[3]), key[1]
                     expired = expires is not None and expires <= time.time()
                     if not expired and (not model or scopes is None or model in scopes):
                         entry = Entry(token[0], token[1], scopes, expires)
@@ -147,18 +149,18 @@ class TokenCache:
         token_name, key_name = f"{self._prefix}token:{digest}", f"{self._prefix}key:{public_key}"
         connection = self._connect()
         sent = time.monotonic()
-        commands = [("HGET", token_name, "pk"), ("PTTL", token_name),
+        commands = [("HMGET", token_name, "pk", "scopes"), ("PTTL", token_name),
                     ("HMGET", key_name, "created", "scopes", "expires", "rate")]  # fmt: skip
         connection.send_packed_command(connection.pack_commands(commands))
-        owner, pttl, (created, scopes, expires, rate) = (connection.read_response() for _ in commands)
+        (owner, own_scopes), pttl, (created, scopes, expires, rate) = (connection.read_response() for _ in commands)
         self._heard = sent
         if owner != public_key or pttl <= 0 or not created or rate:
             return  # gone meanwhile, or a rate: the script answers those
-        key = (json.loads(scopes) if scopes else None, int(float(expires)) if expires else None)
+        key = (parse_scopes_field(scopes), int(float(expires)) if expires else None)
         if len(self._tokens) >= MAX_TOKENS:
             self._tokens.clear()
             self._keys.clear()
-        self._tokens[digest] = (public_key, sent + pttl / 1000, sent)
+        self._tokens[digest] = (public_key, sent + pttl / 1000, sent, parse_scopes_field(own_scopes))
         self._keys[public_key] = key
 
     def _connect(self) -> Any:

@@ -266,6 +266,39 @@ def test_lowered_scope_bites_live_tokens_at_once(admin):
     assert admin.verify_token(token, "shapes").scopes is None
 
 
+def test_a_narrowed_token_follows_its_keys_edits(admin):
+    """A token asked for with some models may call those its key still may: a model the key
+    loses leaves the token too, and giving the key every model gives the token no more."""
+    pair = admin.create_key(["arrows", "shapes", "digits"])
+    token = admin.issue_token(pair.public_key, pair.secret_key, "a", ["shapes", "arrows"]).token
+    assert admin.verify_token(token).scopes == ["arrows", "shapes"]
+    admin.edit_key(pair.public_key, scopes=["arrows", "digits"])
+    assert admin.verify_token(token, "arrows").scopes == ["arrows"]
+    with pytest.raises(Forbidden):
+        admin.verify_token(token, "shapes")
+    admin.edit_key(pair.public_key, scopes=["digits"])
+    assert admin.verify_token(token).scopes == []  # the key lost them all: the token may call nothing
+    with pytest.raises(Forbidden):
+        admin.verify_token(token, "digits")
+    admin.edit_key(pair.public_key, scopes=None)
+    assert admin.verify_token(token).scopes == ["arrows", "shapes"]
+    with pytest.raises(Forbidden):
+        admin.verify_token(token, "digits")
+
+
+def test_a_cached_narrowed_token_is_refused_other_models(settings, admin):
+    """The token cache narrows a kept token to its own scopes as the script does: kept after a
+    check for one model, it still may not call a model its key may but it may not."""
+    pair = admin.create_key()
+    token = admin.issue_token(pair.public_key, pair.secret_key, "a", ["shapes"]).token
+    cached = AuthStore(settings, token_cache=True)
+    for _ in range(3):
+        assert cached.verify_token(token, "shapes").scopes == ["shapes"]
+    assert cached.token_cache is not None and cached.token_cache.lookup(token_digest(token), "shapes")
+    with pytest.raises(Forbidden):
+        cached.verify_token(token, "arrows")
+
+
 def test_rate_limit_counts_down_then_429(admin):
     pair = admin.create_key(rate=Rate(3, 60))
     token = admin.issue_token(pair.public_key, pair.secret_key, "a").token

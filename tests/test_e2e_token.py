@@ -103,6 +103,26 @@ def test_requests_oauthlib_client_credentials(oauth_server, in_body):
     assert err.value.status_code == 401 and "invalid client_id" in err.value.description
 
 
+def test_oauth_clients_asking_for_a_scope_get_exactly_it(oauth_server, auth):
+    """Both libraries, asking for some of the key's models: requests-oauthlib raises when the
+    scope granted differs from the one asked for (the default, OAUTHLIB_RELAX_TOKEN_SCOPE unset),
+    so the token must carry exactly that scope, and it may call nothing else."""
+    url, _ = oauth_server
+    pair = auth.create_key(["arrows", "shapes"])
+    base = url.removesuffix("token.json")
+    oauthlib_client = OAuth2Session(client=BackendApplicationClient(client_id=pair.public_key, scope=["shapes"]))
+    token = oauthlib_client.fetch_token(url, client_id=pair.public_key, client_secret=pair.secret_key)
+    assert token["scope"] == ["shapes"]
+    assert oauthlib_client.get(base + "session.json", timeout=10).json()["scopes"] == ["shapes"]
+    authlib_client = AuthlibSession(pair.public_key, pair.secret_key, scope="arrows")
+    assert authlib_client.fetch_token(url, grant_type="client_credentials")["scope"] == "arrows"
+    assert authlib_client.get(base + "session.json", timeout=10).json()["scopes"] == ["arrows"]
+    beyond = AuthlibSession(pair.public_key, pair.secret_key, scope="digits")
+    with pytest.raises(OAuthError) as err:
+        beyond.fetch_token(url, grant_type="client_credentials")
+    assert err.value.error == "invalid_scope"
+
+
 def test_oauth_clients_told_to_wait_get_a_code_they_know(serve_function, keypair):
     """A limited address gets RFC 6749's error shape with a code, not a sentence, in ``error``:
     clients match on it (authlib raises OAuthError(error=...)), with 429 and Retry-After kept."""

@@ -57,19 +57,80 @@ def test_oauth2_client_credentials_in_form(token_client, keypair):
     )
 
 
+def grant(client, pair, **extra):
+    """An OAuth2 client-credentials request for ``pair``, credentials in the form."""
+    data = {"grant_type": "client_credentials", "client_id": pair.public_key, "client_secret": pair.secret_key}
+    return client.post("/token.json", data={**data, **extra})
+
+
 def test_oauth2_answer_names_the_scope_granted(token_client, auth, keypair):
-    """RFC 6749 5.1: the scope is required in the answer when it differs from the one asked for;
-    a token carries its key's models, whatever the client asks."""
-
-    def grant(pair, **extra):
-        data = {"grant_type": "client_credentials", "client_id": pair.public_key, "client_secret": pair.secret_key}
-        return token_client.post("/token.json", data={**data, **extra}).get_json()
-
+    """RFC 6749 5.1: the answer names the scope granted when the key is limited or a scope was
+    asked for: the models asked for, else the key's ("*": every model)."""
     scoped = auth.create_key(["shapes", "arrows"])
-    assert set(grant(scoped)["scope"].split(" ")) == {"arrows", "shapes"}
-    assert set(grant(scoped, scope="shapes")["scope"].split(" ")) == {"arrows", "shapes"}
-    assert grant(keypair, scope="shapes")["scope"] == "*"
-    assert "scope" not in grant(keypair)  # every model, nothing asked: nothing to say
+    assert set(grant(token_client, scoped).get_json()["scope"].split(" ")) == {"arrows", "shapes"}
+    assert grant(token_client, scoped, scope="shapes").get_json()["scope"] == "shapes"
+    assert grant(token_client, scoped, scope="shapes arrows").get_json()["scope"] == "arrows shapes"
+    assert grant(token_client, keypair, scope="shapes").get_json()["scope"] == "shapes"
+    assert grant(token_client, keypair, scope="*").get_json()["scope"] == "*"
+    assert "scope" not in grant(token_client, keypair).get_json()  # every model, nothing asked: nothing to say
+
+
+def keypair_body(pair, **extra):
+    return {"public_key": pair.public_key, "secret_key": pair.secret_key, **extra}
+
+
+def test_a_token_asked_for_fewer_models_may_call_only_those(token_client, shapes_client, keypair):
+    """Least privilege: a token asked for with some models (OAuth2 scope, or JSON scopes) may
+    call those and no other, its session says so, and the 403 says why, in RFC 6750's words."""
+    narrow = grant(token_client, keypair, scope="arrows").get_json()["access_token"]
+    keyed = post_json(token_client, keypair_body(keypair, scopes=["arrows"])).get_json()
+    wide = grant(token_client, keypair).get_json()["access_token"]
+    assert keyed["scopes"] == ["arrows"]
+    for token, allowed in ((narrow, False), (keyed["token"], False), (wide, True)):
+        bearer = {"Authorization": f"Bearer {token}"}
+        for _ in range(3):  # a cache keeps a token at its first or second good check: the third is from it
+            reply = shapes_client.get("/models/shapes.json", headers=bearer)
+            assert reply.status_code == (200 if allowed else 403)
+            assert token_client.get("/session.json", headers=bearer).get_json()["scopes"] == (
+                None if allowed else ["arrows"]
+            )
+        if not allowed:
+            assert reply.get_json()["error"] == "this token may not call model shapes"
+            assert reply.headers["WWW-Authenticate"] == 'Bearer realm="thalamus", error="insufficient_scope"'
+
+
+def test_a_scope_beyond_the_key_is_refused(token_client, auth):
+    """A scoped key cannot ask for a model outside its scopes: RFC 6749's invalid_scope (OAuth2)
+    or a 400 naming it (JSON), and no token; malformed scopes are refused alike."""
+    scoped = auth.create_key(["shapes"])
+    reply = grant(token_client, scoped, scope="shapes arrows")
+    assert reply.status_code == 400 and reply.get_json()["error"] == "invalid_scope"
+    assert "may not call model(s) arrows; ask for some of shapes" in reply.get_json()["error_description"]
+    for scope in ("Bad_Name", "* shapes", "token", "x" * 43):
+        bad = grant(token_client, scoped, scope=scope)
+        assert bad.status_code == 400 and bad.get_json()["error"] == "invalid_scope", scope
+    for scopes in (["arrows"], [], "shapes", [1], ["Shapes"], {"shapes": 1}):
+        refused = post_json(token_client, keypair_body(scoped, scopes=scopes))
+        assert refused.status_code == 400 and set(refused.get_json()) == {"error"}, scopes
+    assert "may not call model(s) arrows" in post_json(token_client, keypair_body(scoped, scopes=["arrows"])).text
+
+
+def test_a_scope_asked_with_a_wrong_secret_is_a_wrong_secret(token_client, auth):
+    """What a key may call is told only to a caller that proved it holds the key."""
+    scoped = auth.create_key(["shapes"])
+    wrong = {**GRANT, "client_id": scoped.public_key, "client_secret": WRONG_SK, "scope": "arrows"}
+    reply = token_client.post("/token.json", data=wrong)
+    assert reply.status_code == 401 and reply.get_json()["error"] == "invalid_client"
+
+
+def test_a_bad_token_is_told_invalid_token_and_a_missing_one_is_not(shapes_client):
+    """RFC 6750 3.1: error="invalid_token" when a token was sent (OAuth2 clients fetch a new
+    one on it); no error code when none was."""
+    bad = shapes_client.get("/models/shapes.json", headers={"Authorization": "Bearer " + "x" * 43})
+    assert bad.status_code == 401
+    assert bad.headers["WWW-Authenticate"] == 'Bearer realm="thalamus", error="invalid_token"'
+    missing = shapes_client.get("/models/shapes.json")
+    assert missing.status_code == 401 and missing.headers["WWW-Authenticate"] == 'Bearer realm="thalamus"'
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])

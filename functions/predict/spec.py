@@ -27,7 +27,7 @@ def document(meta: dict[str, Any], input_name: str, output_name: str, max_body: 
     }
     common = {
         "401": openapi.UNAUTHORIZED,
-        "403": openapi.error("The key's scopes exclude this model", f"this key may not call model {name}"),
+        "403": openapi.insufficient_scope(name),
         "404": openapi.error(
             "This function does not serve that model", f"no such model here: other (this function serves {name})"
         ),

@@ -38,7 +38,7 @@ def paths(
     }
     errors = {
         "401": openapi.UNAUTHORIZED,
-        "403": openapi.error("The key's scopes exclude this model", f"this key may not call model {name}"),
+        "403": openapi.insufficient_scope(name),
         "404": openapi.error(
             "Another model, an unknown version or version label", f"model {name} has no version 7 (serving {version})"
         ),

@@ -24,6 +24,7 @@ from shared.credentials import PUBLIC_KEY_RE
 from shared.errors import (
     BadRequest,
     InvalidCredentials,
+    InvalidScope,
     ServiceUnavailable,
     ThalamusError,
     TooManyRequests,
@@ -62,10 +63,11 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
     auth = auth or AuthStore(settings, token_cache=True, cache_on_repeat=True)
     models = catalog.Catalog(settings.model_catalog)
 
-    def issue(call: Call, public_key: str, secret_key: str) -> IssuedToken:
+    def issue(call: Call, public_key: str, secret_key: str, scopes: list[str] | None) -> IssuedToken:
         """``auth.issue_token`` for the caller, noted for the access line."""
         exchange_of(call.request.environ).public_key = public_key if PUBLIC_KEY_RE.fullmatch(public_key) else None
-        return auth.issue_token(public_key, secret_key, client_address(call.request.environ, settings.trusted_proxies))
+        address = client_address(call.request.environ, settings.trusted_proxies)
+        return auth.issue_token(public_key, secret_key, address, scopes)
 
     def counted(call: Call) -> flask.Response:
         """``POST /token.json``, every answer counted by its outcome (JSON and OAuth2 alike)."""
@@ -93,9 +95,11 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
         if form or _scheme(request) == "basic":
             basic = _scheme(request) == "basic"
             try:
-                issued = issue(call, *_client_credentials(request))
+                issued = issue(call, *_client_credentials(request), _asked_scope(request.form.get("scope")))
             except OAuthError as error:
                 return _oauth_error(error, basic)
+            except InvalidScope as error:
+                return _oauth_error(OAuthError("invalid_scope", error.message), basic)
             except (BadRequest, InvalidCredentials):  # a malformed client_id is an unknown client
                 return _oauth_error(OAuthError("invalid_client", "invalid client_id or client_secret", 401), basic)
             except (TooManyRequests, ServiceUnavailable) as error:
@@ -104,8 +108,8 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
             body = {"access_token": issued.token, "token_type": "Bearer", "expires_in": issued.ttl}
             scopes = issued.session.scopes
             if scopes is not None or request.form.get("scope"):
-                # RFC 6749 5.1: the scope granted, required when it is not the one asked for: the
-                # key's models, space-separated ("*": every model). A token never has more.
+                # RFC 6749 5.1: the scope granted (the models asked for, else the key's),
+                # space-separated ("*": every model), which is the one asked for when one was.
                 body["scope"] = " ".join(scopes) if scopes else "*"
             return json_response(body)
         if request.mimetype != "application/json":
@@ -114,7 +118,8 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
                 "application/x-www-form-urlencoded (OAuth2 client credentials)"
             )
         body = read_json(request)
-        issued = issue(call, _string_field(body, "public_key"), _string_field(body, "secret_key"))
+        keypair = _string_field(body, "public_key"), _string_field(body, "secret_key")
+        issued = issue(call, *keypair, _scopes_field(body))
         return json_response(_keypair_answer(issued))
 
     def session(call: Call) -> dict[str, Any]:
@@ -196,6 +201,24 @@ def _basic_credentials(request: flask.Request) -> tuple[str, str]:
         raise OAuthError("invalid_client", "malformed HTTP Basic credentials", 401)
     # RFC 6749 2.3.1: client_id and client_secret are form-urlencoded inside Basic.
     return unquote(user), unquote(password)
+
+
+def _asked_scope(text: str | None) -> list[str] | None:
+    """The OAuth2 ``scope`` parameter (space-separated model names; none or "*": the key's own)."""
+    names = (text or "").split()
+    if not names or names == ["*"]:
+        return None
+    if "*" in names:
+        raise OAuthError("invalid_scope", "scope '*' (every model the key may call) goes alone")
+    return names
+
+
+def _scopes_field(body: Any) -> list[str] | None:
+    """The JSON body's optional ``scopes``: model names, or null for the key's own."""
+    value = body.get("scopes")
+    if value is not None and not (isinstance(value, list) and all(isinstance(name, str) for name in value)):
+        raise InvalidScope("field 'scopes' must be a list of model names, or null for the key's own")
+    return value
 
 
 def _string_field(body: Any, name: str) -> str:

@@ -25,8 +25,9 @@ def document(settings: Settings) -> dict[str, Any]:
     either = {"anyOf": [{"$ref": "#/components/schemas/Error"}, {"$ref": "#/components/schemas/OAuthError"}]}
     bad_request = {
         "description": (
-            "JSON keypair: malformed body or fields. OAuth2 form: `invalid_request` (no or malformed "
-            "grant_type, credentials in Basic and body) or `unsupported_grant_type`"
+            "JSON keypair: malformed body or fields, or `scopes` naming a model the key may not call. "
+            "OAuth2 form: `invalid_request` (no or malformed grant_type, credentials in Basic and body), "
+            "`unsupported_grant_type`, or `invalid_scope` (a `scope` naming a model the key may not call)"
         ),
         "content": {
             "application/json": {
@@ -81,6 +82,8 @@ def document(settings: Settings) -> dict[str, Any]:
         "summary": "Trade a keypair for a bearer token",
         "description": (
             "JSON `{public_key, secret_key}` answers `{token, ttl}`; errors are `{error: message}`. "
+            "A token may call the models its key may call, or fewer: those named in `scopes` (JSON) or "
+            "`scope` (OAuth2, space-separated). "
             "The OAuth2 client-credentials grant (form body, credentials in the body or HTTP Basic) "
             "answers in RFC 6749 form, and its 400/401 errors are RFC 6749 §5.2 codes "
             "(`{error, error_description}`). Wrong, unknown, revoked and expired keys get the same "
@@ -181,13 +184,18 @@ def document(settings: Settings) -> dict[str, Any]:
         "type": "array",
         "items": {"type": "string"},
         "nullable": True,
-        "description": "models this key may call; null = all",
+        "description": "models this token may call; null = all",
+    }
+    asked = {
+        **scopes,
+        "description": "models the token may call, some of those its key may call; null or absent = the key's",
+        "example": ["shapes"],
     }
     schemas = {
         "KeypairRequest": {
             "type": "object",
             "required": ["public_key", "secret_key"],
-            "properties": {"public_key": public_key, "secret_key": secret_key},
+            "properties": {"public_key": public_key, "secret_key": secret_key, "scopes": asked},
         },
         "ClientCredentialsRequest": {
             "type": "object",
@@ -196,6 +204,11 @@ def document(settings: Settings) -> dict[str, Any]:
                 "grant_type": {"type": "string", "enum": ["client_credentials"]},
                 "client_id": public_key,
                 "client_secret": secret_key,
+                "scope": {
+                    "type": "string",
+                    "description": "models the token may call, space-separated, some of those its key may call; "
+                    "absent or * = the key's",
+                },
             },
         },
         "TokenResponse": {
@@ -218,7 +231,7 @@ def document(settings: Settings) -> dict[str, Any]:
                 "scope": {
                     "type": "string",
                     "description": "The models the token may call, space-separated, or * for every model. "
-                    "Given when the key is limited to some models or the request named a scope (RFC 6749 5.1).",
+                    "Given when the token is limited to some models or the request named a scope (RFC 6749 5.1).",
                 },
             },
         },
@@ -236,6 +249,7 @@ def document(settings: Settings) -> dict[str, Any]:
                     "enum": [
                         "invalid_request",
                         "invalid_client",
+                        "invalid_scope",
                         "unsupported_grant_type",
                         "slow_down",
                         "temporarily_unavailable",
