@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from local import routes
 from shared import config, docs, logs
 from shared.access import AccessLog, exchange_of
-from shared.errors import BadGateway, InternalError, MethodNotAllowed, NotFound, ThalamusError
+from shared.errors import BadGateway, BadRequest, InternalError, MethodNotAllowed, NotFound, ThalamusError
 from shared.http import has_body
 from shared.server import Gunicorn, gunicorn_options
 
@@ -218,16 +218,14 @@ class Gateway:
         body: Any = None
         if length:
             headers["Content-Length"] = length
-            body = environ["wsgi.input"]
+            body = _WholeBody(environ["wsgi.input"], int(length))
         elif has_body(environ):  # chunked
             body = iter(lambda: environ["wsgi.input"].read(65536), b"")
-        # What the client sent, not the decoded PATH_INFO: the function decodes it the same way.
-        target = environ.get("RAW_URI") or environ.get("PATH_INFO", "/")
         conn = http.client.HTTPConnection(urlsplit(base).netloc, timeout=self.timeout, source_address=(self.source, 0))
         try:
-            conn.request(environ["REQUEST_METHOD"], target, body=body, headers=headers,
+            conn.request(environ["REQUEST_METHOD"], _origin_form(environ), body=body, headers=headers,
                          encode_chunked=body is not None and not length)  # fmt: skip
-        except ThalamusError:  # the client's body was late or malformed (raised by wsgi.input)
+        except ThalamusError:  # the client's body was late, short or malformed (raised reading it)
             conn.close()
             raise
         except OSError:
@@ -256,6 +254,38 @@ class Gateway:
                 yield chunk
         finally:
             conn.close()
+
+
+def _origin_form(environ: Environ) -> str:
+    """The request's target as the client sent it (not the decoded PATH_INFO: the function decodes
+    it the same way), in origin form: an absolute-form target (``GET http://host/path``, RFC 9112
+    3.2.2) loses its scheme and host, which http.client would otherwise send as the Host."""
+    target = str(environ.get("RAW_URI") or environ.get("PATH_INFO", "/"))
+    if target.startswith("/"):
+        return target
+    try:
+        parts = urlsplit(target)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        raise BadRequest("malformed request target") from None
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
+class _WholeBody:
+    """The client's body of ``length`` bytes, read by http.client: one that ends early (the
+    client went away) raises, so the function is cut off at once instead of left waiting for
+    bytes that never come (gunicorn's reader returns what came, without a word)."""
+
+    def __init__(self, stream: Any, length: int) -> None:
+        self.stream, self.left = stream, length
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.left:
+            return b""
+        chunk = self.stream.read(min(size if size > 0 else 65536, self.left))
+        if not chunk:
+            raise BadRequest("request body ended early")
+        self.left -= len(chunk)
+        return bytes(chunk)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,11 +7,13 @@ import hashlib
 import io
 import json
 import random
+import re
 import shutil
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from dataclasses import dataclass
@@ -194,6 +196,80 @@ def png16_grey() -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
+class _Bits:
+    """A VP8L bit writer: values least significant bit first, Huffman codes most significant first."""
+
+    def __init__(self) -> None:
+        self.bits: list[int] = []
+
+    def put(self, value: int, count: int) -> None:
+        self.bits += [(value >> i) & 1 for i in range(count)]
+
+    def code(self, value: int, count: int) -> None:
+        self.bits += [(value >> i) & 1 for i in reversed(range(count))]
+
+    def bytes(self) -> bytes:
+        out = bytearray((len(self.bits) + 7) // 8)
+        for i, bit in enumerate(self.bits):
+            out[i >> 3] |= bit << (i & 7)
+        return bytes(out)
+
+
+def webp_huffman_groups(groups: int = 65_536, side: int = 1024) -> bytes:
+    """A lossless WebP of ``side`` x ``side`` whose entropy image gives each 4 x 4 block its own
+    group of Huffman codes, ``groups`` in all, each five one-symbol codes: tens of bytes of file per
+    megabyte of tables libwebp builds before it decodes a pixel (65,536 groups: 295 KB, 371 MiB).
+    The pixel data is left out: the file is refused (or fails) once the tables are built."""
+    bits = _Bits()
+
+    def one_symbol() -> None:  # a "simple" code of one 1-bit symbol
+        bits.put(1, 1), bits.put(0, 1), bits.put(0, 1), bits.put(0, 1)
+
+    def flat_eight(use_length: bool) -> None:  # a normal code: every symbol 8 bits long
+        bits.put(0, 1), bits.put(8, 4)
+        for i in range(12):
+            bits.put(1 if i == 11 else 0, 3)
+        if use_length:
+            bits.put(1, 1), bits.put(3, 3), bits.put(254, 8)
+        else:
+            bits.put(0, 1)
+
+    entropy = side // 4 // 4  # the entropy image's side: one pixel per 4 x 4 block, itself in blocks of 4
+    bits.put(0x2F, 8), bits.put(side - 1, 14), bits.put(side - 1, 14), bits.put(0, 4)
+    bits.put(0, 1), bits.put(0, 1), bits.put(1, 1), bits.put(0, 3)  # no transform or cache; meta codes, 2 bits
+    bits.put(0, 1)  # the entropy image: no colour cache, then its five codes
+    flat_eight(True), flat_eight(False), one_symbol(), one_symbol(), one_symbol()
+    for i in range((side // 4) ** 2):
+        group = i % groups
+        bits.code(group & 255, 8), bits.code(group >> 8, 8)
+    assert entropy
+    for _ in range(groups * 5):
+        one_symbol()
+    data = bits.bytes()
+    data += b"\0" * (len(data) & 1)
+    chunk = b"VP8L" + struct.pack("<I", len(data)) + data
+    return b"RIFF" + struct.pack("<I", 4 + len(chunk)) + b"WEBP" + chunk
+
+
+def jpeg_one_scan(image: Image.Image) -> bytes | None:
+    """``image`` as a baseline JPEG cut to one scan of its first component (libjpeg then keeps
+    every component's coefficients at full size); None without jpegtran."""
+    jpegtran = shutil.which("jpegtran")
+    if jpegtran is None:
+        return None
+    components = len(image.getbands())
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as scans:
+        scans.write("".join(f"{i};\n" for i in range(components)))
+        scans.flush()
+        made = subprocess.run([jpegtran, "-scans", scans.name], input=encode(image, "JPEG", quality=50),
+                              capture_output=True, check=True).stdout  # fmt: skip
+    start = made.find(b"\xff\xda")
+    length = int.from_bytes(made[start + 2 : start + 4], "big")
+    end = re.compile(rb"\xff[^\x00\xd0-\xd7]").search(made, start + 2 + length)
+    assert end is not None
+    return made[: end.start()] + b"\xff\xd9"
+
+
 def worst_case_images() -> dict[str, bytes]:
     """The costliest image of each format and mode a predict function accepts at its default limits
     (40 Mpx, under MAX_UPLOAD_BYTES): flat colours, kilobytes on the wire."""
@@ -218,7 +294,10 @@ def worst_case_images() -> dict[str, bytes]:
         "webp-rgba": encode(
             flat("RGBA", (10, 20, 30, 0), (200, 100, 50, 255)).resize((4000, 4000)), "WEBP", lossless=True
         ),  # fmt: skip
+        "webp-huffman-groups": webp_huffman_groups(),
     }
+    if (one_scan := jpeg_one_scan(flat("CMYK", (10, 20, 30, 40), (200, 100, 50, 0)))) is not None:
+        images["jpeg-cmyk-one-scan"] = one_scan
     assert all(len(data) < 10 * 1024 * 1024 for data in images.values())
     return images
 

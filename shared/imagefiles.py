@@ -150,6 +150,14 @@ class Structure:
     size: int  # the file's bytes
     scans: int = 0  # JPEG: scans (SOS segments) of the first picture
     frame: int = 0  # JPEG: the first picture's SOF marker code (0xC0 baseline, 0xC2 progressive, ...)
+    # JPEG: the first scan leaves some of the frame's components out. libjpeg then keeps every
+    # component's coefficients at full size, as for a progressive file, whatever the draft scale
+    # (a 470 KB one-scan 40 Mpx CMYK file took 310 MiB).
+    partial_scan: bool = False
+    # WebP: lossless data (a VP8L image, or lossless alpha), whose Huffman tables libwebp builds
+    # before any pixel (see shared.isolated); a lossy file that merely holds these four bytes is
+    # counted as one, which costs it only a child process.
+    webp_lossless: bool = False
 
     @property
     def lossless(self) -> bool:
@@ -187,6 +195,7 @@ def _jpeg_walk(data: bytes) -> Structure:
     EOI, so does this walk); BadRequest when it holds more than MAX_JPEG_SEGMENTS segments or
     MAX_PADDING_BYTES of fill and junk, or more than MAX_JPEG_SCANS scans."""
     position, scans, frame, segments, padding, size = 2, 0, 0, 0, 0, len(data)
+    components, partial = 0, False
     exif: list[bytes] = []
     while position + 1 < size:
         if data[position] != 0xFF or data[position + 1] in (0x00, 0xFF):
@@ -210,8 +219,11 @@ def _jpeg_walk(data: bytes) -> Structure:
         length = int.from_bytes(data[position + 2 : position + 4], "big")
         if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and not frame:
             frame = marker  # SOFn (C4, C8 and CC are DHT, JPG and DAC)
+            components = data[position + 9] if position + 9 < size else 0
         if marker == 0xE1 and not scans and data.startswith(b"Exif\x00\x00", position + 4, position + 2 + length):
             exif.append(data[position + (4 if not exif else 10) : position + 2 + length])  # as Pillow joins them
+        if marker == 0xDA and not scans and position + 4 < size:
+            partial = data[position + 4] < components  # Ns, the scan's components, against the frame's Nf
         position += 2 + max(length, 2)  # a length under 2: Pillow and libjpeg read on after it
         if marker == 0xDA:
             if (scans := scans + 1) > MAX_JPEG_SCANS:
@@ -219,7 +231,7 @@ def _jpeg_walk(data: bytes) -> Structure:
             position = _scan_end(data, position)
     if exif and (entries := exif_entries(b"".join(exif))) > MAX_EXIF_ENTRIES:
         raise BadRequest(f"JPEG's EXIF has {entries} entries (limit {MAX_EXIF_ENTRIES}); send a plain image")
-    return Structure(size, scans, frame)
+    return Structure(size, scans, frame, partial)
 
 
 def _scan_end(data: bytes, start: int) -> int:
@@ -302,4 +314,5 @@ def check(data: bytes) -> Structure:
         _png_walk(data)
     elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         _webp_walk(data)
+        return Structure(len(data), webp_lossless=b"VP8L" in data or b"ALPH" in data)
     return Structure(len(data))

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, PngImagePlugin, UnidentifiedImageError
 
-from shared import cgroup, imagefiles, libc
+from shared import cgroup, imagefiles, isolated, libc
 from shared.config import Settings
 from shared.errors import BadRequest, ServiceUnavailable
 
@@ -92,6 +92,9 @@ _NS_DECODE = {"PNG": 10.0, "GIF": 5.0, "BMP": 2.0, "WEBP": 20.0, "JPEG": 1.0, "M
 # a pixel at a time after an end of line), and 195 ns a byte of commands that add nothing
 # (measured idle; twice that beside other work). So a pixel and a byte each count.
 _NS_BMP_RLE, _NS_BMP_RLE_BYTE = 300.0, 400.0
+# A 16-bit colour PNG (RGB;16B, RGBA;16B, LA;16B), unpacked to 8 bits per sample: 33 ns a pixel
+# measured against 11 for 8-bit RGB; with a colour key, 82 all told (a red team's 40 Mpx file).
+_NS_PNG_16BIT_COLOUR = 40.0
 _NS_PER_SCAN = 2.0  # progressive JPEG: each scan passes over the full-size coefficients
 _NS_JPEG_LOSSLESS = 25.0  # per pixel, at full size (measured 9-16 ns)
 # Arithmetic-coded JPEG: a decision per bit of every coefficient, whatever the draft, and a
@@ -110,6 +113,7 @@ class Cost:
     bytes: int
     cpu_seconds: float
     pixels: int
+    isolated: bool = False  # decoded in a child process (shared.isolated), which ``bytes`` includes
 
 
 class DecodeBudget:
@@ -193,20 +197,30 @@ def estimate(
     """The cost of decoding ``image`` (opened and drafted, not loaded; ``structure`` what the walk
     found in its file) and reducing it in bands towards ``target``: its pixels in Pillow's storage
     and a pointer per row, plus what each decoder adds (measured): WebP keeps four canvases
-    (16 B/px whatever the mode); a progressive JPEG keeps whole-image coefficient buffers at full
-    size (2 bytes per coefficient), which draft does not shrink; an arithmetic-coded JPEG is read
-    whole; an RLE BMP is decoded in Python into two more copies. A band is
-    BAND_PIXELS, or more when one row, or one reduce block's rows (at most pixels / (3 x the
-    target's smaller side)), is larger."""
+    (16 B/px whatever the mode); a progressive JPEG, or one whose first scan leaves components
+    out, keeps whole-image coefficient buffers at full size (2 bytes per coefficient), which draft
+    does not shrink; an arithmetic-coded JPEG is read whole; an RLE BMP is decoded in Python into
+    two more copies. A band is BAND_PIXELS, or more when one row, or one reduce block's rows (at
+    most pixels / (3 x the target's smaller side)), is larger."""
     width, height = image.size
     pixels, full = width * height, full_size[0] * full_size[1]
     nbytes = pixels * _STORAGE.get(image.mode, 4) + height * _ROW_POINTER
     nanoseconds = full * _NS_DECODE.get(image.format or "", 20.0)
+    child = False
     if image.format == "WEBP":
         nbytes = pixels * 16
-    elif image.format in JPEG and (image.info.get("progressive") or structure.scans > 1):
+        if structure.webp_lossless:  # libwebp's Huffman tables: see shared.isolated
+            tables = isolated.groups_bound(width, height, structure.size) * isolated.TABLE_BYTES_PER_GROUP
+            child = tables > isolated.IN_PROCESS_TABLE_BYTES
+            tables = isolated.CHILD_TABLE_BYTES if child else tables
+            nbytes += tables + (isolated.CHILD_BASE_BYTES if child else 0)
+            nanoseconds += tables / isolated.TABLE_BYTES_PER_GROUP * isolated.NS_PER_GROUP
+            nanoseconds += isolated.CHILD_START_SECONDS * 1e9 if child else 0.0
+    elif image.format in JPEG and (image.info.get("progressive") or structure.scans > 1 or structure.partial_scan):
         nbytes += _jpeg_blocks(image, full_size) * 64 * 2
         nanoseconds += full * _NS_PER_SCAN * structure.scans
+    elif image.format == "PNG" and image.tile and str(image.tile[0].args).startswith(("RGB;16", "RGBA;16", "LA;16")):
+        nanoseconds = full * _NS_PNG_16BIT_COLOUR
     elif isinstance(image, ImageFile.ImageFile) and image.tile and image.tile[0].codec_name == "bmp_rle":
         nbytes += pixels * 2 + pixels // 8
         nanoseconds = full * _NS_BMP_RLE + structure.size * _NS_BMP_RLE_BYTE
@@ -218,7 +232,7 @@ def estimate(
     alpha = image.mode in _ALPHA_MODES or "transparency" in image.info
     nanoseconds += pixels * (_NS_BAND + (_NS_ALPHA if alpha else 0.0))
     band = max(BAND_PIXELS, width, int(pixels / (REDUCING_GAP * max(1, min(target)))))
-    return Cost(nbytes + band * _BAND_BYTES_PER_PIXEL, nanoseconds / 1e9, full)
+    return Cost(nbytes + band * _BAND_BYTES_PER_PIXEL, nanoseconds / 1e9, full, child)
 
 
 def _jpeg_blocks(image: Image.Image, full_size: tuple[int, int]) -> int:
@@ -398,23 +412,39 @@ def model_input(
     if cost.cpu_seconds > limits.cpu_seconds:
         image.close()
         check_request([cost], limits)  # one image alone over the per-request CPU limit
+    mode = "L" if channels == 1 else "RGB"
     with limits.budget.reserve(cost.bytes):
+        if cost.isolated:
+            _close(image)
+            child_bytes = cost.bytes - isolated.CHILD_BASE_BYTES
+            pixels = isolated.decode(data, (width, height), mode, child_bytes, limits.cpu_seconds)
+            return scale(pixels, preprocessing, out)
         try:
-            image.load()
-            small, box = _reduce_in_bands(image, (width, height), "L" if channels == 1 else "RGB")
-            if small.size != (width, height):
-                small = small.resize((width, height), Image.Resampling.BILINEAR, box=box)
-            pixels = np.asarray(small).reshape(height, width, channels)  # a copy: the image may go
+            pixels = decoded(image, (width, height), mode)
         except (OSError, SyntaxError, ValueError, EOFError, struct.error):
             raise BadRequest("image data is truncated or corrupt") from None
         finally:
-            image.close()  # free the pixels now, even while a traceback still refers to the image
-            if hasattr(image, "_decoder"):
-                image._decoder = None  # WebP: libwebp's canvases live as long as this reference
+            _close(image)  # free the pixels now, even while a traceback still refers to the image
             del image
             if cost.pixels >= TRIM_AFTER_PIXELS:  # its full-size buffers (and the decoder's) go back
                 release_memory()
     return scale(pixels, preprocessing, out)
+
+
+def _close(image: Image.Image) -> None:
+    image.close()
+    if hasattr(image, "_decoder"):
+        image._decoder = None  # WebP: libwebp's canvases live as long as this reference
+
+
+def decoded(image: Image.Image, size: tuple[int, int], mode: str) -> np.ndarray:
+    """``image`` (opened, not loaded) decoded, upright, in ``mode`` ("L" or "RGB") and resized to
+    ``size`` (stretched, bilinear), in bands: uint8 of shape (height, width, channels)."""
+    image.load()
+    small, box = _reduce_in_bands(image, size, mode)
+    if small.size != size:
+        small = small.resize(size, Image.Resampling.BILINEAR, box=box)
+    return np.asarray(small).reshape(size[1], size[0], 1 if mode == "L" else 3)  # a copy: the image may go
 
 
 def release_memory() -> None:

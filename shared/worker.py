@@ -382,6 +382,8 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
         for name, value in request.headers:
             if name == "TRANSFER-ENCODING" and any(c.strip().lower() != "chunked" for c in value.split(",")):
                 raise parse_errors.UnsupportedTransferCoding(value)
+            if name == "CONNECTION" and "close" in (option.strip().lower() for option in value.split(",")):
+                request.force_close()  # RFC 9112 9.6: close among other options (gunicorn reads it alone)
         if conn.probe:  # one probe a connection, as the kubelet sends them: a client pipelining
             request.force_close()  # probes it never reads the answers of cannot hold the probes' thread
         request.body = conn.body = GuardedBody(request, conn.sock)  # becomes environ["wsgi.input"]

@@ -133,6 +133,16 @@ def test_token_and_prediction_through_containers(stack, auth):
             files={"file": ("x.jpg", encode(demo_image("shapes", label, 300 + i), "JPEG"))},
         )
         assert reply.status_code == 200 and reply.json()["prediction"] == label
+    # A lossless WebP too large to bound in the server is decoded by a child Python (the image's
+    # own, read-only, non-root): the same answer; a file of too many Huffman groups, a 400.
+    for name, data, status in (
+        ("c.webp", encode(demo_image("shapes", "circle", 310).resize((640, 480)), "WEBP", lossless=True), 200),
+        ("groups.webp", helpers.webp_huffman_groups(), 400),
+    ):
+        reply = requests.post(f"{predict_base}/models/shapes/predict.json", headers=headers, timeout=30,
+                              files={"file": (name, data)})  # fmt: skip
+        assert reply.status_code == status, reply.text
+        assert status == 400 or reply.json()["prediction"] == "circle"
     for container in (token_container, predict_container):
         uid = subprocess.run([TOOL, "exec", container, "id", "-u"], capture_output=True, text=True).stdout
         assert uid.strip() not in ("", "0")

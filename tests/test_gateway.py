@@ -4,6 +4,7 @@ import http.server
 import json
 import socket
 import threading
+import time
 
 import pytest
 import requests
@@ -85,6 +86,75 @@ def test_headers_a_connection_header_names_stay_on_their_hop():
         seen = {name.lower() for name in reply.get_json()}
         assert "x-kept" in seen and "x-hop-secret" not in seen, seen
         assert reply.headers.get("X-Upstream-Kept") == "1" and "X-Upstream-Hop" not in reply.headers
+    finally:
+        upstream.shutdown()
+        upstream.server_close()
+
+
+def exchange(port: int, request: bytes) -> bytes:
+    """``request`` sent on a connection of its own; everything received until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
+@pytest.mark.parametrize("host", ["a%25b", "%", "x%y:80", "h" * 64])
+def test_an_absolute_form_target_reaches_the_function_as_its_path(running_stack, host):
+    """RFC 9112 3.2.2: a proxy takes absolute-form targets. The gateway sends the function the
+    path alone (http.client made the Host of it: a 500 for a host with '%')."""
+    port = int(running_stack.gateway.rsplit(":", 1)[1])
+    reply = exchange(port, f"GET http://{host}/v2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    assert reply.startswith(b"HTTP/1.1 200 ") and b'"name":"thalamus"' in reply.replace(b" ", b""), reply
+
+
+def test_close_among_connection_options_closes_after_the_answer(running_stack):
+    """RFC 9112 9.6: "close" anywhere in Connection ends the connection after this answer: the
+    request pipelined after it is not answered."""
+    port = int(running_stack.gateway.rsplit(":", 1)[1])
+    two = b"GET /v2 HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, close\r\n\r\nGET /v2 HTTP/1.1\r\nHost: x\r\n\r\n"
+    reply = exchange(port, two)
+    assert reply.count(b"HTTP/1.1 200 ") == 1 and b"Connection: close" in reply, reply
+
+
+class _Reader(http.server.BaseHTTPRequestHandler):
+    """A function stand-in that reads the whole body it was promised, and notes what came."""
+
+    received: list[int] = []
+
+    def do_POST(self):
+        length, got = int(self.headers["Content-Length"]), b""
+        while len(got) < length and (chunk := self.rfile.read(min(65536, length - len(got)))):
+            got += chunk
+        type(self).received.append(len(got))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_body_that_ends_early_cuts_the_function_off_at_once():
+    """A client gone mid-upload: the gateway closes its connection to the function at once (a
+    400), instead of leaving the function waiting for bytes that never come until its 408."""
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), _Reader)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    try:
+        gateway = AccessLog(Gateway(f"http://127.0.0.1:{upstream.server_address[1]}", {}, timeout=30), "gateway")
+        environ = werkzeug.test.EnvironBuilder("/token.json", method="POST", data=b"x" * 50_000).get_environ()
+        environ["CONTENT_LENGTH"] = "100000"  # promised, never sent: the client went away
+        statuses = []
+        started = time.monotonic()
+        body = gateway(environ, lambda status, headers, exc_info=None: statuses.append(status))
+        b"".join(body)
+        deadline = time.monotonic() + 10
+        while not _Reader.received and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert statuses[0].startswith("400") and _Reader.received == [50_000]
+        assert time.monotonic() - started < 5
     finally:
         upstream.shutdown()
         upstream.server_close()

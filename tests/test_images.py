@@ -1,6 +1,7 @@
 """Uploads as careful users and careless ones send them: formats, modes, orientation, bad data."""
 
 import io
+import resource
 import shutil
 import struct
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from local import ROOT
-from local.helpers import demo_image, encode
+from local.helpers import demo_image, encode, flat, jpeg_one_scan, webp_huffman_groups
 from shared import imaging
 from shared.errors import BadRequest
 from tests.conftest import predict_client, subprocess_env
@@ -341,6 +342,80 @@ def test_arithmetic_coded_jpeg_is_decoded_and_counted(shapes_client, bearer):
     # Its cost follows the coefficients, not the bytes: 63 large equal ones a block cost 10 us a
     # block in a small file. Every block counts (1024 x 1024, 4:2:0: 24,576 blocks).
     assert coded.cpu_seconds > plain.cpu_seconds + 24_576 * 10e-6
+
+
+def test_a_webp_with_too_many_huffman_groups_is_refused_in_little_memory(shapes_client, bearer):
+    """A lossless WebP whose Huffman tables alone would take 371 MiB (295 KB on the wire) is
+    decoded in a child process whose memory the kernel bounds: a 400, and this process never
+    maps them (its peak stays where it was)."""
+    bomb = webp_huffman_groups()
+    cost = imaging.header_cost(bomb, imaging.Limits(40_000_000), (64, 64))
+    assert cost.isolated and cost.bytes < 200 << 20
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.monotonic()
+    reply = upload(shapes_client, bearer, ("groups.webp", bomb))
+    assert reply.status_code == 400 and "MiB or" in reply.get_json()["error"], reply.get_json()
+    assert time.monotonic() - started < 10
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # KiB: no 371 MiB here
+    fewer = webp_huffman_groups(groups=500, side=64)  # few enough to decode here: its tables counted
+    small = imaging.header_cost(fewer, imaging.Limits(40_000_000), (64, 64))
+    assert not small.isolated and small.bytes >= 256 * 20 << 10  # 64 x 64: at most 256 groups of 20 KiB
+
+
+def test_lossless_webp_decoded_in_a_child_matches_one_decoded_here(shapes_client, bearer):
+    """A lossless WebP too large to bound here is decoded in a child process: the same pixels,
+    so the same answer, as the same picture in PNG."""
+    picture = circle().resize((640, 480))
+    webp = encode(picture, "WEBP", lossless=True)
+    limits, spec = imaging.Limits(40_000_000), {"height": 64, "width": 64, "channels": 3}
+    assert imaging.header_cost(webp, limits, (64, 64)).isolated
+    child = imaging.model_input(webp, limits, spec, {})
+    here = imaging.model_input(encode(picture), limits, spec, {})
+    assert np.array_equal(child, here)
+    replies = [upload(shapes_client, bearer, (name, data)).get_json() for name, data in
+               (("c.webp", webp), ("c.png", encode(picture)))]  # fmt: skip
+    assert replies[0] == replies[1] and replies[0]["prediction"] == "circle"
+
+
+@pytest.mark.skipif(JPEGTRAN is None, reason="jpegtran (Debian's libjpeg-turbo-progs) makes the file: ./test.sh")
+def test_a_jpeg_whose_first_scan_leaves_components_out_counts_full_buffers():
+    """libjpeg keeps every component's coefficients at full size when the first scan holds only
+    some of them (a 470 KB 40 Mpx CMYK file took 310 MiB): the estimate counts them, as for a
+    progressive file, and the same picture in one interleaved scan stays small."""
+    picture = flat("CMYK", (10, 20, 30, 40), (200, 100, 50, 0))
+    one_scan, plain = jpeg_one_scan(picture), encode(picture, "JPEG", quality=50)
+    assert one_scan is not None
+    limits = imaging.Limits(40_000_000)
+    coefficients = 4 * (6324 // 8 + 1) ** 2 * 64 * 2  # four components at full size, 2 bytes each
+    assert imaging.header_cost(one_scan, limits, (64, 64)).bytes >= coefficients
+    assert imaging.header_cost(plain, limits, (64, 64)).bytes < 64 << 20
+
+
+def png_16bit_rgb_keyed(side: int = 6324) -> bytes:
+    """A 16-bit RGB PNG with a colour key (tRNS) that every pixel matches: ~40 Mpx in about a
+    megabyte."""
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    sample = bytes((0x12, 0x34, 0x56, 0x78, 0x9A, 0xBC))
+    rows = zlib.compress((b"\x04" + sample * side) * side, 1)
+    header = struct.pack(">IIBBBBB", side, side, 16, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"tRNS", sample)
+        + chunk(b"IDAT", rows)
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_two_16bit_colour_pngs_are_over_the_cpu_limit_of_one_request(shapes_client, bearer):
+    """A 16-bit colour PNG costs three times an 8-bit one to decode (its samples unpacked): two of
+    40 Mpx with a colour key took 5.7 s of CPU, over the 4 s a request may take, and were decoded."""
+    keyed = png_16bit_rgb_keyed()
+    reply = upload(shapes_client, bearer, ("a.png", keyed), ("b.png", keyed))
+    assert reply.status_code == 400 and "too large to decode in one request" in reply.get_json()["error"]
 
 
 def test_large_photo_and_tiny_icon(shapes_client, bearer):
