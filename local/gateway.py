@@ -23,7 +23,7 @@ from shared import config, docs, logs
 from shared.access import AccessLog, exchange_of
 from shared.errors import BadGateway, BadRequest, InternalError, MethodNotAllowed, NotFound, ThalamusError
 from shared.http import has_body
-from shared.server import Gunicorn, gunicorn_options
+from shared.server import CLIENT_HEADER_FIELDS, Gunicorn, gunicorn_options
 
 log = logging.getLogger("thalamus.gateway")
 StartResponse = Callable[..., Any]
@@ -301,7 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     gateway = Gateway(args.token, dict(spec.split("=", 1) for spec in args.model), source=args.source)
     app = AccessLog(gateway, "gateway", settings.trusted_proxies)
     # Many more threads than a function: a proxy thread mostly waits on a function.
-    Gunicorn(app, gunicorn_options(settings, args.host, args.port, threads=64)).serve()
+    options = gunicorn_options(settings, args.host, args.port, threads=64, header_fields=CLIENT_HEADER_FIELDS)
+    Gunicorn(app, options).serve()
 
 
 if __name__ == "__main__":

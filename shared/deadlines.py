@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from gunicorn.http import errors as parse_errors
-from gunicorn.http.body import Body, ChunkedReader
+from gunicorn.http.body import Body, ChunkedReader, LengthReader
 
 from shared.errors import BadRequest, RequestTimeout, ThalamusError
 
@@ -144,7 +144,9 @@ class GuardedBody(Body):  # type: ignore[misc]  # gunicorn has no type informati
         # "Expect: 100-continue": the 100 goes out with the first read, so after the bearer
         # check, which needs only the head (gunicorn sends it before the application runs,
         # inviting a client the check then refuses to upload its body all the same).
-        self.continue_to = sock if request._expected_100_continue else None
+        # A request without a body (no length, or 0, and not chunked) has nothing to invite.
+        bodiless = isinstance(request.body.reader, LengthReader) and request.body.reader.length == 0
+        self.continue_to = sock if request._expected_100_continue and not bodiless else None
         request._expected_100_continue = False
         if isinstance(reader := request.body.reader, ChunkedReader):
             reader.parse_chunk_size = _counted(reader.parse_chunk_size)

@@ -97,12 +97,25 @@ class Gunicorn(gunicorn.app.base.BaseApplication):  # type: ignore[misc]  # guni
             cfg.on_exit(self)
 
 
+# Header fields a request may carry: a client's 100 (Envoy's default, and the local gateway's),
+# and room for those the proxies in front of a function add (an ingress, Knative's queue-proxy,
+# the local gateway: X-Forwarded-For, X-Request-Id, tracing), which must not turn it into a 431.
+CLIENT_HEADER_FIELDS = 100
+FUNCTION_HEADER_FIELDS = CLIENT_HEADER_FIELDS + 28
+
+
 def gunicorn_options(
-    settings: Settings, host: str, port: int, threads: int | None = None, function: str = ""
+    settings: Settings,
+    host: str,
+    port: int,
+    threads: int | None = None,
+    function: str = "",
+    header_fields: int = FUNCTION_HEADER_FIELDS,
 ) -> dict[str, Any]:
     """gunicorn's settings for a server: ``WORKERS`` processes × ``THREADS`` threads on
-    :class:`~shared.worker.DeadlineWorker`, with the request deadlines and size limits; the
-    worker counts its own refusals in ``function``'s request metrics (none: not counted)."""
+    :class:`~shared.worker.DeadlineWorker`, with the request deadlines and size limits (at most
+    ``header_fields`` header fields); the worker counts its own refusals in ``function``'s
+    request metrics (none: not counted)."""
     deadlines = {"header_timeout": float(settings.header_timeout), "body_timeout": float(settings.body_timeout)}
     worker = type("Worker", (DeadlineWorker,), {**deadlines, "function": function})
     return {
@@ -118,7 +131,7 @@ def gunicorn_options(
         # functions-framework sets no limit on the request line: a client could have an 8 MB
         # path echoed back. These answer 414 and 431 (JSON, from the worker).
         "limit_request_line": 8190,
-        "limit_request_fields": 100,
+        "limit_request_fields": header_fields,
         "limit_request_field_size": 8190,
         "loglevel": "warning",
         "logger_class": GunicornLogger,

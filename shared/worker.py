@@ -384,6 +384,9 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
                 raise parse_errors.UnsupportedTransferCoding(value)
             if name == "CONNECTION" and "close" in (option.strip().lower() for option in value.split(",")):
                 request.force_close()  # RFC 9112 9.6: close among other options (gunicorn reads it alone)
+        # RFC 9110 6.2: the answer says the highest version this server speaks, HTTP/1.1, not the
+        # request's (gunicorn echoed "HTTP/1.7"); HTTP/1.0 and 1.1 are kept as they are.
+        request.version = min(request.version, (1, 1))
         if conn.probe:  # one probe a connection, as the kubelet sends them: a client pipelining
             request.force_close()  # probes it never reads the answers of cannot hold the probes' thread
         request.body = conn.body = GuardedBody(request, conn.sock)  # becomes environ["wsgi.input"]

@@ -158,3 +158,34 @@ def test_a_body_that_ends_early_cuts_the_function_off_at_once():
     finally:
         upstream.shutdown()
         upstream.server_close()
+
+
+def test_a_client_may_send_100_header_fields_through_the_gateway(running_stack):
+    """A client's 100 header fields (Envoy's default limit, and the gateway's) reach the function
+    with the ones the gateway adds (X-Forwarded-For, X-Request-Id, Accept-Encoding): the function
+    leaves room for a proxy's; the 101st is the gateway's 431."""
+    port = int(running_stack.gateway.rsplit(":", 1)[1])
+
+    def with_fields(count: int) -> bytes:
+        fields = "".join(f"X-F{i}: v\r\n" for i in range(count - 2))  # with Host and Connection
+        return exchange(port, f"GET /v2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{fields}\r\n".encode())
+
+    assert with_fields(100).startswith(b"HTTP/1.1 200 ")
+    assert with_fields(101).startswith(b"HTTP/1.1 431 ")
+
+
+def test_the_answer_is_http_1_1_whatever_minor_version_the_request_names(running_stack):
+    port = int(running_stack.gateway.rsplit(":", 1)[1])
+    reply = exchange(port, b"GET /v2 HTTP/1.7\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert reply.startswith(b"HTTP/1.1 200 "), reply[:40]
+
+
+def test_expect_100_continue_without_a_body_keeps_the_connection(running_stack):
+    """A bodiless request with Expect: 100-continue has nothing to invite: answered and kept
+    alive (the gateway never reads such a body; the connection had closed after a keep-alive
+    answer, dropping the request pipelined after it)."""
+    port = int(running_stack.gateway.rsplit(":", 1)[1])
+    two = (b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n"
+           b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # fmt: skip
+    reply = exchange(port, two)
+    assert reply.count(b"HTTP/1.1 200 ") == 2 and b"100 Continue" not in reply, reply
