@@ -40,16 +40,17 @@ ACCESS_LOG = logging.getLogger("thalamus.access")  # shared.access's logger (not
 METHOD = re.compile(rb"[A-Z]{1,16}(?= )")  # a request line's method, when it looks like one
 
 
-def json_error(status: int, message: str, request_id: str) -> bytes:
-    """A complete HTTP answer ``{"error": message}`` that closes the connection; ``request_id``
-    must be a sane id (:func:`request_id_of`), as it goes into a header as it is."""
+def json_error(status: int, message: str, request_id: str, head_only: bool = False) -> bytes:
+    """A complete HTTP answer ``{"error": message}`` that closes the connection (its head alone
+    for a HEAD request, RFC 9110 9.3.2); ``request_id`` must be a sane id
+    (:func:`request_id_of`), as it goes into a header as it is."""
     body = json.dumps({"error": message[:200]}).encode()
     head = (
         f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\nX-Request-Id: {request_id}\r\nCache-Control: no-store\r\n"
         "Connection: close\r\n\r\n"
     )
-    return head.encode() + body
+    return head.encode() + (b"" if head_only else body)
 
 
 def request_id_of(request: Any) -> str:
@@ -75,7 +76,7 @@ def refuse(
     the peer's address, as no header was believed) and, for a ``function``, count it in its
     request metrics; the route is "unmatched", as for any unknown path. Not in the duration
     histogram: no application ran."""
-    answer = json_error(status, message, request_id)
+    answer = json_error(status, message, request_id, head_only=method == "HEAD")
     sock.send_nowait(answer)
     fields = {"event": "access", "method": method, "route": "unmatched", "status": status, "client": client}
     fields.update(request_id=request_id, bytes_in=0, bytes_out=len(answer), error=message)

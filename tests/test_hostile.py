@@ -750,3 +750,22 @@ def test_the_gateway_sends_a_request_without_a_body_on_without_one():
     assert head.startswith(b"GET /session.json ") and b"transfer-encoding" not in head.lower() and rest == b""
     head, _, rest = received[1].partition(b"\r\n\r\n")
     assert b"transfer-encoding: chunked" in head.lower() and rest == b"2\r\n{}\r\n0\r\n\r\n"
+
+
+def test_the_servers_own_refusal_of_a_head_request_has_no_body(serve):
+    """RFC 9110 9.3.2: an answer to HEAD has no content, the worker's own refusals included (a
+    transfer coding it does not do: 501; a head over 64 KiB: 431), though Content-Length says
+    what a GET would get."""
+    server = serve("predict", MODEL_NAME="shapes")
+    for payload, status in (
+        (request("HEAD", "/healthz", "Transfer-Encoding: gzip, chunked", body=b"0\r\n\r\n"), 501),
+        (f"HEAD /healthz HTTP/1.1\r\nX-Big: {'b' * 70_000}".encode(), 431),
+    ):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(payload)
+            received = b""
+            while chunk := sock.recv(65536):  # the refusal closes the connection
+                received += chunk
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(f"HTTP/1.1 {status} ".encode()) and body == b"", received
+        assert b"Content-Length: " in head
