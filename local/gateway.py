@@ -101,7 +101,7 @@ class Gateway:
         return _json(start, refused.status, {"error": refused.message}, list(refused.headers.items()), True)
 
     def _route(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "/")
+        path = environ.get("PATH_INFO") or "/"  # an absolute-form target without a path (GET http://x) is /
         page = routes.wants_page(path, environ.get("HTTP_ACCEPT", ""))
         target = None if page else routes.upstream_for(path)
         exchange = exchange_of(environ)

@@ -155,8 +155,7 @@ class Structure:
     # (a 470 KB one-scan 40 Mpx CMYK file took 310 MiB).
     partial_scan: bool = False
     # WebP: lossless data (a VP8L image, or lossless alpha), whose Huffman tables libwebp builds
-    # before any pixel (see shared.isolated); a lossy file that merely holds these four bytes is
-    # counted as one, which costs it only a child process.
+    # before any pixel (see shared.isolated)
     webp_lossless: bool = False
 
     @property
@@ -293,14 +292,26 @@ def _png_walk(data: bytes) -> None:
         position += 12 + int.from_bytes(data[position : position + 4], "big")
 
 
-def _webp_walk(data: bytes) -> None:
-    """BadRequest when a WebP has more than MAX_WEBP_CHUNKS chunks."""
-    position, chunks, size = 12, 0, len(data)
-    while position + 8 <= size:
-        if (chunks := chunks + 1) > MAX_WEBP_CHUNKS:
-            raise BadRequest(f"WebP has over {MAX_WEBP_CHUNKS} chunks; send a plain image")
-        length = int.from_bytes(data[position + 4 : position + 8], "little")
-        position += 8 + length + (length & 1)
+def _webp_walk(data: bytes) -> bool:
+    """Whether a WebP holds lossless data, whose Huffman tables libwebp builds before any pixel
+    (see shared.isolated): a VP8L chunk, or an ALPH chunk compressed losslessly, at the top level
+    or in an animation frame's (ANMF) chunks, walked as libwebp's demuxer walks them; BadRequest
+    when it has more than MAX_WEBP_CHUNKS chunks in all."""
+    chunks, lossless, size = 0, False, len(data)
+    spans = [(12, size)]  # the top level, then each frame's chunks
+    while spans:
+        position, end = spans.pop()
+        while position + 8 <= end:
+            if (chunks := chunks + 1) > MAX_WEBP_CHUNKS:
+                raise BadRequest(f"WebP has over {MAX_WEBP_CHUNKS} chunks; send a plain image")
+            kind, length = data[position : position + 4], int.from_bytes(data[position + 4 : position + 8], "little")
+            payload = position + 8
+            if kind == b"VP8L" or (kind == b"ALPH" and payload < size and data[payload] & 0x03 == 1):
+                lossless = True
+            elif kind == b"ANMF" and end == size:
+                spans.append((payload + 16, min(payload + length, size)))
+            position = payload + length + (length & 1)
+    return lossless
 
 
 def check(data: bytes) -> Structure:
@@ -313,6 +324,5 @@ def check(data: bytes) -> Structure:
     elif data[:8] == b"\x89PNG\r\n\x1a\n":
         _png_walk(data)
     elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        _webp_walk(data)
-        return Structure(len(data), webp_lossless=b"VP8L" in data or b"ALPH" in data)
+        return Structure(len(data), webp_lossless=_webp_walk(data))
     return Structure(len(data))

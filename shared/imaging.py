@@ -43,6 +43,7 @@ import numpy as np
 from PIL import Image, ImageFile, PngImagePlugin, UnidentifiedImageError
 
 from shared import cgroup, imagefiles, isolated, libc
+from shared.bands import ALPHA_MODES, BAND_PIXELS, REDUCING_GAP, reduced
 from shared.config import Settings
 from shared.errors import BadRequest, ServiceUnavailable
 
@@ -60,8 +61,6 @@ warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 # budget: Pillow allows 64 MiB an image (63 chunks of 1 KB, each inflating to 1 MiB: 67 MB a
 # thread from a 66 KB upload). 4 MiB in all is far above real metadata; over it is a 400.
 PngImagePlugin.MAX_TEXT_MEMORY = 4 * 1024 * 1024
-REDUCING_GAP = 3.0  # resize()'s reducing_gap: the integer reduce factors follow from it
-BAND_PIXELS = 256 * 1024  # pixels per band: each band's temporaries are a few MiB
 # Each side at most JPEG's (and GIF's) own maximum, 65,535 px: Pillow keeps an 8-byte pointer per
 # row and a band is at least one row, so a 1x39,000,000 PNG (76 KB) took 430 MiB within 40 Mpx.
 MAX_SIDE = 65_535
@@ -80,10 +79,8 @@ _ORIENTATION: dict[float, Image.Transpose] = {  # EXIF Orientation → transpose
     8: Image.Transpose.ROTATE_90,
 }
 _XMP_ORIENTATION = re.compile(rb'tiff:Orientation(="|>)([0-9])')  # where Pillow looks without EXIF
-_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _BAND_BYTES_PER_PIXEL = 6 * 4  # crop, RGBA, white, composite, RGB of one band (measured ~4 MiB)
 _ROW_POINTER = 8  # Pillow's storage keeps a pointer per row
-_SIXTEEN_TO_EIGHT = (np.arange(65536) // 257).astype(np.uint8)  # exact floor(v / 257)
 # CPU model, nanoseconds per pixel, fitted on 40 Mpx images (Pillow 13, one core of the 2-core
 # machine this was built on) to over- rather than under-estimate. File size, which
 # MAX_UPLOAD_BYTES bounds, adds entropy-decoding time on top (Huffman: 6-12 ns a byte).
@@ -229,7 +226,7 @@ def estimate(
     if structure.arithmetic:
         nbytes += structure.size
         nanoseconds += _jpeg_blocks(image, full_size) * _NS_ARITHMETIC_BLOCK
-    alpha = image.mode in _ALPHA_MODES or "transparency" in image.info
+    alpha = image.mode in ALPHA_MODES or "transparency" in image.info
     nanoseconds += pixels * (_NS_BAND + (_NS_ALPHA if alpha else 0.0))
     band = max(BAND_PIXELS, width, int(pixels / (REDUCING_GAP * max(1, min(target)))))
     return Cost(nbytes + band * _BAND_BYTES_PER_PIXEL, nanoseconds / 1e9, full, child)
@@ -318,23 +315,6 @@ def check_request(costs: Sequence[Cost], limits: Limits) -> None:
 # -- decoding in bands -------------------------------------------------------------------------
 
 
-def _to_mode(band: Image.Image, target: str) -> Image.Image:
-    """One band in the model's mode: 16-bit → 8-bit, transparency over white, anything → L/RGB."""
-    mode, key = band.mode, band.info.get("transparency")  # P: an index; 1, L, I;16, RGB: a PNG colour key
-    if mode.startswith("I;16"):
-        sixteen = np.asarray(band)
-        eight = _SIXTEEN_TO_EIGHT[sixteen]
-        if isinstance(key, int):
-            eight[sixteen == key] = 255  # a colour key is all or nothing: white where it matches
-        band = Image.fromarray(eight)
-    elif mode in _ALPHA_MODES or (key is not None and mode in ("P", "1", "L", "RGB")):
-        rgba = band if mode == "RGBA" else band.convert("RGBA")
-        band = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    elif mode not in ("L", "RGB"):
-        band = band.convert("RGB")  # 1, P, CMYK, YCbCr, I, F
-    return band if band.mode == target else band.convert(target)
-
-
 def _orientation(image: Image.Image) -> Image.Transpose | None:
     """How to turn ``image`` upright, from its EXIF Orientation, else its XMP's, as Pillow's
     getexif() finds them, but read by :func:`imagefiles.exif_orientation` (see there why)."""
@@ -352,48 +332,6 @@ def _orientation(image: Image.Image) -> Image.Transpose | None:
         if isinstance(xmp, bytes) and (found := _XMP_ORIENTATION.search(xmp)):
             value = int(found[2])
     return _ORIENTATION.get(value or 1)
-
-
-def _axes(method: Image.Transpose | None) -> tuple[bool, bool]:
-    """(swaps width and height, reverses the stored rows), found by transposing a 1×2 image."""
-    if method is None:
-        return False, False
-    probe = Image.new("L", (1, 2))
-    probe.putpixel((0, 1), 1)
-    turned = probe.transpose(method)
-    return turned.size != probe.size, turned.getpixel((0, 0)) == 1
-
-
-Box = tuple[float, float, float, float]
-
-
-def _reduce_in_bands(image: Image.Image, size: tuple[int, int], target: str) -> tuple[Image.Image, Box]:
-    """The upright, ``target``-mode image reduced by the factors ``resize(size, reducing_gap=3)``
-    would use, and the box that resize must then sample, exactly as Image.resize does."""
-    method = _orientation(image)
-    swap, flip = _axes(method)
-    width, height = image.size
-    upright_w, upright_h = (height, width) if swap else (width, height)
-    factor_x = int(upright_w / size[0] / REDUCING_GAP) or 1
-    factor_y = int(upright_h / size[1] / REDUCING_GAP) or 1
-    step = factor_x if swap else factor_y  # the factor along the stored rows
-    box = (0.0, 0.0, upright_w / factor_x, upright_h / factor_y)
-    if method is None and (factor_x, factor_y) == (1, 1) and image.mode == target and "transparency" not in image.info:
-        return image, box  # nothing to convert, turn or reduce: the decoded image itself
-    rows = max(step, BAND_PIXELS // width // step * step)
-    out = Image.new(target, (-(-upright_w // factor_x), -(-upright_h // factor_y)))
-    # Bands follow the upright frame: when orientation reverses the rows, count from the bottom,
-    # so only the last band (upright) holds a partial reduce block, as in a whole-image reduce.
-    for start in range(0, height, rows):
-        end = min(start + rows, height)
-        top, bottom = (height - end, height - start) if flip else (start, end)
-        band = _to_mode(image.crop((0, top, width, bottom)), target)
-        if method is not None:
-            band = band.transpose(method)
-        if (factor_x, factor_y) != (1, 1):
-            band = band.reduce((factor_x, factor_y))
-        out.paste(band, (start // step, 0) if swap else (0, start // step))
-    return out, box
 
 
 def model_input(
@@ -415,9 +353,10 @@ def model_input(
     mode = "L" if channels == 1 else "RGB"
     with limits.budget.reserve(cost.bytes):
         if cost.isolated:
+            method = _orientation(image)
             _close(image)
             child_bytes = cost.bytes - isolated.CHILD_BASE_BYTES
-            pixels = isolated.decode(data, (width, height), mode, child_bytes, limits.cpu_seconds)
+            pixels = isolated.decode(data, (width, height), mode, method, child_bytes, limits.cpu_seconds)
             return scale(pixels, preprocessing, out)
         try:
             pixels = decoded(image, (width, height), mode)
@@ -440,10 +379,7 @@ def _close(image: Image.Image) -> None:
 def decoded(image: Image.Image, size: tuple[int, int], mode: str) -> np.ndarray:
     """``image`` (opened, not loaded) decoded, upright, in ``mode`` ("L" or "RGB") and resized to
     ``size`` (stretched, bilinear), in bands: uint8 of shape (height, width, channels)."""
-    image.load()
-    small, box = _reduce_in_bands(image, size, mode)
-    if small.size != size:
-        small = small.resize(size, Image.Resampling.BILINEAR, box=box)
+    small = reduced(image, size, mode, _orientation(image))
     return np.asarray(small).reshape(size[1], size[0], 1 if mode == "L" else 3)  # a copy: the image may go
 
 

@@ -11,34 +11,40 @@ whose tables exceed that fails there, as a 400, while the function serves on. Th
 JSON header line then the file on stdin, and writes the reduced image's pixels on stdout.
 
 It is started with ``subprocess`` (``vfork`` + ``exec``: safe from a threaded server, and no
-at-fork handler of the server runs) and costs a Python start, about a fifth of a second here,
-which only such files pay.
+at-fork handler of the server runs) and imports Pillow and :mod:`shared.bands` only, not NumPy:
+about 0.05 s of CPU, which only such files pay. Its exit status says what happened: 0 the pixels,
+:data:`FAILED` a decode that failed (a corrupt file, or one past its limits: a 400), anything else
+(it could not set its limits, or start) the server's fault, logged (a 503).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import math
 import os
-import resource
-import subprocess
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from shared.errors import BadRequest, ServiceUnavailable
 
-# Bytes of Huffman tables a lossless WebP may need and still be decoded in the server's process
-# (charged to its decode budget): about 800 groups, an image of up to ~110 x 110 pixels.
-IN_PROCESS_TABLE_BYTES = 16 << 20
+log = logging.getLogger("thalamus")
+
 TABLE_BYTES_PER_GROUP = 20 << 10  # the largest group (an 11-bit colour cache); 11 KiB measured without
 CHILD_TABLE_BYTES = 64 << 20  # what the child may map for tables: ~3,000 groups (libwebp writes at most ~2,600)
-CHILD_BASE_BYTES = 48 << 20  # the child's own Python, NumPy and Pillow (measured ~40 MiB resident)
-CHILD_START_SECONDS = 0.3  # CPU of starting it (measured 0.15-0.25 s)
+CHILD_BASE_BYTES = 32 << 20  # the child's own Python and Pillow (measured 16 MiB before decoding)
+# Bytes of Huffman tables a lossless WebP may need at worst and still be decoded in the server's
+# process, charged to its decode budget: no more than a child would be charged (about 4,900
+# groups: an image of up to ~280 x 280 pixels, or a file of up to ~12 KB, whatever its size).
+IN_PROCESS_TABLE_BYTES = CHILD_TABLE_BYTES + CHILD_BASE_BYTES
+CHILD_START_SECONDS = 0.1  # CPU of starting it (measured 0.04-0.06 s)
 NS_PER_GROUP = 15_000.0  # building one group's tables
+FAILED = 2  # the child's exit status for a decode that failed
 _ROOT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -49,29 +55,43 @@ def groups_bound(width: int, height: int, nbytes: int) -> int:
     return min(65_536, math.ceil(width / 4) * math.ceil(height / 4), nbytes * 8 // 20)
 
 
-def decode(data: bytes, size: tuple[int, int], mode: str, max_bytes: int, cpu_seconds: float) -> np.ndarray:
-    """``data`` (a WebP) decoded in a child process and reduced as :func:`shared.imaging.decoded`
-    does: uint8 pixels of shape (height, width, channels). The child may map ``max_bytes`` beyond
-    its start and take ``cpu_seconds`` of CPU; past either, or on a corrupt file, BadRequest."""
-    header = json.dumps({"size": size, "mode": mode, "max_bytes": max_bytes, "cpu_seconds": cpu_seconds})
+def decode(
+    data: bytes, size: tuple[int, int], mode: str, method: Image.Transpose | None, max_bytes: int, cpu_seconds: float
+) -> Any:
+    """``data`` (a WebP) decoded in a child process, turned upright by ``method`` and reduced as
+    :func:`shared.bands.reduced` does: uint8 pixels of shape (height, width, channels). The child
+    may map ``max_bytes`` beyond its start and take ``cpu_seconds`` of CPU; past either, or on a
+    corrupt file, BadRequest; when it cannot run at all, ServiceUnavailable (logged)."""
+    import subprocess  # noqa: PLC0415 (loaded by the server already: asyncio imports it)
+
+    import numpy as np  # noqa: PLC0415 (the server's; this module is also the child's, which has none)
+
+    header = {"size": size, "mode": mode, "orientation": method, "max_bytes": max_bytes, "cpu_seconds": cpu_seconds}
     # Its own Python, the server's modules: -P and PYTHONPATH, not the working directory.
-    env = {**os.environ, "PYTHONPATH": _ROOT, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": _ROOT}
     command = [sys.executable, "-P", "-m", "shared.isolated"]
     try:
         done = subprocess.run(
-            command, input=header.encode() + b"\n" + data, capture_output=True, env=env, timeout=2 * cpu_seconds + 5
-        )
+            command, input=json.dumps(header).encode() + b"\n" + data, capture_output=True, env=env,
+            timeout=2 * cpu_seconds + 5,
+        )  # fmt: skip
     except subprocess.TimeoutExpired:
         raise BadRequest(f"image too costly to decode (over {cpu_seconds:.0f} s); send a plain image") from None
-    except OSError:  # no process or descriptor to spare: the request may succeed later
+    except OSError as exc:  # no process or descriptor to spare: the request may succeed later
+        log.warning("cannot start an image decoder: %s", exc)
         raise ServiceUnavailable("cannot start an image decoder now; retry shortly") from None
     width, height = size
     channels = 1 if mode == "L" else 3
-    if done.returncode != 0 or len(done.stdout) != width * height * channels:
+    if done.returncode in (FAILED, -signal.SIGXCPU, -signal.SIGKILL):  # failed, or stopped at its limits
         raise BadRequest(
             f"image data is truncated or corrupt, or needs more than {max_bytes >> 20} MiB or "
             f"{cpu_seconds:.0f} s of CPU to decode"
         )
+    if done.returncode != 0 or len(done.stdout) != width * height * channels:
+        log.error(
+            "image decoder failed (exit status %s): %s", done.returncode, done.stderr.decode(errors="replace")[-2000:]
+        )
+        raise ServiceUnavailable("cannot decode this image now; retry shortly")
     return np.frombuffer(done.stdout, np.uint8).reshape(height, width, channels)
 
 
@@ -83,8 +103,13 @@ def _mapped_bytes() -> int:
 
 
 def main() -> None:
-    """The child: limits first, then the decode; exit 2 (and nothing written) when it fails."""
-    from shared import imaging  # noqa: PLC0415 (the child's import, not the server's)
+    """The child: limits first (exit 1 if they cannot be set), then the decode (exit FAILED if it
+    fails, nothing written)."""
+    import resource  # noqa: PLC0415 (the child's imports, not the server's)
+
+    from PIL import WebPImagePlugin  # noqa: F401, PLC0415 (or Image.open imports every plugin: 30 ms)
+
+    from shared import bands  # noqa: PLC0415
 
     header = json.loads(sys.stdin.buffer.readline())
     data = sys.stdin.buffer.read()
@@ -92,12 +117,13 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     cpu = math.ceil(float(header["cpu_seconds"]))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU at the soft limit ends it
+    method = None if header["orientation"] is None else Image.Transpose(header["orientation"])
     try:
         with Image.open(io.BytesIO(data), formats=("WEBP",)) as image:
-            pixels = imaging.decoded(image, tuple(header["size"]), header["mode"])
+            small = bands.reduced(image, tuple(header["size"]), header["mode"], method)
     except (Exception, MemoryError):  # libwebp's failed allocation is a failed decode, as corruption is
-        sys.exit(2)
-    sys.stdout.buffer.write(pixels.tobytes())
+        sys.exit(FAILED)
+    sys.stdout.buffer.write(small.tobytes())
 
 
 if __name__ == "__main__":

@@ -114,6 +114,9 @@ def test_oauth_clients_asking_for_a_scope_get_exactly_it(oauth_server, auth):
     token = oauthlib_client.fetch_token(url, client_id=pair.public_key, client_secret=pair.secret_key)
     assert token["scope"] == ["shapes"]
     assert oauthlib_client.get(base + "session.json", timeout=10).json()["scopes"] == ["shapes"]
+    every = OAuth2Session(client=BackendApplicationClient(client_id=pair.public_key, scope=["*"]))  # the key's own
+    assert every.fetch_token(url, client_id=pair.public_key, client_secret=pair.secret_key)["scope"] == ["*"]
+    assert every.get(base + "session.json", timeout=10).json()["scopes"] == ["arrows", "shapes"]
     authlib_client = AuthlibSession(pair.public_key, pair.secret_key, scope="arrows")
     assert authlib_client.fetch_token(url, grant_type="client_credentials")["scope"] == "arrows"
     assert authlib_client.get(base + "session.json", timeout=10).json()["scopes"] == ["arrows"]

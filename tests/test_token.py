@@ -72,6 +72,7 @@ def test_oauth2_answer_names_the_scope_granted(token_client, auth, keypair):
     assert grant(token_client, scoped, scope="shapes arrows").get_json()["scope"] == "arrows shapes"
     assert grant(token_client, keypair, scope="shapes").get_json()["scope"] == "shapes"
     assert grant(token_client, keypair, scope="*").get_json()["scope"] == "*"
+    assert grant(token_client, scoped, scope="*").get_json()["scope"] == "*"  # as asked: the key's own
     assert "scope" not in grant(token_client, keypair).get_json()  # every model, nothing asked: nothing to say
 
 
@@ -106,10 +107,11 @@ def test_a_scope_beyond_the_key_is_refused(token_client, auth):
     reply = grant(token_client, scoped, scope="shapes arrows")
     assert reply.status_code == 400 and reply.get_json()["error"] == "invalid_scope"
     assert "may not call model(s) arrows; ask for some of shapes" in reply.get_json()["error_description"]
-    for scope in ("Bad_Name", "* shapes", "token", "x" * 43):
+    many = " ".join(f"m{i}" for i in range(65))  # past 64, each check of the token would walk them all
+    for scope in ("Bad_Name", "* shapes", "token", "x" * 43, "shapes\tarrows", many):
         bad = grant(token_client, scoped, scope=scope)
         assert bad.status_code == 400 and bad.get_json()["error"] == "invalid_scope", scope
-    for scopes in (["arrows"], [], "shapes", [1], ["Shapes"], {"shapes": 1}):
+    for scopes in (["arrows"], [], "shapes", [1], ["Shapes"], {"shapes": 1}, many.split()):
         refused = post_json(token_client, keypair_body(scoped, scopes=scopes))
         assert refused.status_code == 400 and set(refused.get_json()) == {"error"}, scopes
     assert "may not call model(s) arrows" in post_json(token_client, keypair_body(scoped, scopes=["arrows"])).text

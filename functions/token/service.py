@@ -106,10 +106,13 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
                 exchange_of(request.environ).error = error.detail
                 return _oauth_error(OAuthError.busy(error), basic)
             body = {"access_token": issued.token, "token_type": "Bearer", "expires_in": issued.ttl}
-            scopes = issued.session.scopes
-            if scopes is not None or request.form.get("scope"):
-                # RFC 6749 5.1: the scope granted (the models asked for, else the key's),
-                # space-separated ("*": every model), which is the one asked for when one was.
+            scopes, asked = issued.session.scopes, request.form.get("scope")
+            # RFC 6749 5.1: the scope granted, space-separated, so that a client gets the one it
+            # asked for: "*" for "*" (the key's own, whatever they are: /session.json lists them),
+            # else the models asked for, else the key's when it has some.
+            if asked is not None and asked.strip(" ") in ("", "*"):
+                body["scope"] = "*"
+            elif scopes is not None or asked:
                 body["scope"] = " ".join(scopes) if scopes else "*"
             return json_response(body)
         if request.mimetype != "application/json":
@@ -204,8 +207,9 @@ def _basic_credentials(request: flask.Request) -> tuple[str, str]:
 
 
 def _asked_scope(text: str | None) -> list[str] | None:
-    """The OAuth2 ``scope`` parameter (space-separated model names; none or "*": the key's own)."""
-    names = (text or "").split()
+    """The OAuth2 ``scope`` parameter (model names separated by spaces, RFC 6749 3.3; none or
+    "*": the key's own)."""
+    names = [name for name in (text or "").split(" ") if name]
     if not names or names == ["*"]:
         return None
     if "*" in names:
