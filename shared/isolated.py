@@ -67,8 +67,10 @@ def decode(
     import numpy as np  # noqa: PLC0415 (the server's; this module is also the child's, which has none)
 
     header = {"size": size, "mode": mode, "orientation": method, "max_bytes": max_bytes, "cpu_seconds": cpu_seconds}
-    # Its own Python, the server's modules: -P and PYTHONPATH, not the working directory.
-    env = {**os.environ, "PYTHONPATH": _ROOT}
+    # The server's Python and modules (-P and PYTHONPATH, not the working directory), and none of
+    # its settings: REDIS_URL may hold a password, which the child has no use for.
+    env = {name: value for name, value in os.environ.items() if name.startswith("PYTHON") or name == "PATH"}
+    env["PYTHONPATH"] = _ROOT
     command = [sys.executable, "-P", "-m", "shared.isolated"]
     try:
         done = subprocess.run(
