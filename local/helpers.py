@@ -202,8 +202,10 @@ class _Bits:
     def __init__(self) -> None:
         self.bits: list[int] = []
 
-    def put(self, value: int, count: int) -> None:
-        self.bits += [(value >> i) & 1 for i in range(count)]
+    def put(self, *fields: tuple[int, int]) -> None:
+        """Each (value, bit count) of ``fields`` in turn."""
+        for value, count in fields:
+            self.bits += [(value >> i) & 1 for i in range(count)]
 
     def code(self, value: int, count: int) -> None:
         self.bits += [(value >> i) & 1 for i in reversed(range(count))]
@@ -221,30 +223,21 @@ def webp_huffman_groups(groups: int = 65_536, side: int = 1024) -> bytes:
     megabyte of tables libwebp builds before it decodes a pixel (65,536 groups: 295 KB, 371 MiB).
     The pixel data is left out: the file is refused (or fails) once the tables are built."""
     bits = _Bits()
-
-    def one_symbol() -> None:  # a "simple" code of one 1-bit symbol
-        bits.put(1, 1), bits.put(0, 1), bits.put(0, 1), bits.put(0, 1)
-
-    def flat_eight(use_length: bool) -> None:  # a normal code: every symbol 8 bits long
-        bits.put(0, 1), bits.put(8, 4)
-        for i in range(12):
-            bits.put(1 if i == 11 else 0, 3)
-        if use_length:
-            bits.put(1, 1), bits.put(3, 3), bits.put(254, 8)
-        else:
-            bits.put(0, 1)
-
-    entropy = side // 4 // 4  # the entropy image's side: one pixel per 4 x 4 block, itself in blocks of 4
-    bits.put(0x2F, 8), bits.put(side - 1, 14), bits.put(side - 1, 14), bits.put(0, 4)
-    bits.put(0, 1), bits.put(0, 1), bits.put(1, 1), bits.put(0, 3)  # no transform or cache; meta codes, 2 bits
-    bits.put(0, 1)  # the entropy image: no colour cache, then its five codes
-    flat_eight(True), flat_eight(False), one_symbol(), one_symbol(), one_symbol()
-    for i in range((side // 4) ** 2):
+    one_symbol = ((1, 1), (0, 1), (0, 1), (0, 1))  # a "simple" code of one 1-bit symbol
+    # A normal code: every symbol 8 bits long (code-length code: only length 8), with or without
+    # a max_symbol field.
+    flat_eight = ((0, 1), (8, 4), *(((1 if i == 11 else 0), 3) for i in range(12)))
+    bits.put((0x2F, 8), (side - 1, 14), (side - 1, 14), (0, 4))  # signature, size, no alpha, version 0
+    bits.put((0, 1), (0, 1), (1, 1), (0, 3))  # no transform, no colour cache; meta codes at 2 bits
+    bits.put((0, 1))  # the entropy image: no colour cache, then its five codes
+    bits.put(*flat_eight, (1, 1), (3, 3), (254, 8))
+    bits.put(*flat_eight, (0, 1))
+    bits.put(*one_symbol * 3)
+    for i in range((side // 4) ** 2):  # a group index per 4 x 4 block: green (low byte), red (high)
         group = i % groups
-        bits.code(group & 255, 8), bits.code(group >> 8, 8)
-    assert entropy
-    for _ in range(groups * 5):
-        one_symbol()
+        bits.code(group & 255, 8)
+        bits.code(group >> 8, 8)
+    bits.put(*one_symbol * 5 * groups)
     data = bits.bytes()
     data += b"\0" * (len(data) & 1)
     chunk = b"VP8L" + struct.pack("<I", len(data)) + data

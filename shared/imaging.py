@@ -216,7 +216,12 @@ def estimate(
     elif image.format in JPEG and (image.info.get("progressive") or structure.scans > 1 or structure.partial_scan):
         nbytes += _jpeg_blocks(image, full_size) * 64 * 2
         nanoseconds += full * _NS_PER_SCAN * structure.scans
-    elif image.format == "PNG" and image.tile and str(image.tile[0].args).startswith(("RGB;16", "RGBA;16", "LA;16")):
+    elif (
+        image.format == "PNG"
+        and isinstance(image, ImageFile.ImageFile)
+        and image.tile
+        and str(image.tile[0].args).startswith(("RGB;16", "RGBA;16", "LA;16"))
+    ):
         nanoseconds = full * _NS_PNG_16BIT_COLOUR
     elif isinstance(image, ImageFile.ImageFile) and image.tile and image.tile[0].codec_name == "bmp_rle":
         nbytes += pixels * 2 + pixels // 8
