@@ -92,6 +92,9 @@ _NS_BMP_RLE, _NS_BMP_RLE_BYTE = 300.0, 400.0
 # A 16-bit colour PNG (RGB;16B, RGBA;16B, LA;16B), unpacked to 8 bits per sample: 33 ns a pixel
 # measured against 11 for 8-bit RGB; with a colour key, 82 all told (a red team's 40 Mpx file).
 _NS_PNG_16BIT_COLOUR = 40.0
+# Lossless WebP data (an image, or alpha) on top of the lossy decode: 30-37 ns a pixel measured for
+# lossless noise, 80-95 for lossy noise with lossless alpha (all told, against 20 + 25 counted).
+_NS_WEBP_LOSSLESS = 40.0
 _NS_PER_SCAN = 2.0  # progressive JPEG: each scan passes over the full-size coefficients
 _NS_JPEG_LOSSLESS = 25.0  # per pixel, at full size (measured 9-16 ns)
 # Arithmetic-coded JPEG: a decision per bit of every coefficient, whatever the draft, and a
@@ -206,7 +209,8 @@ def estimate(
     child = False
     if image.format == "WEBP":
         nbytes = pixels * 16
-        if structure.webp_lossless:  # libwebp's Huffman tables: see shared.isolated
+        if structure.webp_lossless:  # libwebp's Huffman tables (see shared.isolated), and slower pixels
+            nanoseconds += full * _NS_WEBP_LOSSLESS
             tables = isolated.groups_bound(width, height, structure.size) * isolated.TABLE_BYTES_PER_GROUP
             child = tables > isolated.IN_PROCESS_TABLE_BYTES
             tables = isolated.CHILD_TABLE_BYTES if child else tables
@@ -358,13 +362,14 @@ def model_input(
     mode = "L" if channels == 1 else "RGB"
     with limits.budget.reserve(cost.bytes):
         if cost.isolated:
-            method = _orientation(image)
+            method = _orientation(image)  # a WebP's EXIF and XMP are read as it is opened
             _close(image)
             child_bytes = cost.bytes - isolated.CHILD_BASE_BYTES
-            pixels = isolated.decode(data, (width, height), mode, method, child_bytes, limits.cpu_seconds)
+            # Its own estimate, twice over, not the request's: 32 children must not take 4 s each.
+            pixels = isolated.decode(data, (width, height), mode, method, child_bytes, 2 * cost.cpu_seconds)
             return scale(pixels, preprocessing, out)
         try:
-            pixels = decoded(image, (width, height), mode)
+            pixels = _decoded(image, (width, height), mode)
         except (OSError, SyntaxError, ValueError, EOFError, struct.error):
             raise BadRequest("image data is truncated or corrupt") from None
         finally:
@@ -381,9 +386,10 @@ def _close(image: Image.Image) -> None:
         image._decoder = None  # WebP: libwebp's canvases live as long as this reference
 
 
-def decoded(image: Image.Image, size: tuple[int, int], mode: str) -> np.ndarray:
+def _decoded(image: Image.Image, size: tuple[int, int], mode: str) -> np.ndarray:
     """``image`` (opened, not loaded) decoded, upright, in ``mode`` ("L" or "RGB") and resized to
     ``size`` (stretched, bilinear), in bands: uint8 of shape (height, width, channels)."""
+    image.load()  # first: a PNG's EXIF or XMP after its pixel data reaches image.info only now
     small = reduced(image, size, mode, _orientation(image))
     return np.asarray(small).reshape(size[1], size[0], 1 if mode == "L" else 3)  # a copy: the image may go
 

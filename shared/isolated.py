@@ -45,6 +45,7 @@ IN_PROCESS_TABLE_BYTES = CHILD_TABLE_BYTES + CHILD_BASE_BYTES
 CHILD_START_SECONDS = 0.1  # CPU of starting it (measured 0.04-0.06 s)
 NS_PER_GROUP = 15_000.0  # building one group's tables
 FAILED = 2  # the child's exit status for a decode that failed
+WALL_SECONDS = 10  # past its CPU limit, the time a child may take before it is killed
 _ROOT = str(Path(__file__).resolve().parent.parent)
 
 
@@ -60,36 +61,39 @@ def decode(
 ) -> Any:
     """``data`` (a WebP) decoded in a child process, turned upright by ``method`` and reduced as
     :func:`shared.bands.reduced` does: uint8 pixels of shape (height, width, channels). The child
-    may map ``max_bytes`` beyond its start and take ``cpu_seconds`` of CPU; past either, or on a
-    corrupt file, BadRequest; when it cannot run at all, ServiceUnavailable (logged)."""
+    may map ``max_bytes`` beyond its start and take ``cpu_seconds`` of CPU (whole seconds, at
+    least one); past either, or on a corrupt file, BadRequest; when it cannot run or finish for
+    the server's reasons (killed, starved, broken), ServiceUnavailable, logged."""
     import subprocess  # noqa: PLC0415 (loaded by the server already: asyncio imports it)
 
     import numpy as np  # noqa: PLC0415 (the server's; this module is also the child's, which has none)
 
-    header = {"size": size, "mode": mode, "orientation": method, "max_bytes": max_bytes, "cpu_seconds": cpu_seconds}
-    # The server's Python and modules (-P and PYTHONPATH, not the working directory), and none of
-    # its settings: REDIS_URL may hold a password, which the child has no use for.
+    limit = max(1, math.ceil(cpu_seconds))  # RLIMIT_CPU counts whole seconds
+    header = {"size": size, "mode": mode, "orientation": method, "max_bytes": max_bytes, "cpu_seconds": limit}
+    # The server's Python and modules (-P and PYTHONPATH, not the working directory, the project's
+    # first), and none of its settings: REDIS_URL may hold a password, which the child has no use for.
     env = {name: value for name, value in os.environ.items() if name.startswith("PYTHON") or name == "PATH"}
-    env["PYTHONPATH"] = _ROOT
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (_ROOT, os.environ.get("PYTHONPATH"))))
     command = [sys.executable, "-P", "-m", "shared.isolated"]
     try:
         done = subprocess.run(
             command, input=json.dumps(header).encode() + b"\n" + data, capture_output=True, env=env,
-            timeout=2 * cpu_seconds + 5,
+            timeout=limit + WALL_SECONDS,
         )  # fmt: skip
-    except subprocess.TimeoutExpired:
-        raise BadRequest(f"image too costly to decode (over {cpu_seconds:.0f} s); send a plain image") from None
+    except subprocess.TimeoutExpired:  # far past its CPU limit: starved (the server is overloaded) or stuck
+        log.warning("image decoder still running after %.0f s; killed", limit + WALL_SECONDS)
+        raise ServiceUnavailable("cannot decode this image now; retry shortly") from None
     except OSError as exc:  # no process or descriptor to spare: the request may succeed later
         log.warning("cannot start an image decoder: %s", exc)
         raise ServiceUnavailable("cannot start an image decoder now; retry shortly") from None
     width, height = size
     channels = 1 if mode == "L" else 3
-    if done.returncode in (FAILED, -signal.SIGXCPU, -signal.SIGKILL):  # failed, or stopped at its limits
+    if done.returncode in (FAILED, -signal.SIGXCPU):  # the decode failed, or hit its own limits
         raise BadRequest(
             f"image data is truncated or corrupt, or needs more than {max_bytes >> 20} MiB or "
-            f"{cpu_seconds:.0f} s of CPU to decode"
+            f"{limit} s of CPU to decode"
         )
-    if done.returncode != 0 or len(done.stdout) != width * height * channels:
+    if done.returncode != 0 or len(done.stdout) != width * height * channels:  # killed (OOM), or broken
         log.error(
             "image decoder failed (exit status %s): %s", done.returncode, done.stderr.decode(errors="replace")[-2000:]
         )
@@ -117,13 +121,14 @@ def main() -> None:
     data = sys.stdin.buffer.read()
     limit = _mapped_bytes() + int(header["max_bytes"])
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    cpu = math.ceil(float(header["cpu_seconds"]))
+    cpu = int(header["cpu_seconds"])
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU at the soft limit ends it
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # and dumps no core
     method = None if header["orientation"] is None else Image.Transpose(header["orientation"])
     try:
         with Image.open(io.BytesIO(data), formats=("WEBP",)) as image:
             small = bands.reduced(image, tuple(header["size"]), header["mode"], method)
-    except (Exception, MemoryError):  # libwebp's failed allocation is a failed decode, as corruption is
+    except Exception:  # libwebp's failed allocation (or a MemoryError) is a failed decode, as corruption is
         sys.exit(FAILED)
     sys.stdout.buffer.write(small.tobytes())
 

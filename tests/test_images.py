@@ -345,8 +345,8 @@ def test_arithmetic_coded_jpeg_is_decoded_and_counted(shapes_client, bearer):
 
 def test_a_webp_with_too_many_huffman_groups_is_refused_in_little_memory(shapes_client, bearer):
     """A lossless WebP whose Huffman tables alone would take 371 MiB (295 KB on the wire) is
-    decoded in a child process whose memory the kernel bounds: a 400, and this process never
-    maps them (its peak stays where it was)."""
+    decoded in a child process whose memory the kernel bounds: a 400 (this process, in a 384 MiB
+    cgroup, never maps them: tests/test_memory.py)."""
     bomb = webp_huffman_groups()
     cost = imaging.header_cost(bomb, imaging.Limits(40_000_000), (64, 64))
     assert cost.isolated and cost.bytes < 200 << 20
@@ -355,6 +355,47 @@ def test_a_webp_with_too_many_huffman_groups_is_refused_in_little_memory(shapes_
     fewer = webp_huffman_groups(groups=500, side=64)  # few enough to decode here: its tables counted
     small = imaging.header_cost(fewer, imaging.Limits(40_000_000), (64, 64))
     assert not small.isolated and small.bytes >= 256 * 20 << 10  # 64 x 64: at most 256 groups of 20 KiB
+
+
+def nested_frames(image_chunk: bytes, side: int = 1024) -> bytes:
+    """An animated WebP whose one frame (ANMF) holds another frame holding ``image_chunk``, then
+    an unknown chunk: libwebp's demuxer reads the inner frame as a frame of its own."""
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return kind + struct.pack("<I", len(payload)) + payload + b"\0" * (len(payload) & 1)
+
+    def frame(inside: bytes) -> bytes:  # at 0,0, the canvas's size, 100 ms
+        size = (side - 1).to_bytes(3, "little")
+        return chunk(b"ANMF", bytes(6) + size + size + (100).to_bytes(3, "little") + b"\0" + inside)
+
+    vp8x = chunk(b"VP8X", b"\x02" + bytes(3) + (side - 1).to_bytes(3, "little") * 2)  # animated
+    body = b"WEBP" + vp8x + chunk(b"ANIM", bytes(6)) + frame(frame(image_chunk)) + chunk(b"XYZW", bytes(4))
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def test_a_lossless_frame_inside_a_frame_is_found(shapes_client, bearer):
+    """However its chunks nest, a WebP that libwebp reads lossless data from is counted as one:
+    the Huffman-group bomb inside a frame inside a frame was decoded here, 320 MiB past its
+    estimate, when a walk looked inside top-level frames only."""
+    nested = nested_frames(webp_huffman_groups()[12:])
+    assert imaging.header_cost(nested, imaging.Limits(40_000_000), (64, 64)).isolated
+    reply = upload(shapes_client, bearer, ("nested.webp", nested))
+    assert reply.status_code == 400, reply.get_json()
+
+
+def test_exif_after_the_pixel_data_still_turns_the_image(shapes_client, bearer):
+    """A PNG's eXIf chunk may follow its pixel data, and reaches Pillow's info only as the image
+    is loaded: read after that, it still turns the image upright."""
+    picture = Image.fromarray(np.random.default_rng(8).integers(0, 256, (20, 40, 3), dtype=np.uint8))
+    plain = encode(picture)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    payload = exif.tobytes()
+    late = struct.pack(">I", len(payload)) + b"eXIf" + payload + struct.pack(">I", zlib.crc32(b"eXIf" + payload))
+    turned = plain[:-12] + late + plain[-12:]  # before IEND, after IDAT
+    limits, spec = imaging.Limits(40_000_000), {"height": 40, "width": 20, "channels": 3}
+    upright = encode(picture.transpose(Image.Transpose.ROTATE_270))
+    assert np.array_equal(imaging.model_input(turned, limits, spec, {}), imaging.model_input(upright, limits, spec, {}))
 
 
 def test_lossless_webp_decoded_in_a_child_matches_one_decoded_here(shapes_client, bearer):

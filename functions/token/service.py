@@ -112,8 +112,8 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
             # else the models asked for, else the key's when it has some.
             if asked is not None and asked.strip(" ") in ("", "*"):
                 body["scope"] = "*"
-            elif scopes is not None or asked:
-                body["scope"] = " ".join(scopes) if scopes else "*"
+            elif scopes is not None:  # the models asked for, or the key's
+                body["scope"] = " ".join(scopes)
             return json_response(body)
         if request.mimetype != "application/json":
             raise UnsupportedMediaType(

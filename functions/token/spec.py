@@ -230,8 +230,9 @@ def document(settings: Settings) -> dict[str, Any]:
                 "expires_in": {"type": "integer"},
                 "scope": {
                     "type": "string",
-                    "description": "The models the token may call, space-separated, or * for every model. "
-                    "Given when the token is limited to some models or the request named a scope (RFC 6749 5.1).",
+                    "description": "The models the token may call, space-separated, or * (asked for: the key's own, "
+                    "which /session.json lists). Given when the token is limited to some models or the request "
+                    "named a scope (RFC 6749 5.1).",
                 },
             },
         },
