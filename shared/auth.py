@@ -296,9 +296,10 @@ class AuthStore:
         """
         if not PUBLIC_KEY_RE.fullmatch(public_key) or not SECRET_KEY_RE.fullmatch(secret_key):
             raise BadRequest("public_key must be pk_ + 43 characters, secret_key sk_ + 43 characters")
-        if scopes is not None and (not scopes or not all(map(is_model_name, scopes))):
+        asked = None if scopes is None else sorted(set(scopes))
+        if asked is not None and (not asked or not all(map(is_model_name, asked))):
             raise InvalidScope(f"scopes must be model names ({MODEL_NAME_RULE}), or none for the key's own")
-        if scopes is not None and len(set(scopes)) > MAX_TOKEN_SCOPES:
+        if asked is not None and len(asked) > MAX_TOKEN_SCOPES:
             # Each check of the token walks them in Redis: 4,000 made every check 60 times dearer.
             raise InvalidScope(f"a token may be asked for at most {MAX_TOKEN_SCOPES} models, or for the key's own")
         counters = [
@@ -333,12 +334,12 @@ class AuthStore:
                 self._host,
                 self.settings.max_tokens_per_key,
                 self._k("token", ""),
-                scopes_field(sorted(set(scopes or ()))),
+                scopes_field(asked),
             ],
         )
         if reply[0] == -2:  # the secret was right: the caller may learn what its key allows
             allowed = parse_scopes_field(reply[1]) or []
-            beyond = sorted(set(scopes or ()) - set(allowed))
+            beyond = sorted(set(asked or ()) - set(allowed))
             raise InvalidScope(
                 f"this key may not call model(s) {', '.join(beyond)}; ask for some of {', '.join(allowed)}, "
                 "or for no scope"

@@ -206,28 +206,25 @@ def estimate(
     pixels, full = width * height, full_size[0] * full_size[1]
     nbytes = pixels * _STORAGE.get(image.mode, 4) + height * _ROW_POINTER
     nanoseconds = full * _NS_DECODE.get(image.format or "", 20.0)
+    tile = image.tile[0] if isinstance(image, ImageFile.ImageFile) and image.tile else None
     child = False
     if image.format == "WEBP":
         nbytes = pixels * 16
         if structure.webp_lossless:  # libwebp's Huffman tables (see shared.isolated), and slower pixels
             nanoseconds += full * _NS_WEBP_LOSSLESS
             tables = isolated.groups_bound(width, height, structure.size) * isolated.TABLE_BYTES_PER_GROUP
-            child = tables > isolated.IN_PROCESS_TABLE_BYTES
-            tables = isolated.CHILD_TABLE_BYTES if child else tables
-            nbytes += tables + (isolated.CHILD_BASE_BYTES if child else 0)
+            if child := tables > isolated.IN_PROCESS_TABLE_BYTES:  # a child's Python, and what it may map
+                tables = isolated.CHILD_TABLE_BYTES
+                nbytes += isolated.CHILD_BASE_BYTES
+                nanoseconds += isolated.CHILD_START_SECONDS * 1e9
+            nbytes += tables
             nanoseconds += tables / isolated.TABLE_BYTES_PER_GROUP * isolated.NS_PER_GROUP
-            nanoseconds += isolated.CHILD_START_SECONDS * 1e9 if child else 0.0
     elif image.format in JPEG and (image.info.get("progressive") or structure.scans > 1 or structure.partial_scan):
         nbytes += _jpeg_blocks(image, full_size) * 64 * 2
         nanoseconds += full * _NS_PER_SCAN * structure.scans
-    elif (
-        image.format == "PNG"
-        and isinstance(image, ImageFile.ImageFile)
-        and image.tile
-        and str(image.tile[0].args).startswith(("RGB;16", "RGBA;16", "LA;16"))
-    ):
+    elif image.format == "PNG" and tile and str(tile.args).startswith(("RGB;16", "RGBA;16", "LA;16")):
         nanoseconds = full * _NS_PNG_16BIT_COLOUR
-    elif isinstance(image, ImageFile.ImageFile) and image.tile and image.tile[0].codec_name == "bmp_rle":
+    elif tile and tile.codec_name == "bmp_rle":
         nbytes += pixels * 2 + pixels // 8
         nanoseconds = full * _NS_BMP_RLE + structure.size * _NS_BMP_RLE_BYTE
     if structure.lossless:

@@ -95,7 +95,9 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
         if form or _scheme(request) == "basic":
             basic = _scheme(request) == "basic"
             try:
-                issued = issue(call, *_client_credentials(request), _asked_scope(request.form.get("scope")))
+                public_key, secret_key = _client_credentials(request)
+                asked = _asked_scope(request.form.get("scope"))
+                issued = issue(call, public_key, secret_key, asked)
             except OAuthError as error:
                 return _oauth_error(error, basic)
             except InvalidScope as error:
@@ -106,14 +108,13 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
                 exchange_of(request.environ).error = error.detail
                 return _oauth_error(OAuthError.busy(error), basic)
             body = {"access_token": issued.token, "token_type": "Bearer", "expires_in": issued.ttl}
-            scopes, asked = issued.session.scopes, request.form.get("scope")
             # RFC 6749 5.1: the scope granted, space-separated, so that a client gets the one it
             # asked for: "*" for "*" (the key's own, whatever they are: /session.json lists them),
             # else the models asked for, else the key's when it has some.
-            if asked is not None and asked.strip(" ") in ("", "*"):
+            if asked is None and "scope" in request.form:
                 body["scope"] = "*"
-            elif scopes is not None:  # the models asked for, or the key's
-                body["scope"] = " ".join(scopes)
+            elif issued.session.scopes is not None:  # the models asked for, or the key's
+                body["scope"] = " ".join(issued.session.scopes)
             return json_response(body)
         if request.mimetype != "application/json":
             raise UnsupportedMediaType(
