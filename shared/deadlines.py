@@ -43,6 +43,7 @@ class DeadlineSocket(socket.socket):
 
     deadlines: dict[str, float | None] | None = None
     held = b""
+    method = ""  # the method of the request served, as its request line shows it (DeadlineWorker)
     send_timeout = 30.0
     min_rate = 0.0
 

@@ -5,6 +5,8 @@ Handlers raise these; :mod:`shared.http` turns them into ``{"error": message}`` 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class StartupError(Exception):
     """A function cannot start (bad setting, missing or broken model bundle): the message is the
@@ -92,8 +94,10 @@ class NotFound(ThalamusError):
 class MethodNotAllowed(ThalamusError):
     status = 405
 
-    def __init__(self, allowed: list[str]) -> None:
-        super().__init__(f"method not allowed; use {', '.join(allowed)}", {"Allow": ", ".join(allowed)})
+    def __init__(self, allowed: list[str], headers: Mapping[str, str] | None = None) -> None:
+        """``headers``: the path's own, which its refusals carry too (the token endpoint's no-store)."""
+        methods = ", ".join(allowed)
+        super().__init__(f"method not allowed; use {methods}", {**(headers or {}), "Allow": methods})
 
 
 class PayloadTooLarge(ThalamusError):

@@ -286,10 +286,10 @@ class Service:
         except wz.MethodNotAllowed as exc:
             allowed = sorted(exc.valid_methods or [])
             # Another model's path is not here at all, whatever the method: 404, as with a GET.
-            _, args = adapter.match(request.path, method=allowed[0])
+            endpoint, args = adapter.match(request.path, method=allowed[0])
             if self._model is not None and args.get("name", self._model) != self._model:
                 raise NotFound(f"no such model here: {args['name']} (this function serves {self._model})") from None
-            raise MethodNotAllowed(allowed) from None
+            raise MethodNotAllowed(allowed, self._routes[str(endpoint)].headers) from None
         except wz.NotFound:
             raise NotFound(f"no such path: {request.path}") from None
         return self._routes[str(endpoint)], dict(args)

@@ -47,7 +47,7 @@ from gunicorn.http import errors as parse_errors
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
 from shared.deadlines import DeadlineSocket, GuardedBody
-from shared.errors import ThalamusError
+from shared.errors import BadRequest, ThalamusError
 from shared.refusals import METHOD, refuse, request_id_of, status_of
 
 # accept() errors that say the process (or the kernel) has no room for another connection now.
@@ -62,6 +62,9 @@ EXPECT = re.compile(rb"\r\nexpect:", re.I)
 # a GET with no body (a body would hold the probes' thread while it is read and drained).
 PROBE = re.compile(rb"(?:\r\n)?GET /(?:healthz|readyz)(?:\?[^ ]*)? HTTP/1\.[01]\r\n")
 BODY_FRAMING = re.compile(rb"\r\n(?:content-length|transfer-encoding)[ \t]*:", re.I)
+# RFC 9112 3.2: a Host field is uri-host [":" port] of RFC 3986 (an IP literal in brackets, or
+# a reg-name), maybe empty; gunicorn refuses a second one, not a missing or malformed one.
+HOST = re.compile(r"(?:\[[0-9A-Za-z:.]{2,63}\]|[A-Za-z0-9\-._~!$&'()*+,;=%]{0,255})(?::[0-9]{0,5})?")
 
 
 def _ip(address: Any) -> str:
@@ -367,6 +370,10 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
 
     def handle_one(self, conn: Any) -> Any:
         conn.sock.begin(self.body_timeout, self.send_timeout, self.min_rate)
+        # The method as the request line shows it, for handle_error when the parser fails before
+        # it has a request: a HEAD is answered without a body even then (RFC 9110 9.3.2).
+        method = METHOD.match(conn.head)
+        conn.sock.method = method.group().decode() if method else ""
         if conn.parser is None:
             conn.initialized = True  # skip TConn.init(): its TLS/h2c sniffing would read the socket
             conn.parser = http.get_parser(self.cfg, conn.sock, conn.client)
@@ -379,11 +386,18 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
     def handle_request(self, request: Any, conn: Any) -> Any:
         # gunicorn accepts gzip, deflate and compress before chunked and hands the body on still
         # coded: no application here would decode it (RFC 9112 6.1: 501 for what is not done).
+        host = None
         for name, value in request.headers:
+            if name == "HOST":
+                host = value
             if name == "TRANSFER-ENCODING" and any(c.strip().lower() != "chunked" for c in value.split(",")):
                 raise parse_errors.UnsupportedTransferCoding(value)
             if name == "CONNECTION" and "close" in (option.strip().lower() for option in value.split(",")):
                 request.force_close()  # RFC 9112 9.6: close among other options (gunicorn reads it alone)
+        if host is None and request.version >= (1, 1):  # RFC 9112 3.2: a 400, as Envoy answers it
+            raise BadRequest("an HTTP/1.1 request needs a Host header")
+        if host is not None and not HOST.fullmatch(host):
+            raise BadRequest("malformed Host header")
         # RFC 9110 6.2: the answer says the highest version this server speaks, HTTP/1.1, not the
         # request's (gunicorn echoed "HTTP/1.7"); HTTP/1.0 and 1.1 are kept as they are.
         request.version = min(request.version, (1, 1))
@@ -414,5 +428,5 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
         status, message = status_of(exc)
         if status == 500:  # a real bug: keep the traceback (a refusal's one line is its access line)
             self.log.exception("error handling a request")
-        method = str(getattr(request, "method", None) or "")[:16]
+        method = str(getattr(request, "method", None) or getattr(client, "method", ""))[:16]
         refuse(client, status, message, request_id_of(request), method, self.function, _ip(address))

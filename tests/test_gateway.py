@@ -110,6 +110,15 @@ def test_an_absolute_form_target_reaches_the_function_as_its_path(running_stack,
     assert reply.startswith(b"HTTP/1.1 200 ") and b'"name":"thalamus"' in reply.replace(b" ", b""), reply
 
 
+def test_a_missing_or_malformed_host_is_a_400_at_the_edge(running_stack):
+    """RFC 9112 3.2, as Envoy answers it on a cluster: the gateway refuses the request itself."""
+    port = int(running_stack.gateway.rsplit(":", 1)[1])
+    for field in ("", "Host: a b\r\n", "Host: x/y\r\n"):
+        reply = exchange(port, f"GET /v2 HTTP/1.1\r\n{field}Connection: close\r\n\r\n".encode())
+        assert reply.startswith(b"HTTP/1.1 400 ") and b"Host" in reply and b"application/json" in reply, reply
+    assert exchange(port, b"GET /v2 HTTP/1.0\r\n\r\n").startswith(b"HTTP/1.0 200 ")  # 1.0 needs no Host
+
+
 def test_an_absolute_form_target_without_a_path_is_the_root(running_stack):
     port = int(running_stack.gateway.rsplit(":", 1)[1])
     reply = exchange(port, b"GET http://x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")

@@ -235,6 +235,22 @@ def test_answers_that_need_no_body_never_read_one(serve, what):
     assert b"application/json" in answer and b"100 Continue" not in answer, answer
 
 
+def test_the_host_header_is_required_and_well_formed(serve):
+    """RFC 9112 3.2: an HTTP/1.1 request without Host, or with a malformed one, is a 400 (Envoy
+    refuses it so on a cluster; the function and the local gateway do too)."""
+    server = serve("predict", MODEL_NAME="shapes")
+
+    def get(version: str, field: str) -> tuple[int, dict[str, str], bytes]:
+        return exchange(server.port, f"GET /healthz HTTP/{version}\r\n{field}\r\n".encode())
+
+    assert "Host" in assert_json_error(get("1.1", ""), 400)
+    for bad in ("a b", "x/y", "x@y", "x:8080:1", "x:port", "[::1"):
+        assert "Host" in assert_json_error(get("1.1", f"Host: {bad}\r\n"), 400), bad
+    for good in ("thalamus.example:8080", "127.0.0.1", "[::1]:8080", "x:", ""):  # "": no authority
+        assert get("1.1", f"Host: {good}\r\n")[0] == 200, good
+    assert get("1.0", "")[0] == 200  # HTTP/1.0 has no Host requirement
+
+
 def test_a_request_for_an_empty_path_is_a_json_404_not_a_redirect(serve):
     # Flask redirected it, in HTML, to the host the client named.
     server = serve("predict", MODEL_NAME="shapes")
@@ -419,11 +435,11 @@ def test_the_servers_own_answers_carry_a_request_id_and_an_access_line(serve):
     server = serve("predict", MODEL_NAME="shapes", LOG_FORMAT="json")
     mine = "X-Request-Id: mine-1"
     cases = [
-        # gunicorn's parser refuses these (whole heads): the method is not known
-        (request("GET", "/" + "a" * 9000, mine), 414, ""),
-        (request("GET", "/healthz", mine, *[f"X-H{i}: v" for i in range(200)]), 431, ""),
-        (request("GET", "/healthz", mine, "X-Bad: a\x01b"), 400, ""),
-        (request("GET", "/healthz", mine, "Expect: tea"), 417, ""),
+        # gunicorn's parser refuses these (whole heads): the method is the request line's
+        (request("GET", "/" + "a" * 9000, mine), 414, "GET"),
+        (request("GET", "/healthz", mine, *[f"X-H{i}: v" for i in range(200)]), 431, "GET"),
+        (request("GET", "/healthz", mine, "X-Bad: a\x01b"), 400, "GET"),
+        (request("GET", "/healthz", mine, "Expect: tea"), 417, "GET"),
         # the worker's main thread refuses this one (a head over 64 KiB, never ended)
         (f"GET /healthz HTTP/1.1\r\n{mine}\r\nX-Big: {'b' * 70_000}".encode(), 431, "GET"),
     ]
@@ -757,9 +773,15 @@ def test_the_servers_own_refusal_of_a_head_request_has_no_body(serve):
     transfer coding it does not do: 501; a head over 64 KiB: 431), though Content-Length says
     what a GET would get."""
     server = serve("predict", MODEL_NAME="shapes")
+    fields = "".join(f"X-{n}: 1\r\n" for n in range(200))
     for payload, status in (
         (request("HEAD", "/healthz", "Transfer-Encoding: gzip, chunked", body=b"0\r\n\r\n"), 501),
         (f"HEAD /healthz HTTP/1.1\r\nX-Big: {'b' * 70_000}".encode(), 431),
+        # Refused by gunicorn's parser, before there is a request to tell the method:
+        (f"HEAD /healthz HTTP/1.1\r\nHost: x\r\n{fields}\r\n".encode(), 431),  # too many fields
+        (f"HEAD /{'a' * 9000} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), 414),
+        (b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nBad Name: 1\r\n\r\n", 400),
+        (b"HEAD /healthz HTTP/1.1\r\n\r\n", 400),  # no Host
     ):
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
             sock.sendall(payload)

@@ -273,6 +273,8 @@ def test_body_over_limit_is_413(token_client):
 def test_wrong_method_is_405_and_unknown_path_404(token_client):
     reply = token_client.get("/token.json")
     assert reply.status_code == 405 and reply.headers["Allow"] == "POST"
+    # 405 is cacheable by default (RFC 9110 15.1): the token endpoint's no-store covers it too.
+    assert reply.headers["Cache-Control"] == "no-store" and reply.headers["Pragma"] == "no-cache"
     assert token_client.delete("/session.json").status_code == 405
     missing = token_client.get("/nope.json")
     assert missing.status_code == 404 and "error" in missing.get_json()
