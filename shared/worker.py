@@ -64,7 +64,7 @@ PROBE = re.compile(rb"(?:\r\n)?GET /(?:healthz|readyz)(?:\?[^ ]*)? HTTP/1\.[01]\
 BODY_FRAMING = re.compile(rb"\r\n(?:content-length|transfer-encoding)[ \t]*:", re.I)
 # RFC 9112 3.2: a Host field is uri-host [":" port] of RFC 3986 (an IP literal in brackets, or
 # a reg-name), maybe empty; gunicorn refuses a second one, not a missing or malformed one.
-HOST = re.compile(r"(?:\[[0-9A-Za-z:.]{2,63}\]|[A-Za-z0-9\-._~!$&'()*+,;=%]{0,255})(?::[0-9]{0,5})?")
+HOST = re.compile(r"(?:\[[0-9A-Za-z:.%_~-]{2,63}\]|[A-Za-z0-9\-._~!$&'()*+,;=%]{0,255})(?::[0-9]{0,5})?")
 
 
 def _ip(address: Any) -> str:

@@ -246,7 +246,7 @@ def test_the_host_header_is_required_and_well_formed(serve):
     assert "Host" in assert_json_error(get("1.1", ""), 400)
     for bad in ("a b", "x/y", "x@y", "x:8080:1", "x:port", "[::1"):
         assert "Host" in assert_json_error(get("1.1", f"Host: {bad}\r\n"), 400), bad
-    for good in ("thalamus.example:8080", "127.0.0.1", "[::1]:8080", "x:", ""):  # "": no authority
+    for good in ("thalamus.example:8080", "127.0.0.1", "[::1]:8080", "[fe80::1%25eth0]", "x:", ""):  # "": no authority
         assert get("1.1", f"Host: {good}\r\n")[0] == 200, good
     assert get("1.0", "")[0] == 200  # HTTP/1.0 has no Host requirement
 
