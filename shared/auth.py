@@ -34,6 +34,7 @@ import re
 import secrets
 import socket
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -282,13 +283,19 @@ class AuthStore:
 
     @store.unavailable_when_down
     def issue_token(
-        self, public_key: str, secret_key: str, client_addr: str, scopes: list[str] | None = None
+        self,
+        public_key: str,
+        secret_key: str,
+        client_addr: str,
+        scopes: list[str] | None = None,
+        deployed: Collection[str] | None = None,
     ) -> IssuedToken:
         """Exchange a keypair for a bearer token, living at most until the key expires.
 
         ``scopes``: the models the token may call, when fewer than its key (None: the key's own);
-        naming one the key may not call raises InvalidScope. The token may then call those that
-        its key still may, whatever the key's later edits.
+        naming one the key may not call, or one not among ``deployed`` (the catalog's models,
+        when known), raises InvalidScope. The token may then call those that its key still
+        may, whatever the key's later edits.
 
         Wrong, unknown, revoked and expired keys raise the same InvalidCredentials after the same
         scrypt work. A client address that failed too often, or that failed on a key under
@@ -316,6 +323,9 @@ class AuthStore:
         if matched is None or secret is None:
             self._record_failure(keys=counters, args=[self.settings.auth_failure_window])
             raise InvalidCredentials()
+        if asked is not None and deployed is not None and (unknown := [m for m in asked if m not in deployed]):
+            # RFC 6749 5.2: an unknown scope is invalid_scope; told, as below, once the secret was right.
+            raise InvalidScope(f"no such model deployed: {', '.join(unknown)}")
         token = secrets.token_urlsafe(32)
         reply = self._issue(
             keys=[

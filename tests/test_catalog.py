@@ -57,6 +57,23 @@ def test_a_scoped_key_sees_exactly_its_models(catalog_client, auth):
     assert catalog_client.get("/models.json", headers=bearer_for(auth, ["digits"])).get_json() == {"models": []}
 
 
+def test_a_token_for_a_model_not_deployed_is_refused(catalog_client, auth):
+    """RFC 6749 5.2: a scope naming a model the catalog lacks (a typo, say) is invalid_scope, told
+    only to a caller whose secret was right; a deployed one is granted."""
+    pair = auth.create_key()  # a key for every model, deployed or not
+    form = {"grant_type": "client_credentials", "client_id": pair.public_key, "client_secret": pair.secret_key}
+    reply = catalog_client.post("/token.json", data={**form, "scope": "shapes nosuch"})
+    assert reply.status_code == 400 and reply.get_json()["error"] == "invalid_scope"
+    assert reply.get_json()["error_description"] == "no such model deployed: nosuch"
+    keypair = {"public_key": pair.public_key, "secret_key": pair.secret_key, "scopes": ["nosuch"]}
+    assert catalog_client.post("/token.json", json=keypair).get_json() == {"error": "no such model deployed: nosuch"}
+    wrong = {**form, "client_secret": "sk_" + "A" * 43, "scope": "nosuch"}
+    assert catalog_client.post("/token.json", data=wrong).get_json()["error"] == "invalid_client"
+    granted = catalog_client.post("/token.json", data={**form, "scope": "shapes"})
+    assert granted.status_code == 200 and granted.get_json()["scope"] == "shapes"
+    assert auth.list_keys()[0].live_tokens == 1  # only the granted one was issued
+
+
 def test_the_list_needs_a_token(catalog_client):
     for path in ("/models.json", "/v1/models"):
         reply = catalog_client.get(path)

@@ -67,7 +67,9 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
         """``auth.issue_token`` for the caller, noted for the access line."""
         exchange_of(call.request.environ).public_key = public_key if PUBLIC_KEY_RE.fullmatch(public_key) else None
         address = client_address(call.request.environ, settings.trusted_proxies)
-        return auth.issue_token(public_key, secret_key, address, scopes)
+        # With a catalog, a scope naming a model that is not deployed is refused (a typo, say).
+        deployed = {model["name"] for model in models.models()} if settings.model_catalog else None
+        return auth.issue_token(public_key, secret_key, address, scopes, deployed)
 
     def counted(call: Call) -> flask.Response:
         """``POST /token.json``, every answer counted by its outcome (JSON and OAuth2 alike)."""

@@ -25,9 +25,10 @@ def document(settings: Settings) -> dict[str, Any]:
     either = {"anyOf": [{"$ref": "#/components/schemas/Error"}, {"$ref": "#/components/schemas/OAuthError"}]}
     bad_request = {
         "description": (
-            "JSON keypair: malformed body or fields, or `scopes` naming a model the key may not call. "
-            "OAuth2 form: `invalid_request` (no or malformed grant_type, credentials in Basic and body), "
-            "`unsupported_grant_type`, or `invalid_scope` (a `scope` naming a model the key may not call)"
+            "JSON keypair: malformed body or fields, or `scopes` naming a model the key may not call "
+            "or that is not deployed. OAuth2 form: `invalid_request` (no or malformed grant_type, "
+            "credentials in Basic and body), `unsupported_grant_type`, or `invalid_scope` (a `scope` "
+            "naming a model the key may not call or that is not deployed)"
         ),
         "content": {
             "application/json": {
