@@ -185,7 +185,8 @@ class Stack:
         print(f"  {'function':<18} {'url':<26} model")
         for child in self.children:
             print(f"  {child.name:<18} {child.url:<26} {child.model}")
-        model = self.children[2].model if len(self.children) > 2 else "MODEL"
+        served = [child.model for child in self.children if child.model != "-"]
+        model = "shapes" if "shapes" in served else (served[0] if served else "MODEL")  # the README's
         # keys.py must find the same Redis and prefix: say so when they are not the defaults.
         shown = settings.redis_url_masked
         env = "" if settings.redis_url_is_default else f"REDIS_URL={shlex.quote(shown)} "
@@ -199,7 +200,7 @@ Next steps (docs: {gateway}/docs):
   {env}./keys.py -g client.json
   TOKEN=$(curl -s -X POST {gateway}/token.json -H 'Content-Type: application/json' \\
           -d @client.json | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
-  curl -H "Authorization: Bearer $TOKEN" -F file=@photo.jpg {gateway}/models/{model}/predict.json
+  curl -H "Authorization: Bearer $TOKEN" -F file=@photo.jpg {gateway}/models/{model}/predict.json  # any image
 
 Ctrl-C stops everything.""",
             flush=True,

@@ -63,14 +63,20 @@ def _escaped(control: re.Match[str]) -> str:
 
 class _Text(logging.Formatter):
     """``token  | 02:51:07 INFO  200 POST /token.json 64.8 ms  request_id=… public_key=…``:
-    the function first, then the message, then the extra fields; no colours."""
+    the function first (a predict function's with its model: ``predict-shapes``), then the
+    message, then the extra fields; no colours."""
+
+    def __init__(self, model: str = "") -> None:
+        super().__init__()
+        self.suffix = f"-{model}" if model else ""
 
     def format(self, record: logging.LogRecord) -> str:
         extras = {key: value for key, value in vars(record).items() if key not in _STANDARD and value is not None}
         if record.request_id:  # type: ignore[attr-defined]
             extras["request_id"] = record.request_id  # type: ignore[attr-defined]
         fields = "  " + " ".join(f"{key}={value}" for key, value in extras.items()) if extras else ""
-        line = f"{record.function:<14}| {self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} "  # type: ignore[attr-defined]
+        name = f"{record.function}{self.suffix}"  # type: ignore[attr-defined]
+        line = f"{name:<14}| {self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} "
         # What a client sent (a path in an error, a header) may hold a newline: escaped, it cannot
         # start a line of its own that reads like the service's.
         line += _CONTROL.sub(_escaped, record.getMessage() + fields)
@@ -79,9 +85,11 @@ class _Text(logging.Formatter):
         return line
 
 
-def setup(function: str, level: str = "INFO", fmt: str | None = None) -> None:
+def setup(function: str, level: str = "INFO", fmt: str | None = None, model: str = "") -> None:
     """Send every log record of this process to stdout as ``fmt`` ("json" or "text"; default:
-    text on a terminal, JSON otherwise) at ``level``; gunicorn's own loggers included."""
+    text on a terminal, JSON otherwise) at ``level``; gunicorn's own loggers included. Text
+    lines name a predict function with its ``model``, as ``./start.sh`` does (JSON access lines
+    carry the model as a field)."""
     fmt = fmt or ("text" if sys.stdout.isatty() else "json")
     handler = logging.StreamHandler(sys.stdout)
     handler.addFilter(_Context(function))
@@ -95,7 +103,7 @@ def setup(function: str, level: str = "INFO", fmt: str | None = None) -> None:
             )
         )
     else:
-        handler.setFormatter(_Text())
+        handler.setFormatter(_Text(model))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = claim_metrics_folder()
     try:
         settings = config.load()
-        logs.setup(function, settings.log_level, settings.log_format)
+        logs.setup(function, settings.log_level, settings.log_format, settings.model_name)
         app = functions_framework.create_app(target="handle", source=str(args.source))  # type: ignore[no-untyped-call]
     except StartupError as exc:
         print(f"{function}: {exc}", file=sys.stderr)

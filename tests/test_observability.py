@@ -320,6 +320,16 @@ def test_the_gateway_passes_the_request_id_on_and_both_log_it(running_stack):
         time.sleep(0.1)
     assert sorted(line.split("|")[0].strip() for line in mentions) == ["gateway", "token"]
     assert all("401 GET" in line for line in mentions)
+    # A predict function's text lines name its model too, as start.sh's table does.
+    request_id = rid()
+    headers = {"X-Request-Id": request_id}
+    reply = requests.get(running_stack.gateway + "/models/shapes.json", headers=headers, timeout=10)
+    assert reply.status_code == 401
+    deadline = time.monotonic() + 5
+    while len(mentions := [line for line in running_stack.output if request_id in line]) < 2:
+        assert time.monotonic() < deadline, running_stack.output[-20:]
+        time.sleep(0.1)
+    assert sorted(line.split("|")[0].strip() for line in mentions) == ["gateway", "predict-shapes"]
 
 
 def test_a_client_cannot_forge_lines_of_the_text_log(function):
