@@ -53,8 +53,17 @@ class SetupRefused(redis.ConnectionError):
     the setting or the server changes, so it is an outage (503), not a bug (500)."""
 
 
-# Redis answered the connection's setup, so the network is fine: the credentials or the db are not.
-REFUSED = (SetupRefused, redis.AuthenticationError)
+class NotRedis(redis.ConnectionError):
+    """What answered is not Redis (another service on REDIS_URL's port, a proxy's garbage): its
+    reply could not be parsed, the connection is dropped, and every command fails alike, so it
+    is an outage (503), not a bug (500)."""
+
+
+# redis-py's parser on bytes that are not RESP: its own error, or Python's from int() and friends.
+UNPARSABLE = (redis.InvalidResponse, ValueError, IndexError, AttributeError, UnicodeDecodeError)
+# Redis (or what stands there) answered, so the network is fine: the credentials, the db, or the
+# server are not, and a second try gets the same answer.
+REFUSED = (SetupRefused, redis.AuthenticationError, NotRedis)
 
 
 # Per thread: how many commands went out and got no answer (they may have run all the same):
@@ -89,10 +98,15 @@ class _Timed:
     def read_response(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except redis.BusyLoadingError:
+            raise  # an answer ("-LOADING"): nothing was done
         except (redis.ConnectionError, redis.TimeoutError):
             if not self._connecting:
                 _unanswered.count = _unanswered_count() + 1  # sent, and no answer
             raise
+        except UNPARSABLE as exc:
+            self.disconnect()  # type: ignore[attr-defined]  # what follows on it cannot be read either
+            raise NotRedis(f"answered something that is not Redis ({type(exc).__name__})") from None
         finally:
             if self._sent_at is not None:
                 metrics.REDIS_SECONDS.observe(time.perf_counter() - self._sent_at)
@@ -237,11 +251,23 @@ def unavailable_when_down(method: Callable[Concatenate[S, P], R]) -> Callable[Co
         before = _unanswered_count()
         try:
             return breaker(self.settings.redis_url).call(lambda: method(self, *args, **kwargs))
+        except NotRedis as exc:
+            metrics.REDIS_ERRORS.labels(method.__name__).inc()
+            raise ServiceUnavailable(
+                "Redis cannot serve this now; retry shortly",
+                detail=f"the server at {self.settings.redis_url_masked} {exc}: is REDIS_URL right?",
+            ) from None
         except REFUSED as exc:
             metrics.REDIS_ERRORS.labels(method.__name__).inc()
             raise ServiceUnavailable(
                 "Redis cannot serve this now; retry shortly",
                 detail=f"Redis at {self.settings.redis_url_masked} refused the connection: {exc}",
+            ) from None
+        except redis.BusyLoadingError:
+            metrics.REDIS_ERRORS.labels(method.__name__).inc()
+            raise ServiceUnavailable(
+                "Redis is starting; retry shortly",
+                detail=f"Redis at {self.settings.redis_url_masked} is loading its data: nothing was done",
             ) from None
         except (*REDIS_DOWN, FastFail):
             metrics.REDIS_ERRORS.labels(method.__name__).inc()

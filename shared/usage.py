@@ -25,6 +25,7 @@ Batch = list[tuple[tuple[str, str, str], list[int]]]  # ((public key, day, model
 
 USAGE_DAYS = 90  # usage counters are kept this many days
 USAGE_FLUSH_SECONDS = 1.0  # how often a process adds its usage counts to Redis
+OUTAGE_LOG_SECONDS = 60.0  # while Redis is unreachable, the flusher says so once a minute
 
 # KEYS: last-used hash, purge time, the sending process's last batch. ARGV: prefix, ttl, batch
 # number, then (pk, day, model, requests, errors, last) groups. A batch numbered no higher than
@@ -77,6 +78,8 @@ class UsageRecorder:
         self._pid = 0  # the process these counts belong to (a forked child starts afresh)
         self._sender, self._batch = "", 0  # this process's name in Redis, its last batch number
         self._unsent: list[tuple[int, Batch]] = []  # numbered batches whose answer never came
+        self._failing_since: float | None = None  # monotonic; an outage's first failed flush
+        self._told_at = 0.0  # when the outage was last logged: a line a minute, not a second
 
     def add(self, public_key: str, model: str | None, error: bool) -> None:
         """Count one request (an error when ``error``); never raises."""
@@ -125,9 +128,19 @@ class UsageRecorder:
                             lost,
                         )
                         return
-                    log.warning("usage: cannot write counts to Redis (%s); will retry", type(exc).__name__)
+                    now = time.monotonic()
+                    if self._failing_since is None:
+                        self._failing_since = self._told_at = now
+                        log.warning("usage: cannot write counts to Redis (%s); will retry", type(exc).__name__)
+                    elif now - self._told_at >= OUTAGE_LOG_SECONDS:
+                        self._told_at = now
+                        log.warning("usage: still cannot write counts to Redis (%s) after %.0f s; will retry",
+                                    type(exc).__name__, now - self._failing_since)  # fmt: skip
                     self._keep(batches[sent:])
                     return
+            if self._failing_since is not None and batches:
+                log.info("usage: counts written to Redis again")
+                self._failing_since = None
 
     def _keep(self, unsent: list[tuple[int, Batch]]) -> None:
         """Batches for the next flush, first; past MAX_PENDING entries in all, the newest are

@@ -1,5 +1,6 @@
 """The shared auth library against a real Redis."""
 
+import logging
 import subprocess
 import sys
 import threading
@@ -374,16 +375,21 @@ def test_usage_held_at_a_purge_does_not_bring_the_purged_key_back(admin):
     assert [(row.public_key, row.requests) for row in admin.usage_report()] == [(fresh.public_key, 1)]
 
 
-def test_usage_waits_out_a_redis_outage(own_redis, settings):
+def test_usage_waits_out_a_redis_outage(own_redis, settings, caplog):
+    caplog.set_level(logging.INFO, logger="thalamus")
     store = KeyAdmin(settings.replace(redis_url=own_redis.url))
     pair = store.create_key()
     session = store.issue_token(pair.public_key, pair.secret_key, "a").session
     own_redis.stop()
-    store.record_request(session, "shapes", 200)  # never raises
-    store.usage.flush()  # fails, keeps the count
+    for _ in range(3):  # a flush a second: the outage is said once (then once a minute), not each time
+        store.record_request(session, "shapes", 200)  # never raises
+        store.usage.flush()  # fails, keeps the count
+    said = [record.getMessage() for record in caplog.records if record.getMessage().startswith("usage:")]
+    assert len([line for line in said if "cannot write counts to Redis" in line]) == 1, said
     own_redis.start()  # empty: the throw-away server keeps no data
     store.usage.flush()
-    assert [(r.requests, r.label) for r in store.usage_report(pair.public_key)] == [(1, "(revoked)")]
+    assert [(r.requests, r.label) for r in store.usage_report(pair.public_key)] == [(3, "(revoked)")]
+    assert "usage: counts written to Redis again" in caplog.text
 
 
 def test_counts_lost_at_exit_are_said_so_not_promised_a_retry(own_redis, settings, caplog):

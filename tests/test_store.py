@@ -155,3 +155,71 @@ def test_a_refused_connection_setup_is_not_tried_again(own_redis, settings):
         assert sum(entry["count"] for entry in admin.acl_log()) == 1
     finally:
         admin.config_set("requirepass", "")
+
+
+@contextlib.contextmanager
+def fake_redis(answer):
+    """A server on a free port that answers every read on a connection with ``answer(data)``."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn, contextlib.suppress(OSError):
+                while data := conn.recv(65536):
+                    conn.sendall(answer(data))
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [b"HTTP/1.1 400 Bad Request\r\n\r\n", b":xx\r\n", b"$3\r\n\xff\xfe\xfd\r\n", b"*-2x\r\n"],
+    ids=["http", "bad-integer", "not-utf-8", "bad-length"],
+)
+def test_a_server_that_is_not_redis_is_a_503_that_says_so(serve_function, reply):
+    """Another service on REDIS_URL's port, or a proxy's garbage: redis-py's parser fails on its
+    bytes (its own error, or Python's from int()). A 503 whose log line says what answered, and
+    keys.py's one line; never a 500 with a traceback."""
+    with fake_redis(lambda data: reply) as url:
+        base = serve_function("token", REDIS_URL=url, LOG_FORMAT="json")
+        pair = {"public_key": "pk_" + "a" * 43, "secret_key": "sk_" + "a" * 43}
+        for _ in range(2):  # the connection is dropped, and the next request gets the same
+            answer = requests.post(f"{base}/token.json", json=pair, timeout=10)
+            assert answer.status_code == 503 and answer.json() == {
+                "error": "Redis cannot serve this now; retry shortly"
+            }
+            assert answer.headers["Retry-After"]
+        predict = serve_function("predict", REDIS_URL=url, MODEL_NAME="shapes")
+        bearer = {"Authorization": "Bearer " + "A" * 43}
+        answer = requests.get(f"{predict}/models/shapes.json", headers=bearer, timeout=10)
+        assert answer.status_code == 503 and answer.headers["Retry-After"], answer.text
+        result = keys("-l", env=subprocess_env(REDIS_URL=url))
+        assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "not Redis" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_loading_redis_is_a_503_that_did_nothing(settings):
+    """-LOADING is Redis's answer while it replays its data: nothing was done, which the detail
+    says (keys.py drops its file: no key was made), not "may still be done"."""
+
+    def answer(data: bytes) -> bytes:
+        if b"HELLO" in data.upper():
+            return b"%1\r\n$5\r\nproto\r\n:3\r\n"
+        if b"CLIENT" in data.upper():
+            return b"+OK\r\n"
+        return b"-LOADING Redis is loading the dataset in memory\r\n"
+
+    with fake_redis(answer) as url, pytest.raises(ServiceUnavailable) as refused:
+        AuthStore(settings.replace(redis_url=url)).create_key()
+    assert refused.type is ServiceUnavailable  # not OutcomeUnknown
+    assert refused.value.message == "Redis is starting; retry shortly"
+    assert "loading its data: nothing was done" in refused.value.detail
