@@ -269,16 +269,18 @@ def unavailable_when_down(method: Callable[Concatenate[S, P], R]) -> Callable[Co
                 "Redis is starting; retry shortly",
                 detail=f"Redis at {self.settings.redis_url_masked} is loading its data: nothing was done",
             ) from None
-        except (*REDIS_DOWN, FastFail):
+        except (*REDIS_DOWN, FastFail) as exc:
             metrics.REDIS_ERRORS.labels(method.__name__).inc()
             where = self.settings.redis_url_masked
+            # redis-py's words (refused, a timeout, "max number of clients reached") name no password.
+            why = f" ({exc})" if str(exc) and not isinstance(exc, FastFail) else ""
             if _unanswered_count() != before:
                 raise OutcomeUnknown(
                     "Redis unreachable; retry shortly",
                     detail=f"Redis at {where} stopped answering: what it was sent may still be done",
                 ) from None
             raise ServiceUnavailable(
-                "Redis unreachable; retry shortly", detail=f"Redis unreachable at {where}"
+                "Redis unreachable; retry shortly", detail=f"Redis unreachable at {where}{why}"
             ) from None
         except redis.ResponseError as exc:
             if (refusal := _refusal(exc)) is None:
