@@ -254,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = claim_metrics_folder()
     try:
         settings = config.load()
-        logs.setup(function, settings.log_level, settings.log_format, settings.model_name)
+        # A predict function's text lines name its model (an exported MODEL_NAME is not the token's).
+        model = settings.model_name if function == "predict" else ""
+        logs.setup(function, settings.log_level, settings.log_format, model)
         app = functions_framework.create_app(target="handle", source=str(args.source))  # type: ignore[no-untyped-call]
     except StartupError as exc:
         print(f"{function}: {exc}", file=sys.stderr)

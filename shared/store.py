@@ -9,6 +9,7 @@ hangs (accepts, then says nothing) costs one request that wait, not every reques
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import threading
 import time
@@ -24,6 +25,8 @@ from redis.retry import Retry
 from shared import metrics
 from shared.config import Settings
 from shared.errors import OutcomeUnknown, ServiceUnavailable
+
+log = logging.getLogger("thalamus")
 
 # What redis-py raises when the server is unreachable, slow, or restarting.
 REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
@@ -59,8 +62,9 @@ class NotRedis(redis.ConnectionError):
     is an outage (503), not a bug (500)."""
 
 
-# redis-py's parser on bytes that are not RESP: its own error, or Python's from int() and friends.
-UNPARSABLE = (redis.InvalidResponse, ValueError, IndexError, AttributeError, UnicodeDecodeError)
+# redis-py's parser on bytes that are not RESP: its own error, or Python's from int() (ValueError,
+# UnicodeDecodeError among them), a short array (IndexError) or a map keyed by a list (TypeError).
+UNPARSABLE = (redis.InvalidResponse, ValueError, IndexError, TypeError)
 # Redis (or what stands there) answered, so the network is fine: the credentials, the db, or the
 # server are not, and a second try gets the same answer.
 REFUSED = (SetupRefused, redis.AuthenticationError, NotRedis)
@@ -88,6 +92,12 @@ class _Timed:
             super().connect_check_health(*args, **kwargs)  # type: ignore[misc]
         except redis.ResponseError as exc:  # SELECT of a database past its count, say
             raise SetupRefused(str(exc)) from None
+        except redis.RedisError:
+            raise
+        except Exception as exc:  # redis-py's handshake on a reply of the wrong shape (+OK to HELLO)
+            log.debug("Redis handshake failed", exc_info=True)
+            self.disconnect()  # type: ignore[attr-defined]  # redis-py does so only for its own errors
+            raise NotRedis(f"answered something that is not Redis ({type(exc).__name__})") from None
         finally:
             self._connecting = False
 
@@ -105,7 +115,11 @@ class _Timed:
                 _unanswered.count = _unanswered_count() + 1  # sent, and no answer
             raise
         except UNPARSABLE as exc:
-            self.disconnect()  # type: ignore[attr-defined]  # what follows on it cannot be read either
+            log.debug("unreadable Redis reply", exc_info=True)
+            if not self._connecting:  # past a good handshake: a real Redis may have run the command
+                _unanswered.count = _unanswered_count() + 1
+            # redis-py drops it too, except for callers that ask it not to (disconnect_on_error=False).
+            self.disconnect()  # type: ignore[attr-defined]
             raise NotRedis(f"answered something that is not Redis ({type(exc).__name__})") from None
         finally:
             if self._sent_at is not None:
@@ -253,10 +267,12 @@ def unavailable_when_down(method: Callable[Concatenate[S, P], R]) -> Callable[Co
             return breaker(self.settings.redis_url).call(lambda: method(self, *args, **kwargs))
         except NotRedis as exc:
             metrics.REDIS_ERRORS.labels(method.__name__).inc()
-            raise ServiceUnavailable(
-                "Redis cannot serve this now; retry shortly",
-                detail=f"the server at {self.settings.redis_url_masked} {exc}: is REDIS_URL right?",
-            ) from None
+            where, message = self.settings.redis_url_masked, "Redis cannot serve this now; retry shortly"
+            if _unanswered_count() != before:  # past a good handshake: a garbled reply, and the command may have run
+                detail = f"Redis at {where} {exc}: what it was sent may still be done"
+                raise OutcomeUnknown(message, detail=detail) from None
+            detail = f"the server at {where} {exc}: is REDIS_URL right?"
+            raise ServiceUnavailable(message, detail=detail) from None
         except REFUSED as exc:
             metrics.REDIS_ERRORS.labels(method.__name__).inc()
             raise ServiceUnavailable(

@@ -197,6 +197,7 @@ class _Flusher:
         for recorder in list(self._recorders):
             recorder._lock, recorder._flushing = threading.Lock(), threading.Lock()
             recorder._counts, recorder._unsent = {}, []  # the parent's, which the parent flushes
+            recorder._failing_since, recorder._told_at = None, 0.0  # the child says its own outage
 
 
 _flusher = _Flusher()

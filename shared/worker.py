@@ -372,7 +372,7 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
         conn.sock.begin(self.body_timeout, self.send_timeout, self.min_rate)
         # The method as the request line shows it, for handle_error when the parser fails before
         # it has a request: a HEAD is answered without a body even then (RFC 9110 9.3.2).
-        method = METHOD.match(conn.head)
+        method = METHOD.match(conn.head, 2 if conn.head.startswith(b"\r\n") else 0)  # one leading CRLF is allowed
         conn.sock.method = method.group().decode() if method else ""
         if conn.parser is None:
             conn.initialized = True  # skip TConn.init(): its TLS/h2c sniffing would read the socket

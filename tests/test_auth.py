@@ -12,7 +12,7 @@ import redis
 import scrypt
 
 from local import ROOT
-from shared import credentials
+from shared import credentials, usage
 from shared.admin import KeyAdmin
 from shared.auth import AuthStore
 from shared.auth_scripts import AUDIT_MAX_ENTRIES
@@ -375,7 +375,7 @@ def test_usage_held_at_a_purge_does_not_bring_the_purged_key_back(admin):
     assert [(row.public_key, row.requests) for row in admin.usage_report()] == [(fresh.public_key, 1)]
 
 
-def test_usage_waits_out_a_redis_outage(own_redis, settings, caplog):
+def test_usage_waits_out_a_redis_outage(own_redis, settings, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="thalamus")
     store = KeyAdmin(settings.replace(redis_url=own_redis.url))
     pair = store.create_key()
@@ -386,6 +386,9 @@ def test_usage_waits_out_a_redis_outage(own_redis, settings, caplog):
         store.usage.flush()  # fails, keeps the count
     said = [record.getMessage() for record in caplog.records if record.getMessage().startswith("usage:")]
     assert len([line for line in said if "cannot write counts to Redis" in line]) == 1, said
+    monkeypatch.setattr(usage, "OUTAGE_LOG_SECONDS", 0.0)  # a minute later: said again, with how long
+    store.usage.flush()
+    assert "usage: still cannot write counts to Redis (ConnectionError) after" in caplog.text
     own_redis.start()  # empty: the throw-away server keeps no data
     store.usage.flush()
     assert [(r.requests, r.label) for r in store.usage_report(pair.public_key)] == [(3, "(revoked)")]

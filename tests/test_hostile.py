@@ -782,6 +782,7 @@ def test_the_servers_own_refusal_of_a_head_request_has_no_body(serve):
         (f"HEAD /{'a' * 9000} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), 414),
         (b"HEAD /healthz HTTP/1.1\r\nHost: x\r\nBad Name: 1\r\n\r\n", 400),
         (b"HEAD /healthz HTTP/1.1\r\n\r\n", 400),  # no Host
+        (b"\r\nHEAD /healthz HTTP/1.1\r\nHost: x\r\nBad Name: 1\r\n\r\n", 400),  # one leading CRLF is allowed
     ):
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
             sock.sendall(payload)

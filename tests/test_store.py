@@ -12,7 +12,7 @@ import requests
 
 from shared import store
 from shared.auth import AuthStore
-from shared.errors import ServiceUnavailable
+from shared.errors import OutcomeUnknown, ServiceUnavailable
 from tests.conftest import RedisProxy, subprocess_env
 from tests.test_keys import keys
 
@@ -182,14 +182,22 @@ def fake_redis(answer):
 
 @pytest.mark.parametrize(
     "reply",
-    [b"HTTP/1.1 400 Bad Request\r\n\r\n", b":xx\r\n", b"$3\r\n\xff\xfe\xfd\r\n", b"*-2x\r\n"],
-    ids=["http", "bad-integer", "not-utf-8", "bad-length"],
+    [
+        lambda data: b"HTTP/1.1 400 Bad Request\r\n\r\n",
+        lambda data: b":xx\r\n",
+        lambda data: b"$3\r\n\xff\xfe\xfd\r\n",
+        lambda data: b"*-2x\r\n",
+        lambda data: b"%1\r\n*0\r\n:1\r\n",
+        lambda data: b"+OK\r\n",
+        lambda data: data,
+    ],
+    ids=["http", "bad-integer", "not-utf-8", "bad-length", "list-keyed-map", "ok-to-all", "echo"],
 )
 def test_a_server_that_is_not_redis_is_a_503_that_says_so(serve_function, reply):
     """Another service on REDIS_URL's port, or a proxy's garbage: redis-py's parser fails on its
-    bytes (its own error, or Python's from int()). A 503 whose log line says what answered, and
-    keys.py's one line; never a 500 with a traceback."""
-    with fake_redis(lambda data: reply) as url:
+    bytes (its own error, or Python's from int()), or its handshake on a reply of the wrong shape.
+    A 503 whose log line says what answered, and keys.py's one line; never a 500 with a traceback."""
+    with fake_redis(reply) as url:
         base = serve_function("token", REDIS_URL=url, LOG_FORMAT="json")
         pair = {"public_key": "pk_" + "a" * 43, "secret_key": "sk_" + "a" * 43}
         for _ in range(2):  # the connection is dropped, and the next request gets the same
@@ -223,3 +231,17 @@ def test_a_loading_redis_is_a_503_that_did_nothing(settings):
     assert refused.type is ServiceUnavailable  # not OutcomeUnknown
     assert refused.value.message == "Redis is starting; retry shortly"
     assert "loading its data: nothing was done" in refused.value.detail
+
+
+def test_a_garbled_reply_after_a_good_handshake_may_have_been_done(settings):
+    """A proxy that garbles Redis's answer: Redis may have run the command, so keys.py keeps a
+    new key's file (OutcomeUnknown), as for an answer that never came."""
+
+    def answer(data: bytes) -> bytes:
+        if b"HELLO" in data.upper():
+            return b"%1\r\n$5\r\nproto\r\n:3\r\n"
+        return b"+OK\r\n" if b"CLIENT" in data.upper() else b":xx\r\n"
+
+    with fake_redis(answer) as url, pytest.raises(OutcomeUnknown) as garbled:
+        AuthStore(settings.replace(redis_url=url)).create_key()
+    assert "not Redis" in garbled.value.detail and "may still be done" in garbled.value.detail
