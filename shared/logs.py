@@ -76,7 +76,7 @@ class _Text(logging.Formatter):
             extras["request_id"] = record.request_id  # type: ignore[attr-defined]
         fields = "  " + " ".join(f"{key}={value}" for key, value in extras.items()) if extras else ""
         name = f"{record.function}{self.suffix}"  # type: ignore[attr-defined]
-        line = f"{name:<14}| {self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} "
+        line = f"{name:<15}| {self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} "
         # What a client sent (a path in an error, a header) may hold a newline: escaped, it cannot
         # start a line of its own that reads like the service's.
         line += _CONTROL.sub(_escaped, record.getMessage() + fields)
