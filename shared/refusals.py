@@ -37,7 +37,14 @@ MESSAGES = {
 
 
 ACCESS_LOG = logging.getLogger("thalamus.access")  # shared.access's logger (not imported: see request_id_of)
-METHOD = re.compile(rb"[A-Z]{1,16}(?= )")  # a request line's method, when it looks like one
+# A request line's method, when it looks like one, after the one leading CRLF a server allows.
+METHOD = re.compile(rb"(?:\r\n)?([A-Z]{1,16})(?= )")
+
+
+def method_of(head: bytes | bytearray) -> str:
+    """The method ``head``'s request line names, or "" (the head is not one gunicorn parsed)."""
+    match = METHOD.match(head)
+    return match.group(1).decode() if match else ""
 
 
 def json_error(status: int, message: str, request_id: str, head_only: bool = False) -> bytes:

@@ -95,11 +95,16 @@ class _Timed:
         except redis.RedisError:
             raise
         except Exception as exc:  # redis-py's handshake on a reply of the wrong shape (+OK to HELLO)
-            log.debug("Redis handshake failed", exc_info=True)
-            self.disconnect()  # type: ignore[attr-defined]  # redis-py does so only for its own errors
-            raise NotRedis(f"answered something that is not Redis ({type(exc).__name__})") from None
+            raise self._not_redis(exc) from None  # redis-py drops the connection only for its own errors
         finally:
             self._connecting = False
+
+    def _not_redis(self, exc: Exception) -> NotRedis:
+        """``exc``, raised on a reply that is not Redis's, as NotRedis; the connection is dropped,
+        as what follows on it cannot be read either."""
+        log.debug("unreadable Redis reply", exc_info=exc)
+        self.disconnect()  # type: ignore[attr-defined]
+        return NotRedis(f"answered something that is not Redis ({type(exc).__name__})")
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         self._sent_at = time.perf_counter()
@@ -115,12 +120,10 @@ class _Timed:
                 _unanswered.count = _unanswered_count() + 1  # sent, and no answer
             raise
         except UNPARSABLE as exc:
-            log.debug("unreadable Redis reply", exc_info=True)
             if not self._connecting:  # past a good handshake: a real Redis may have run the command
                 _unanswered.count = _unanswered_count() + 1
             # redis-py drops it too, except for callers that ask it not to (disconnect_on_error=False).
-            self.disconnect()  # type: ignore[attr-defined]
-            raise NotRedis(f"answered something that is not Redis ({type(exc).__name__})") from None
+            raise self._not_redis(exc) from None
         finally:
             if self._sent_at is not None:
                 metrics.REDIS_SECONDS.observe(time.perf_counter() - self._sent_at)

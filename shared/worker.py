@@ -48,7 +48,7 @@ from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
 from shared.deadlines import DeadlineSocket, GuardedBody
 from shared.errors import BadRequest, ThalamusError
-from shared.refusals import METHOD, refuse, request_id_of, status_of
+from shared.refusals import method_of, refuse, request_id_of, status_of
 
 # accept() errors that say the process (or the kernel) has no room for another connection now.
 OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -263,10 +263,8 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
         self.advance(conn)
 
     def reject(self, conn: Any, status: int, message: str) -> None:
-        method = METHOD.match(conn.head)
         # The head is not whole (or too large): no header of it is read, the request id is new.
-        method_name = method.group().decode() if method else ""
-        refuse(conn.sock, status, message, uuid.uuid4().hex, method_name, self.function, _ip(conn.client))
+        refuse(conn.sock, status, message, uuid.uuid4().hex, method_of(conn.head), self.function, _ip(conn.client))
         self.close(conn)
 
     def close(self, conn: Any) -> None:
@@ -372,8 +370,7 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
         conn.sock.begin(self.body_timeout, self.send_timeout, self.min_rate)
         # The method as the request line shows it, for handle_error when the parser fails before
         # it has a request: a HEAD is answered without a body even then (RFC 9110 9.3.2).
-        method = METHOD.match(conn.head, 2 if conn.head.startswith(b"\r\n") else 0)  # one leading CRLF is allowed
-        conn.sock.method = method.group().decode() if method else ""
+        conn.sock.method = method_of(conn.head)
         if conn.parser is None:
             conn.initialized = True  # skip TConn.init(): its TLS/h2c sniffing would read the socket
             conn.parser = http.get_parser(self.cfg, conn.sock, conn.client)

@@ -3,6 +3,7 @@ Settings, the functions over real HTTP, and the whole stack as ./start.sh runs i
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -310,6 +311,29 @@ def running_stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str, log_
     yield stack
     stop_stack(stack)
     (log_dir / "start.sh.log").write_text("".join(stack.output))
+
+
+@contextlib.contextmanager
+def fake_redis(answer: Callable[[bytes], bytes]) -> Iterator[str]:
+    """A server on a free port that answers every read on a connection with ``answer(data)``."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn, contextlib.suppress(OSError):
+                while data := conn.recv(65536):
+                    conn.sendall(answer(data))
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        listener.close()
 
 
 class RedisProxy:

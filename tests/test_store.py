@@ -13,7 +13,7 @@ import requests
 from shared import store
 from shared.auth import AuthStore
 from shared.errors import OutcomeUnknown, ServiceUnavailable
-from tests.conftest import RedisProxy, subprocess_env
+from tests.conftest import RedisProxy, fake_redis, subprocess_env
 from tests.test_keys import keys
 
 
@@ -155,29 +155,6 @@ def test_a_refused_connection_setup_is_not_tried_again(own_redis, settings):
         assert sum(entry["count"] for entry in admin.acl_log()) == 1
     finally:
         admin.config_set("requirepass", "")
-
-
-@contextlib.contextmanager
-def fake_redis(answer):
-    """A server on a free port that answers every read on a connection with ``answer(data)``."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-
-    def serve():
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            with conn, contextlib.suppress(OSError):
-                while data := conn.recv(65536):
-                    conn.sendall(answer(data))
-
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        listener.close()
 
 
 @pytest.mark.parametrize(
