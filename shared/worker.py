@@ -87,6 +87,7 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
     min_rate = 64 * 1024.0  # body bytes per second that earn extra time
     max_head = 64 * 1024  # larger heads: 431 from the main thread
     preread_body = 16 * 1024  # bodies with a Content-Length up to this are read before dispatch
+    linger_idle = 2.0  # a lingering close ends once the client has sent nothing for this long
     # How long a pool thread waits for the next request on its kept-alive connection (see
     # next_head): a sequential client's next request comes within a fraction of a millisecond
     # on a local network. Whether a request needs this thread is checked every millisecond
@@ -107,6 +108,7 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
         self.next_notify = 0.0
         self.stopped_at: float | None = None
         self.in_flight = 0  # requests handed to the pool and not finished; only the main thread writes it
+        self.scratch = bytearray(65536)  # what a lingering close reads and drops (main thread only)
         self.accept_paused_until = self.accept_paused_since = -1e9  # see pause_accepting
 
     # -- main thread -------------------------------------------------------------------------
@@ -169,7 +171,7 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
 
     def read_head(self, conn: Any, data: bytes, idle: bool) -> None:
         self.begin_head(conn, data)
-        conn.closing, conn.drained = False, 0
+        conn.closing = False
         conn.idle = idle and not data  # kept alive, next request not begun: the keep-alive timeout
         conn.timeout = time.monotonic() + (self.cfg.keepalive if conn.idle else self.header_timeout)
         conn.sock.setblocking(False)
@@ -245,17 +247,17 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
         return size if size <= self.preread_body else 0
 
     def on_readable(self, conn: Any, _sock: Any) -> None:
+        if conn.closing:
+            self.discard(conn)
+            return
         try:
             data = conn.sock.recv(65536)
         except BlockingIOError:
             return
         except OSError:
             data = b""
-        conn.drained += len(data)
-        if not data or (conn.closing and conn.drained > 65536):
+        if not data:
             self.close_now(conn)
-            return
-        if conn.closing:  # lingering close: discard what the client still sends
             return
         if conn.idle:  # first byte of the next request on a kept-alive connection
             conn.idle, conn.timeout = False, time.monotonic() + self.header_timeout
@@ -276,9 +278,27 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
         except OSError:
             self.close_now(conn)
             return
-        conn.closing, conn.drained, conn.timeout = True, 0, time.monotonic() + 2.0
+        now = time.monotonic()
+        conn.closing, conn.timeout, conn.linger_until = True, now + self.linger_idle, now + self.body_timeout
         conn.sock.setblocking(False)
         self.watch(conn)
+
+    def discard(self, conn: Any) -> None:
+        """A lingering close (nginx's): what the client still sends after its answer is read and
+        dropped until it closes, sends nothing for ``linger_idle`` or ``body_timeout`` has passed.
+        Closing on unread bytes sends a reset, which destroys the answer the client has not read
+        yet: a client that writes its whole body before it reads (Node's fetch) got a broken pipe
+        instead of its early 401 or 413. Dropping costs the poller, not a thread."""
+        try:
+            size = conn.sock.recv_into(self.scratch)
+        except BlockingIOError:
+            return
+        except OSError:
+            size = 0
+        if size:
+            conn.timeout = min(time.monotonic() + self.linger_idle, conn.linger_until)
+        else:
+            self.close_now(conn)
 
     def watch(self, conn: Any) -> None:
         if conn not in self.waiting:

@@ -206,6 +206,39 @@ def test_no_token_is_refused_before_the_body_is_read(serve):
     assert answer.startswith(b"HTTP/1.1 401 ") and b"Connection: close" in answer
 
 
+def send_all_then_read(port: int, head: bytes, body: bytes) -> bytes:
+    """What a client that writes its whole request before it reads (Node's fetch, undici) gets:
+    a write that fails (the server reset the connection) loses the answer, as it does for it."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head)
+        sock.sendall(body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+EIGHT_MB = b"x" * 8_000_000
+IN_ONE_CHUNK = b"%x\r\n%s\r\n0\r\n\r\n" % (len(EIGHT_MB), EIGHT_MB)
+REFUSED_BEFORE_THE_BODY = {  # (the function's extra settings, head fields, body, status)
+    "no token, a Content-Length": ({}, ["Content-Length: 8000000"], EIGHT_MB, 401),
+    "no token, chunked": ({}, ["Transfer-Encoding: chunked"], IN_ONE_CHUNK, 401),
+    "over MAX_UPLOAD_BYTES": ({"MAX_UPLOAD_BYTES": "1000000"}, ["Content-Length: 8000000"], EIGHT_MB, 413),
+}
+
+
+@pytest.mark.parametrize("what", REFUSED_BEFORE_THE_BODY)
+def test_a_client_that_sends_its_whole_body_before_reading_gets_the_refusal(serve, what):
+    """A refusal given before the body is read closes the connection; what the client still sends
+    is read and dropped meanwhile (nginx's lingering close), not answered with a reset, which
+    destroys the answer not yet read (Node's fetch saw EPIPE instead of its 401 or 413)."""
+    extra, fields, body, status = REFUSED_BEFORE_THE_BODY[what]
+    server = serve("predict", MODEL_NAME="shapes", **extra)
+    head = request("POST", "/models/shapes/predict.json", "Content-Type: multipart/form-data; boundary=x", *fields)
+    answer = send_all_then_read(server.port, head, body)
+    assert answer.startswith(f"HTTP/1.1 {status} ".encode()) and b"Connection: close" in answer, answer[:200]
+
+
 BIG = "Content-Length: 10000000"  # under MAX_UPLOAD_BYTES: no 413 first
 NO_BODY_WANTED = {  # requests answered without a token, each with a 10 MB body never sent
     "the framework's /robots.txt": (request("PUT", "/robots.txt", BIG), 404),
@@ -511,6 +544,16 @@ def test_gateway_relays_a_functions_413(running_stack):
     chunked = requests.post(running_stack.gateway + "/token.json", data=iter([huge[:6_000_000], huge[6_000_000:]]),
                             timeout=30, headers={"Content-Type": "application/json"})  # fmt: skip
     assert chunked.status_code == 413
+
+
+def test_gateway_refusals_reach_a_client_that_sends_its_whole_body_first(running_stack):
+    port = int(running_stack.gateway.rsplit(":", 1)[1])
+    for path, content_type, status in (("/models/shapes/predict.json", "multipart/form-data; boundary=x", 401),
+                                       ("/token.json", "application/json", 413)):  # fmt: skip
+        head = request("POST", path, f"Content-Type: {content_type}", f"Content-Length: {len(EIGHT_MB)}")
+        for _ in range(3):
+            answer = send_all_then_read(port, head, EIGHT_MB)
+            assert answer.startswith(f"HTTP/1.1 {status} ".encode()), (path, answer[:200])
 
 
 def test_gateway_says_close_when_it_closes(running_stack):
