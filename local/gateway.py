@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from local import routes
 from shared import config, docs, logs
 from shared.access import AccessLog, exchange_of
-from shared.errors import BadGateway, BadRequest, InternalError, MethodNotAllowed, NotFound, ThalamusError
+from shared.errors import BadGateway, BadRequest, InternalError, MethodNotAllowed, NotFound, ThalamusError, clipped
 from shared.http import has_body
 from shared.server import CLIENT_HEADER_FIELDS, Gunicorn, gunicorn_options
 
@@ -117,7 +117,7 @@ class Gateway:
             return self._proxy(environ, start_response, self.token_url)
         if model not in self.model_urls:
             known = ", ".join(self.model_urls) or "none"
-            raise NotFound(f"no such model: {model} (served: {known})")
+            raise NotFound(f"no such model: {clipped(str(model), 64)} (served: {known})")
         return self._proxy(environ, start_response, self.model_urls[str(model)])
 
     def _local(self, environ: Environ, start_response: StartResponse, path: str, page: bool) -> Iterable[bytes]:

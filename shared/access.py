@@ -21,6 +21,7 @@ from typing import Any
 from shared import metrics
 from shared.auth import Session
 from shared.config import IPNetwork
+from shared.errors import clipped
 from shared.logs import REQUEST_ID, SECRET_ID
 
 log = logging.getLogger("thalamus.access")
@@ -146,10 +147,10 @@ class AccessLog:
             "request_id": environ["thalamus.request_id"],
             "client": client_address(environ, self.trusted),
             "public_key": session.public_key if session else exchange.public_key,
-            "model": exchange.model,
+            "model": exchange.model and clipped(exchange.model, 64),  # a path's, maybe no model's
             "bytes_in": int(environ.get("CONTENT_LENGTH") or 0),
             "bytes_out": sent,
-            "error": exchange.error if status >= 400 else None,
+            "error": clipped(exchange.error) if exchange.error and status >= 400 else None,
         }
         level = logging.DEBUG if route in QUIET_ROUTES and status < 400 else logging.INFO
         message = f"{status} {method} {route} {fields['latency_ms']} ms"

@@ -59,6 +59,7 @@ from shared.errors import (
     TooManyRequests,
     Unauthorized,
     UnknownKey,
+    clipped,
 )
 from shared.keyrecords import (
     MODEL_NAME_RULE,
@@ -325,7 +326,7 @@ class AuthStore:
             raise InvalidCredentials()
         if asked is not None and deployed is not None and (unknown := [m for m in asked if m not in deployed]):
             # RFC 6749 5.2: an unknown scope is invalid_scope; told, as below, once the secret was right.
-            raise InvalidScope(f"no such model deployed: {', '.join(unknown)}")
+            raise InvalidScope(f"no such model deployed: {clipped(', '.join(unknown), 200)}")
         token = secrets.token_urlsafe(32)
         reply = self._issue(
             keys=[

@@ -13,8 +13,25 @@ class StartupError(Exception):
     one line the launcher prints before exiting."""
 
 
+# The most of a message an answer (and its access line) carries. Messages quote what the client
+# sent (a V2 input's name, a datatype, a path) through shown(); this is the bound on any quote
+# that escaped it: a 10 KB gzip body once made a 10 MB answer and a 10 MB log line.
+MESSAGE_CHARS = 600
+
+
+def clipped(text: str, limit: int = MESSAGE_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, the last one an ellipsis when it was longer."""
+    return text if len(text) <= limit else f"{text[: limit - 1]}…"
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """``value`` as an error message quotes it (its ``repr``), cut to ``limit`` characters: a
+    client's string or list is named, not echoed whole."""
+    return clipped(repr(value), limit)
+
+
 class ThalamusError(Exception):
-    """Base of every error a client may see."""
+    """Base of every error a client may see; its message is at most ``MESSAGE_CHARS`` long."""
 
     status = 500
     # The caller's public key, when the error is about a key the caller proved it holds (a
@@ -22,12 +39,13 @@ class ThalamusError(Exception):
     public_key: str | None = None
 
     def __init__(self, message: str, headers: dict[str, str] | None = None, detail: str | None = None) -> None:
+        message = clipped(message)
         super().__init__(message)
         self.message = message
         self.headers = headers or {}
         # What the operator sees (the access log, keys.py's line); it may name internal hosts,
         # which the client's ``message`` never does.
-        self.detail = detail or message
+        self.detail = clipped(detail) if detail else message
 
 
 class InternalError(ThalamusError):

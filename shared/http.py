@@ -38,6 +38,7 @@ from shared.errors import (
     ServiceUnavailable,
     ThalamusError,
     UnsupportedMediaType,
+    clipped,
 )
 from shared.multipart import FormParser
 
@@ -259,7 +260,7 @@ class Service:
         if (request.content_length or 0) > self.max_body:
             raise PayloadTooLarge(self.max_body)
         if exchange.model is not None and self._model is not None and exchange.model != self._model:
-            raise NotFound(f"no such model here: {exchange.model} (this function serves {self._model})")
+            raise NotFound(f"no such model here: {clipped(exchange.model, 64)} (this function serves {self._model})")
         if route.auth:
             assert self._auth is not None  # checked in __init__
             try:
@@ -288,7 +289,9 @@ class Service:
             # Another model's path is not here at all, whatever the method: 404, as with a GET.
             endpoint, args = adapter.match(request.path, method=allowed[0])
             if self._model is not None and args.get("name", self._model) != self._model:
-                raise NotFound(f"no such model here: {args['name']} (this function serves {self._model})") from None
+                raise NotFound(
+                    f"no such model here: {clipped(args['name'], 64)} (this function serves {self._model})"
+                ) from None
             raise MethodNotAllowed(allowed, self._routes[str(endpoint)].headers) from None
         except wz.NotFound:
             raise NotFound(f"no such path: {request.path}") from None

@@ -4,6 +4,7 @@ too, and never a secret, a token or its hash in a log line."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import re
@@ -346,3 +347,41 @@ def test_a_client_cannot_forge_lines_of_the_text_log(function):
     lines = text.splitlines()  # as str.splitlines splits: at every Unicode line break too
     assert len([line for line in lines if "no such path" in line]) == len(breaks), text
     assert not any(line.split("|", 1)[-1].startswith(" 00:00:00") for line in lines), text
+
+
+def test_a_clients_long_strings_are_quoted_short_in_answers_and_log_lines(function, auth):
+    """Error messages name what the client sent (a V2 datatype, an input or output name, a V1
+    signature, a file name, a model in the path): a 10 KB gzip body once quoted a 10 MB string in
+    the answer and in one 10 MB access line, which log pipelines split or drop."""
+    predict = function("predict", MODEL_NAME="shapes")
+    pair = auth.create_key()
+    bearer = {"Authorization": f"Bearer {auth.issue_token(pair.public_key, pair.secret_key, 't').token}"}
+    long = "x" * 2_000_000
+    v2 = predict.base + "/v2/models/shapes/infer"
+    sent = [
+        requests.post(v2, headers={**bearer, "Content-Encoding": "gzip"}, timeout=30, data=gzip.compress(
+            json.dumps({"inputs": [{"name": "x", "datatype": long, "shape": [1], "data": [1]}]}).encode())),
+        requests.post(v2, headers=bearer, timeout=30, json={
+            "inputs": [{"name": long, "datatype": "FP32", "shape": [1]}]}),
+        requests.post(v2, headers=bearer, timeout=30, json={
+            "inputs": [{"name": "x", "datatype": "FP32", "shape": [1] * 100_000, "data": [1]}]}),
+        requests.post(v2, headers=bearer, timeout=30, json={
+            "inputs": [{"name": long, "datatype": "BYTES", "shape": [1], "data": ["bm90IGFuIGltYWdl"]}]}),
+        requests.post(v2, headers=bearer, timeout=30, json={
+            "inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": ["x"]}], "outputs": [{"name": long}]}),
+        requests.post(predict.base + "/v1/models/shapes:predict", headers=bearer, timeout=30,
+                      json={"signature_name": long, "instances": [[1]]}),
+        requests.post(predict.base + "/models/shapes/predict.json", headers=bearer, timeout=30,
+                      files={"file": ("y" * 5000 + ".png", b"not an image")}),
+        requests.get(f"{predict.base}/models/{'m' * 7000}.json", headers=bearer, timeout=30),
+    ]  # fmt: skip
+    assert [reply.status_code for reply in sent] == [400] * 7 + [404], [reply.text[:200] for reply in sent]
+    for reply in sent:  # the quote cut, what the message goes on to say kept
+        error = reply.json()["error"]
+        assert (
+            len(reply.content) < 400
+            and "…" in error
+            and error.endswith(("files", "or BMP", "'output_0')", "64, 64, 3]", "'serving_labels'", "serves shapes)"))
+        )
+    lines = [line for reply in sent for line in settle(predict, reply.headers["X-Request-Id"])]
+    assert len(lines) == len(sent) and max(len(json.dumps(line)) for line in lines) < 1000

@@ -16,7 +16,7 @@ import numpy as np
 
 from functions.predict.model import Model
 from shared import imaging, metrics
-from shared.errors import BadRequest
+from shared.errors import BadRequest, shown
 
 MAX_FILES = 32  # images per request; all are decoded, then answered by one batched model call
 
@@ -59,7 +59,7 @@ def _named(upload: Upload) -> Iterator[None]:
     try:
         yield
     except BadRequest as exc:
-        label = f"file {upload.filename!r}" if upload.filename else "file"
+        label = f"file {shown(upload.filename)}" if upload.filename else "file"
         raise BadRequest(f"{label}: {exc.message}") from None
 
 

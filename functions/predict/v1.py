@@ -20,7 +20,7 @@ from functions.predict import pipeline, tensors
 from functions.predict.model import Model
 from shared import imaging
 from shared.config import Settings
-from shared.errors import BadRequest, NotFound
+from shared.errors import BadRequest, NotFound, shown
 from shared.http import Call
 
 DEFAULT = "serving_default"
@@ -105,7 +105,7 @@ class V1:
             raise BadRequest("signature_name must be a string")
         signature = signature or DEFAULT
         if signature not in (DEFAULT, LABELS):
-            raise BadRequest(f"signature_name {signature!r} not found; use {DEFAULT!r} or {LABELS!r}")
+            raise BadRequest(f"signature_name {shown(signature)} not found; use {DEFAULT!r} or {LABELS!r}")
         if "instances" in doc and "inputs" in doc:
             raise BadRequest("send only one of 'instances' (row form) or 'inputs' (columnar form)")
         if "instances" in doc:
@@ -139,7 +139,7 @@ class V1:
         if set(item) != {self.model.input_name}:
             raise BadRequest(
                 f'{where}: an object must be an image {{"b64": ...}} or name the input '
-                f"{self.model.input_name!r} alone (got keys {sorted(item)})"
+                f"{self.model.input_name!r} alone (got keys {shown(sorted(item))})"
             )
         return item[self.model.input_name]
 

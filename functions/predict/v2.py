@@ -26,7 +26,7 @@ from functions.predict import pipeline, tensors
 from functions.predict.model import Model
 from shared import imaging
 from shared.config import Settings
-from shared.errors import BadRequest, NotFound
+from shared.errors import BadRequest, NotFound, clipped, shown
 from shared.http import Call
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -127,7 +127,7 @@ class V2:
         """The request's one input as the model's batch (binary data checked to the byte)."""
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise BadRequest("inputs[0]: missing 'name'")
-        where = f"input {spec['name']!r}"
+        where = f"input {shown(spec['name'])}"
         datatype, shape = spec.get("datatype"), spec.get("shape")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
             raise BadRequest(f"{where}: 'shape' must be a list of non-negative integers")
@@ -139,19 +139,21 @@ class V2:
         dtype = FLOATS.get(str(datatype)) or PIXELS.get(str(datatype))
         if dtype is None:
             raise BadRequest(
-                f"{where}: datatype {datatype!r} is not accepted; send FP32 (the model's input; FP16 and "
+                f"{where}: datatype {shown(datatype)} is not accepted; send FP32 (the model's input; FP16 and "
                 "FP64 too), UINT8 pixels, or BYTES image files"
             )
         want = tensors.input_shape(self.model)
         if len(shape) != 4 or shape[1:] != want:
-            raise BadRequest(f"{where}: shape {shape} does not fit the model's input [-1, {', '.join(map(str, want))}]")
+            raise BadRequest(
+                f"{where}: shape {shown(shape)} does not fit the model's input [-1, {', '.join(map(str, want))}]"
+            )
         tensors.check_batch_size(shape[0], "examples")
         count = tensors.element_count(shape)
         section = _section(params, binary, where)
         if section is not None:
             if len(section) != count * dtype.itemsize:
                 raise BadRequest(
-                    f"{where}: binary_data_size {len(section)} does not match shape {shape} of {datatype} "
+                    f"{where}: binary_data_size {len(section)} does not match shape {shown(shape)} of {datatype} "
                     f"({count * dtype.itemsize} bytes)"
                 )
             array = np.frombuffer(section, dtype=dtype).reshape(shape)
@@ -162,7 +164,7 @@ class V2:
             if datatype == "FP16":
                 array = _half(array, where)
             if array.size != count:
-                raise BadRequest(f"{where}: data holds {array.size} values, shape {shape} needs {count}")
+                raise BadRequest(f"{where}: data holds {array.size} values, shape {shown(shape)} needs {count}")
             array = array.reshape(shape)
         else:
             raise BadRequest(f"{where}: needs 'data' or parameters.binary_data_size")
@@ -171,9 +173,9 @@ class V2:
     def _images(self, spec: dict[str, Any], shape: list[int], section: memoryview | None, where: str) -> np.ndarray:
         """BYTES elements, each an image file, decoded like uploads."""
         if len(shape) not in (1, 2) or shape[1:] not in ([], [1]):
-            raise BadRequest(f"{where}: BYTES images take shape [n] or [n, 1], got {shape}")
+            raise BadRequest(f"{where}: BYTES images take shape [n] or [n, 1], got {shown(shape)}")
         tensors.check_batch_size(shape[0], "images")
-        name = spec["name"]
+        name = clipped(spec["name"], 40)  # each image's, in a message about it
         if section is not None:
             items = tensors.unpack_bytes(section, where, shape[0])
             uploads = [pipeline.Upload(item, f"{name}[{i}]") for i, item in enumerate(items)]
@@ -202,11 +204,11 @@ class V2:
                 raise BadRequest(f"outputs[{i}]: missing 'name'")
             # As Triton: each output once (a few bytes of gzip could ask for a million answers).
             if output["name"] in named:
-                raise BadRequest(f"outputs[{i}]: output {output['name']!r} requested twice")
+                raise BadRequest(f"outputs[{i}]: output {shown(output['name'])} requested twice")
             named.add(output["name"])
             if output["name"] != self.model.output_name:
                 raise BadRequest(
-                    f"unexpected inference output {output['name']!r} for model {self.model.name!r} "
+                    f"unexpected inference output {shown(output['name'])} for model {self.model.name!r} "
                     f"(its output is {self.model.output_name!r})"
                 )
             options = _parameters(output, f"outputs[{i}]")
@@ -259,7 +261,7 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes | memoryview, 
     # Digits only (int() would also read " 12", "+12", "1_2" and other scripts' digits), and few
     # enough for int(), which refuses strings of over 4,300 digits with a ValueError (a 500).
     if not re.fullmatch(r"[0-9]{1,18}", header_length):
-        raise BadRequest(f"{HEADER_LENGTH} must be a whole number of bytes, got {header_length[:40]!r}")
+        raise BadRequest(f"{HEADER_LENGTH} must be a whole number of bytes, got {shown(header_length)}")
     length = int(header_length)
     if length == 0:
         raise BadRequest(f"raw binary requests ({HEADER_LENGTH}: 0) are not supported; send a JSON header first")
@@ -309,7 +311,7 @@ def _parameters(holder: dict[str, Any], where: str) -> dict[str, Any]:
 def _flag(params: dict[str, Any], key: str, default: bool, where: str) -> bool:
     value = params.get(key, default)
     if not isinstance(value, bool):
-        raise BadRequest(f"{where}: {key!r} must be true or false")
+        raise BadRequest(f"{where}: {shown(key)} must be true or false")
     return value
 
 
