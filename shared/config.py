@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote_plus, urlsplit, urlunsplit
+from urllib.parse import SplitResult, unquote_plus, urlsplit, urlunsplit
 
 from shared.errors import StartupError
 
@@ -65,6 +65,8 @@ def mask_url(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:  # not even a URL (an unclosed IPv6 bracket): nothing of it is shown
         return "(not a URL)"
+    if _at_past_host(url, parts):  # a password holding / ? or #: all before the last @ may be it
+        return f"{parts.scheme}://***@{url.rpartition('@')[2]}"
     netloc = parts.netloc
     if "@" in netloc:
         user, _, host = netloc.rpartition("@")
@@ -213,6 +215,12 @@ REDIS_URL_OPTIONS = frozenset({
 })  # fmt: skip
 
 
+def _at_past_host(url: str, parts: SplitResult) -> bool:
+    """Whether an ``@`` comes after what ``urlsplit`` took for the host: a user part holding
+    ``/``, ``?`` or ``#`` unencoded, which it then read as the path, the query or the fragment."""
+    return "@" not in parts.netloc and "@" in url.partition("//")[2]
+
+
 def _redis_url(variable: str, raw: str) -> str:
     """A URL redis-py can connect with: its scheme, port and options checked now, at start, not
     on each request (an unknown option there was a 500 with a traceback on every one)."""
@@ -220,6 +228,8 @@ def _redis_url(variable: str, raw: str) -> str:
 
     try:
         parts = urlsplit(raw)
+        if _at_past_host(raw, parts):  # and the password would be quoted below as a path or option
+            raise ValueError("an @ after the host: percent-encode / ? # and @ in the password (%2F %3F %23 %40)")
         fields = (field.partition("=")[0] for field in re.split("[&;]", parts.query))
         if unknown := sorted({unquote_plus(name) for name in fields if name} - REDIS_URL_OPTIONS):
             raise ValueError(f"unknown option {unknown[0]!r} (known: {', '.join(sorted(REDIS_URL_OPTIONS))})")
