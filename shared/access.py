@@ -152,7 +152,10 @@ class AccessLog:
             "bytes_out": sent,
             "error": clipped(exchange.error) if exchange.error and status >= 400 else None,
         }
-        level = logging.DEBUG if route in QUIET_ROUTES and status < 400 else logging.INFO
+        # A 5xx is the service failing (Redis down, the decode budget full, a bug): an operator
+        # who logs from WARNING up must still see an outage.
+        level = (logging.WARNING if status >= 500
+                 else logging.DEBUG if route in QUIET_ROUTES and status < 400 else logging.INFO)  # fmt: skip
         message = f"{status} {method} {route} {fields['latency_ms']} ms"
         log.log(level, message, extra={key: value for key, value in fields.items() if value is not None})
 

@@ -385,3 +385,22 @@ def test_a_clients_long_strings_are_quoted_short_in_answers_and_log_lines(functi
         )
     lines = [line for reply in sent for line in settle(predict, reply.headers["X-Request-Id"])]
     assert len(lines) == len(sent) and max(len(json.dumps(line)) for line in lines) < 1000
+
+
+def test_an_outage_is_logged_at_warning(function):
+    """With LOG_LEVEL=WARNING an operator still sees Redis go away: a 5xx's access line is a
+    WARNING (the 503s of a whole outage were INFO, and nothing was logged)."""
+    down = function("token", LOG_LEVEL="WARNING", REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    request_id = rid()
+    assert (
+        requests.get(
+            down.base + "/session.json",
+            headers={"Authorization": "Bearer " + "t" * 43, "X-Request-Id": request_id},
+            timeout=10,
+        ).status_code
+        == 503
+    )
+    assert requests.get(down.base + "/nope", timeout=10).status_code == 404  # below WARNING: not logged
+    (line,) = settle(down, request_id)
+    assert line["level"] == "WARNING" and line["status"] == 503 and "Redis unreachable" in line["error"]
+    assert not [other for other in down.lines() if other.get("status") == 404]
