@@ -8,6 +8,7 @@ a Redis password or image bytes.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
@@ -54,11 +55,21 @@ class _Context(logging.Filter):
         return True
 
 
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # C0, DEL, C1 (NEL, CSI), line and paragraph separators
+# C0, DEL, C1 (NEL, CSI), line and paragraph separators, and the invisible format characters
+# that reorder or hide what a terminal shows (bidi overrides and isolates, zero widths, BOM).
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+# A field's value written bare when it holds none of these, else quoted (logfmt's way): a
+# client's path with "  status=200 public_key=…" in it stays inside its own field.
+_NEEDS_QUOTES = re.compile(r'[\s="\\]|^$')
 
 
 def _escaped(control: re.Match[str]) -> str:
     return repr(control[0])[1:-1]  # "\n", "\x1b"
+
+
+def _quoted(value: object) -> str:
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if _NEEDS_QUOTES.search(text) else text
 
 
 class _Text(logging.Formatter):
@@ -74,7 +85,7 @@ class _Text(logging.Formatter):
         extras = {key: value for key, value in vars(record).items() if key not in _STANDARD and value is not None}
         if record.request_id:  # type: ignore[attr-defined]
             extras["request_id"] = record.request_id  # type: ignore[attr-defined]
-        fields = "  " + " ".join(f"{key}={value}" for key, value in extras.items()) if extras else ""
+        fields = "  " + " ".join(f"{key}={_quoted(value)}" for key, value in extras.items()) if extras else ""
         name = f"{record.function}{self.suffix}"  # type: ignore[attr-defined]
         line = f"{name:<15}| {self.formatTime(record, '%H:%M:%S')} {record.levelname:<7} "
         # What a client sent (a path in an error, a header) may hold a newline: escaped, it cannot

@@ -333,20 +333,30 @@ def test_the_gateway_passes_the_request_id_on_and_both_log_it(running_stack):
     assert sorted(line.split("|")[0].strip() for line in mentions) == ["gateway", "predict-shapes"]
 
 
-def test_a_client_cannot_forge_lines_of_the_text_log(function):
+def test_a_client_cannot_forge_lines_or_fields_of_the_text_log(function):
     # The text format (./start.sh's) writes what a client sent as it came: a path with a newline
-    # in an error's message would start a line that reads like the service's own.
+    # in an error's message would start a line that reads like the service's own, one with
+    # spaces would add fields of its own, and bidi overrides would reorder what a terminal shows.
     token = function("token", LOG_FORMAT="text")
     forged = "token%20%20%20%20%20%20%20%20%20|%2000:00:00%20INFO%20%20%20%20200%20POST%20/token.json"
     breaks = ["%0A", "%0D", "%C2%85", "%E2%80%A8", "%E2%80%A9"]  # LF, CR, NEL, line and paragraph separators
-    for line_break in breaks:
-        assert requests.get(f"{token.base}/x{line_break}{forged}", timeout=10).status_code == 404
+    fields = "%20%20status=200%20request_id=forged%20%22%20x=%5C"  # a quote and a backslash too
+    invisible = ["%E2%80%AE", "%E2%81%A6", "%E2%80%8B", "%EF%BB%BF"]  # RLO, LRI, zero width space, BOM
+    for odd in [*breaks, fields, *invisible]:
+        assert requests.get(f"{token.base}/x{odd}{forged}", timeout=10).status_code == 404
+    sent = len(breaks) + 1 + len(invisible)
     deadline = time.monotonic() + 5
-    while (text := token.log.read_text()).count("no such path") < len(breaks) and time.monotonic() < deadline:
+    while (text := token.log.read_text()).count("no such path") < sent and time.monotonic() < deadline:
         time.sleep(0.05)
     lines = text.splitlines()  # as str.splitlines splits: at every Unicode line break too
-    assert len([line for line in lines if "no such path" in line]) == len(breaks), text
+    refused = [line for line in lines if "no such path" in line]
+    assert len(refused) == sent, text
     assert not any(line.split("|", 1)[-1].startswith(" 00:00:00") for line in lines), text
+    for line in refused:  # each field once, the client's text inside error="…"
+        bare = re.sub(r'"(?:[^"\\]|\\.)*"', '""', line.split("ms  ", 1)[1])
+        names = [field.split("=", 1)[0] for field in bare.split(" ")]
+        assert len(names) == len(set(names)) and "x" not in names and names.count("status") == 1, line
+        assert not re.search("[\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]", line), line
 
 
 def test_a_clients_long_strings_are_quoted_short_in_answers_and_log_lines(function, auth):
