@@ -84,14 +84,16 @@ def client_address(environ: dict[str, Any], trusted: tuple[IPNetwork, ...]) -> s
     peer = environ.get("REMOTE_ADDR")
     if not trusted and peer:
         return str(peer)  # the socket's own address, canonical as it is (an access line each: no parse)
-    believed = _ip(peer)
+    believed = _ip(str(peer or "").partition("%")[0])  # a link-local peer's zone is this host's, not the client's
     if believed is None:
         return "0.0.0.0"  # noqa: S104 (no peer at all: a unix socket or a test; one shared bucket)
     forwarded = str(environ.get("HTTP_X_FORWARDED_FOR", "")).rsplit(",", MAX_FORWARDED_HOPS)[-MAX_FORWARDED_HOPS:]
     for entry in reversed(forwarded):
         if not any(believed in network for network in trusted):
             break  # ``believed`` is not a proxy: it is the client
-        address = _ip(entry.strip())
+        # A zone (fe80::1%eth0) is not a client's: ipaddress takes any text after the %, which
+        # would be logged as the client and make each variant an address of its own for the limits.
+        address = _ip(entry.strip()) if "%" not in entry else None
         if address is None:
             break  # garbage where an address should be: the hop that passed it on is the client
         believed = address

@@ -23,6 +23,9 @@ CLUSTER = Settings.from_env({"TRUSTED_PROXIES": "127.0.0.0/8, 10.0.0.0/8"}).trus
         (CLUSTER, "127.0.0.1", "203.0.113.9, " + "x" * 5000, "127.0.0.1"),  # never a string a client chose
         (CLUSTER, "127.0.0.1", "2001:DB8:0:0::7", "2001:db8::7"),  # canonical form: one bucket per address
         (CLUSTER, "127.0.0.1", " 203.0.113.9 ,10.2.0.5", "203.0.113.9"),
+        # A zone is text of the client's choosing (a secret key, fields), and a bucket per variant
+        (CLUSTER, "127.0.0.1", "fe80::1%1 status=200 sk_x, 10.2.0.5", "10.2.0.5"),
+        (CLUSTER, "fe80::1%eth0", "", "fe80::1"),  # a link-local peer: its zone is this host's
         # 16 hops are read at most: past them, the last trusted one read stands for the client
         (CLUSTER, "127.0.0.1", "203.0.113.9, " + ", ".join(["10.2.0.5"] * 15), "203.0.113.9"),
         (CLUSTER, "127.0.0.1", "203.0.113.9, " + ", ".join([f"10.2.0.{i}" for i in range(16)]), "10.2.0.0"),
