@@ -195,3 +195,8 @@ def test_unknown_revoked_or_expired_keys_are_one_line_errors(run, generate, tmp_
         assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "r.json").exists()
     assert [info.public_key for info in auth.list_keys()] == [expired["public_key"]]
+    secret = revoked["secret_key"]  # pasted where a public key goes: not repeated on the terminal
+    for args in (["-r", secret], ["--usage", secret], ["--edit", json.dumps(revoked), "--label", "x"]):
+        result = run(*args)
+        assert result.returncode == 1 and "not a public key" in result.stderr and secret not in result.stderr
+    assert "that is a secret key" in run("-r", secret).stderr
