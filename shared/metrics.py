@@ -56,6 +56,8 @@ MODEL_INTERPRETERS = Gauge("thalamus_model_interpreters", "LiteRT interpreters t
                            ["model"], multiprocess_mode="livesum")  # fmt: skip
 MODEL_LOAD_SECONDS = Gauge("thalamus_model_load_seconds", "Time to load the model at start", ["model"],
                            multiprocess_mode="max")  # fmt: skip
+CONNECTIONS = Gauge("thalamus_connections_open", "Client connections held open, kept-alive idle ones included "
+                    "(sampled 4 times a second)", ["function"], multiprocess_mode="livesum")  # fmt: skip
 STARTS = Counter("thalamus_process_starts", "Worker processes started (a scale-from-zero start is one)", ["function"])
 
 

@@ -110,11 +110,17 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
         self.in_flight = 0  # requests handed to the pool and not finished; only the main thread writes it
         self.scratch = bytearray(65536)  # what a lingering close reads and drops (main thread only)
         self.accept_paused_until = self.accept_paused_since = -1e9  # see pause_accepting
+        self.full_said_at = -1e9  # when the connection limit was last logged (set_accept_enabled)
+        self.connections_open: Any = None  # the gauge of this function's open connections
 
     # -- main thread -------------------------------------------------------------------------
 
     def init_process(self) -> None:
         self.probe_pool = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="probes")
+        if self.function:  # counted (not the local gateway): in the process, so after the metrics folder is set
+            from shared import metrics  # noqa: PLC0415
+
+            self.connections_open = metrics.CONNECTIONS.labels(self.function)
         super().init_process()
 
     def notify(self) -> None:
@@ -160,8 +166,14 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
 
     def set_accept_enabled(self, enabled: bool) -> None:
         # gunicorn's loop re-enables accepting on every turn while it has room for connections.
-        if not (enabled and time.monotonic() < self.accept_paused_until):
+        now = time.monotonic()
+        if not (enabled and now < self.accept_paused_until):
             super().set_accept_enabled(enabled)
+        if not enabled and self.alive and self.nr_conns >= self.worker_connections and now > self.full_said_at + 60:
+            # Idle or slow connections (a flood of them) are otherwise seen only as slow answers.
+            self.full_said_at = now
+            self.log.warning("at the limit of %d open connections: new ones wait in the listen backlog until "
+                             "some close (said at most once a minute)", self.worker_connections)  # fmt: skip
         if not enabled and not self.alive:
             # Stopping (SIGTERM): close the listeners now, so that a new connection is refused at
             # once, not left in the backlog unanswered until the drain ends (gunicorn closes them
@@ -321,6 +333,8 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
         if now < self.next_sweep and not force:
             return  # a sweep costs one look at every connection: at most 4 a second
         self.next_sweep = now + 0.25
+        if self.connections_open is not None:
+            self.connections_open.set(self.nr_conns)
         if not self.alive and self.stopped_at is None:
             self.stopped_at = now
         for conn in list(self.waiting):

@@ -414,3 +414,30 @@ def test_an_outage_is_logged_at_warning(function):
     (line,) = settle(down, request_id)
     assert line["level"] == "WARNING" and line["status"] == 503 and "Redis unreachable" in line["error"]
     assert not [other for other in down.lines() if other.get("status") == 404]
+
+
+def test_a_flood_of_idle_connections_is_logged_and_counted(function):
+    """A worker at its 1,000 connections stops accepting, and new ones wait in the backlog (a
+    probe too): once a minute it says so, and thalamus_connections_open shows the flood, which
+    was otherwise seen only as slow answers."""
+    token = function("token")
+    port = int(token.base.rsplit(":", 1)[1])
+    with requests.Session() as kept:  # a connection made before the flood, to scrape on
+        assert kept.get(token.base + "/metrics", timeout=5).status_code == 200  # (a probe's connection closes)
+        flood = [socket.create_connection(("127.0.0.1", port)) for _ in range(1_010)]
+        try:
+            deadline = time.monotonic() + 5
+            while "at the limit of 1000 open connections" not in token.log.read_text():
+                assert time.monotonic() < deadline, token.log.read_text()[-2000:]
+                time.sleep(0.1)
+            time.sleep(0.5)  # the gauge is sampled 4 times a second
+            metrics = kept.get(token.base + "/metrics", timeout=5).text
+        finally:
+            for sock in flood:
+                sock.close()
+    samples = {sample.name: sample.value for family in text_string_to_metric_families(metrics)
+               for sample in family.samples if sample.name == "thalamus_connections_open"}  # fmt: skip
+    assert samples == {"thalamus_connections_open": 1000}
+    line = next(line for line in token.lines() if "open connections" in line["message"])
+    assert line["level"] == "WARNING"
+    assert requests.get(token.base + "/healthz", timeout=15).status_code == 200  # and it accepts again
