@@ -32,6 +32,7 @@ murder_keepalived, _keepalive_after) of that version, and tests/test_hostile.py 
 from __future__ import annotations
 
 import errno
+import logging
 import re
 import select
 import selectors
@@ -49,6 +50,8 @@ from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 from shared.deadlines import DeadlineSocket, GuardedBody
 from shared.errors import BadRequest, ThalamusError
 from shared.refusals import method_of, refuse, request_id_of, status_of
+
+log = logging.getLogger("thalamus.server")  # gunicorn's own logger (self.log) says only warnings and up
 
 # accept() errors that say the process (or the kernel) has no room for another connection now.
 OUT_OF_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
@@ -336,7 +339,9 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
         if self.connections_open is not None:
             self.connections_open.set(self.nr_conns)
         if not self.alive and self.stopped_at is None:
-            self.stopped_at = now
+            self.stopped_at = now  # the drain's start, said: a request it cuts short is then explained
+            log.info("stopping: new connections refused; open connections: %d, requests in the threads: %d; "
+                     "up to %d s to finish", self.nr_conns, self.in_flight, self.cfg.graceful_timeout)  # fmt: skip
         for conn in list(self.waiting):
             deadline = conn.timeout
             if not conn.head and self.stopped_at is not None:  # stopping: idle ones go soon

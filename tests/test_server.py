@@ -235,10 +235,12 @@ def test_a_server_may_open_as_many_files_as_its_hard_limit_allows(env):
         assert int(soft) == (65536 if hard == resource.RLIM_INFINITY else min(hard, 65536))
 
 
-def test_a_stopping_server_refuses_new_connections_and_finishes_what_it_holds(env):
+def test_a_stopping_server_refuses_new_connections_and_finishes_what_it_holds(env, tmp_path):
     """SIGTERM: requests in flight are answered, and a new connection is refused at once (it used
-    to be accepted into the backlog and left unanswered until the process exited)."""
-    with token_server(env) as (proc, port):
+    to be accepted into the backlog and left unanswered until the process exited); the log says
+    when the drain starts and what it holds, not only that the server stopped."""
+    log = tmp_path / "token.log"
+    with log.open("wb") as out, token_server(env, stdout=out, stderr=subprocess.STDOUT) as (proc, port):
         body = json.dumps({"public_key": "pk_" + "a" * 43, "secret_key": "sk_" + "a" * 43}).encode()
         in_flight = socket.create_connection(("127.0.0.1", port), timeout=10)
         in_flight.sendall(b"POST /token.json HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -252,6 +254,11 @@ def test_a_stopping_server_refuses_new_connections_and_finishes_what_it_holds(en
         in_flight.sendall(body[10:])
         assert in_flight.recv(100).startswith(b"HTTP/1.1 401")  # answered: that keypair does not exist
         assert proc.wait(15) == 0
+    said = [json.loads(line)["message"] for line in log.read_text().splitlines()]
+    drain = next(i for i, message in enumerate(said) if message.startswith("stopping: "))
+    assert (
+        "open connections: 1," in said[drain] and said[drain + 1].startswith("401 POST") and said[-1] == "token stopped"
+    )
 
 
 def test_a_port_in_use_is_one_line_and_leaves_nothing_behind(env, tmp_path):
