@@ -163,6 +163,13 @@ def test_oauth2_client_credentials_with_basic(token_client, keypair):
         ({"json": {"public_key": "pk_short", "secret_key": "sk_short"}}, 400, "43 characters"),
         ({"json": {"public_key": "pk_" + "a" * 43 + "\n", "secret_key": WRONG_SK}}, 400, "43 characters"),
         ({"data": "hello", "content_type": "text/plain"}, 415, "Content-Type"),
+        # What fetch() sends with a string body, and a client that names no type at all
+        (
+            {"data": '{"public_key": "pk_x"}', "content_type": "text/plain;charset=UTF-8"},
+            415,
+            "the body is JSON but Content-Type says text/plain: send it with Content-Type: application/json",
+        ),
+        ({"data": '{"public_key": "pk_x"}'}, 415, "the body is JSON but Content-Type is missing"),
         # What `curl -d @client.json` sends: told to set the header, not about grant types.
         (
             {

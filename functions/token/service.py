@@ -88,10 +88,12 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
             # A keypair is a few hundred bytes: nothing here inflates a body, so none is taken coded.
             raise UnsupportedMediaType("send the credentials without Content-Encoding")
         form = request.mimetype == "application/x-www-form-urlencoded"
-        if form and request.get_data(cache=True).lstrip().startswith(b"{"):
-            # What `curl -d @client.json` sends: a JSON keypair labelled as a form.
+        if request.mimetype != "application/json" and request.get_data(cache=True).lstrip().startswith(b"{"):
+            # A JSON keypair labelled otherwise: a form by `curl -d @client.json`, text/plain by
+            # fetch() with a string body. Told to set the header, not about grant types.
+            said = "says form" if form else f"says {request.mimetype}" if request.mimetype else "is missing"
             raise UnsupportedMediaType(
-                "the body is JSON but Content-Type says form: send it with Content-Type: application/json "
+                f"the body is JSON but Content-Type {said}: send it with Content-Type: application/json "
                 "(curl: -H 'Content-Type: application/json')"
             )
         if form or _scheme(request) == "basic":

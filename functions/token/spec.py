@@ -145,7 +145,8 @@ def document(settings: Settings) -> dict[str, Any]:
             "401": unauthorized,
             "405": openapi.METHOD_NOT_ALLOWED,
             "415": openapi.error(
-                "Neither JSON nor a form, a JSON body sent as a form, or a body with a Content-Encoding",
+                "Neither JSON nor a form, a JSON body sent with another Content-Type (or none), or a body with "
+                "a Content-Encoding",
                 "the body is JSON but Content-Type says form: send it with Content-Type: application/json",
             ),
             "429": wait(
