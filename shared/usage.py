@@ -41,16 +41,20 @@ local purged = tonumber(redis.call('GET', KEYS[2]) or '0')
 for i = 4, #ARGV, 6 do
   local name = ARGV[1] .. 'usage:' .. ARGV[i] .. ':' .. ARGV[i + 1]
   local model, last = ARGV[i + 2], tonumber(ARGV[i + 5])
-  if last > purged or redis.call('EXISTS', ARGV[1] .. 'key:' .. ARGV[i]) == 1 then
+  local exists = redis.call('EXISTS', ARGV[1] .. 'key:' .. ARGV[i]) == 1
+  if last > purged or exists then
     redis.call('HINCRBY', name, 'r:' .. model, ARGV[i + 3])
     redis.call('HINCRBY', name, 'e:' .. model, ARGV[i + 4])
     if tonumber(redis.call('HGET', name, 't:' .. model) or '0') < last then
       redis.call('HSET', name, 't:' .. model, last)
     end
     redis.call('EXPIRE', name, ARGV[2])
-    if tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0') < last then
-      redis.call('HSET', KEYS[1], ARGV[i], last)
-    end
+  end
+  -- A key's last use, for keys.py -l, only while the key exists: counts of a revoked key that
+  -- come after its revocation (taken before it, flushed within a second) would put back an
+  -- entry the revocation removed, and nothing removes it again (the hash has no TTL).
+  if exists and tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0') < last then
+    redis.call('HSET', KEYS[1], ARGV[i], last)
   end
 end
 """

@@ -375,6 +375,20 @@ def test_usage_held_at_a_purge_does_not_bring_the_purged_key_back(admin):
     assert [(row.public_key, row.requests) for row in admin.usage_report()] == [(fresh.public_key, 1)]
 
 
+def test_usage_flushed_after_a_revocation_keeps_the_history_and_no_last_use(admin):
+    """Counts taken just before a revocation reach Redis up to a second after it: they join the
+    revoked key's history, but do not put back its entry in the last-use hash, which the
+    revocation removed and nothing would remove again (a soak left one per revoked key in use)."""
+    pair = admin.create_key()
+    admin.record_request(admin.issue_token(pair.public_key, pair.secret_key, "a").session, "shapes", 200)
+    admin.revoke_key(pair.public_key)
+    admin.usage.flush()
+    assert [(row.public_key, row.label, row.requests) for row in admin.usage_report()] == [
+        (pair.public_key, "(revoked)", 1)
+    ]
+    assert not admin.redis.hexists(admin.settings.prefix + "last-used", pair.public_key)
+
+
 def test_usage_waits_out_a_redis_outage(own_redis, settings, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="thalamus")
     store = KeyAdmin(settings.replace(redis_url=own_redis.url))
