@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import re
 import select
 import selectors
@@ -329,6 +330,15 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
         self.unwatch(conn)
         self.nr_conns -= 1
         util.close(conn.sock)
+
+    def is_parent_alive(self) -> bool:
+        """Whether what started this process still runs: a server orphaned (its stack or shell
+        killed) stops, saying why; as a container's PID 1 its parent never changes."""
+        if self.ppid == os.getppid():
+            return True
+        log.warning("stopping: the process that started it (pid %d) has exited; run it under a supervisor "
+                    "(or a container) to keep it serving", self.ppid)  # fmt: skip
+        return False
 
     def murder_keepalived(self, force: bool = False) -> None:
         """Run by ThreadWorker.run() on every loop turn (force=True at exit): the deadlines."""

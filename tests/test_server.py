@@ -74,13 +74,15 @@ def test_a_function_serves_with_docstrings_and_asserts_left_out(serve_function, 
     assert scrape(base, "thalamus_process_starts_total") == 1
 
 
-def test_a_server_stops_when_whatever_started_it_dies(env):
+def test_a_server_stops_when_whatever_started_it_dies(env, tmp_path):
     """kill -9 of the parent (start.sh's stack, a shell): the function notices within seconds and
-    exits instead of serving on as an orphan."""
+    exits instead of serving on as an orphan, and says why (it stopped without a word)."""
     port = free_port()
     command = " ".join(function_command("token", port))
-    parent = subprocess.Popen(["sh", "-c", f"{command} & wait"], env=subprocess_env(**env),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    log = tmp_path / "token.log"
+    with log.open("wb") as out:
+        parent = subprocess.Popen(["sh", "-c", f"{command} & wait"], env=subprocess_env(**env),
+                                  stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
     wait_http(f"http://127.0.0.1:{port}/healthz", parent)
     pid = server_pid(port)
     parent.kill()
@@ -91,6 +93,8 @@ def test_a_server_stops_when_whatever_started_it_dies(env):
     if Path(f"/proc/{pid}").exists():
         os.kill(pid, signal.SIGKILL)
         raise AssertionError("the function kept running after its parent died")
+    said = [json.loads(line) for line in log.read_text().splitlines()]
+    assert any(line["level"] == "WARNING" and f"(pid {parent.pid}) has exited" in line["message"] for line in said)
 
 
 def test_a_killed_servers_metrics_folder_is_removed_by_the_next(env, tmp_path):
