@@ -43,6 +43,18 @@ def test_several_files_answer_in_order(shapes_client, bearer):
     assert [r["prediction"] for r in results] == labels
 
 
+def test_a_nameless_file_among_several_is_named_by_its_place(shapes_client, bearer):
+    """A browser's empty file input sends a part with filename="" and no bytes: the message says
+    which part, where it said only "file"."""
+    image = encode(demo_image("shapes", "circle", 1))
+    body = (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.png\"\r\n\r\n" + image +
+            b"\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"\"\r\n"
+            b"Content-Type: application/octet-stream\r\n\r\n\r\n--b--\r\n")  # fmt: skip
+    reply = shapes_client.post("/models/shapes/predict.json", headers=bearer, data=body,
+                               content_type="multipart/form-data; boundary=b")  # fmt: skip
+    assert reply.status_code == 400 and reply.get_json()["error"] == "file 2 of 2: file is empty"
+
+
 def test_metadata(shapes_client, bearer):
     reply = shapes_client.get("/models/shapes.json", headers=bearer)
     assert reply.status_code == 200

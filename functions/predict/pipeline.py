@@ -43,23 +43,29 @@ def decode(model: Model, uploads: Sequence[Upload], limits: imaging.Limits) -> n
     if len(uploads) > 1:  # several: refuse the request from their headers, before any decode
         costs = []
         for upload in uploads:
-            with _named(upload):
+            with _named(upload, uploads):
                 costs.append(imaging.header_cost(upload.data, limits, (spec["width"], spec["height"])))
         imaging.check_request(costs, limits)
     batch = np.empty((len(uploads), spec["height"], spec["width"], spec["channels"]), np.float32)
     for row, upload in zip(batch, uploads, strict=True):
-        with _named(upload), metrics.DECODE_SECONDS.labels(model.name).time():
+        with _named(upload, uploads), metrics.DECODE_SECONDS.labels(model.name).time():
             imaging.model_input(upload.data, limits, spec, preprocessing, out=row)
     return batch
 
 
 @contextmanager
-def _named(upload: Upload) -> Iterator[None]:
-    """BadRequest messages inside name the file they are about."""
+def _named(upload: Upload, uploads: Sequence[Upload]) -> Iterator[None]:
+    """BadRequest messages inside name the file they are about: by its name, else (one of
+    several: a browser's empty file input has none) by its place."""
     try:
         yield
     except BadRequest as exc:
-        label = f"file {shown(upload.filename)}" if upload.filename else "file"
+        if upload.filename:
+            label = f"file {shown(upload.filename)}"
+        elif len(uploads) > 1:
+            label = f"file {next(i for i, each in enumerate(uploads, 1) if each is upload)} of {len(uploads)}"
+        else:
+            label = "file"
         raise BadRequest(f"{label}: {exc.message}") from None
 
 
