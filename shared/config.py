@@ -59,24 +59,32 @@ _RATE_NAMES = {1: "s", 60: "min", 3600: "h", 86400: "d"}
 
 def mask_url(url: str) -> str:
     """``url`` with its secrets replaced by ``***``: the password of its user part (the whole
-    user part when it has no ``:``, as redis-py may read it as a password), and the value of any
-    query option that names a password (``password=``, ``ssl_password=``, the key file's)."""
+    user part when it has no ``:``, as redis-py may read it as a password), the value of any
+    query option that names a password (``password=``, ``ssl_password=``, the key file's) and
+    whatever follows it, and a fragment. A password holding ``/ ? # & ;`` unencoded runs on
+    past where the URL's syntax ends it: everything it may have run into is masked too."""
     try:
         parts = urlsplit(url)
     except ValueError:  # not even a URL (an unclosed IPv6 bracket): nothing of it is shown
         return "(not a URL)"
-    if _at_past_host(url, parts):  # a password holding / ? or #: all before the last @ may be it
-        return f"{parts.scheme}://***@{url.rpartition('@')[2]}"
+    if _at_past_host(parts):  # all before the last @ may be the password
+        return mask_url(f"{parts.scheme}://{url.rpartition('@')[2]}").replace("://", "://***@", 1)
     netloc = parts.netloc
     if "@" in netloc:
         user, _, host = netloc.rpartition("@")
         netloc = f"{user.partition(':')[0]}:***@{host}" if ":" in user else f"***@{host}"
-    fields = re.split(r"([&;])", parts.query)  # redis-py unquotes names: pass%77ord is password too
-    query = "".join(
-        f"{field.partition('=')[0]}=***" if "password" in unquote_plus(field.partition("=")[0]).lower() else field
-        for field in fields
-    )
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
+    shown: list[str] = []
+    for field in re.split(r"[&;]", parts.query) if parts.query else []:
+        name = field.partition("=")[0]
+        if "password" in unquote_plus(name).lower():  # redis-py unquotes names: pass%77ord is one too
+            shown.append(f"{name}=***")
+            break  # what follows may be the rest of a password that held & or ;
+        shown.append(field)
+    query = "&".join(shown) + ("&***" if len(shown) < len(re.split(r"[&;]", parts.query)) else "")
+    masked = urlunsplit(parts._replace(netloc=netloc, query=query if parts.query else "",
+                                       fragment="***" if parts.fragment else ""))  # fmt: skip
+    # urlunsplit writes unix:///path as unix:/path (no host): keep the form it was given in.
+    return masked.replace(":", "://", 1) if not netloc and url.startswith(f"{parts.scheme}://") else masked
 
 
 @dataclass(frozen=True)
@@ -215,10 +223,10 @@ REDIS_URL_OPTIONS = frozenset({
 })  # fmt: skip
 
 
-def _at_past_host(url: str, parts: SplitResult) -> bool:
+def _at_past_host(parts: SplitResult) -> bool:
     """Whether an ``@`` comes after what ``urlsplit`` took for the host: a user part holding
     ``/``, ``?`` or ``#`` unencoded, which it then read as the path, the query or the fragment."""
-    return "@" not in parts.netloc and "@" in url.partition("//")[2]
+    return "@" in parts.path or "@" in parts.query or "@" in parts.fragment
 
 
 def _redis_url(variable: str, raw: str) -> str:
@@ -228,11 +236,18 @@ def _redis_url(variable: str, raw: str) -> str:
 
     try:
         parts = urlsplit(raw)
-        if _at_past_host(raw, parts):  # and the password would be quoted below as a path or option
+        # A password's / ? # & ; unencoded: what follows them would be quoted below as a path or
+        # an option's name (a # would also cut a password in the query short, unsaid).
+        if _at_past_host(parts):
             raise ValueError("an @ after the host: percent-encode / ? # and @ in the password (%2F %3F %23 %40)")
-        fields = (field.partition("=")[0] for field in re.split("[&;]", parts.query))
-        if unknown := sorted({unquote_plus(name) for name in fields if name} - REDIS_URL_OPTIONS):
-            raise ValueError(f"unknown option {unknown[0]!r} (known: {', '.join(sorted(REDIS_URL_OPTIONS))})")
+        if "#" in raw:
+            raise ValueError("a # (a fragment, which Redis URLs have not): percent-encode it as %23")
+        names = [unquote_plus(field.partition("=")[0]) for field in re.split("[&;]", parts.query)]
+        if unknown := sorted({name for name in names if name} - REDIS_URL_OPTIONS):
+            known = ", ".join(sorted(REDIS_URL_OPTIONS))
+            if any("password" in name.lower() for name in names):  # the unknown one may be a password's tail
+                raise ValueError(f"an unknown option (percent-encode & and ; in a password: %26 %3B; known: {known})")
+            raise ValueError(f"unknown option {unknown[0]!r} (known: {known})")
         if parts.scheme in ("redis", "rediss") and not re.fullmatch(r"/?|/[0-9]+/?", unquote_plus(parts.path)):
             raise ValueError(f"the path names the database, a number: {parts.path!r}")  # redis-py ignores others
         options = redis.connection.parse_url(raw)  # type: ignore[no-untyped-call]  # as redis-py reads the URL
