@@ -13,6 +13,7 @@ import argparse
 import http.client
 import json
 import logging
+import select
 import socket
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -215,24 +216,26 @@ class Gateway:
         if environ.get("CONTENT_TYPE"):
             headers["Content-Type"] = environ["CONTENT_TYPE"]
         length = environ.get("CONTENT_LENGTH")
+        conn = http.client.HTTPConnection(urlsplit(base).netloc, timeout=self.timeout, source_address=(self.source, 0))
         body: Any = None
         if length:
             headers["Content-Length"] = length
-            body = _WholeBody(environ["wsgi.input"], int(length))
+            body = _Upload(conn, environ["wsgi.input"], int(length))
         elif has_body(environ):  # chunked
-            body = iter(lambda: environ["wsgi.input"].read(65536), b"")
-        conn = http.client.HTTPConnection(urlsplit(base).netloc, timeout=self.timeout, source_address=(self.source, 0))
+            body = iter(_Upload(conn, environ["wsgi.input"]).read, b"")
         try:
             conn.request(environ["REQUEST_METHOD"], _origin_form(environ), body=body, headers=headers,
                          encode_chunked=body is not None and not length)  # fmt: skip
         except ThalamusError:  # the client's body was late, short or malformed (raised reading it)
             conn.close()
             raise
+        except _AnsweredEarly:
+            pass  # the function answered (413, 401) before the body was all sent: relay that answer
         except OSError:
             if conn.sock is None:  # never connected: the function is not there
                 raise BadGateway(f"function at {base} is not answering") from None
-            # Connected, then cut off while sending: the function may have answered early (413,
-            # 401) and closed. Read that answer.
+            # Connected, then cut off while sending: the function may have answered early and
+            # closed. Read that answer.
         try:
             upstream = conn.getresponse()
         except (OSError, http.client.HTTPException):  # refused, reset, or nothing was sent
@@ -270,21 +273,31 @@ def _origin_form(environ: Environ) -> str:
     return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
-class _WholeBody:
-    """The client's body of ``length`` bytes, read by http.client: one that ends early (the
-    client went away) raises, so the function is cut off at once instead of left waiting for
-    bytes that never come (gunicorn's reader returns what came, without a word)."""
+class _AnsweredEarly(Exception):
+    """The function answered while its request's body was being sent."""
 
-    def __init__(self, stream: Any, length: int) -> None:
-        self.stream, self.left = stream, length
 
-    def read(self, size: int = -1) -> bytes:
-        if not self.left:
+class _Upload:
+    """The client's body as http.client sends it to the function: ``length`` bytes (None:
+    chunked, to its end). One that ends early (the client went away) raises, so the function is
+    cut off at once instead of left waiting for bytes that never come (gunicorn's reader returns
+    what came, without a word). Before each block, a look at the function's socket: an answer
+    there (a 401 or 413 given before the body is read) stops the sending, and the answer goes
+    to the client at once instead of after the whole upload went to a function that drops it."""
+
+    def __init__(self, conn: http.client.HTTPConnection, stream: Any, length: int | None = None) -> None:
+        self.conn, self.stream, self.left = conn, stream, length
+
+    def read(self, size: int = 65536) -> bytes:
+        if self.left == 0:
             return b""
-        chunk = self.stream.read(min(size if size > 0 else 65536, self.left))
-        if not chunk:
-            raise BadRequest("request body ended early")
-        self.left -= len(chunk)
+        if self.conn.sock is not None and select.select([self.conn.sock], [], [], 0)[0]:
+            raise _AnsweredEarly()
+        chunk = self.stream.read(min(size if size > 0 else 65536, self.left or 65536))
+        if self.left is not None:
+            if not chunk:
+                raise BadRequest("request body ended early")
+            self.left -= len(chunk)
         return bytes(chunk)
 
 

@@ -92,6 +92,7 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
     max_head = 64 * 1024  # larger heads: 431 from the main thread
     preread_body = 16 * 1024  # bodies with a Content-Length up to this are read before dispatch
     linger_idle = 2.0  # a lingering close ends once the client has sent nothing for this long
+    linger_most = 30.0  # and in any case after this long (nginx's lingering_time)
     # How long a pool thread waits for the next request on its kept-alive connection (see
     # next_head): a sequential client's next request comes within a fraction of a millisecond
     # on a local network. Whether a request needs this thread is checked every millisecond
@@ -296,15 +297,18 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
             return
         now = time.monotonic()
         conn.closing, conn.timeout, conn.linger_until = True, now + self.linger_idle, now + self.body_timeout
+        conn.linger_most = now + self.linger_most
         conn.sock.setblocking(False)
         self.watch(conn)
 
     def discard(self, conn: Any) -> None:
         """A lingering close (nginx's): what the client still sends after its answer is read and
-        dropped until it closes, sends nothing for ``linger_idle`` or ``body_timeout`` has passed.
-        Closing on unread bytes sends a reset, which destroys the answer the client has not read
-        yet: a client that writes its whole body before it reads (Node's fetch) got a broken pipe
-        instead of its early 401 or 413. Dropping costs the poller, not a thread."""
+        dropped until it closes or sends nothing for ``linger_idle``, for as long as a body being
+        read would have (``body_timeout``, and more while it flows at ``min_rate``), at most
+        ``linger_most``; when the worker stops, as long as an idle connection is kept. Closing on
+        unread bytes sends a reset, which destroys the answer the client has not read yet: a
+        client that writes its whole body before it reads (Node's fetch, http.client) got a broken
+        pipe instead of its early 401 or 413. Dropping costs the poller, not a thread."""
         try:
             size = conn.sock.recv_into(self.scratch)
         except BlockingIOError:
@@ -312,6 +316,7 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
         except OSError:
             size = 0
         if size:
+            conn.linger_until = min(conn.linger_until + size / self.min_rate, conn.linger_most)
             conn.timeout = min(time.monotonic() + self.linger_idle, conn.linger_until)
         else:
             self.close_now(conn)
@@ -354,7 +359,7 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
                      "up to %d s to finish", self.nr_conns, self.in_flight, self.cfg.graceful_timeout)  # fmt: skip
         for conn in list(self.waiting):
             deadline = conn.timeout
-            if not conn.head and self.stopped_at is not None:  # stopping: idle ones go soon
+            if (conn.closing or not conn.head) and self.stopped_at is not None:  # stopping: idle, lingering go soon
                 deadline = min(deadline, self.stopped_at + STOP_KEEPALIVE_LINGER)
             if force or (deadline <= now and (conn.closing or not conn.head)):
                 self.close_now(conn)

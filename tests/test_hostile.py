@@ -206,12 +206,16 @@ def test_no_token_is_refused_before_the_body_is_read(serve):
     assert answer.startswith(b"HTTP/1.1 401 ") and b"Connection: close" in answer
 
 
-def send_all_then_read(port: int, head: bytes, body: bytes) -> bytes:
+def send_all_then_read(port: int, head: bytes, body: bytes, per_second: int = 0) -> bytes:
     """What a client that writes its whole request before it reads (Node's fetch, undici) gets:
-    a write that fails (the server reset the connection) loses the answer, as it does for it."""
+    a write that fails (the server reset the connection) loses the answer, as it does for it.
+    ``per_second``: the body's pace (0: as fast as it goes)."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(head)
-        sock.sendall(body)
+        step = per_second // 10 or len(body)
+        for at in range(0, len(body), step):
+            sock.sendall(body[at : at + step])
+            time.sleep(0.1 if per_second else 0)
         answer = b""
         while chunk := sock.recv(65536):
             answer += chunk
@@ -237,6 +241,36 @@ def test_a_client_that_sends_its_whole_body_before_reading_gets_the_refusal(serv
     head = request("POST", "/models/shapes/predict.json", "Content-Type: multipart/form-data; boundary=x", *fields)
     answer = send_all_then_read(server.port, head, body)
     assert answer.startswith(f"HTTP/1.1 {status} ".encode()) and b"Connection: close" in answer, answer[:200]
+
+
+def test_a_slow_upload_refused_early_still_gets_its_answer(serve):
+    """The lingering close lasts as long as reading the body would have: REQUEST_BODY_TIMEOUT
+    (2 s here), and more while it flows at 64 KiB/s or more (at most 30 s). It ended at the
+    timeout, and a slow link's upload (3 MB at 640 KB/s) got a reset instead of its 401."""
+    server = serve("predict", MODEL_NAME="shapes")
+    body = EIGHT_MB[:3_000_000]
+    head = request("POST", "/models/shapes/predict.json", "Content-Type: multipart/form-data; boundary=x",
+                   f"Content-Length: {len(body)}")  # fmt: skip
+    answer = send_all_then_read(server.port, head, body, per_second=640_000)
+    assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+
+
+def test_a_stopping_server_does_not_wait_for_a_lingering_client(serve):
+    """SIGTERM: a client still sending after its refusal is cut as soon as an idle connection is
+    (2 s), not after the lingering close's own deadline, which a trickle stretches to 30 s."""
+    server = serve("predict", MODEL_NAME="shapes")
+    head = request("POST", "/models/shapes/predict.json", "Content-Type: multipart/form-data; boundary=x",
+                   "Content-Length: 1000000")  # fmt: skip
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head + b"x" * 100_000)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 401 ")
+        started = time.monotonic()
+        server.proc.terminate()
+        with contextlib.suppress(OSError):
+            while server.proc.poll() is None and time.monotonic() - started < 20:
+                sock.sendall(b"x" * 100_000)  # 1 MB/s: the lingering close's deadline keeps moving
+                time.sleep(0.1)
+    assert server.proc.wait(20) == 0 and time.monotonic() - started < 8  # not the 10 s grace period
 
 
 BIG = "Content-Length: 10000000"  # under MAX_UPLOAD_BYTES: no 413 first
@@ -554,6 +588,23 @@ def test_gateway_refusals_reach_a_client_that_sends_its_whole_body_first(running
         for _ in range(3):
             answer = send_all_then_read(port, head, EIGHT_MB)
             assert answer.startswith(f"HTTP/1.1 {status} ".encode()), (path, answer[:200])
+
+
+def test_gateway_relays_an_early_answer_before_the_upload_ends(running_stack):
+    """A function's 401 or 413, given before it reads the body, goes to the client as soon as it
+    comes: the gateway stops sending the body to a function that drops it (it sent all of the
+    upload first, once the function no longer reset the connection after 64 KiB)."""
+    port = int(running_stack.gateway.rsplit(":", 1)[1])
+    total, sent = 10_000_000, 0  # at 2 MB/s: 5 s to send it all
+    head = request("POST", "/models/shapes/predict.json", "Content-Type: multipart/form-data; boundary=x",
+                   f"Content-Length: {total}")  # fmt: skip
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head)
+        while sent < total and not select.select([sock], [], [], 0.1)[0]:
+            sock.sendall(b"x" * 200_000)
+            sent += 200_000
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 401 ") and sent < total // 2, (sent, answer[:200])
 
 
 def test_gateway_says_close_when_it_closes(running_stack):
