@@ -35,6 +35,9 @@ DROPPED = {
     "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
     "transfer-encoding", "upgrade", "host", "content-length", "x-forwarded-for", "forwarded", "x-real-ip",
     "x-request-id",  # the gateway's own (kept from the caller when sane) goes on, and comes back
+    # Answered here (the client's 100 Continue is the gateway's): a function's own 100 would read
+    # as its early answer, and the body stop, while the function waits for it.
+    "expect",
 }  # fmt: skip
 # The address the gateway connects to the functions from: functions trust X-Forwarded-For from
 # it alone (TRUSTED_PROXIES), so a local client that calls a function directly, from 127.0.0.1,
