@@ -22,7 +22,7 @@ from shared import metrics
 from shared.auth import Session
 from shared.config import IPNetwork
 from shared.errors import clipped
-from shared.logs import REQUEST_ID, SECRET_ID
+from shared.logs import REQUEST_ID, SECRET_ID, access_level
 
 log = logging.getLogger("thalamus.access")
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
@@ -154,10 +154,7 @@ class AccessLog:
             "bytes_out": sent,
             "error": clipped(exchange.error) if exchange.error and status >= 400 else None,
         }
-        # A 5xx is the service failing (Redis down, the decode budget full, a bug): an operator
-        # who logs from WARNING up must still see an outage.
-        level = (logging.WARNING if status >= 500
-                 else logging.DEBUG if route in QUIET_ROUTES and status < 400 else logging.INFO)  # fmt: skip
+        level = access_level(status, quiet=route in QUIET_ROUTES)
         message = f"{status} {method} {route} {fields['latency_ms']} ms"
         log.log(level, message, extra={key: value for key, value in fields.items() if value is not None})
 

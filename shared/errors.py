@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from shared.logs import SECRET_SHAPED
+
 
 class StartupError(Exception):
     """A function cannot start (bad setting, missing or broken model bundle): the message is the
@@ -20,8 +22,12 @@ MESSAGE_CHARS = 600
 
 
 def clipped(text: str, limit: int = MESSAGE_CHARS) -> str:
-    """``text`` cut to ``limit`` characters, the last one an ellipsis when it was longer."""
-    return text if len(text) <= limit else f"{text[: limit - 1]}…"
+    """``text`` cut to ``limit`` characters, the last one an ellipsis when it was longer; what is
+    shaped like a secret is redacted first, as the logs would (a cut could leave half a secret
+    key, too short for them to know it)."""
+    if len(text) <= limit:
+        return text
+    return f"{SECRET_SHAPED.sub('[redacted]', text)[: limit - 1]}…"
 
 
 def shown(value: object, limit: int = 60) -> str:

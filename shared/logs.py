@@ -55,16 +55,23 @@ class _Context(logging.Filter):
         return True
 
 
-# C0, DEL, C1 (NEL, CSI), line and paragraph separators, and the invisible format characters
-# that reorder or hide what a terminal shows (bidi overrides and isolates, zero widths, BOM).
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+# C0, DEL, C1 (NEL, CSI), line and paragraph separators, the invisible characters that reorder or
+# hide what a terminal shows (Unicode's format characters: bidi controls, zero widths, BOM, tags;
+# fillers, variation selectors, a soft hyphen), and lone surrogates (which stdout cannot encode:
+# the line was lost, with a traceback on stderr).
+_CONTROL = re.compile(
+    "[\x00-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u115f\u1160\u180b-\u180f\u200b-\u200f"
+    "\u2028-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufffb\ud800-\udfff"
+    "\U0001d173-\U0001d17a\U000e0000-\U000e0fff]"
+)
 # A field's value written bare when it holds none of these, else quoted (logfmt's way): a
 # client's path with "  status=200 public_key=…" in it stays inside its own field.
 _NEEDS_QUOTES = re.compile(r'[\s="\\]|^$')
 
 
 def _escaped(control: re.Match[str]) -> str:
-    return repr(control[0])[1:-1]  # "\n", "\x1b"
+    shown = repr(control[0])[1:-1]  # "\n", "\x1b", "\u202e"; a filler or a selector repr keeps as is
+    return shown if shown.startswith("\\") else f"\\u{ord(control[0]):04x}"
 
 
 def _quoted(value: object) -> str:
@@ -94,6 +101,13 @@ class _Text(logging.Formatter):
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
+
+
+def access_level(status: int, quiet: bool = False) -> int:
+    """The level of an access line: WARNING for a 5xx (the service failing: Redis down, a bug),
+    so that LOG_LEVEL=WARNING still shows an outage; DEBUG for a ``quiet`` route's success (a
+    probe, a scrape); else INFO."""
+    return logging.WARNING if status >= 500 else logging.DEBUG if quiet and status < 400 else logging.INFO
 
 
 def setup(function: str, level: str = "INFO", fmt: str | None = None, model: str = "") -> None:

@@ -14,6 +14,7 @@ from gunicorn.http import errors as parse_errors
 
 from shared.deadlines import DeadlineSocket, kind_of
 from shared.errors import InternalError, ThalamusError
+from shared.logs import access_level
 
 # gunicorn's parse errors → status; the first match wins. Response-header errors are ours: 500.
 ERROR_STATUS: tuple[tuple[type[Exception] | tuple[type[Exception], ...], int], ...] = (
@@ -87,7 +88,7 @@ def refuse(
     sock.send_nowait(answer)
     fields = {"event": "access", "method": method, "route": "unmatched", "status": status, "client": client}
     fields.update(request_id=request_id, bytes_in=0, bytes_out=len(answer), error=message)
-    ACCESS_LOG.info(f"{status} {method or '-'} unmatched", extra=fields)
+    ACCESS_LOG.log(access_level(status), f"{status} {method or '-'} unmatched", extra=fields)
     if function:
         from shared import metrics  # not at the top: see request_id_of
         from shared.access import METHODS

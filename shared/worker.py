@@ -356,7 +356,8 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
         if not self.alive and self.stopped_at is None:
             self.stopped_at = now  # the drain's start, said: a request it cuts short is then explained
             log.info("stopping: new connections refused; open connections: %d, requests in the threads: %d; "
-                     "up to %d s to finish", self.nr_conns, self.in_flight, self.cfg.graceful_timeout)  # fmt: skip
+                     "up to %d s to finish (pid %d)", self.nr_conns, self.in_flight, self.cfg.graceful_timeout,
+                     os.getpid())  # fmt: skip
         for conn in list(self.waiting):
             deadline = conn.timeout
             if (conn.closing or not conn.head) and self.stopped_at is not None:  # stopping: idle, lingering go soon

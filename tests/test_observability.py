@@ -341,7 +341,8 @@ def test_a_client_cannot_forge_lines_or_fields_of_the_text_log(function):
     forged = "token%20%20%20%20%20%20%20%20%20|%2000:00:00%20INFO%20%20%20%20200%20POST%20/token.json"
     breaks = ["%0A", "%0D", "%C2%85", "%E2%80%A8", "%E2%80%A9"]  # LF, CR, NEL, line and paragraph separators
     fields = "%20%20status=200%20request_id=forged%20%22%20x=%5C"  # a quote and a backslash too
-    invisible = ["%E2%80%AE", "%E2%81%A6", "%E2%80%8B", "%EF%BB%BF"]  # RLO, LRI, zero width space, BOM
+    # RLO, LRI, a zero width space, BOM, a tag, a soft hyphen, a Hangul filler, a variation selector
+    invisible = ["%E2%80%AE", "%E2%81%A6", "%E2%80%8B", "%EF%BB%BF", "%F3%A0%81%81", "%C2%AD", "%E3%85%A4", "%EF%B8%8F"]
     for odd in [*breaks, fields, *invisible]:
         assert requests.get(f"{token.base}/x{odd}{forged}", timeout=10).status_code == 404
     sent = len(breaks) + 1 + len(invisible)
@@ -356,7 +357,8 @@ def test_a_client_cannot_forge_lines_or_fields_of_the_text_log(function):
         bare = re.sub(r'"(?:[^"\\]|\\.)*"', '""', line.split("ms  ", 1)[1])
         names = [field.split("=", 1)[0] for field in bare.split(" ")]
         assert len(names) == len(set(names)) and "x" not in names and names.count("status") == 1, line
-        assert not re.search("[\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]", line), line
+        assert not re.search("[\xad\u061c\u200b-\u200f\u202a-\u202e\u2060-\u2069\u3164\ufe0f\ufeff\U000e0041]",
+                             line), line  # fmt: skip
 
 
 def test_a_clients_long_strings_are_quoted_short_in_answers_and_log_lines(function, auth):
@@ -381,11 +383,15 @@ def test_a_clients_long_strings_are_quoted_short_in_answers_and_log_lines(functi
             "inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": ["x"]}], "outputs": [{"name": long}]}),
         requests.post(predict.base + "/v1/models/shapes:predict", headers=bearer, timeout=30,
                       json={"signature_name": long, "instances": [[1]]}),
+        requests.post(v2, headers=bearer, timeout=30, json={  # a secret key where a cut would halve it
+            "inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": ["x"]}],
+            "outputs": [{"name": "x" * 38 + " " + pair.secret_key}]}),
         requests.post(predict.base + "/models/shapes/predict.json", headers=bearer, timeout=30,
                       files={"file": ("y" * 5000 + ".png", b"not an image")}),
         requests.get(f"{predict.base}/models/{'m' * 7000}.json", headers=bearer, timeout=30),
     ]  # fmt: skip
-    assert [reply.status_code for reply in sent] == [400] * 7 + [404], [reply.text[:200] for reply in sent]
+    assert [reply.status_code for reply in sent] == [400] * 8 + [404], [reply.text[:200] for reply in sent]
+    assert pair.secret_key[:12] not in sent[6].text and "[redac" in sent[6].text
     for reply in sent:  # the quote cut, what the message goes on to say kept
         error = reply.json()["error"]
         assert (
@@ -395,6 +401,7 @@ def test_a_clients_long_strings_are_quoted_short_in_answers_and_log_lines(functi
         )
     lines = [line for reply in sent for line in settle(predict, reply.headers["X-Request-Id"])]
     assert len(lines) == len(sent) and max(len(json.dumps(line)) for line in lines) < 1000
+    assert pair.secret_key[:12] not in predict.log.read_text()
 
 
 def test_an_outage_is_logged_at_warning(function):
@@ -441,3 +448,24 @@ def test_a_flood_of_idle_connections_is_logged_and_counted(function):
     line = next(line for line in token.lines() if "open connections" in line["message"])
     assert line["level"] == "WARNING"
     assert requests.get(token.base + "/healthz", timeout=15).status_code == 200  # and it accepts again
+
+
+def test_a_lone_surrogate_and_the_servers_own_5xx_are_logged(function, auth):
+    """A V2 input named with a lone surrogate (valid JSON) made the text log fail to write its
+    access line (stdout cannot encode it: a traceback on stderr instead); the worker's own 5xx
+    (a 501) is a WARNING like the function's."""
+    predict = function("predict", MODEL_NAME="shapes", LOG_FORMAT="text")
+    pair = auth.create_key()
+    bearer = {"Authorization": f"Bearer {auth.issue_token(pair.public_key, pair.secret_key, 't').token}"}
+    odd = {"inputs": [{"name": "\ud800", "datatype": "BYTES", "shape": [1], "data": ["!"]}]}
+    reply = requests.post(predict.base + "/v2/models/shapes/infer", headers=bearer, timeout=10, json=odd)
+    assert reply.status_code == 400
+    with socket.create_connection(("127.0.0.1", int(predict.base.rsplit(":", 1)[1])), timeout=10) as sock:
+        sock.sendall(b"POST /healthz HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 501 ")
+    deadline = time.monotonic() + 5
+    while (text := predict.log.read_text()).count(" 501 ") < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "Logging error" not in text and "Traceback" not in text, text
+    assert f"request_id={reply.headers['X-Request-Id']}" in text and "\\ud800" in text
+    assert re.search(r"WARNING +501 ", text), text

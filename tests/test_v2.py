@@ -448,6 +448,12 @@ BAD = {
         400,
         "7 bytes follow the end of the gzip data",
     ),
+    "an id too long to echo": (
+        {"id": "i" * 1025, "inputs": [fp32([1, 64, 64, 3], ZEROS)]},
+        {},
+        400,
+        "'id' is over 1024",
+    ),
     "deflate then more": (
         zlib.compress(json.dumps({"inputs": [fp32([1, 64, 64, 3], ZEROS)]}).encode()) + zlib.compress(b"{}"),
         {"Content-Encoding": "deflate"},

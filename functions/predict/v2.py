@@ -35,6 +35,10 @@ PIXELS: dict[str, np.dtype[Any]] = {"UINT8": np.dtype("u1")}
 PLATFORM = "litert_tflite"
 
 
+# The longest request id echoed in an answer (Triton sets none; a UUID is 36 characters).
+MAX_ID_CHARS = 1024
+
+
 class V2:
     """The V2 handlers for ``model``, with the settings' limits on bodies and image pixels."""
 
@@ -115,6 +119,8 @@ class V2:
         request_id = doc.get("id")
         if request_id is not None and not isinstance(request_id, str):
             raise BadRequest("'id' must be a string")
+        if request_id is not None and len(request_id) > MAX_ID_CHARS:  # echoed: a 10 KB gzip body, a 10 MB answer
+            raise BadRequest(f"'id' is over {MAX_ID_CHARS} characters")
         wanted = self._outputs(doc)
         inputs = doc.get("inputs")
         if not isinstance(inputs, list) or not inputs:
