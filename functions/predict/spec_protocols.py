@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from functions.predict import pipeline
+from functions.predict import pipeline, v2
 from shared import openapi
 
 V1_TAG = "KServe / TF Serving V1"
@@ -386,7 +386,7 @@ def _schemas(labels: list[str], input_name: str, output_name: str) -> dict[str, 
         ),
         "V2InferRequest": _object(
             {
-                "id": {"type": "string", "nullable": True},
+                "id": {"type": "string", "nullable": True, "maxLength": v2.MAX_ID_CHARS},
                 "parameters": parameters,
                 "inputs": {
                     "type": "array",
