@@ -27,7 +27,9 @@ def clipped(text: str, limit: int = MESSAGE_CHARS) -> str:
     key, too short for them to know it)."""
     if len(text) <= limit:
         return text
-    return f"{SECRET_SHAPED.sub('[redacted]', text)[: limit - 1]}…"
+    # Redacted within a margin past the cut (a secret is under 100 characters), not the whole
+    # text: a client's 10 MB string costs the cut, not a scan.
+    return f"{SECRET_SHAPED.sub('[redacted]', text[: limit + 100])[: limit - 1]}…"
 
 
 def shown(value: object, limit: int = 60) -> str:
