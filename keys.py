@@ -37,7 +37,7 @@ try:
     from shared.credentials import PUBLIC_KEY_RE, Keypair
     from shared.errors import OutcomeUnknown, ThalamusError
     from shared.keyrecords import Actor, KeyInfo, parse_scopes, utc
-    from shared.logs import SECRET_SHAPED
+    from shared.logs import redacted
 except ImportError:
     # Run by a python without the project's packages: use the project's .venv when it exists.
     venv_python = Path(__file__).resolve().parent / ".venv" / "bin" / "python"
@@ -133,9 +133,8 @@ def fail(message: str) -> SystemExit:
 def public_key(text: str) -> str:
     if not PUBLIC_KEY_RE.fullmatch(text):
         # Not repeated as given: a secret key pasted in its place would be on the terminal again.
-        shown = SECRET_SHAPED.sub("[redacted]", text)[:60]
         hint = "; that is a secret key: keys are named by their public key" if text.startswith("sk_") else ""
-        raise fail(f"not a public key (pk_ + 43 characters): {shown!r}{hint}")
+        raise fail(f"not a public key (pk_ + 43 characters): {redacted(text)[:60]!r}{hint}")
     return text
 
 

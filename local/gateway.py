@@ -219,7 +219,8 @@ class Gateway:
         if environ.get("CONTENT_TYPE"):
             headers["Content-Type"] = environ["CONTENT_TYPE"]
         length = environ.get("CONTENT_LENGTH")
-        conn = http.client.HTTPConnection(urlsplit(base).netloc, timeout=self.timeout, source_address=(self.source, 0))
+        conn = http.client.HTTPConnection(urlsplit(base).netloc, timeout=self.timeout, source_address=(self.source, 0),
+                                          blocksize=65536)  # fmt: skip
         body: Any = None
         if length:
             headers["Content-Length"] = length
@@ -294,8 +295,11 @@ class _Upload:
     def read(self, size: int = 65536) -> bytes:
         if self.left == 0:
             return b""
-        if self.conn.sock is not None and select.select([self.conn.sock], [], [], 0)[0]:
-            raise _AnsweredEarly()
+        if self.conn.sock is not None:  # poll, not select: a descriptor past 1,023 is fine
+            looking = select.poll()
+            looking.register(self.conn.sock, select.POLLIN)
+            if looking.poll(0):
+                raise _AnsweredEarly()
         chunk = self.stream.read(min(size if size > 0 else 65536, self.left or 65536))
         if self.left is not None:
             if not chunk:

@@ -68,6 +68,8 @@ def mask_url(url: str) -> str:
     except ValueError:  # not even a URL (an unclosed IPv6 bracket): nothing of it is shown
         return "(not a URL)"
     if _at_past_host(parts):  # all before the last @ may be the password
+        if "@" in parts.query or "@" in parts.fragment:  # and all after it, in a query password
+            return f"{parts.scheme}://***"
         return mask_url(f"{parts.scheme}://{url.rpartition('@')[2]}").replace("://", "://***@", 1)
     netloc = parts.netloc
     if "@" in netloc:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from shared.logs import SECRET_SHAPED
+from shared.logs import SECRET_SHAPED, redacted
 
 
 class StartupError(Exception):
@@ -16,8 +16,9 @@ class StartupError(Exception):
 
 
 # The most of a message an answer (and its access line) carries. Messages quote what the client
-# sent (a V2 input's name, a datatype, a path) through shown(); this is the bound on any quote
-# that escaped it: a 10 KB gzip body once made a 10 MB answer and a 10 MB log line.
+# sent (a V2 input's name, a datatype, a model name) through shown() or clipped(); this is the
+# bound on any quote that did not (a path): a 10 KB gzip body once made a 10 MB answer and a 10 MB
+# log line.
 MESSAGE_CHARS = 600
 
 
@@ -27,9 +28,13 @@ def clipped(text: str, limit: int = MESSAGE_CHARS) -> str:
     key, too short for them to know it)."""
     if len(text) <= limit:
         return text
-    # Redacted within a margin past the cut (a secret is under 100 characters), not the whole
-    # text: a client's 10 MB string costs the cut, not a scan.
-    return f"{SECRET_SHAPED.sub('[redacted]', text[: limit + 100])[: limit - 1]}…"
+    # Cut first (a client's 10 MB string costs the cut, not a scan), past any secret the cut
+    # would halve (a secret is under 100 characters), then redacted and cut to the limit.
+    end = limit - 1
+    for found in SECRET_SHAPED.finditer(text, 0, limit + 100):
+        if found.start() < end < found.end():
+            end = found.end()
+    return f"{redacted(text[:end])[: limit - 1]}…"
 
 
 def shown(value: object, limit: int = 60) -> str:

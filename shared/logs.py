@@ -35,6 +35,11 @@ CLIENT_FIELDS = ("error", "model", "method")
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "function", "request_id"}
 
 
+def redacted(text: str) -> str:
+    """``text`` with whatever is shaped like a secret key, a token or its hash replaced."""
+    return SECRET_SHAPED.sub("[redacted]", text)
+
+
 class _Context(logging.Filter):
     """Adds ``function`` and ``request_id`` to every record, and takes anything shaped like a
     secret out of its message and the fields that may quote a client."""
@@ -48,10 +53,10 @@ class _Context(logging.Filter):
         if not getattr(record, "request_id", None):
             record.request_id = REQUEST_ID.get()
         # Formatted once, here: the formatter's getMessage then has no arguments to apply.
-        record.msg, record.args = SECRET_SHAPED.sub("[redacted]", record.getMessage()), None
+        record.msg, record.args = redacted(record.getMessage()), None
         for name in CLIENT_FIELDS:
             if isinstance(value := getattr(record, name, None), str):
-                setattr(record, name, SECRET_SHAPED.sub("[redacted]", value))
+                setattr(record, name, redacted(value))
         return True
 
 
@@ -61,8 +66,9 @@ class _Context(logging.Filter):
 # the line was lost, with a traceback on stderr).
 _CONTROL = re.compile(
     "[\x00-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u115f\u1160\u180b-\u180f\u200b-\u200f"
-    "\u2028-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufffb\ud800-\udfff"
-    "\U0001d173-\U0001d17a\U000e0000-\U000e0fff]"
+    "\u2028-\u202e\u2060-\u206f\u0890\u0891\u08e2\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufffb"
+    "\ud800-\udfff\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+    "\U000e0000-\U000e0fff]"
 )
 # A field's value written bare when it holds none of these, else quoted (logfmt's way): a
 # client's path with "  status=200 public_key=…" in it stays inside its own field.
@@ -71,7 +77,9 @@ _NEEDS_QUOTES = re.compile(r'[\s="\\]|^$')
 
 def _escaped(control: re.Match[str]) -> str:
     shown = repr(control[0])[1:-1]  # "\n", "\x1b", "\u202e"; a filler or a selector repr keeps as is
-    return shown if shown.startswith("\\") else f"\\u{ord(control[0]):04x}"
+    if shown.startswith("\\"):
+        return shown
+    return f"\\u{ord(control[0]):04x}" if ord(control[0]) <= 0xFFFF else f"\\U{ord(control[0]):08x}"
 
 
 def _quoted(value: object) -> str:

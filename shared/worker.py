@@ -297,7 +297,7 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
             return
         now = time.monotonic()
         conn.closing, conn.timeout, conn.linger_until = True, now + self.linger_idle, now + self.body_timeout
-        conn.linger_most = now + self.linger_most
+        conn.linger_most, conn.linger_since = now + self.linger_most, now
         conn.sock.setblocking(False)
         self.watch(conn)
 
@@ -343,6 +343,7 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
             return True
         log.warning("stopping: the process that started it (pid %d) has exited; run it under a supervisor "
                     "(or a container) to keep it serving", self.ppid)  # fmt: skip
+        self.alive = False  # the drain as for SIGTERM: listeners closed, idle connections cut soon
         return False
 
     def murder_keepalived(self, force: bool = False) -> None:
@@ -361,7 +362,8 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
         for conn in list(self.waiting):
             deadline = conn.timeout
             if (conn.closing or not conn.head) and self.stopped_at is not None:  # stopping: idle, lingering go soon
-                deadline = min(deadline, self.stopped_at + STOP_KEEPALIVE_LINGER)
+                since = max(self.stopped_at, conn.linger_since) if conn.closing else self.stopped_at
+                deadline = min(deadline, since + STOP_KEEPALIVE_LINGER)
             if force or (deadline <= now and (conn.closing or not conn.head)):
                 self.close_now(conn)
             elif deadline <= now:  # a whole head, then its small body late (need): the body's fault

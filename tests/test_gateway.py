@@ -204,3 +204,32 @@ def test_expect_100_continue_without_a_body_keeps_the_connection(running_stack):
            b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")  # fmt: skip
     reply = exchange(port, two)
     assert reply.count(b"HTTP/1.1 200 ") == 2 and b"100 Continue" not in reply, reply
+
+
+def test_the_early_answer_look_works_past_descriptor_1023():
+    """The gateway looks at the function's socket before each block of a body it forwards; with
+    select() a descriptor past 1,023 (a gateway holding many connections) was a ValueError, and
+    every proxied upload a 500."""
+    import http.client
+    import io
+    import os
+
+    from local.gateway import _AnsweredEarly, _Upload
+
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    function_side, gateway_side = socket.socketpair()
+    try:
+        assert gateway_side.fileno() > 1023
+        conn = http.client.HTTPConnection("127.0.0.1")
+        conn.sock = gateway_side
+        upload = _Upload(conn, io.BytesIO(b"x" * 200_000), 200_000)
+        assert upload.read() == b"x" * 65536  # nothing from the function yet: the body goes on
+        function_side.sendall(b"HTTP/1.1 401 Unauthorized\r\n")
+        time.sleep(0.05)
+        with pytest.raises(_AnsweredEarly):
+            upload.read()
+    finally:
+        function_side.close()
+        gateway_side.close()
+        for fd in filler:
+            os.close(fd)

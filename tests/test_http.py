@@ -5,6 +5,7 @@ import pytest
 
 from shared.access import client_address
 from shared.config import Settings
+from shared.errors import MESSAGE_CHARS, clipped
 
 CLUSTER = Settings.from_env({"TRUSTED_PROXIES": "127.0.0.0/8, 10.0.0.0/8"}).trusted_proxies
 
@@ -36,3 +37,15 @@ def test_client_address(trusted, peer, forwarded, expected):
     headers = {"X-Forwarded-For": forwarded} if forwarded else {}
     with app.test_request_context(headers=headers, environ_base={"REMOTE_ADDR": peer}):
         assert client_address(flask.request.environ, trusted) == expected
+
+
+def test_a_cut_message_never_shows_part_of_a_secret():
+    """A message is cut to its limit after the secrets in it are redacted; a secret the cut would
+    halve is redacted whole (half of one is too short to be known as one)."""
+    secret = "sk_" + "ubV9IUn289OG8nSErQ5dTx1YkL0pAm7cWz3fGh2JiK4"
+    # an earlier redaction shortening the text must not slide a later secret's first half in
+    for text in ("A" * 600 + " y" * 40 + " " + secret + " tail", "x" * 580 + " " + secret):
+        cut = clipped(text)
+        assert len(cut) <= MESSAGE_CHARS and cut.endswith("…") and secret[:8] not in cut, cut[-80:]
+    assert clipped("x" * 700) == "x" * (MESSAGE_CHARS - 1) + "…"
+    assert clipped("short " + secret) == "short " + secret  # under the limit: as it is (the logs redact it)

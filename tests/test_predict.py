@@ -191,11 +191,12 @@ def start_predict(**setup):
         # A password holding / ? or # unencoded: urlsplit reads the rest as the path, the query or
         # the fragment, whose messages quoted it; all before the last @ stays out.
         ({"MODEL_NAME": "shapes", "REDIS_URL": "redis://:hun/ter22@127.0.0.1:6379/0"}, "percent-encode"),
-        ({"MODEL_NAME": "shapes", "REDIS_URL": "redis://u:hunter22?x@127.0.0.1/0"}, "***@127.0.0.1/0"),
+        ({"MODEL_NAME": "shapes", "REDIS_URL": "redis://u:hunter22?x@127.0.0.1/0"}, "(redis://***)"),
         ({"MODEL_NAME": "shapes", "REDIS_URL": "redis://:hunter#22@127.0.0.1/0"}, "percent-encode"),
         ({"MODEL_NAME": "shapes", "REDIS_URL": "redis://:hun@ter/22@127.0.0.1/0"}, "***@127.0.0.1/0)"),  # @ and /
         ({"MODEL_NAME": "shapes", "REDIS_URL": "redis://127.0.0.1/0?password=hun#ter22"}, "password=***#***"),
         ({"MODEL_NAME": "shapes", "REDIS_URL": "redis://127.0.0.1/0?password=hun&ter22"}, "percent-encode & and ;"),
+        ({"MODEL_NAME": "shapes", "REDIS_URL": "redis://127.0.0.1/0?password=hun@ter22"}, "(redis://***)"),
         # Values redis-py takes and then fails every request with (a 500, or a 503 forever):
         ({"MODEL_NAME": "shapes", "REDIS_URL": "redis://127.0.0.1/0?socket_timeout=-1"}, "socket_timeout must be"),
         ({"MODEL_NAME": "shapes", "REDIS_URL": "redis://127.0.0.1/0?socket_timeout=0"}, "socket_timeout must be"),
