@@ -75,16 +75,16 @@ def mask_url(url: str) -> str:
     if "@" in netloc:
         user, _, host = netloc.rpartition("@")
         netloc = f"{user.partition(':')[0]}:***@{host}" if ":" in user else f"***@{host}"
+    fields = re.split(r"[&;]", parts.query) if parts.query else []
     shown: list[str] = []
-    for field in re.split(r"[&;]", parts.query) if parts.query else []:
+    for field in fields:
         name = field.partition("=")[0]
         if "password" in unquote_plus(name).lower():  # redis-py unquotes names: pass%77ord is one too
             shown.append(f"{name}=***")
             break  # what follows may be the rest of a password that held & or ;
         shown.append(field)
-    query = "&".join(shown) + ("&***" if len(shown) < len(re.split(r"[&;]", parts.query)) else "")
-    masked = urlunsplit(parts._replace(netloc=netloc, query=query if parts.query else "",
-                                       fragment="***" if parts.fragment else ""))  # fmt: skip
+    query = "&".join(shown) + ("&***" if len(shown) < len(fields) else "")
+    masked = urlunsplit(parts._replace(netloc=netloc, query=query, fragment="***" if parts.fragment else ""))
     # urlunsplit writes unix:///path as unix:/path (no host): keep the form it was given in.
     return masked.replace(":", "://", 1) if not netloc and url.startswith(f"{parts.scheme}://") else masked
 

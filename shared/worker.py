@@ -297,7 +297,7 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
             return
         now = time.monotonic()
         conn.closing, conn.timeout, conn.linger_until = True, now + self.linger_idle, now + self.body_timeout
-        conn.linger_most, conn.linger_since = now + self.linger_most, now
+        conn.linger_since = now
         conn.sock.setblocking(False)
         self.watch(conn)
 
@@ -316,7 +316,7 @@ class DeadlineWorker(ThreadWorker):  # type: ignore[misc]  # gunicorn has no typ
         except OSError:
             size = 0
         if size:
-            conn.linger_until = min(conn.linger_until + size / self.min_rate, conn.linger_most)
+            conn.linger_until = min(conn.linger_until + size / self.min_rate, conn.linger_since + self.linger_most)
             conn.timeout = min(time.monotonic() + self.linger_idle, conn.linger_until)
         else:
             self.close_now(conn)
