@@ -43,16 +43,21 @@ return 1
 """
 )
 
-# KEYS: key, key-tokens, audit. ARGV: new hash, grace deadline ('' = none), revoke tokens ('1'),
-# token prefix, user, host, detail, now. → tokens killed | -1 no such key | -2 expired
+# KEYS: key, key-tokens, audit. ARGV: new hash, grace seconds ('' = none), revoke tokens ('1'),
+# token prefix, user, host, detail, the secret's hash as read before (the new one shares its
+# salt). → tokens killed | -1 no such key | -2 expired | -3 the secret changed meanwhile (another
+# rotation: the grace would go to a secret that was never handed out, and the original's be lost)
+# The grace runs on Redis's clock, which the issue script reads it by.
 _ROTATE = (
     AUDIT_LUA
     + """
 local k = redis.call('HMGET', KEYS[1], 'secret', 'expires')
 if not k[1] then return -1 end
-if k[2] and k[2] ~= '' and tonumber(k[2]) <= tonumber(ARGV[8]) then return -2 end
+if k[1] ~= ARGV[8] then return -3 end
+local now = tonumber(redis.call('TIME')[1])
+if k[2] and k[2] ~= '' and tonumber(k[2]) <= now then return -2 end
 if ARGV[2] ~= '' then
-  redis.call('HSET', KEYS[1], 'old_secret', k[1], 'old_until', ARGV[2])
+  redis.call('HSET', KEYS[1], 'old_secret', k[1], 'old_until', now + tonumber(ARGV[2]))
 else
   redis.call('HDEL', KEYS[1], 'old_secret', 'old_until')
 end
@@ -206,22 +211,24 @@ class KeyAdmin(AuthStore):
         secret = secret or Keypair.new(public_key).secret_key
         # With a grace period both secrets are checked: the same salt lets one scrypt run do it.
         new_hash = hash_secret(secret, salt_of(str(current)) if grace else None)
-        now = int(time.time())
         detail = f"grace={grace}s revoke_tokens={'yes' if revoke_tokens else 'no'}"
         killed = self._rotate(
             keys=[self._k("key", public_key), self._k("key-tokens", public_key), self._k("audit")],
             args=[
                 new_hash,
-                str(now + grace) if grace else "",
+                str(grace) if grace else "",
                 "1" if revoke_tokens else "",
                 self._k("token", ""),
                 *self._actor_args(),
                 detail,
-                now,
+                current,
             ],
         )
         if killed == -1:
             raise UnknownKey(f"no such key: {public_key}")
+        if killed == -3:
+            raise BadRequest(f"{public_key}'s secret changed while it was being rotated (another --rotate?): "
+                             "nothing was changed; run it again")  # fmt: skip
         if killed == -2:
             raise BadRequest(f"{public_key} has expired; extend it first with --edit {public_key} --expires 90d")
         return Keypair(public_key, secret), int(killed)
@@ -279,7 +286,7 @@ class KeyAdmin(AuthStore):
     @store.unavailable_when_down
     def audit_log(self, since: float | None = None) -> list[AuditEvent]:
         """The audit stream's events from ``since`` (epoch seconds; None = all), oldest first."""
-        start = f"{int(since * 1000)}-0" if since else "-"
+        start = f"{int(since * 1000)}-0" if since and since > 0 else "-"  # since before 1970: all
         entries = cast("list[tuple[str, dict[str, str]]]", self.redis.xrange(self._k("audit"), min=start))
         return [_event(entry_id, fields) for entry_id, fields in entries]
 

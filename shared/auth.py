@@ -222,7 +222,8 @@ class AuthStore:
         """Every key under the prefix, oldest first (never secrets)."""
         names = sorted(self.redis.scan_iter(match=self._glob("key:*"), count=500))
         pipe = self.redis.pipeline(transaction=False)
-        now = time.time()
+        seconds, micros = self.redis.time()  # the clock the scripts count tokens and expiry by
+        now = seconds + micros / 1e6
         for name in names:
             pipe.hmget(name, "label", "scopes", "created", "expires", "rate")
             pipe.zcount(self._k("key-tokens", name.rsplit(":", 1)[1]), now, "+inf")
@@ -315,10 +316,9 @@ class AuthStore:
             self._k("fail", "key", public_key),
             self._k("fail", "key-addr", public_key, client_addr),
         ]
-        secret, old_secret, old_until = self._limit_and_read(counters, public_key)
-        now = int(time.time())
+        secret, old_secret = self._limit_and_read(counters, public_key)
         candidates = [secret or dummy_hash()]
-        if secret and old_secret and int(old_until or 0) > now:
+        if secret and old_secret:  # whether its grace has ended, the script tells by Redis's clock
             candidates.append(old_secret)  # shares the salt: no second scrypt run
         matched = matching_hash(secret_key, candidates)
         if matched is None or secret is None:
@@ -335,11 +335,9 @@ class AuthStore:
                 self._k("key-tokens", public_key),
                 self._k("audit"),
             ],
-            # The time again: the scrypt run took a while.
             args=[
                 public_key,
                 matched,
-                int(time.time()),
                 self.settings.token_ttl,
                 token_digest(token),
                 self._host,
@@ -356,6 +354,8 @@ class AuthStore:
                 "or for no scope"
             )
         if reply[0] != 1:  # revoked, rotated or expired: the same answer as a wrong secret
+            if reply[0] == 0 and matched != secret:  # an old secret past its grace: a wrong one
+                self._record_failure(keys=counters, args=[self.settings.auth_failure_window])
             raise InvalidCredentials()
         ttl, granted = int(reply[1]), reply[2]
         return IssuedToken(token, ttl, Session(public_key, parse_scopes_field(granted), ttl))
@@ -383,11 +383,11 @@ class AuthStore:
         if self.token_cache is not None and (cached := self.token_cache.lookup(digest, model)) is not None:
             left = cached.dies_at - time.monotonic()
             if cached.key_expires is not None:  # whole seconds, as the script counts them
-                left = min(left, cached.key_expires - int(time.time()))
+                left = min(left, cached.key_expires - int(self.token_cache.now()))
             return Session(cached.public_key, cached.scopes, int(left))
         reply = self._authenticate(
             keys=[self._k("token", digest), self._k("audit")],
-            args=[self.settings.prefix, int(time.time()), model or "", self._host, "1" if count_rate else "0"],
+            args=[self.settings.prefix, model or "", self._host, "1" if count_rate else "0"],
         )
         if reply[0] == 0:  # unknown or expired token, revoked or expired key
             metrics.AUTH_FAILURES.labels("invalid").inc()
@@ -428,8 +428,8 @@ class AuthStore:
     # -- brute-force limits ----------------------------------------------------------------
 
     def _limit_and_read(self, counters: list[str], public_key: str) -> list[str | None]:
-        """Refuse a client that is limited, else the key's secret, old secret and its deadline;
-        one round trip.
+        """Refuse a client that is limited, else the key's secret and its old secret (during a
+        rotation's grace, which the issue script checks); one round trip.
 
         ``counters`` are the failures of this address (any key), of this key (any address) and
         of this key from this address. An address with too many failures is refused. A key with
@@ -441,7 +441,7 @@ class AuthStore:
         pipe.mget(counters)
         for name in counters:
             pipe.ttl(name)
-        pipe.hmget(self._k("key", public_key), "secret", "old_secret", "old_until")
+        pipe.hmget(self._k("key", public_key), "secret", "old_secret")
         counts, *ttls, stored = pipe.execute()
         addr, key, key_addr = (int(count or 0) for count in counts)
         limit = self.settings.auth_max_failures

@@ -83,6 +83,7 @@ class TokenCache:
         self._tokens: dict[str, tuple[str, float, float, list[str] | None]] = {}
         self._keys: dict[str, tuple[list[str] | None, int | None]] = {}
         self._heard = 0.0  # when the last command since answered was sent (monotonic)
+        self._offset = 0.0  # Redis's clock less this host's, as the last fill read it (seconds)
         self._unavailable_until = 0.0  # RESP2, or CLIENT TRACKING refused: no cache until then
         self._told: set[str] = set()
         self._seen: dict[str, float] = {}  # with fill_on_repeat: token digest → first checked (monotonic)
@@ -104,7 +105,7 @@ class TokenCache:
                 now = time.monotonic()
                 if token is not None and key is not None and token[1] > now and now - token[2] < MAX_AGE_SECONDS:
                     scopes, expires = narrowed(key[0], token[3]), key[1]
-                    expired = expires is not None and expires <= time.time()
+                    expired = expires is not None and expires <= self.now()
                     if not expired and (not model or scopes is None or model in scopes):
                         entry = Entry(token[0], token[1], scopes, expires)
         except Exception:  # a bug here must cost a round trip, not a request
@@ -113,6 +114,11 @@ class TokenCache:
             entry = None
         metrics.TOKEN_CACHE.labels("hit" if entry else "miss").inc()
         return entry
+
+    def now(self) -> float:
+        """Redis's time (epoch seconds), as this host's clock and the last fill tell it: the
+        clock the scripts judge a key's expiry by."""
+        return time.time() + self._offset
 
     def fill(self, digest: str, public_key: str) -> None:
         """Read the token with ``digest`` and its key on the tracking connection and keep them,
@@ -148,12 +154,16 @@ class TokenCache:
     def _fill(self, digest: str, public_key: str) -> None:
         token_name, key_name = f"{self._prefix}token:{digest}", f"{self._prefix}key:{public_key}"
         connection = self._connect()
-        sent = time.monotonic()
+        sent, before = time.monotonic(), time.time()
         commands = [("HMGET", token_name, "pk", "scopes"), ("PTTL", token_name),
-                    ("HMGET", key_name, "created", "scopes", "expires", "rate")]  # fmt: skip
+                    ("HMGET", key_name, "created", "scopes", "expires", "rate"), ("TIME",)]  # fmt: skip
         connection.send_packed_command(connection.pack_commands(commands))
-        (owner, own_scopes), pttl, (created, scopes, expires, rate) = (connection.read_response() for _ in commands)
+        (owner, own_scopes), pttl, (created, scopes, expires, rate), (seconds, micros) = (
+            connection.read_response() for _ in commands
+        )
         self._heard = sent
+        # A key's expiry is judged by Redis's clock, as the script judges it: this host's may be off.
+        self._offset = int(seconds) + int(micros) / 1e6 - (before + time.time()) / 2
         if owner != public_key or pttl <= 0 or not created or rate:
             return  # gone meanwhile, or a rate: the script answers those
         key = (parse_scopes_field(scopes), int(float(expires)) if expires else None)

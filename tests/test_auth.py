@@ -17,7 +17,7 @@ from shared.admin import KeyAdmin
 from shared.auth import AuthStore
 from shared.auth_scripts import AUDIT_MAX_ENTRIES
 from shared.config import Rate
-from shared.credentials import hash_secret, matching_hash, token_digest
+from shared.credentials import Keypair, hash_secret, matching_hash, token_digest
 from shared.errors import (
     BadRequest,
     Forbidden,
@@ -241,6 +241,80 @@ def test_rotation_grace_keeps_the_old_secret_for_a_while_at_one_scrypt_run(admin
     with pytest.raises(InvalidCredentials):
         admin.issue_token(pair.public_key, pair.secret_key, "a")
     assert admin.issue_token(pair.public_key, new.secret_key, "a").token
+
+
+@pytest.fixture
+def clock_off(monkeypatch):
+    """This process's clock moved by ``seconds`` (a replica on a node whose clock is off), the
+    Redis server's left alone."""
+    real = time.time
+
+    def set_offset(seconds: float) -> None:
+        monkeypatch.setattr(time, "time", lambda: real() + seconds)
+
+    return set_offset
+
+
+def test_expiry_and_grace_go_by_redis_clock_whatever_the_replicas(settings, admin, clock_off):
+    """A replica whose clock is 90 s slow, in both its token checks and its token cache, sees a
+    key expire and a rotation's grace end when Redis's clock says: not 90 s later."""
+    expiring = admin.create_key(expires=admin.redis.time()[0] + 2)
+    rotated = admin.create_key()
+    admin.rotate_key(rotated.public_key, grace=2)
+    clock_off(-90)
+    slow = AuthStore(settings, token_cache=True)
+    token = slow.issue_token(expiring.public_key, expiring.secret_key, "a").token
+    assert slow.verify_token(token).expires_in <= 2
+    assert slow.verify_token(token).public_key == expiring.public_key  # from the cache now
+    assert slow.issue_token(rotated.public_key, rotated.secret_key, "a").token  # in its grace
+    time.sleep(2.2)
+    for check in (lambda: slow.verify_token(token), lambda: AuthStore(settings).verify_token(token)):
+        with pytest.raises(Unauthorized):
+            check()
+    for pair in (expiring, rotated):
+        with pytest.raises(InvalidCredentials):
+            slow.issue_token(pair.public_key, pair.secret_key, "a")
+
+
+def test_tokens_of_replicas_with_clocks_off_all_die_with_revoke_tokens(settings, admin, clock_off):
+    """The key's token index (what --revoke-tokens and the per-key cap read) holds every live
+    token, whichever replica's clock, 2 h fast or not, issued it."""
+    pair = admin.create_key()
+    tokens = [admin.issue_token(pair.public_key, pair.secret_key, "a").token for _ in range(2)]
+    clock_off(7200)
+    tokens.append(AuthStore(settings).issue_token(pair.public_key, pair.secret_key, "a").token)
+    clock_off(0)
+    tokens.append(admin.issue_token(pair.public_key, pair.secret_key, "a").token)
+    assert [info.live_tokens for info in admin.list_keys()] == [4]
+    assert admin.rotate_key(pair.public_key, revoke_tokens=True)[1] == 4
+    for token in tokens:
+        with pytest.raises(Unauthorized):
+            admin.verify_token(token)
+
+
+def test_two_rotations_at_once_never_lose_the_original_secret(admin):
+    """Two ``--rotate --grace`` at once: one wins, the other changes nothing and says so; the
+    original secret keeps its grace (it lost it when the second moved the first's new secret
+    into the grace slot)."""
+    pair = admin.create_key()
+    start, results = threading.Barrier(2), []
+
+    def rotate() -> None:
+        start.wait()
+        try:
+            results.append(admin.rotate_key(pair.public_key, grace=3600)[0])
+        except BadRequest as refused:
+            results.append(refused)
+
+    threads = [threading.Thread(target=rotate) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    won = [result for result in results if isinstance(result, Keypair)]
+    assert len(won) == 1 and "changed while it was being rotated" in str(next(r for r in results if r not in won))
+    for secret in (pair.secret_key, won[0].secret_key):
+        assert admin.issue_token(pair.public_key, secret, "a").token
 
 
 def test_rotating_or_editing_an_unknown_or_expired_key_changes_nothing(admin):
