@@ -38,6 +38,7 @@ try:
     from shared.errors import OutcomeUnknown, ThalamusError
     from shared.keyrecords import Actor, KeyInfo, parse_scopes, utc
     from shared.logs import redacted
+    from shared.usage import USAGE_DAYS
 except ImportError:
     # Run by a python without the project's packages: use the project's .venv when it exists.
     venv_python = Path(__file__).resolve().parent / ".venv" / "bin" / "python"
@@ -88,7 +89,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     more.add_argument("--grace", metavar="DURATION", help="with --rotate: the old secret works this long; e.g. 1h")
     more.add_argument("--revoke-tokens", action="store_true", help="with --rotate: end the key's live tokens too")
-    more.add_argument("--days", type=int, metavar="N", help="with --usage: the last N days (default 30)")
+    more.add_argument("--days", type=int, metavar="N", help="with --usage: the last N days (default 30, at most 90)")
     more.add_argument("--since", metavar="DURATION", help="with --audit: events this recent; e.g. 7d (default all)")
     more.add_argument("--json", action="store_true", help="with -l, --usage or --audit: JSON on stdout")
     more.add_argument("--yes", action="store_true", help="with -p: do not ask (required when stdin is no terminal)")
@@ -254,8 +255,8 @@ def list_keys(admin: KeyAdmin, as_json: bool) -> None:
 
 
 def show_usage(admin: KeyAdmin, key: str | None, days: int, as_json: bool) -> None:
-    if days < 1:
-        raise fail(f"--days must be at least 1, got {days}")
+    if not 1 <= days <= USAGE_DAYS:
+        raise fail(f"--days must be from 1 to {USAGE_DAYS} (usage is kept {USAGE_DAYS} days), got {days}")
     rows = admin.usage_report(key, days)
     if as_json:
         print(json.dumps([{**row.__dict__, "last_used": utc(row.last_used)} for row in rows], indent=2))

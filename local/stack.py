@@ -119,12 +119,14 @@ class Stack:
     def spawn(self, child: Child, settings: config.Settings) -> None:
         port = child.url.rsplit(":", 1)[1]
         # The gateway sets X-Forwarded-For, as an ingress does, and connects to the functions from
-        # its own address: the functions believe that header from there only.
+        # its own address: the functions believe that header from there only, whatever the
+        # environment says (a wider TRUSTED_PROXIES would let a local client that calls a function
+        # directly claim any address, and dodge the per-address limits).
         source = gateway.source_address()
         env = {
-            "TRUSTED_PROXIES": f"{source}/32",
             "LOG_FORMAT": "text",  # a person reads these lines, prefixed with the function's name
             **os.environ,
+            "TRUSTED_PROXIES": f"{source}/32",
             "WORKERS": "1",
             "REDIS_URL": settings.redis_url,
         }
@@ -223,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(f"start.sh: {exc}", file=sys.stderr)
         return 1
+    if settings.trusted_proxies:
+        print("start.sh: TRUSTED_PROXIES is not used here: the gateway is the edge, and the functions believe "
+              "X-Forwarded-For from the gateway only", file=sys.stderr)  # fmt: skip
     port = args.port or settings.port or GATEWAY_PORT
     stack = Stack(args.host, port)
     models = discover_models(ROOT / "models")

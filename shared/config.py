@@ -250,6 +250,8 @@ def _redis_url(variable: str, raw: str) -> str:
             if any("password" in name.lower() for name in names):  # the unknown one may be a password's tail
                 raise ValueError(f"an unknown option (percent-encode & and ; in a password: %26 %3B; known: {known})")
             raise ValueError(f"unknown option {unknown[0]!r} (known: {known})")
+        if parts.scheme != "rediss" and (tls := sorted(name for name in names if name.startswith("ssl_"))):
+            raise ValueError(f"option {tls[0]!r} is for TLS: use a rediss:// URL")  # redis-py: a TypeError
         if parts.scheme in ("redis", "rediss") and not re.fullmatch(r"/?|/[0-9]+/?", unquote_plus(parts.path)):
             raise ValueError(f"the path names the database, a number: {parts.path!r}")  # redis-py ignores others
         options = redis.connection.parse_url(raw)  # type: ignore[no-untyped-call]  # as redis-py reads the URL

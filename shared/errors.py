@@ -23,11 +23,12 @@ MESSAGE_CHARS = 600
 
 
 def clipped(text: str, limit: int = MESSAGE_CHARS) -> str:
-    """``text`` cut to ``limit`` characters, the last one an ellipsis when it was longer; what is
-    shaped like a secret is redacted first, as the logs would (a cut could leave half a secret
-    key, too short for them to know it)."""
+    """``text`` cut to ``limit`` characters, the last one an ellipsis when it was longer, with
+    what is shaped like a secret redacted, as the logs would (before the cut: a cut could leave
+    half a secret key, too short for them to know it). An answer never echoes a secret key or a
+    token that a client put where it does not belong (a path, a model or input name)."""
     if len(text) <= limit:
-        return text
+        return redacted(text)
     # Cut first (a client's 10 MB string costs the cut, not a scan), past any secret the cut
     # would halve (a secret is under 100 characters), then redacted and cut to the limit.
     end = limit - 1

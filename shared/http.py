@@ -254,9 +254,7 @@ class Service:
 
     def _dispatch(self, request: flask.Request, exchange: Exchange) -> flask.Response:
         """Route, authenticate, read the body, call the handler (noting what it learns in ``exchange``)."""
-        route, args = self._match(request)
-        exchange.route = route.rule
-        exchange.model = args.get("name")
+        route, args = self._match(request, exchange)
         if (request.content_length or 0) > self.max_body:
             raise PayloadTooLarge(self.max_body)
         if exchange.model is not None and self._model is not None and exchange.model != self._model:
@@ -280,7 +278,9 @@ class Service:
         result = route.handler(Call(request, args, exchange.session))
         return result if isinstance(result, flask.Response) else json_response(result)
 
-    def _match(self, request: flask.Request) -> tuple[Route, dict[str, str]]:
+    def _match(self, request: flask.Request, exchange: Exchange) -> tuple[Route, dict[str, str]]:
+        """The route of ``request`` and its arguments, noted in ``exchange`` (a 405's route too:
+        its access line and metrics name the route, not ``unmatched``)."""
         adapter = self._map.bind("localhost")
         try:
             endpoint, args = adapter.match(request.path, method=request.method)
@@ -288,6 +288,7 @@ class Service:
             allowed = sorted(exc.valid_methods or [])
             # Another model's path is not here at all, whatever the method: 404, as with a GET.
             endpoint, args = adapter.match(request.path, method=allowed[0])
+            exchange.route, exchange.model = str(endpoint), args.get("name")
             if self._model is not None and args.get("name", self._model) != self._model:
                 raise NotFound(
                     f"no such model here: {clipped(args['name'], 64)} (this function serves {self._model})"
@@ -295,6 +296,7 @@ class Service:
             raise MethodNotAllowed(allowed, self._routes[str(endpoint)].headers) from None
         except wz.NotFound:
             raise NotFound(f"no such path: {request.path}") from None
+        exchange.route, exchange.model = str(endpoint), args.get("name")
         return self._routes[str(endpoint)], dict(args)
 
 

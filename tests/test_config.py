@@ -80,7 +80,9 @@ def test_redis_urls_redis_py_reads_alike_are_accepted(url):
 @pytest.mark.parametrize(
     ("url", "words"),
     [("redis://h/abc", "the path names the database"), ("redis://h/0?socket_read_size=0", "socket_read_size"),
-     ("redis://h/0?socket_connect_timeout=0", "socket_connect_timeout"), ("redis://h/0?db=-1", "db must be")],
+     ("redis://h/0?socket_connect_timeout=0", "socket_connect_timeout"), ("redis://h/0?db=-1", "db must be"),
+     ("redis://h/0?ssl_password=x", "'ssl_password' is for TLS: use a rediss:// URL"),
+     ("unix:///run/redis.sock?ssl_cert_reqs=none", "'ssl_cert_reqs' is for TLS")],
 )  # fmt: skip
 def test_redis_urls_that_would_fail_every_request_stop_the_start(url, words):
     with pytest.raises(ConfigError, match=words):

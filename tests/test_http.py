@@ -48,4 +48,14 @@ def test_a_cut_message_never_shows_part_of_a_secret():
         cut = clipped(text)
         assert len(cut) <= MESSAGE_CHARS and cut.endswith("…") and secret[:8] not in cut, cut[-80:]
     assert clipped("x" * 700) == "x" * (MESSAGE_CHARS - 1) + "…"
-    assert clipped("short " + secret) == "short " + secret  # under the limit: as it is (the logs redact it)
+    assert clipped("short " + secret) == "short [redacted]"  # under the limit too, as the logs would
+
+
+def test_an_answer_never_echoes_a_secret_sent_where_it_does_not_belong(shapes_client):
+    """A client that put its secret key or a token in the path or a name gets its error without
+    it, as the access line has it (a shared proxy or a browser may keep what an answer says)."""
+    secret, token = "sk_" + "ubV9IUn289OG8nSErQ5dTx1YkL0pAm7cWz3fGh2JiK4", "Q" * 20 + "_" + "z" * 22
+    for path in (f"/x/{secret}", f"/models/{token}.json", f"/v2/models/shapes/infer/{secret}"):
+        reply = shapes_client.get(path)
+        assert reply.status_code == 404 and "[redacted]" in reply.get_json()["error"], reply.get_json()
+        assert secret not in reply.get_data(as_text=True) and token not in reply.get_data(as_text=True)

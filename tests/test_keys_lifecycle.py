@@ -122,7 +122,10 @@ def test_usage_and_last_use(generate, auth, run):
     [row] = json.loads(run("--usage", pair["public_key"], "--days", "1", "--json").stdout)
     assert (row["model"], row["requests"], row["errors"]) == ("shapes", 3, 1)
     assert "ago" in run("-l").stdout.splitlines()[1].split("  ")[-1]
-    assert run("--usage", "--days", "0").returncode == 1
+    for days in ("0", "91", "800000"):  # usage is kept 90 days; a huge count was a traceback
+        refused = run("--usage", "--days", days)
+        assert refused.returncode == 1 and "from 1 to 90" in refused.stderr and "Traceback" not in refused.stderr
+    assert json.loads(run("--usage", "--days", "90", "--json").stdout)[0]["requests"] == 3
 
 
 def test_audit_names_the_user_and_host(generate, run, tmp_path):
@@ -140,6 +143,8 @@ def test_audit_names_the_user_and_host(generate, run, tmp_path):
     assert "create" in table and pair["public_key"] in table and f"{user}@" in table
     assert pair["secret_key"] not in table
     assert run("--audit", "--since", "1s").returncode == 0
+    ages = run("--audit", "--since", "99999999d")  # further back than 1970: every event, no traceback
+    assert ages.returncode == 0 and pair["public_key"] in ages.stdout, ages.stderr
 
 
 def test_models_warns_about_names_without_a_bundle(run, tmp_path):

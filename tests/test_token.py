@@ -74,6 +74,9 @@ def test_oauth2_answer_names_the_scope_granted(token_client, auth, keypair):
     assert grant(token_client, keypair, scope="*").get_json()["scope"] == "*"
     assert grant(token_client, scoped, scope="*").get_json()["scope"] == "*"  # as asked: the key's own
     assert "scope" not in grant(token_client, keypair).get_json()  # every model, nothing asked: nothing to say
+    for empty in ("", " "):  # an empty scope is none: the key's models, not "*"
+        assert set(grant(token_client, scoped, scope=empty).get_json()["scope"].split(" ")) == {"arrows", "shapes"}
+        assert "scope" not in grant(token_client, keypair, scope=empty).get_json()
 
 
 def keypair_body(pair, **extra):

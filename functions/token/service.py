@@ -114,8 +114,8 @@ def create_service(settings: Settings, auth: AuthStore | None = None) -> Service
             body = {"access_token": issued.token, "token_type": "Bearer", "expires_in": issued.ttl}
             # RFC 6749 5.1: the scope granted, space-separated, so that a client gets the one it
             # asked for: "*" for "*" (the key's own, whatever they are: /session.json lists them),
-            # else the models asked for, else the key's when it has some.
-            if asked is None and "scope" in request.form:
+            # else the models asked for, else the key's when it has some (an empty scope is none).
+            if asked is None and "*" in (request.form.get("scope") or "").split(" "):
                 body["scope"] = "*"
             elif issued.session.scopes is not None:  # the models asked for, or the key's
                 body["scope"] = " ".join(issued.session.scopes)
