@@ -275,7 +275,7 @@ class AuthStore:
         # Functions hold up to a flush interval of counts (an outage's worth while Redis is down),
         # and a token they know works until the push reaches them: those counts, flushed later,
         # must not bring the purged keys back (the flush drops counts last used by this time).
-        until = math.ceil(time.time() + PROPAGATION_SECONDS)
+        until = math.ceil(self.redis.time()[0] + 1 + PROPAGATION_SECONDS)  # Redis's clock, as the flush's
         pipe.set(self._k("purged"), until, ex=(USAGE_DAYS + 1) * 86400)
         self._audit(pipe, "purge", "-", f"{deleted} Redis key(s) deleted")
         pipe.execute()

@@ -38,9 +38,12 @@ if tonumber(ARGV[3]) <= tonumber(redis.call('GET', KEYS[3]) or '0') then return 
 -- first try (each flush, while Redis answers), and a process that is gone sends nothing.
 redis.call('SET', KEYS[3], ARGV[3], 'EX', 3600)
 local purged = tonumber(redis.call('GET', KEYS[2]) or '0')
+-- A last use is never later than Redis's clock, which the purge's time is read from: a function
+-- whose host clock is fast would otherwise show uses "in 25s" and bring a purged key back.
+local now = tonumber(redis.call('TIME')[1])
 for i = 4, #ARGV, 6 do
   local name = ARGV[1] .. 'usage:' .. ARGV[i] .. ':' .. ARGV[i + 1]
-  local model, last = ARGV[i + 2], tonumber(ARGV[i + 5])
+  local model, last = ARGV[i + 2], math.min(tonumber(ARGV[i + 5]), now)
   local exists = redis.call('EXISTS', ARGV[1] .. 'key:' .. ARGV[i]) == 1
   if last > purged or exists then
     redis.call('HINCRBY', name, 'r:' .. model, ARGV[i + 3])

@@ -449,6 +449,27 @@ def test_usage_held_at_a_purge_does_not_bring_the_purged_key_back(admin):
     assert [(row.public_key, row.requests) for row in admin.usage_report()] == [(fresh.public_key, 1)]
 
 
+def test_a_function_with_a_fast_clock_neither_brings_a_purged_key_back_nor_shows_future_uses(
+    settings, admin, clock_off
+):
+    pair = admin.create_key()
+    clock_off(30)
+    fast = AuthStore(settings)
+    fast.record_request(fast.issue_token(pair.public_key, pair.secret_key, "a").session, "shapes", 200)
+    clock_off(0)
+    admin.purge()
+    fast.usage.flush()
+    assert admin.usage_report() == []
+    kept = admin.create_key()
+    clock_off(30)
+    fast.record_request(fast.issue_token(kept.public_key, kept.secret_key, "a").session, "shapes", 200)
+    fast.usage.flush()
+    clock_off(0)
+    [row] = admin.usage_report()
+    assert row.public_key == kept.public_key and row.last_used <= admin.redis.time()[0]
+    assert admin.key(kept.public_key).last_used <= admin.redis.time()[0]
+
+
 def test_usage_flushed_after_a_revocation_keeps_the_history_and_no_last_use(admin):
     """Counts taken just before a revocation reach Redis up to a second after it: they join the
     revoked key's history, but do not put back its entry in the last-use hash, which the
