@@ -215,14 +215,14 @@ def when(epoch: float | None, now: float) -> str:
     return f"{stamp} ({amount} ago)" if epoch <= now else f"{stamp} (in {amount})"
 
 
-def key_json(key: KeyInfo) -> dict[str, Any]:
+def key_json(key: KeyInfo, now: float) -> dict[str, Any]:
     return {
         "public_key": key.public_key,
         "label": key.label,
         "models": key.scopes,
         "rate": str(key.rate) if key.rate else None,
         "expires": utc(key.expires) if key.expires else None,
-        "expired": key.expired(),
+        "expired": key.expired(now),
         "created": utc(key.created),
         "live_tokens": key.live_tokens,
         "last_used": utc(key.last_used) if key.last_used else None,
@@ -232,13 +232,13 @@ def key_json(key: KeyInfo) -> dict[str, Any]:
 def list_keys(admin: KeyAdmin, as_json: bool) -> None:
     keys = admin.list_keys()
     admin.note_expired(keys)
+    now = admin.redis_time()  # expired or not as the functions judge it, whatever this host's clock
     if as_json:
-        print(json.dumps([key_json(key) for key in keys], indent=2))
+        print(json.dumps([key_json(key, now) for key in keys], indent=2))
         return
     if not keys:
         print(f"no keys under THALAMUS_PREFIX {admin.settings.prefix!r}")
         return
-    now = time.time()
     rows = [
         [
             key.public_key,
@@ -264,7 +264,7 @@ def show_usage(admin: KeyAdmin, key: str | None, days: int, as_json: bool) -> No
     if not rows:
         print(f"no requests in the last {days} day(s)")
         return
-    now = time.time()
+    now = admin.redis_time()
     table(
         ["PUBLIC KEY", "LABEL", "MODEL", "REQUESTS", "ERRORS", "LAST USED"],
         [[r.public_key, r.label or "-", r.model, str(r.requests), str(r.errors), when(r.last_used, now)] for r in rows],
@@ -272,7 +272,7 @@ def show_usage(admin: KeyAdmin, key: str | None, days: int, as_json: bool) -> No
 
 
 def show_audit(admin: KeyAdmin, since: str | None, as_json: bool) -> None:
-    start = time.time() - parse_duration(since) if since else None
+    start = admin.redis_time() - parse_duration(since) if since else None  # events are stamped by Redis's clock
     admin.note_expired(admin.list_keys())
     events = admin.audit_log(start)
     if as_json:
@@ -337,17 +337,16 @@ def run(args: argparse.Namespace, admin: KeyAdmin, settings: config.Settings) ->
         pk = public_key(args.rotate)
         grace = parse_duration(args.grace) if args.grace else 0
         admin.key(pk)  # an unknown key is named before the file is made
-        pair, killed = Keypair.new(pk), 0
+        pair, done = Keypair.new(pk), []
 
         def rotate() -> None:
-            nonlocal killed
-            killed = admin.rotate_key(pk, grace=grace, revoke_tokens=args.revoke_tokens, secret=pair.secret_key)[1]
+            done.append(admin.rotate_key(pk, grace=grace, revoke_tokens=args.revoke_tokens, secret=pair.secret_key))
 
         write_keypair(args.output, pair, rotate)
         if args.revoke_tokens:
             in_force_everywhere()
-        old = f"works until {utc(time.time() + grace)}" if grace else "stopped working"
-        tokens = f"{killed} live token(s) invalidated" if args.revoke_tokens else "live tokens keep working"
+        old = f"works until {utc(done[0].old_until)}" if done[0].old_until else "stopped working"
+        tokens = f"{done[0].killed} live token(s) invalidated" if args.revoke_tokens else "live tokens keep working"
         print(f"rotated {pk}: new secret in {args.output}; the old secret {old}; {tokens}")
     elif args.action == "revoke":
         pk = public_key(args.revoke)

@@ -220,14 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     if url := running_stack():
         print(f"start.sh: the stack is already up at {url} (stop it with Ctrl-C there)", file=sys.stderr)
         return 1
+    if os.environ.pop("TRUSTED_PROXIES", "").strip():  # not read, so not refused either
+        print("start.sh: TRUSTED_PROXIES is not used here: the gateway is the edge, and the functions believe "
+              "X-Forwarded-For from the gateway only", file=sys.stderr)  # fmt: skip
     try:
         settings = config.load()
     except config.ConfigError as exc:
         print(f"start.sh: {exc}", file=sys.stderr)
         return 1
-    if settings.trusted_proxies:
-        print("start.sh: TRUSTED_PROXIES is not used here: the gateway is the edge, and the functions believe "
-              "X-Forwarded-For from the gateway only", file=sys.stderr)  # fmt: skip
     port = args.port or settings.port or GATEWAY_PORT
     stack = Stack(args.host, port)
     models = discover_models(ROOT / "models")

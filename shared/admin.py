@@ -10,7 +10,7 @@ import datetime
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from shared import store
 from shared.auth import AuthStore
@@ -45,19 +45,21 @@ return 1
 
 # KEYS: key, key-tokens, audit. ARGV: new hash, grace seconds ('' = none), revoke tokens ('1'),
 # token prefix, user, host, detail, the secret's hash as read before (the new one shares its
-# salt). → tokens killed | -1 no such key | -2 expired | -3 the secret changed meanwhile (another
-# rotation: the grace would go to a secret that was never handed out, and the original's be lost)
-# The grace runs on Redis's clock, which the issue script reads it by.
+# salt). → {tokens killed, end of the grace or 0} | {-1} no such key | {-2} expired | {-3} the
+# secret changed meanwhile (another rotation: the grace would go to a secret that was never handed
+# out, and the original's be lost). The grace runs on Redis's clock, which the issue script reads.
 _ROTATE = (
     AUDIT_LUA
     + """
 local k = redis.call('HMGET', KEYS[1], 'secret', 'expires')
-if not k[1] then return -1 end
-if k[1] ~= ARGV[8] then return -3 end
+if not k[1] then return {-1} end
+if k[1] ~= ARGV[8] then return {-3} end
 local now = tonumber(redis.call('TIME')[1])
-if k[2] and k[2] ~= '' and tonumber(k[2]) <= now then return -2 end
+if k[2] and k[2] ~= '' and tonumber(k[2]) <= now then return {-2} end
+local old_until = 0
 if ARGV[2] ~= '' then
-  redis.call('HSET', KEYS[1], 'old_secret', k[1], 'old_until', now + tonumber(ARGV[2]))
+  old_until = now + tonumber(ARGV[2])
+  redis.call('HSET', KEYS[1], 'old_secret', k[1], 'old_until', old_until)
 else
   redis.call('HDEL', KEYS[1], 'old_secret', 'old_until')
 end
@@ -70,7 +72,7 @@ if ARGV[3] == '1' then
   killed = #hashes
 end
 audit(KEYS[3], ARGV[5], ARGV[6], 'rotate', string.match(KEYS[1], 'key:(.*)$'), ARGV[7])
-return killed
+return {killed, old_until}
 """
 )
 
@@ -79,9 +81,20 @@ _NOTE_EXPIRY = (
     AUDIT_LUA
     + """
 local expires = redis.call('HGET', KEYS[1], 'expires')
-if expires and expires ~= '' then note_expiry(KEYS[1], KEYS[2], ARGV[1], ARGV[2], expires) end
+if expires and expires ~= '' and tonumber(expires) <= tonumber(redis.call('TIME')[1]) then
+  note_expiry(KEYS[1], KEYS[2], ARGV[1], ARGV[2], expires)
+end
 """
 )
+
+
+class Rotated(NamedTuple):
+    """What a rotation did: the new keypair, how many live tokens it ended, and when the old
+    secret stops working (Redis's clock; None: at once)."""
+
+    pair: Keypair
+    killed: int
+    old_until: int | None
 
 
 def parse_duration(text: str) -> int:
@@ -200,11 +213,12 @@ class KeyAdmin(AuthStore):
     @store.unavailable_when_down
     def rotate_key(
         self, public_key: str, *, grace: int = 0, revoke_tokens: bool = False, secret: str | None = None
-    ) -> tuple[Keypair, int]:
+    ) -> Rotated:
         """A new secret for ``public_key`` (scopes, label, expiry and rate kept): the old one
         stops working at once, or after ``grace`` seconds. Live tokens keep working unless
         ``revoke_tokens``. ``secret``: the new secret (keys.py saves it to its file first), else
-        a random one. Returns the new keypair and how many tokens died."""
+        a random one. BadRequest when the key has expired, or its secret changed meanwhile (a
+        rotation at the same time: nothing is changed)."""
         current = self.redis.hget(self._k("key", public_key), "secret")
         if current is None:
             raise UnknownKey(f"no such key: {public_key}")
@@ -212,7 +226,7 @@ class KeyAdmin(AuthStore):
         # With a grace period both secrets are checked: the same salt lets one scrypt run do it.
         new_hash = hash_secret(secret, salt_of(str(current)) if grace else None)
         detail = f"grace={grace}s revoke_tokens={'yes' if revoke_tokens else 'no'}"
-        killed = self._rotate(
+        killed, *until = self._rotate(
             keys=[self._k("key", public_key), self._k("key-tokens", public_key), self._k("audit")],
             args=[
                 new_hash,
@@ -231,7 +245,7 @@ class KeyAdmin(AuthStore):
                              "nothing was changed; run it again")  # fmt: skip
         if killed == -2:
             raise BadRequest(f"{public_key} has expired; extend it first with --edit {public_key} --expires 90d")
-        return Keypair(public_key, secret), int(killed)
+        return Rotated(Keypair(public_key, secret), int(killed), int(until[0]) or None)
 
     @store.unavailable_when_down
     def key(self, public_key: str) -> KeyInfo:
@@ -245,8 +259,9 @@ class KeyAdmin(AuthStore):
     def note_expired(self, keys: list[KeyInfo]) -> None:
         """Record "expiry reached" in the audit stream for expired keys not yet noted."""
         host = self.actor.host if self.actor else ""
+        now = self.redis_time()  # the script checks again: Redis's clock decides
         for info in keys:
-            if info.expired():
+            if info.expired(now):
                 self._note_expiry(
                     keys=[self._k("key", info.public_key), self._k("audit")], args=[host, info.public_key]
                 )

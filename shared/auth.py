@@ -218,12 +218,18 @@ class AuthStore:
         return int(killed)
 
     @store.unavailable_when_down
+    def redis_time(self) -> float:
+        """Redis's clock, epoch seconds: the one a key's expiry, a rotation's grace and the live
+        tokens are judged by (see the scripts), whatever this host's says."""
+        seconds, micros = self.redis.time()
+        return float(seconds + micros / 1e6)
+
+    @store.unavailable_when_down
     def list_keys(self) -> list[KeyInfo]:
         """Every key under the prefix, oldest first (never secrets)."""
         names = sorted(self.redis.scan_iter(match=self._glob("key:*"), count=500))
         pipe = self.redis.pipeline(transaction=False)
-        seconds, micros = self.redis.time()  # the clock the scripts count tokens and expiry by
-        now = seconds + micros / 1e6
+        now = self.redis_time()
         for name in names:
             pipe.hmget(name, "label", "scopes", "created", "expires", "rate")
             pipe.zcount(self._k("key-tokens", name.rsplit(":", 1)[1]), now, "+inf")
@@ -275,7 +281,7 @@ class AuthStore:
         # Functions hold up to a flush interval of counts (an outage's worth while Redis is down),
         # and a token they know works until the push reaches them: those counts, flushed later,
         # must not bring the purged keys back (the flush drops counts last used by this time).
-        until = math.ceil(self.redis.time()[0] + 1 + PROPAGATION_SECONDS)  # Redis's clock, as the flush's
+        until = math.ceil(self.redis_time() + PROPAGATION_SECONDS)  # Redis's clock, as the flush's
         pipe.set(self._k("purged"), until, ex=(USAGE_DAYS + 1) * 86400)
         self._audit(pipe, "purge", "-", f"{deleted} Redis key(s) deleted")
         pipe.execute()
@@ -316,9 +322,9 @@ class AuthStore:
             self._k("fail", "key", public_key),
             self._k("fail", "key-addr", public_key, client_addr),
         ]
-        secret, old_secret = self._limit_and_read(counters, public_key)
+        secret, old_secret, old_until, now = self._limit_and_read(counters, public_key)
         candidates = [secret or dummy_hash()]
-        if secret and old_secret:  # whether its grace has ended, the script tells by Redis's clock
+        if secret and old_secret and int(old_until or 0) > now:  # a rotation's grace, by Redis's clock
             candidates.append(old_secret)  # shares the salt: no second scrypt run
         matched = matching_hash(secret_key, candidates)
         if matched is None or secret is None:
@@ -354,8 +360,6 @@ class AuthStore:
                 "or for no scope"
             )
         if reply[0] != 1:  # revoked, rotated or expired: the same answer as a wrong secret
-            if reply[0] == 0 and matched != secret:  # an old secret past its grace: a wrong one
-                self._record_failure(keys=counters, args=[self.settings.auth_failure_window])
             raise InvalidCredentials()
         ttl, granted = int(reply[1]), reply[2]
         return IssuedToken(token, ttl, Session(public_key, parse_scopes_field(granted), ttl))
@@ -427,9 +431,10 @@ class AuthStore:
 
     # -- brute-force limits ----------------------------------------------------------------
 
-    def _limit_and_read(self, counters: list[str], public_key: str) -> list[str | None]:
-        """Refuse a client that is limited, else the key's secret and its old secret (during a
-        rotation's grace, which the issue script checks); one round trip.
+    def _limit_and_read(self, counters: list[str], public_key: str) -> tuple[str | None, str | None, str | None, int]:
+        """Refuse a client that is limited, else the key's secret, its old secret and the end of
+        that one's grace, and Redis's time (whole seconds: the clock the grace runs on, which the
+        issue script checks again); one round trip.
 
         ``counters`` are the failures of this address (any key), of this key (any address) and
         of this key from this address. An address with too many failures is refused. A key with
@@ -441,12 +446,14 @@ class AuthStore:
         pipe.mget(counters)
         for name in counters:
             pipe.ttl(name)
-        pipe.hmget(self._k("key", public_key), "secret", "old_secret")
-        counts, *ttls, stored = pipe.execute()
+        pipe.hmget(self._k("key", public_key), "secret", "old_secret", "old_until")
+        pipe.time()
+        counts, *ttls, stored, (now, _) = pipe.execute()
         addr, key, key_addr = (int(count or 0) for count in counts)
         limit = self.settings.auth_max_failures
         if addr >= limit:
             raise TooManyRequests(max(1, ttls[0]))
         if key >= limit and key_addr >= 1:
             raise TooManyRequests(max(1, min(ttls[1], ttls[2])))
-        return cast("list[str | None]", stored)
+        secret, old_secret, old_until = cast("list[str | None]", stored)
+        return secret, old_secret, old_until, int(now)

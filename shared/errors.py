@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from shared.logs import SECRET_SHAPED, redacted
+from shared.logs import SECRET_EXACT
 
 
 class StartupError(Exception):
@@ -24,18 +24,22 @@ MESSAGE_CHARS = 600
 
 def clipped(text: str, limit: int = MESSAGE_CHARS) -> str:
     """``text`` cut to ``limit`` characters, the last one an ellipsis when it was longer, with
-    what is shaped like a secret redacted, as the logs would (before the cut: a cut could leave
-    half a secret key, too short for them to know it). An answer never echoes a secret key or a
-    token that a client put where it does not belong (a path, a model or input name)."""
+    any secret key, token or token hash in it redacted (before the cut: a cut could leave half of
+    one, too short to be known as one). An answer never echoes a secret that a client put where
+    it does not belong (a path, a model or input name); the logs redact more (SECRET_SHAPED)."""
     if len(text) <= limit:
-        return redacted(text)
+        return _redacted(text)
     # Cut first (a client's 10 MB string costs the cut, not a scan), past any secret the cut
     # would halve (a secret is under 100 characters), then redacted and cut to the limit.
     end = limit - 1
-    for found in SECRET_SHAPED.finditer(text, 0, limit + 100):
+    for found in SECRET_EXACT.finditer(text, 0, limit + 100):
         if found.start() < end < found.end():
             end = found.end()
-    return f"{redacted(text[:end])[: limit - 1]}…"
+    return f"{_redacted(text[:end])[: limit - 1]}…"
+
+
+def _redacted(text: str) -> str:
+    return SECRET_EXACT.sub("[redacted]", text)
 
 
 def shown(value: object, limit: int = 60) -> str:

@@ -28,6 +28,9 @@ SECRET_SHAPED = re.compile(
     r"sk_[A-Za-z0-9_-]{20,}|(?<![0-9a-f])[0-9a-f]{64}"
     r"|(?<![A-Za-z0-9_-])(?!pk_)(?=[A-Za-z0-9_-]*[A-Z_])[A-Za-z0-9_-]{32,}"
 )
+# Exactly a secret key, a token or a token's SHA-256, standing alone: what an answer to a client
+# redacts (SECRET_SHAPED would also hide the file and input names it needs to mend its request).
+SECRET_EXACT = re.compile(r"(?<![A-Za-z0-9_-])(?:sk_[A-Za-z0-9_-]{43}|[A-Za-z0-9_-]{43}|[0-9a-f]{64})(?![A-Za-z0-9_-])")
 # An X-Request-Id that is a secret key, a token or a token's SHA-256 (it would be logged as it is).
 SECRET_ID = re.compile(r"sk_.*|[A-Za-z0-9_-]{43}|[0-9a-f]{64}")
 CLIENT_FIELDS = ("error", "model", "method")

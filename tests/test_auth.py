@@ -212,8 +212,8 @@ def test_a_token_never_outlives_its_key(admin):
 def test_rotation_replaces_the_secret_and_keeps_the_rest(admin):
     pair = admin.create_key(["shapes"], "team", rate=Rate(5, 60))
     live = admin.issue_token(pair.public_key, pair.secret_key, "a").token
-    new, killed = admin.rotate_key(pair.public_key)
-    assert new.public_key == pair.public_key and new.secret_key != pair.secret_key and killed == 0
+    new, killed, until = admin.rotate_key(pair.public_key)
+    assert new.public_key == pair.public_key and new.secret_key != pair.secret_key and killed == 0 and until is None
     with pytest.raises(InvalidCredentials):
         admin.issue_token(pair.public_key, pair.secret_key, "a")
     issued = admin.issue_token(pair.public_key, new.secret_key, "b")
@@ -222,7 +222,7 @@ def test_rotation_replaces_the_secret_and_keeps_the_rest(admin):
     [info] = admin.list_keys()
     assert (info.label, info.scopes, info.rate) == ("team", ["shapes"], Rate(5, 60))
 
-    newer, killed = admin.rotate_key(pair.public_key, revoke_tokens=True)
+    newer, killed, _ = admin.rotate_key(pair.public_key, revoke_tokens=True)
     assert killed == 2
     with pytest.raises(Unauthorized):
         admin.verify_token(live)
@@ -230,7 +230,8 @@ def test_rotation_replaces_the_secret_and_keeps_the_rest(admin):
 
 def test_rotation_grace_keeps_the_old_secret_for_a_while_at_one_scrypt_run(admin, scrypt_runs):
     pair = admin.create_key()
-    new, _ = admin.rotate_key(pair.public_key, grace=2)
+    new, _, until = admin.rotate_key(pair.public_key, grace=2)
+    assert abs(until - (admin.redis_time() + 2)) <= 1  # on Redis's clock, as the grace is judged
     scrypt_runs.clear()
     assert admin.issue_token(pair.public_key, pair.secret_key, "a").token
     assert admin.issue_token(pair.public_key, new.secret_key, "a").token
@@ -240,6 +241,10 @@ def test_rotation_grace_keeps_the_old_secret_for_a_while_at_one_scrypt_run(admin
     time.sleep(2.2)
     with pytest.raises(InvalidCredentials):
         admin.issue_token(pair.public_key, pair.secret_key, "a")
+    # Past its grace the old secret is a wrong one, whatever else the request asks: never told
+    # apart by a scope refusal that only a right secret gets.
+    with pytest.raises(InvalidCredentials):
+        admin.issue_token(pair.public_key, pair.secret_key, "a", ["nosuchmodel"], deployed={"shapes"})
     assert admin.issue_token(pair.public_key, new.secret_key, "a").token
 
 
@@ -610,7 +615,7 @@ def test_a_forked_child_does_not_count_its_parents_requests(settings):
 def test_audit_records_who_did_what_and_never_a_secret(admin, raw_redis, env):
     pair = admin.create_key(["shapes"], "ci", rate=Rate(5, 60))
     admin.edit_key(pair.public_key, label="prod")
-    new, _ = admin.rotate_key(pair.public_key, grace=60)
+    new, _, _ = admin.rotate_key(pair.public_key, grace=60)
     admin.revoke_key(pair.public_key)
     events = admin.audit_log()
     assert [e.action for e in events] == ["create", "edit", "rotate", "revoke"]

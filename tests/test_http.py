@@ -49,6 +49,10 @@ def test_a_cut_message_never_shows_part_of_a_secret():
         assert len(cut) <= MESSAGE_CHARS and cut.endswith("…") and secret[:8] not in cut, cut[-80:]
     assert clipped("x" * 700) == "x" * (MESSAGE_CHARS - 1) + "…"
     assert clipped("short " + secret) == "short [redacted]"  # under the limit too, as the logs would
+    # ...but only what is exactly a secret: the names a client needs to mend its request stay.
+    for name in ("Screenshot_20240315-143022_Chrome.png", "3F2504E0-4F89-11D3-9A0C-0305E82C3301.jpg",
+                 "preprocessed_image_batch_float32", "pk_abcdefghijsk_QQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQ"):  # fmt: skip
+        assert clipped(f"file {name!r}: truncated") == f"file {name!r}: truncated"
 
 
 def test_an_answer_never_echoes_a_secret_sent_where_it_does_not_belong(shapes_client):

@@ -31,8 +31,9 @@ def stack_env(env):
 def test_keys_token_predict_docs_then_sigterm_leaves_nothing(tmp_path, stack_env):
     folder = copy_project(tmp_path / "thalamus")
     port = free_port_range(2 + len(DEMO_MODELS))
-    # A cluster's setting left in the shell: the functions still trust the gateway alone.
-    stack = start_stack(folder, port, {**stack_env, "TRUSTED_PROXIES": "10.0.0.0/8,127.0.0.0/8"})
+    # A setting left in the shell, wide (and with a typo): not read, and the functions still
+    # trust the gateway alone.
+    stack = start_stack(folder, port, {**stack_env, "TRUSTED_PROXIES": "10.0.0.0/8,127.0.0.0/8,localhost"})
     try:
         table = "".join(stack.output)
         assert "TRUSTED_PROXIES is not used here" in table
