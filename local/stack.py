@@ -120,8 +120,9 @@ class Stack:
         port = child.url.rsplit(":", 1)[1]
         # The gateway sets X-Forwarded-For, as an ingress does, and connects to the functions from
         # its own address: the functions believe that header from there only, whatever the
-        # environment says (a wider TRUSTED_PROXIES would let a local client that calls a function
-        # directly claim any address, and dodge the per-address limits).
+        # environment says (a wider TRUSTED_PROXIES would let any local client that calls a function
+        # directly claim any address, and dodge the per-address limits; one that binds 127.0.0.2
+        # still can: on a laptop, every process is trusted alike).
         source = gateway.source_address()
         env = {
             "LOG_FORMAT": "text",  # a person reads these lines, prefixed with the function's name
