@@ -47,15 +47,18 @@ return 1
 # token prefix, user, host, detail, the secret's hash as read before (the new one shares its
 # salt). → {tokens killed, end of the grace or 0} | {-1} no such key | {-2} expired | {-3} the
 # secret changed meanwhile (another rotation: the grace would go to a secret that was never handed
-# out, and the original's be lost). The grace runs on Redis's clock, which the issue script reads.
+# out, and the original's be lost) | {-4, its end} a grace asked for while an earlier rotation's
+# runs (it would end that one: two operators rotating a minute apart cut the clients still on the
+# first secret off). The grace runs on Redis's clock, which the issue script reads.
 _ROTATE = (
     AUDIT_LUA
     + """
-local k = redis.call('HMGET', KEYS[1], 'secret', 'expires')
+local k = redis.call('HMGET', KEYS[1], 'secret', 'expires', 'old_until')
 if not k[1] then return {-1} end
 if k[1] ~= ARGV[8] then return {-3} end
 local now = tonumber(redis.call('TIME')[1])
 if k[2] and k[2] ~= '' and tonumber(k[2]) <= now then return {-2} end
+if ARGV[2] ~= '' and tonumber(k[3] or '0') > now then return {-4, tonumber(k[3])} end
 local old_until = 0
 if ARGV[2] ~= '' then
   old_until = now + tonumber(ARGV[2])
@@ -217,8 +220,9 @@ class KeyAdmin(AuthStore):
         """A new secret for ``public_key`` (scopes, label, expiry and rate kept): the old one
         stops working at once, or after ``grace`` seconds. Live tokens keep working unless
         ``revoke_tokens``. ``secret``: the new secret (keys.py saves it to its file first), else
-        a random one. BadRequest when the key has expired, or its secret changed meanwhile (a
-        rotation at the same time: nothing is changed)."""
+        a random one. BadRequest, with nothing changed, when the key has expired, its secret
+        changed meanwhile (a rotation at the same time), or a ``grace`` is asked for while an
+        earlier rotation's grace runs (it would end that one; a rotation without one ends it)."""
         current = self.redis.hget(self._k("key", public_key), "secret")
         if current is None:
             raise UnknownKey(f"no such key: {public_key}")
@@ -245,6 +249,10 @@ class KeyAdmin(AuthStore):
                              "nothing was changed; run it again")  # fmt: skip
         if killed == -2:
             raise BadRequest(f"{public_key} has expired; extend it first with --edit {public_key} --expires 90d")
+        if killed == -4:
+            raise BadRequest(f"{public_key}'s previous secret still works until {utc(until[0])} (an earlier rotation's "
+                             "grace), which a new grace would end: rotate again after then, or now without --grace "
+                             "to end it too")  # fmt: skip
         return Rotated(Keypair(public_key, secret), int(killed), int(until[0]) or None)
 
     @store.unavailable_when_down

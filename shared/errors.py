@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from shared.logs import SECRET_EXACT
+from shared.logs import SECRET_EXACT, SECRET_SHAPED
 
 
 class StartupError(Exception):
@@ -30,11 +30,17 @@ def clipped(text: str, limit: int = MESSAGE_CHARS) -> str:
     if len(text) <= limit:
         return _redacted(text)
     # Cut first (a client's 10 MB string costs the cut, not a scan), past any secret the cut
-    # would halve (a secret is under 100 characters), then redacted and cut to the limit.
+    # would halve (a secret is under 100 characters), then redacted and cut to the limit. A
+    # longer run shaped like one (a token glued to other characters) is cut before, not inside:
+    # a piece of it would be too short for the logs to know it.
     end = limit - 1
     for found in SECRET_EXACT.finditer(text, 0, limit + 100):
         if found.start() < end < found.end():
             end = found.end()
+    if end == limit - 1:
+        for found in SECRET_SHAPED.finditer(text, 0, limit + 100):
+            if found.start() < end < found.end():
+                end = found.start()
     return f"{_redacted(text[:end])[: limit - 1]}…"
 
 

@@ -317,9 +317,26 @@ def test_two_rotations_at_once_never_lose_the_original_secret(admin):
     for thread in threads:
         thread.join()
     won = [result for result in results if isinstance(result, Keypair)]
-    assert len(won) == 1 and "changed while it was being rotated" in str(next(r for r in results if r not in won))
+    [lost] = [str(result) for result in results if result not in won]
+    assert len(won) == 1 and ("changed while it was being rotated" in lost or "still works until" in lost), lost
     for secret in (pair.secret_key, won[0].secret_key):
         assert admin.issue_token(pair.public_key, secret, "a").token
+
+
+def test_a_rotation_with_grace_never_ends_an_earlier_ones_grace(admin):
+    """Two operators rotating a minute apart, both with a grace: the second is refused (it would
+    cut off the clients still on the first secret), until it asks for no grace, which ends it."""
+    pair = admin.create_key()
+    first = admin.rotate_key(pair.public_key, grace=3600).pair
+    with pytest.raises(BadRequest, match="previous secret still works until .*without --grace"):
+        admin.rotate_key(pair.public_key, grace=60)
+    for secret in (pair.secret_key, first.secret_key):
+        assert admin.issue_token(pair.public_key, secret, "a").token
+    last = admin.rotate_key(pair.public_key).pair
+    for secret in (pair.secret_key, first.secret_key):
+        with pytest.raises(InvalidCredentials):
+            admin.issue_token(pair.public_key, secret, "a")
+    assert admin.issue_token(pair.public_key, last.secret_key, "a").token
 
 
 def test_rotating_or_editing_an_unknown_or_expired_key_changes_nothing(admin):

@@ -48,6 +48,11 @@ def test_a_cut_message_never_shows_part_of_a_secret():
         cut = clipped(text)
         assert len(cut) <= MESSAGE_CHARS and cut.endswith("…") and secret[:8] not in cut, cut[-80:]
     assert clipped("x" * 700) == "x" * (MESSAGE_CHARS - 1) + "…"
+    # A token glued to other characters, which the cut would halve: left out, not cut in two (a
+    # piece of it would be too short for the logs to know it).
+    token = "Ib4Kg0GMxbCgXkyLiQDHnDX" + "q" * 20
+    cut = clipped("x" * 580 + "." + token + "Z", MESSAGE_CHARS)
+    assert cut == "x" * 580 + ".…" and token[:8] not in cut
     assert clipped("short " + secret) == "short [redacted]"  # under the limit too, as the logs would
     # ...but only what is exactly a secret: the names a client needs to mend its request stay.
     for name in ("Screenshot_20240315-143022_Chrome.png", "3F2504E0-4F89-11D3-9A0C-0305E82C3301.jpg",
