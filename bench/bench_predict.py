@@ -15,8 +15,9 @@ camera photo at 640x480: what the upload's parsing and the decode cost grows wit
 - cold start: spawn of the server to the first authenticated 200, median of --runs; for
   Thalamus also the import floor: a Python that only imports the function's third-party
   packages (functions-framework, Flask, redis-py, NumPy, LiteRT, Pillow, prometheus-client,
-  gunicorn, python-json-logger: STACK_IMPORTS) and exits, with the collector off as the server
-  starts, runs alternated with them (bench/replica.py);
+  gunicorn, python-json-logger: STACK_IMPORTS) and exits, started as the server starts (the
+  collector off, no OpenBLAS threads, redis-py's asyncio client deferred), runs alternated with
+  them (bench/replica.py);
 - warm p50/p99 on one keep-alive connection (a lean client: body encoded once), and the same
   function without its access log and request metrics (``bench/unobserved_function.py``);
 - under load, ``wrk`` with 8 connections for --seconds: requests/s, p50/p99, errors, the

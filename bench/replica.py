@@ -5,9 +5,10 @@ image, with the image's own Python and packages, as a pod runs it.
     python bench/replica.py floor BUNDLE JPEG N
 
 ``cold``: ``DIR`` holds the request: ``path``, ``headers.json`` and ``body``. Each run times a
-Python that only imports ``--imports`` and exits (the collector off, as shared.server starts),
-then spawns ``COMMAND`` and times it to its first 200 for that request, then stops it. Prints
-``{"cold": [seconds, ...], "imports": [seconds, ...]}``.
+Python that only imports ``--imports`` and exits, started as shared.server starts (the
+collector off, no OpenBLAS threads, redis-py's asyncio client deferred), then spawns ``COMMAND``
+and times it to its first 200 for that request, then stops it. Prints ``{"cold": [seconds, ...],
+"imports": [seconds, ...]}``.
 
 ``floor``: decode + preprocess + one model call of ``JPEG`` on ``BUNDLE``, in this process, ``N``
 times after 30 unmeasured: prints the median in ms (what no server of that model goes below).
@@ -80,11 +81,19 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+# How shared.server starts before it imports anything: the collector off, no OpenBLAS threads,
+# redis-py's asyncio client deferred.
+SERVER_START = (
+    "import gc, os; gc.disable(); os.environ.setdefault('OPENBLAS_NUM_THREADS', '1'); "
+    "from shared import lazymodules; lazymodules.defer('redis.asyncio'); "
+)
+
+
 def import_floor(imports: str) -> float:
-    """Seconds for a Python to start, import ``imports`` (the collector off, as shared.server
-    starts) and exit: what no cold start of a server built on them goes below."""
+    """Seconds for a Python to start as shared.server does, import ``imports`` and exit: what no
+    cold start of a server built on them goes below."""
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", f"import gc; gc.disable(); import {imports}"], check=True)
+    subprocess.run([sys.executable, "-c", f"{SERVER_START}import {imports}"], check=True)
     return time.perf_counter() - started
 
 

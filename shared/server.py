@@ -17,17 +17,25 @@ container. ``WORKERS`` > 1 runs gunicorn's master and forked workers.
 from __future__ import annotations
 
 import gc
+import os
 
 if __name__ == "__main__":
     # Start-up makes ~60,000 objects that live as long as the process (modules, the model, the
     # app): the cyclic collector would walk them over and over while they are made (measured:
     # 6 % of the import time). main() freezes them once loaded, then turns it back on.
     gc.disable()
+    # NumPy's OpenBLAS starts a thread per CPU of the node at import (not per CPU of the pod's
+    # quota), and each spins for a while: 90 ms of CPU per start on 2 CPUs, taken from the
+    # quota a cold start runs on. No function calls BLAS (the model runs on LiteRT).
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    # redis-py's asyncio client, which `import redis` runs and no function uses (shared.lazymodules).
+    from shared import lazymodules
+
+    lazymodules.defer("redis.asyncio")
 
 import argparse
 import fcntl
 import logging
-import os
 import resource
 import shutil
 import socket

@@ -279,3 +279,32 @@ def test_a_port_in_use_is_one_line_and_leaves_nothing_behind(env, tmp_path):
     assert done.stderr.strip().splitlines() == [f"token: cannot listen on 127.0.0.1:{port}: Address already in use"]
     assert "serving" not in done.stdout
     assert list(tmp_path.glob("*thalamus-metrics-*")) == []
+
+
+def test_a_server_runs_no_code_its_requests_do_not_need(serve_function, bearer, function_logs):
+    """A cold start pays for nothing no request uses: redis-py's asyncio client (which ``import
+    redis`` runs, half of redis-py's import) stays unrun through a first prediction, and NumPy's
+    OpenBLAS starts no threads (one per CPU of the node, spinning at every start, on the pod's
+    CPU quota), unless OPENBLAS_NUM_THREADS asks for them."""
+    base = serve_function("predict", MODEL_NAME="shapes", PYTHONPROFILEIMPORTTIME="1")
+    image = encode(demo_image("shapes", "circle", 7), "JPEG")
+    reply = requests.post(f"{base}/models/shapes/predict.json", headers=bearer, timeout=30,
+                          files={"file": ("x.jpg", image)})  # fmt: skip
+    assert reply.status_code == 200
+    log = function_logs[base].read_text()
+    imported = {line.rsplit("|", 1)[1].strip() for line in log.splitlines() if line.startswith("import time:")}
+    assert {"redis", "redis.client", "redis.asyncio", "numpy"} <= imported  # the profile sees the imports
+    unrun = {"redis.asyncio.client", "redis.asyncio.connection", "redis.asyncio.cluster"}
+    assert imported & unrun == set()
+
+    def threads(base: str) -> int:
+        return len(list(Path(f"/proc/{server_pid(int(base.rsplit(':', 1)[1]))}/task").iterdir()))
+
+    cpus = len(os.sched_getaffinity(0))
+    if cpus < 2:
+        pytest.skip("OpenBLAS starts no thread of its own on one CPU")
+    quiet, asked = (
+        serve_function("predict", MODEL_NAME="shapes"),
+        serve_function("predict", MODEL_NAME="shapes", OPENBLAS_NUM_THREADS="2"),
+    )
+    assert threads(asked) - threads(quiet) == 1  # both answered one probe; the second has OpenBLAS's
