@@ -7,7 +7,16 @@ a slow day here, at every cold start. :func:`defer` makes such a package a modul
 path and spec exist at once, so that ``from redis import asyncio`` and imports of its
 submodules (``redis.commands.core`` imports ``redis.asyncio.observability.recorder``) work as
 before, and whose own ``__init__`` runs the first time anything else is read from it (``from
-redis.asyncio import Redis`` too: a package's ``__init__`` may define any name).
+redis.asyncio import Redis`` too: a package's ``__init__`` may define any name; ``from
+redis.asyncio import client`` imports the submodule alone, as redis-py's own submodules do).
+It runs once, whichever threads read from it; a thread that reads a name while another is
+running the package waits for it.
+
+Limits, none of which the servers meet (tests/test_server.py checks that no request runs the
+asyncio client): until it runs, ``dir()`` of the package shows only what is imported of it;
+an import hook placed on ``sys.meta_path`` before :func:`defer` (an APM agent's, say) does not
+see the package load; and a submodule that reads a name of the package itself while another
+thread is running the package waits for that thread, which may be waiting for it.
 
 ``importlib.util.LazyLoader`` cannot do this: it runs the module on any attribute read,
 ``__path__`` included, which importing a submodule does, and redis-py's own modules import one
@@ -16,6 +25,7 @@ while ``redis.client`` is half made (a circular import error).
 
 from __future__ import annotations
 
+import importlib._bootstrap
 import importlib.machinery
 import sys
 import threading
@@ -27,12 +37,21 @@ from typing import Any
 # the module instead of seeing it half made. Reentrant: the code itself reads names it is making.
 _running = threading.RLock()
 _pending: set[str] = set()  # deferred packages whose code has not started
+# What ``from package import name`` runs to see whether ``name`` is a submodule to import.
+_FROM_IMPORT = importlib._bootstrap._handle_fromlist.__code__  # type: ignore[attr-defined]  # not in typeshed
 
 
 class _Deferred(types.ModuleType):
     """A package whose ``__init__`` may not have run yet: reading a name it lacks runs it."""
 
     def __getattr__(self, name: str) -> Any:
+        if sys._getframe(1).f_code is _FROM_IMPORT and _is_submodule(self, name):
+            # ``from package import submodule`` (redis.asyncio.client's own ``from redis.asyncio
+            # import _himport_exec``) asks this first: no such name yet lets the import system
+            # import the submodule alone, under its own lock, as it would after the package ran.
+            # Running the package here, inside that import, would import the half-made module
+            # again (an ImportError), or wait for a thread that waits for this one.
+            raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
         with _running:
             if self.__name__ in _pending:
                 _pending.discard(self.__name__)
@@ -43,6 +62,13 @@ class _Deferred(types.ModuleType):
                     raise
                 self.__class__ = types.ModuleType  # type: ignore[assignment]  # a plain module from now on
         return types.ModuleType.__getattribute__(self, name)
+
+
+def _is_submodule(package: types.ModuleType, name: str) -> bool:
+    path = package.__dict__.get("__path__")
+    if not name.isidentifier() or path is None:
+        return False
+    return importlib.machinery.PathFinder.find_spec(f"{package.__name__}.{name}", path) is not None
 
 
 # Loader and finder by their methods, not importlib.abc's classes: importing importlib.abc loads

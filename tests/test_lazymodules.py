@@ -18,7 +18,7 @@ def run(script: str, *paths: Path, **env: str) -> str:
     path = ":".join([str(ROOT), *map(str, paths)])
     done = subprocess.run(
         [sys.executable, "-P", "-c", textwrap.dedent(script)],
-        capture_output=True, text=True, timeout=60, env={"PYTHONPATH": path, **env},
+        capture_output=True, text=True, timeout=30, env={"PYTHONPATH": path, **env},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -82,16 +82,75 @@ def test_the_first_read_runs_the_package_once_and_every_thread_waits_for_it(tmp_
 def test_submodules_import_before_the_package_runs(tmp_path):
     """As redis-py's own modules import ``redis.asyncio.observability.recorder`` (``from pkg import
     helper`` does run the package: its ``__init__`` could define ``helper`` itself)."""
-    root = package(tmp_path, "print('package ran')\nfrom pkg.helper import NAME\n", helper="NAME = 'helper'\n")
+    root = package(
+        tmp_path,
+        "print('package ran')\nfrom pkg.helper import NAME\nfrom pkg import other\n",
+        helper="NAME = 'helper'\n",
+        other="NAME = 'other'\n",
+    )
     out = run("""
         from shared import lazymodules
         lazymodules.defer("pkg")
         import pkg.helper
         from pkg.helper import NAME
         print("helper imported:", NAME, pkg.helper.NAME)
-        print(pkg.NAME)
+        print(pkg.NAME, pkg.other.NAME)
     """, root)  # fmt: skip
-    assert out.split("\n")[:3] == ["helper imported: helper helper", "package ran", "helper"]
+    assert out.split("\n")[:3] == ["helper imported: helper helper", "package ran", "helper other"]
+
+
+def test_a_submodule_the_package_imports_is_there_to_read_as_it_was():
+    out = run("""
+        from shared import lazymodules
+        lazymodules.defer("redis.asyncio")
+        import redis
+        print(redis.asyncio.client.Redis.__name__, redis.asyncio.connection.Connection.__name__)
+    """)
+    assert out.strip() == "Redis Connection"
+
+
+def test_a_submodule_importing_its_siblings_from_the_package_leaves_it_unrun(tmp_path):
+    """redis.asyncio.client starts with ``from redis.asyncio import _himport_exec``: run there,
+    the package would import the half-made client again."""
+    root = package(
+        tmp_path,
+        "print('package ran')\nfrom pkg.b import B\n",
+        b="from pkg import c\nB = 'b' + c.C\n",
+        c="C = 'c'\n",
+    )
+    out = run("""
+        import sys
+        from shared import lazymodules
+        lazymodules.defer("pkg", "redis.asyncio")
+        import pkg.b
+        print(pkg.b.B)
+        import redis.asyncio.client, redis.asyncio.cluster, redis.asyncio.sentinel
+        print(type(sys.modules["redis.asyncio"]).__name__)
+        print(pkg.B, redis.asyncio.Redis is redis.asyncio.client.Redis)
+    """, root)  # fmt: skip
+    assert out.split("\n")[:4] == ["bc", "_Deferred", "package ran", "bc True"]
+
+
+def test_a_thread_importing_a_submodule_while_another_runs_the_package_does_not_hang(tmp_path):
+    root = package(
+        tmp_path,
+        "import pkg.b\nNAME = 'pkg'\n",
+        b="import time\ntime.sleep(0.3)\nfrom pkg import c\n",
+        c="",
+    )
+    out = run("""
+        import threading, time
+        from shared import lazymodules
+        lazymodules.defer("pkg")
+        import pkg
+        importer = threading.Thread(target=lambda: __import__("pkg.b"))
+        importer.start()
+        time.sleep(0.1)  # the importer holds pkg.b's import lock, and asks for pkg.c next
+        print(pkg.NAME)  # runs the package, which imports pkg.b
+        importer.join()
+        print(pkg.b.c.__name__)
+    """, root)  # fmt: skip
+    assert out.split("\n")[:2] == ["pkg", "pkg.c"]
 
 
 def test_a_missing_name_a_failing_package_and_a_missing_package_fail_as_they_would(tmp_path):
