@@ -68,3 +68,26 @@ def test_an_answer_never_echoes_a_secret_sent_where_it_does_not_belong(shapes_cl
         reply = shapes_client.get(path)
         assert reply.status_code == 404 and "[redacted]" in reply.get_json()["error"], reply.get_json()
         assert secret not in reply.get_data(as_text=True) and token not in reply.get_data(as_text=True)
+
+
+def test_routes_compile_no_url_builder_until_one_is_used(monkeypatch):
+    """werkzeug compiles two URL builders per rule when a map is made (generated source: most of
+    a function's routing set-up, at every cold start); nothing here builds URLs, so a Service's
+    rules compile theirs on first use, and then build what werkzeug's own rules build."""
+    from werkzeug.routing import Map, Rule
+
+    from shared.http import Route, Service
+
+    compiled = []
+    real = Rule._compile_builder
+    monkeypatch.setattr(Rule, "_compile_builder", lambda rule, *args: compiled.append(rule.rule) or real(rule, *args))
+    rules = ["/models/<name>/predict.json", "/docs/<asset>", "/healthz"]
+    service = Service(Settings(), [Route(rule, ("GET",), lambda call: {}) for rule in rules], openapi=dict)
+    assert compiled == []
+    adapter = service._map.bind("localhost")
+    assert adapter.match("/models/shapes/predict.json", method="GET") == (rules[0], {"name": "shapes"})
+    assert compiled == []
+    plain = Map([Rule(rule, endpoint=rule) for rule in rules]).bind("localhost")
+    for endpoint, values in ((rules[0], {"name": "shapes", "extra": "1"}), (rules[1], {"asset": "a b.css"})):
+        assert adapter.build(endpoint, values) == plain.build(endpoint, values)
+    assert adapter.build(rules[0], {"name": "x"}, append_unknown=False) == "/models/x/predict.json"

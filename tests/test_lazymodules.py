@@ -80,8 +80,8 @@ def test_the_first_read_runs_the_package_once_and_every_thread_waits_for_it(tmp_
 
 
 def test_submodules_import_before_the_package_runs(tmp_path):
-    """As redis-py's own modules import ``redis.asyncio.observability.recorder`` (``from pkg import
-    helper`` does run the package: its ``__init__`` could define ``helper`` itself)."""
+    """As redis-py's own modules import ``redis.asyncio.observability.recorder``; the package runs
+    on the first other name read from it, and imports its own submodules as it always did."""
     root = package(
         tmp_path,
         "print('package ran')\nfrom pkg.helper import NAME\nfrom pkg import other\n",
