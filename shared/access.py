@@ -83,7 +83,9 @@ def client_address(environ: dict[str, Any], trusted: tuple[IPNetwork, ...]) -> s
     """
     peer = environ.get("REMOTE_ADDR")
     if not trusted and peer:
-        return str(peer)  # the socket's own address, canonical as it is (an access line each: no parse)
+        peer = str(peer)  # the socket's own address, canonical as it is (an access line each: no parse),
+        # except an IPv4 client of a dual-stack socket (--host ::), which is its IPv4 address
+        return peer if not peer.startswith("::ffff:") else str(_ip(peer) or peer)
     believed = _ip(str(peer or "").partition("%")[0])  # a link-local peer's zone is this host's, not the client's
     if believed is None:
         return "0.0.0.0"  # noqa: S104 (no peer at all: a unix socket or a test; one shared bucket)
@@ -101,10 +103,14 @@ def client_address(environ: dict[str, Any], trusted: tuple[IPNetwork, ...]) -> s
 
 
 def _ip(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``text`` as an address, an IPv4-mapped IPv6 one (::ffff:10.0.0.1, how a dual-stack socket
+    or proxy shows an IPv4 peer) as its IPv4 address: one client, one bucket, and a trusted IPv4
+    proxy is trusted whichever way it is shown."""
     try:
-        return ipaddress.ip_address(text or "")
+        address = ipaddress.ip_address(text or "")
     except ValueError:
         return None
+    return (address.ipv4_mapped or address) if isinstance(address, ipaddress.IPv6Address) else address
 
 
 class AccessLog:

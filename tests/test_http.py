@@ -30,6 +30,11 @@ CLUSTER = Settings.from_env({"TRUSTED_PROXIES": "127.0.0.0/8, 10.0.0.0/8"}).trus
         # 16 hops are read at most: past them, the last trusted one read stands for the client
         (CLUSTER, "127.0.0.1", "203.0.113.9, " + ", ".join(["10.2.0.5"] * 15), "203.0.113.9"),
         (CLUSTER, "127.0.0.1", "203.0.113.9, " + ", ".join([f"10.2.0.{i}" for i in range(16)]), "10.2.0.0"),
+        # An IPv4 address shown as IPv4-mapped IPv6 (a dual-stack socket or proxy) is that address
+        ((), "::ffff:203.0.113.9", "", "203.0.113.9"),
+        (CLUSTER, "::ffff:127.0.0.1", "203.0.113.9", "203.0.113.9"),  # a trusted proxy all the same
+        (CLUSTER, "127.0.0.1", "::FFFF:203.0.113.9, ::ffff:10.2.0.5", "203.0.113.9"),
+        (CLUSTER, "127.0.0.1", "::ffff:cb00:7109", "203.0.113.9"),
     ],
 )
 def test_client_address(trusted, peer, forwarded, expected):
