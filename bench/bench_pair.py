@@ -99,14 +99,14 @@ def main() -> None:
     parser.add_argument("old", help="a git revision")
     parser.add_argument("new", nargs="?", help="a git revision (default: the working tree)")
     parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--seconds", type=int, default=10, help="wrk duration per server and round")
-    parser.add_argument("--requests", type=int, default=300, help="sequential requests per server and round")
+    parser.add_argument("--seconds", type=int, default=10, help="wrk duration per server and round (0: no load)")
+    parser.add_argument("--requests", type=int, default=300, help="sequential requests per server and round (0: none)")
     parser.add_argument("--model", default="reference", help="reference (the issue's network) or a demo model")
     parser.add_argument("--photo", choices=sorted(bench_predict.PHOTOS), default="drawing")
     parser.add_argument("--v1", action="store_true", help="send TF Serving V1 JSON instead of multipart")
     parser.add_argument("--cpus", type=float, help="both servers under this CPU quota, as a pod's limits.cpu (root)")
     args = parser.parse_args()
-    if not shutil.which("wrk"):
+    if args.seconds and not shutil.which("wrk"):
         raise SystemExit("bench_pair.py: wrk is missing (Debian: apt-get install wrk)")
     for revision in filter(None, (args.old, args.new)):
         if subprocess.run(["git", "rev-parse", "--verify", "-q", revision], cwd=ROOT, capture_output=True).returncode:
@@ -129,7 +129,11 @@ def main() -> None:
         trees = checkout(args.old, tmp / "old"), checkout(args.new, tmp / "new")
         redis_server = RedisServer(free_port(), tmp / "redis").start()
         auth = AuthStore(Settings(redis_url=redis_server.url))
-        group = cpu_cgroup(f"thalamus-pair-{os.getpid()}", args.cpus) if args.cpus else None
+        try:
+            group = cpu_cgroup(f"thalamus-pair-{os.getpid()}", args.cpus) if args.cpus else None
+        except OSError as exc:
+            redis_server.stop()
+            raise SystemExit(f"bench_pair.py: --cpus needs a cgroup with a cpu controller (root): {exc}") from None
         try:
             pair = auth.create_key()
             headers = {

@@ -10,7 +10,8 @@ before, and whose own ``__init__`` runs the first time anything else is read fro
 redis.asyncio import Redis`` too: a package's ``__init__`` may define any name; ``from
 redis.asyncio import client`` imports the submodule alone, as redis-py's own submodules do).
 It runs once, whichever threads read from it; a thread that reads a name while another is
-running the package waits for it.
+running the package waits for it. If it fails, every read fails as the import would have
+(an AttributeError it raises as an ImportError, which ``hasattr`` does not swallow).
 
 Limits, none of which the servers meet (tests/test_server.py checks that no request runs the
 asyncio client): until it runs, ``dir()`` of the package shows only what is imported of it;
@@ -55,10 +56,17 @@ class _Deferred(types.ModuleType):
         with _running:
             if self.__name__ in _pending:
                 _pending.discard(self.__name__)
+                before = dict(self.__dict__)
                 try:
                     self.__spec__.loader.exec_module(self)  # type: ignore[union-attr]
-                except BaseException:
+                except BaseException as exc:
+                    # As a failed import leaves no module: nothing it made before failing is
+                    # served, and the next read runs it again (and fails again).
+                    self.__dict__.clear()
+                    self.__dict__.update(before)
                     _pending.add(self.__name__)
+                    if isinstance(exc, AttributeError):  # which hasattr() and getattr(x, n, default) would swallow
+                        raise ImportError(f"{self.__name__} failed to run: {exc}", name=self.__name__) from exc
                     raise
                 self.__class__ = types.ModuleType  # type: ignore[assignment]  # a plain module from now on
         return types.ModuleType.__getattribute__(self, name)

@@ -24,9 +24,9 @@ if __name__ == "__main__":
     # app): the cyclic collector would walk them over and over while they are made (measured:
     # 6 % of the import time). main() freezes them once loaded, then turns it back on.
     gc.disable()
-    # NumPy's OpenBLAS starts a thread per CPU of the node at import (not per CPU of the pod's
-    # quota), and each spins for a while: 90 ms of CPU per start on 2 CPUs, taken from the
-    # quota a cold start runs on. No function calls BLAS (the model runs on LiteRT).
+    # NumPy's OpenBLAS starts a thread for every CPU of the node but one at import (the node's,
+    # not the pod's quota), and each spins for a while: 90 ms of CPU per start on 2 CPUs, taken
+    # from the quota a cold start runs on. No function calls BLAS (the model runs on LiteRT).
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     # redis-py's asyncio client, which `import redis` runs and no function uses (shared.lazymodules).
     from shared import lazymodules

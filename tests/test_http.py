@@ -95,4 +95,4 @@ def test_routes_compile_no_url_builder_until_one_is_used(monkeypatch):
     plain = Map([Rule(rule, endpoint=rule) for rule in rules]).bind("localhost")
     for endpoint, values in ((rules[0], {"name": "shapes", "extra": "1"}), (rules[1], {"asset": "a b.css"})):
         assert adapter.build(endpoint, values) == plain.build(endpoint, values)
-    assert adapter.build(rules[0], {"name": "x"}, append_unknown=False) == "/models/x/predict.json"
+    assert adapter.build(rules[0], {"name": "x", "extra": "1"}, append_unknown=False) == "/models/x/predict.json"

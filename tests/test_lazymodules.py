@@ -153,6 +153,24 @@ def test_a_thread_importing_a_submodule_while_another_runs_the_package_does_not_
     assert out.split("\n")[:2] == ["pkg", "pkg.c"]
 
 
+def test_a_package_that_fails_partway_serves_nothing_it_made_before_failing(tmp_path):
+    root = package(tmp_path, "value = 1\nimport not_installed_dependency\nlater = 2\n")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "__init__.py").write_text("import os\nvalue = 1\nos.no_such_thing\n")
+    out = run("""
+        from shared import lazymodules
+        lazymodules.defer("pkg", "other")
+        import pkg, other
+        for read in (lambda: pkg.later, lambda: pkg.value, lambda: hasattr(other, "value")):
+            for attempt in range(2):
+                try:
+                    print("read", read())
+                except ImportError as exc:
+                    print(type(exc).__name__)
+    """, root)  # fmt: skip
+    assert out.split("\n")[:6] == ["ModuleNotFoundError"] * 4 + ["ImportError"] * 2
+
+
 def test_a_missing_name_a_failing_package_and_a_missing_package_fail_as_they_would(tmp_path):
     root = package(tmp_path, "raise ImportError('pkg cannot start here')\n")
     (tmp_path / "other").mkdir()

@@ -283,9 +283,9 @@ def test_a_port_in_use_is_one_line_and_leaves_nothing_behind(env, tmp_path):
 
 def test_a_server_runs_no_code_its_requests_do_not_need(serve_function, bearer, function_logs):
     """A cold start pays for nothing no request uses: redis-py's asyncio client (which ``import
-    redis`` runs, half of redis-py's import) stays unrun through a first prediction, and NumPy's
-    OpenBLAS starts no threads (one per CPU of the node, spinning at every start, on the pod's
-    CPU quota), unless OPENBLAS_NUM_THREADS asks for them."""
+    redis`` runs) stays unrun through a first prediction, and NumPy's OpenBLAS starts no threads
+    (one for every CPU of the node but one, spinning at every start, on the pod's CPU quota),
+    unless OPENBLAS_NUM_THREADS asks for them."""
     base = serve_function("predict", MODEL_NAME="shapes", PYTHONPROFILEIMPORTTIME="1")
     image = encode(demo_image("shapes", "circle", 7), "JPEG")
     reply = requests.post(f"{base}/models/shapes/predict.json", headers=bearer, timeout=30,
