@@ -145,7 +145,12 @@ def test_worst_images_stay_under_the_memory_limit_and_memory_comes_back(predict_
 
     time.sleep(2)
     after = cgroup.anonymous()
-    assert after <= resting * 1.2, f"resting {resting >> 20} MiB before, {after >> 20} MiB after"
+    # What the decodes took comes back, less what the heap keeps by design (up to 8 MiB free at its
+    # top, shared.server's M_TRIM_THRESHOLD) and Python's own free lists: a decode's buffers are
+    # tens to hundreds of MiB. (20 % of resting alone failed once in a clean-clone CI run: 47 → 60
+    # MiB; alone, it comes back to within 2–4 MiB of 43.)
+    allowance = max(resting // 5, 16 << 20)
+    assert after <= resting + allowance, f"resting {resting >> 20} MiB before, {after >> 20} MiB after"
     print(f"memory: resting {resting >> 20} MiB, peak {max(peak) >> 20} MiB, after {after >> 20} MiB")
     assert post(base, headers, [("c.png", circle)]).json()["prediction"] == "circle"
 
