@@ -212,6 +212,7 @@ class KeyAdmin(AuthStore):
         )
         if not done:
             raise UnknownKey(f"no such key: {public_key}")
+        self.pushed_out()
 
     @store.unavailable_when_down
     def rotate_key(
@@ -253,6 +254,7 @@ class KeyAdmin(AuthStore):
             raise BadRequest(f"{public_key}'s previous secret still works until {utc(until[0])} (an earlier rotation's "
                              "grace), which a new grace would end: rotate again after then, or now without --grace "
                              "to end it too")  # fmt: skip
+        self.pushed_out()
         return Rotated(Keypair(public_key, secret), int(killed), int(until[0]) or None)
 
     @store.unavailable_when_down

@@ -28,6 +28,7 @@ key has at the moment it is used.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -37,6 +38,8 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, cast
+
+import redis
 
 from shared import auth_scripts, metrics, store
 from shared.auth_scripts import AUDIT_MAX_ENTRIES
@@ -215,7 +218,21 @@ class AuthStore:
         )
         if killed < 0:
             raise UnknownKey(f"no such key: {public_key}")
+        self.pushed_out()
         return int(killed)
+
+    def pushed_out(self) -> None:
+        """Return once Redis has sent the functions' token caches (shared/tokencache.py) what the
+        change just made invalidates. Redis answers a command and pushes the invalidations it
+        causes in the same turn of its loop, and may write the answer first (a waking caller can
+        then check a token before the push is written); it reads a command sent after that answer
+        only in a later turn, so one more round trip ends after every push has been written. On
+        one host a function's next check then sees the change at once; across a network the
+        push can still be on its way (keys.py waits PROPAGATION_SECONDS for that)."""
+        # The change is made whatever happens now: a Redis gone breaks every tracking connection,
+        # and a cache whose connection breaks drops every entry.
+        with contextlib.suppress(redis.RedisError):
+            self.redis.ping()
 
     @store.unavailable_when_down
     def redis_time(self) -> float:

@@ -16,6 +16,7 @@ import redis
 
 from functions.token.service import create_service as create_token_service
 from shared import tokencache
+from shared.admin import KeyAdmin
 from shared.auth import AuthStore
 from shared.auth_scripts import AUTHENTICATE
 from shared.errors import Unauthorized
@@ -146,6 +147,30 @@ def test_a_revocation_reaches_the_cache_before_the_next_check_without_any_wait(a
             assert metadata(client, bearer).status_code == 200
         auth.revoke_key(pair.public_key)
         assert metadata(client, bearer).status_code == 401
+
+
+def test_a_change_reaches_the_cache_even_when_redis_is_preempted_between_its_writes(own):
+    """Redis writes a command's answer and the invalidations it pushes in the same turn of its
+    loop, the answer possibly first: the caller, woken by it on Redis's CPU, could then check a
+    token before the push was written (with both on one CPU, about once in a hundred changes).
+    A change returns only once its pushes are out."""
+    admin = KeyAdmin(own)
+    pair = admin.create_key()
+    bearer = bearer_of(admin, pair)
+    client = predict_client(own, "shapes")
+    redis_pid = redis.Redis.from_url(own.redis_url).info("server")["process_id"]
+    saved = os.sched_getaffinity(0)
+    for pid in (redis_pid, 0):
+        os.sched_setaffinity(pid, {min(saved)})
+    try:
+        for _ in range(300):
+            for _ in range(2):  # checked by the script or the cache, then from the cache
+                assert metadata(client, bearer).status_code == 200
+            admin.edit_key(pair.public_key, scopes=["arrows"])
+            assert metadata(client, bearer).status_code == 403
+            admin.edit_key(pair.public_key, scopes=None)
+    finally:
+        os.sched_setaffinity(0, saved)
 
 
 def test_a_new_rate_applies_to_cached_tokens_at_once(auth, settings, env):
