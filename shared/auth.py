@@ -28,7 +28,6 @@ key has at the moment it is used.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import re
@@ -226,13 +225,14 @@ class AuthStore:
         change just made invalidates. Redis answers a command and pushes the invalidations it
         causes in the same turn of its loop, and may write the answer first (a waking caller can
         then check a token before the push is written); it reads a command sent after that answer
-        only in a later turn, so one more round trip ends after every push has been written. On
-        one host a function's next check then sees the change at once; across a network the
-        push can still be on its way (keys.py waits PROPAGATION_SECONDS for that)."""
-        # The change is made whatever happens now: a Redis gone breaks every tracking connection,
-        # and a cache whose connection breaks drops every entry.
-        with contextlib.suppress(redis.RedisError):
+        only in a later turn, so one more round trip ends after the pushes have been written (all
+        but a backlog larger than a socket's buffers, which Redis writes 64 KB a turn). On one
+        host a function's next check then sees the change at once; across a network the push can
+        still be on its way (keys.py waits PROPAGATION_SECONDS for that)."""
+        try:
             self.redis.ping()
+        except redis.RedisError:  # the change is made: wait out what the caches promise without it
+            time.sleep(PROPAGATION_SECONDS)
 
     @store.unavailable_when_down
     def redis_time(self) -> float:

@@ -83,7 +83,11 @@ class TokenCache:
         self._tokens: dict[str, tuple[str, float, float, list[str] | None]] = {}
         self._keys: dict[str, tuple[list[str] | None, int | None]] = {}
         self._heard = 0.0  # when the last command since answered was sent (monotonic)
-        self._offset = 0.0  # Redis's clock less this host's, as the last fill read it (seconds)
+        # Redis's clock less this process's monotonic one, as the last fill read it: TIME less the
+        # moment the fill was sent, never less than the truth, so an answer read late (a slow
+        # link, a stalled thread) makes a key expire early here (the script then answers), never
+        # late; and a step of this host's wall clock changes nothing.
+        self._offset = 0.0
         self._unavailable_until = 0.0  # RESP2, or CLIENT TRACKING refused: no cache until then
         self._told: set[str] = set()
         self._seen: dict[str, float] = {}  # with fill_on_repeat: token digest → first checked (monotonic)
@@ -116,9 +120,10 @@ class TokenCache:
         return entry
 
     def now(self) -> float:
-        """Redis's time (epoch seconds), as this host's clock and the last fill tell it: the
-        clock the scripts judge a key's expiry by."""
-        return time.time() + self._offset
+        """Redis's time (epoch seconds) as the last fill read it, moved on by this process's
+        monotonic clock, and never behind Redis's own: the clock the scripts judge a key's expiry
+        by."""
+        return time.monotonic() + self._offset
 
     def fill(self, digest: str, public_key: str) -> None:
         """Read the token with ``digest`` and its key on the tracking connection and keep them,
@@ -154,7 +159,7 @@ class TokenCache:
     def _fill(self, digest: str, public_key: str) -> None:
         token_name, key_name = f"{self._prefix}token:{digest}", f"{self._prefix}key:{public_key}"
         connection = self._connect()
-        sent, before = time.monotonic(), time.time()
+        sent = time.monotonic()
         commands = [("HMGET", token_name, "pk", "scopes"), ("PTTL", token_name),
                     ("HMGET", key_name, "created", "scopes", "expires", "rate"), ("TIME",)]  # fmt: skip
         connection.send_packed_command(connection.pack_commands(commands))
@@ -163,7 +168,7 @@ class TokenCache:
         )
         self._heard = sent
         # A key's expiry is judged by Redis's clock, as the script judges it: this host's may be off.
-        self._offset = int(seconds) + int(micros) / 1e6 - (before + time.time()) / 2
+        self._offset = int(seconds) + int(micros) / 1e6 - sent
         if owner != public_key or pttl <= 0 or not created or rate:
             return  # gone meanwhile, or a rate: the script answers those
         key = (parse_scopes_field(scopes), int(float(expires)) if expires else None)

@@ -292,6 +292,33 @@ def test_keys_py_returns_once_a_late_invalidation_is_in_force(auth, settings, en
         link.close()
 
 
+@pytest.mark.parametrize("mishap", ["answers read late", "host clock stepped back"])
+def test_a_cached_key_expires_no_later_than_redis_says(auth, settings, monkeypatch, mishap):
+    """The script judges a key's expiry by Redis's clock, and so does the cache, never later: not
+    when its read was answered 0.4 s late (a slow link, a stalled thread: the middle of that
+    round trip put Redis 0.2 s behind), nor when this host's wall clock steps back after it."""
+    monkeypatch.setattr(tokencache, "CHECK_SECONDS", 30.0)  # no PING (a slow PONG drops the cache)
+    delay = 0.4 if mishap == "answers read late" else 0.0
+    link = SlowLink(int(settings.redis_url.rsplit(":", 1)[1].split("/")[0]), delay)
+    try:
+        cached = AuthStore(settings.replace(redis_url=link.url), token_cache=True)
+        other = auth.create_key()  # both connections made and the script loaded: from here one
+        cached.verify_token(auth.issue_token(other.public_key, other.secret_key, "t").token)  # round trip each
+        expires = int(auth.redis_time()) + 2
+        pair = auth.create_key(expires=expires)
+        token = auth.issue_token(pair.public_key, pair.secret_key, "t").token
+        time.sleep(max(0.0, expires - 1 - auth.redis_time()))
+        assert cached.verify_token(token).public_key == pair.public_key  # the script, then the fill
+        if mishap == "host clock stepped back":
+            wall = time.time
+            monkeypatch.setattr(time, "time", lambda: wall() - 5)
+        time.sleep(max(0.0, expires + 0.1 - auth.redis_time()))
+        with pytest.raises(Unauthorized):
+            cached.verify_token(token)
+    finally:
+        link.close()
+
+
 def test_what_tracking_cannot_see_lasts_max_age_seconds(own, monkeypatch):
     """SWAPDB sends no invalidation: an entry is read again after MAX_AGE_SECONDS anyway."""
     monkeypatch.setattr(tokencache, "MAX_AGE_SECONDS", 0.5)
