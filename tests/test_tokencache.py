@@ -10,6 +10,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -149,7 +150,7 @@ def test_a_revocation_reaches_the_cache_before_the_next_check_without_any_wait(a
         assert metadata(client, bearer).status_code == 401
 
 
-def test_a_change_reaches_the_cache_even_when_redis_is_preempted_between_its_writes(own):
+def test_a_change_reaches_the_cache_even_when_redis_is_preempted_between_its_writes(own, own_redis):
     """Redis writes a command's answer and the invalidations it pushes in the same turn of its
     loop, the answer possibly first: the caller, woken by it on Redis's CPU, could then check a
     token before the push was written (with both on one CPU, about once in a hundred changes).
@@ -158,9 +159,8 @@ def test_a_change_reaches_the_cache_even_when_redis_is_preempted_between_its_wri
     pair = admin.create_key()
     bearer = bearer_of(admin, pair)
     client = predict_client(own, "shapes")
-    redis_pid = redis.Redis.from_url(own.redis_url).info("server")["process_id"]
     saved = os.sched_getaffinity(0)
-    for pid in (redis_pid, 0):
+    for pid in (own_redis.proc.pid, 0):
         os.sched_setaffinity(pid, {min(saved)})
     try:
         for _ in range(300):
@@ -253,12 +253,12 @@ def test_redis_gone_or_silent_is_not_papered_over_by_the_cache(own, own_redis):
 
 
 class SlowLink(RedisProxy):
-    """A TCP proxy to ``port`` that delivers what the server sends ``delay`` seconds late (a slow
-    or lossy network: one TCP retransmission costs 200 ms), in order."""
+    """A TCP proxy to the Redis at ``url`` that delivers what the server sends ``delay`` seconds
+    late (a slow or lossy network: one TCP retransmission costs 200 ms), in order."""
 
-    def __init__(self, port: int, delay: float) -> None:
+    def __init__(self, url: str, delay: float) -> None:
         self.delay = delay
-        super().__init__(port)
+        super().__init__(urlsplit(url).port)
 
     def relay(self, client: socket.socket, upstream: socket.socket) -> None:
         threading.Thread(target=self._pump, args=(client, upstream, 0.0), daemon=True).start()
@@ -280,7 +280,7 @@ class SlowLink(RedisProxy):
 def test_keys_py_returns_once_a_late_invalidation_is_in_force(auth, settings, env):
     """The invalidation of a revocation reaches a function 300 ms late: keys.py has waited that
     out (tokencache.PROPAGATION_SECONDS) before it says the key is revoked."""
-    link = SlowLink(int(settings.redis_url.rsplit(":", 1)[1].split("/")[0]), 0.3)
+    link = SlowLink(settings.redis_url, 0.3)
     try:
         pair = auth.create_key()
         bearer = bearer_of(auth, pair)
@@ -299,7 +299,7 @@ def test_a_cached_key_expires_no_later_than_redis_says(auth, settings, monkeypat
     round trip put Redis 0.2 s behind), nor when this host's wall clock steps back after it."""
     monkeypatch.setattr(tokencache, "CHECK_SECONDS", 30.0)  # no PING (a slow PONG drops the cache)
     delay = 0.4 if mishap == "answers read late" else 0.0
-    link = SlowLink(int(settings.redis_url.rsplit(":", 1)[1].split("/")[0]), delay)
+    link = SlowLink(settings.redis_url, delay)
     try:
         cached = AuthStore(settings.replace(redis_url=link.url), token_cache=True)
         other = auth.create_key()  # both connections made and the script loaded: from here one
